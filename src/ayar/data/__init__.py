@@ -1,0 +1,1 @@
+"""Data: files -> rows -> conversations (one internal form) -> token ids + label masks -> batches."""

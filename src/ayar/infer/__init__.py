@@ -1,0 +1,1 @@
+"""Inference: load a run directory or model, generate with presets, stream tokens."""

@@ -1,0 +1,106 @@
+"""A loaded model ready to answer: a run directory (base + adapter) or a plain model directory."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ayar.config import DataConfig, GenerationConfig, ModelConfig, TrainConfig
+from ayar.config.loader import from_dict
+from ayar.data.render import Renderer, stop_token_ids
+from ayar.infer.presets import generation_kwargs
+
+
+@dataclass
+class Reply:
+    text: str
+    stopped: bool  # ended with EOS / end-of-turn, not by exhausting max_new_tokens
+    new_tokens: int
+
+
+class Engine:
+    def __init__(self, model, tokenizer, renderer: Renderer, generation: GenerationConfig, device: str, source: str):
+        self.model, self.tok, self.renderer = model, tokenizer, renderer
+        self.generation, self.device, self.source = generation, device, source
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "get_base_model", lambda: model)())
+
+    def stream(self, messages: list[dict], **overrides) -> Iterator[str]:
+        """Yield text pieces as they are generated; the final Reply is available as `self.last`."""
+        from transformers import TextIteratorStreamer
+
+        inputs = self._encode(messages)
+        kw = self._kwargs(overrides)
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def work():
+            with torch.no_grad():
+                result["out"] = self.model.generate(**inputs, **kw, streamer=streamer)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        thread.join()
+        self.last = self._reply(result["out"][0, inputs["input_ids"].shape[1]:], kw["max_new_tokens"], "".join(pieces))
+
+    def generate(self, messages: list[dict], **overrides) -> Reply:
+        inputs = self._encode(messages)
+        kw = self._kwargs(overrides)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, **kw)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self._reply(new, kw["max_new_tokens"], self.tok.decode(new, skip_special_tokens=True))
+
+    def _encode(self, messages: list[dict]) -> dict:
+        text = self.renderer.prompt_text(messages)
+        add_special = self.renderer.template == "alpaca"
+        enc = self.tok(text, return_tensors="pt", add_special_tokens=add_special)
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def _kwargs(self, overrides: dict) -> dict:
+        gen = GenerationConfig(**{**self.generation.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        kw = generation_kwargs(gen)
+        kw["eos_token_id"] = self.stop_ids
+        kw["pad_token_id"] = self.tok.pad_token_id
+        return kw
+
+    def _reply(self, new_ids, budget: int, text: str) -> Reply:
+        ids = new_ids.tolist()
+        stopped = bool(ids) and ids[-1] in self.stop_ids
+        return Reply(text=text.strip(), stopped=stopped, new_tokens=len(ids))
+
+
+def load_engine(source: str | Path, generation: GenerationConfig | None = None, log=print) -> Engine:
+    """`source`: an ayar run directory, a local model directory, `default`, or a hub id."""
+    from ayar.models.load import load_model_and_tokenizer, load_tokenizer
+
+    path = Path(str(source))
+    if (path / "run.json").is_file():
+        from ayar.models.adapters import load_adapter
+        from ayar.train.rundir import RunDir
+
+        run = RunDir.open(path)
+        cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
+        meta = run.read_meta()
+        model_cfg = ModelConfig(**{**cfg.model.__dict__, "name": meta["base_model"]})
+        model, _, placement, _ = load_model_and_tokenizer(model_cfg, log=log)
+        tok = load_tokenizer(str(run.tokenizer))
+        if run.adapter.is_dir():
+            model = load_adapter(model, str(run.adapter))
+        else:
+            log(f"{run.path} has no adapter/ yet (unfinished run?): using the base model")
+        data_cfg, gen_cfg = cfg.data, generation or cfg.generation
+    else:
+        model, tok, placement, _ = load_model_and_tokenizer(ModelConfig(name=str(source)), log=log)
+        data_cfg = DataConfig(template="chat" if tok.chat_template else "alpaca")
+        gen_cfg = generation or GenerationConfig()
+    model.eval()
+    renderer = Renderer(tok, data_cfg.template, data_cfg.max_length, False, data_cfg.system_prompt)
+    return Engine(model, tok, renderer, gen_cfg, placement.device, str(source))

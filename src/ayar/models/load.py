@@ -1,0 +1,66 @@
+"""Load a model and its tokenizer from `default`, a local directory, or a hub id (where there is network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ayar.errors import ModelError
+from ayar.models.device import Placement, choose_placement
+
+
+def resolve_model_path(name: str, log=print) -> str:
+    """`default` -> the converted default model; a local directory -> itself; anything else -> a hub id."""
+    if name in ("default", "", None):
+        from ayar.models.default import ensure_default_model
+
+        return str(ensure_default_model(log=log))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory but has no config.json: point model.name at a Hugging Face model directory")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model directory not found: {name}")
+    return name  # a hub id
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, "tokenizer", e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding is masked by attention_mask and labels, never trained
+    return tok
+
+
+def load_model(path: str, placement: Placement, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=placement.dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(path, "model", e) from None
+    return model.to(placement.device)
+
+
+def load_model_and_tokenizer(model_cfg, log=print):
+    """Returns (model, tokenizer, placement, resolved_path)."""
+    path = resolve_model_path(model_cfg.name, log=log)
+    placement = choose_placement(model_cfg.device, model_cfg.dtype)
+    tok = load_tokenizer(path, model_cfg.trust_remote_code)
+    model = load_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code)
+    return model, tok, placement, path
+
+
+def _load_error(path: str, what: str, e: Exception) -> ModelError:
+    if not Path(path).exists():
+        return ModelError(
+            f"could not load {what} {path!r} from the model hub (no network here?): "
+            f"pass a local model directory or `model.name: default`. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        )
+    return ModelError(f"could not load {what} from {path}: {str(e).splitlines()[0][:300]}")

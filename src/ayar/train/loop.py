@@ -1,0 +1,183 @@
+"""The training loop shared by the runners: data order, accumulation, eval, early stopping, checkpoints.
+
+Our own loop rather than HF Trainer: it computes the loss on trained positions only (see loss.py),
+packs padding-free, and owns the data cursor, so a resumed run continues with exactly the batches,
+optimizer, scheduler and RNG state the uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ayar.data.collate import collate
+from ayar.data.render import Example
+from ayar.train import checkpoint as ckpt
+from ayar.train.loss import loss_sum
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0  # next micro-batch index within the epoch
+    best_eval: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    real_tokens: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    total_steps: int
+    best_adapter: dict | None
+
+
+class BatchOrder:
+    """Deterministic micro-batches: epoch e uses a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs, self.seed = n, batch_size, seed
+        self.per_epoch = math.ceil(n / batch_size)
+        self._cache: tuple[int, list[int]] | None = None
+
+    def indices(self, epoch: int, micro: int) -> list[int]:
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._cache = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._cache[1][micro * self.bs : (micro + 1) * self.bs]
+
+
+def total_steps_for(n_examples: int, tcfg) -> int:
+    if tcfg.max_steps > 0:
+        return tcfg.max_steps
+    per_epoch = math.ceil(math.ceil(n_examples / tcfg.batch_size) / tcfg.grad_accum)
+    return max(1, math.ceil(per_epoch * tcfg.epochs))
+
+
+def build_optimizer(model, tcfg, warn=print):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = None
+    if tcfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+
+            if torch.cuda.is_available():
+                opt = bnb.optim.AdamW8bit(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        except ImportError:
+            pass
+        if opt is None:
+            warn("training.optimizer: adamw_8bit needs bitsandbytes on CUDA; using torch AdamW instead")
+    if opt is None:
+        opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+    return opt
+
+
+def build_scheduler(optimizer, tcfg, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = int(round(tcfg.warmup_ratio * total_steps))
+    return get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device: str) -> float | None:
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = _to(collate(examples[i : i + batch_size], pad_id), device)
+        s, n = loss_sum(model, batch)
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: int, device: str, ckpt_root,
+             on_log: Callable[[dict], None], on_progress: Callable[[LoopState, dict], None] | None = None,
+             resume_from=None, callbacks: list[Callable[[LoopState], None]] = (), warn=print) -> LoopResult:
+    total = total_steps_for(len(train), tcfg)
+    optimizer = build_optimizer(model, tcfg, warn=warn)
+    scheduler = build_scheduler(optimizer, tcfg, total)
+    order = BatchOrder(len(train), tcfg.batch_size, tcfg.seed)
+    state = LoopState()
+    if resume_from is not None:
+        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
+    best_adapter = None
+    model.train()
+    while state.step < total and not state.stopped_early:
+        t0 = time.perf_counter()
+        micro_batches = []
+        for _ in range(tcfg.grad_accum):
+            if state.micro >= order.per_epoch:
+                state.epoch, state.micro = state.epoch + 1, 0
+            micro_batches.append(collate([train[i] for i in order.indices(state.epoch, state.micro)], pad_id, tcfg.packing))
+            state.micro += 1
+        # Mean over every trained token of the optimizer step, whatever the micro-batch split.
+        n_target = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        step_loss = 0.0
+        for b in micro_batches:
+            s, _ = loss_sum(model, _to(b, device))
+            (s / n_target).backward()
+            step_loss += float(s) / n_target
+        if tcfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        dt = time.perf_counter() - t0
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches)
+        state.real_tokens += tokens
+        state.train_seconds += dt
+        record = {"step": state.step, "epoch": round(state.epoch + state.micro / order.per_epoch, 4), "loss": step_loss,
+                  "lr": lr, "tokens_per_s": tokens / dt, "step_seconds": dt}
+        if state.step % tcfg.logging_steps == 0 or state.step == total:
+            on_log(record)
+        if on_progress:
+            on_progress(state, record)
+
+        if val and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or state.step == total):
+            eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device)
+            on_log({"step": state.step, "eval_loss": eval_loss})
+            if state.best_eval is None or eval_loss < state.best_eval:
+                state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
+                if tcfg.early_stopping_patience:
+                    best_adapter = _adapter_copy(model)
+            else:
+                state.bad_evals += 1
+                if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:
+                    state.stopped_early = True
+                    warn(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evaluations "
+                         f"(best {state.best_eval:.4f} at step {state.best_step})")
+
+        if tcfg.save_steps and state.step % tcfg.save_steps == 0 and state.step < total:
+            ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit)
+        for cb in callbacks:
+            cb(state)
+    ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit)
+    return LoopResult(state, total, best_adapter)
+
+
+def _state_dict(state: LoopState) -> dict:
+    return dict(state.__dict__)
+
+
+def _adapter_copy(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}

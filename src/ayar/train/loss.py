@@ -1,0 +1,42 @@
+"""Causal-LM loss over trained positions only.
+
+The LM head runs only on positions whose next token is trained, so the full-vocabulary logits of
+prompt and padding positions (most of a chat batch) are never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ayar.data.render import IGNORE
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over trained positions, and how many there are."""
+    base = _base(model)
+    out = base.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[keep]).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def reference_loss(model, batch: dict) -> torch.Tensor:
+    """The plain way (full logits, mean over trained tokens): what loss_sum must agree with."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids")).logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE)

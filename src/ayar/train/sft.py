@@ -1,0 +1,157 @@
+"""Supervised fine-tuning: load -> prepare -> train -> save, top to bottom.
+
+    ayar train examples/quickstart.yaml
+    ayar train examples/quickstart.yaml lora.r=32 training.max_steps=50
+    ayar train --resume runs/quickstart-20261125-101500
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from ayar import __version__
+from ayar.config import TrainConfig, config_to_dict
+from ayar.config.loader import from_dict
+from ayar.data.dataset import prepare_data
+from ayar.errors import AyarError
+from ayar.models.adapters import apply_method, parameter_counts
+from ayar.models.load import load_model_and_tokenizer
+from ayar.train import checkpoint as ckpt
+from ayar.train.loop import LoopState, run_loop, total_steps_for
+from ayar.train.plots import plot_loss
+from ayar.train.progress import TrainProgress
+from ayar.train.rundir import RunDir, write_atomic
+from ayar.train.tracking import Tracker
+
+
+def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, callbacks=(), console: Console | None = None) -> RunDir:
+    console = console or Console(stderr=True)
+    say = console.print
+
+    # --- run directory (new, or the one being resumed) -------------------------------------------
+    if resume is not None:
+        run = RunDir.open(resume)
+        cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
+        resume_from = ckpt.latest_checkpoint(run.checkpoints)
+        if resume_from is None:
+            raise AyarError(f"{run.path} has no complete checkpoint to resume from (set training.save_steps to write them)")
+        ckpt.remove_stale_temp(run.checkpoints)
+    else:
+        run, resume_from = RunDir.create(cfg.output.dir, cfg.output.name), None
+        run.write_config(config_to_dict(cfg))
+    tcfg = cfg.training
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    torch.manual_seed(tcfg.seed)  # LoRA init; resume overwrites weights and RNG from the checkpoint
+
+    # --- load ------------------------------------------------------------------------------------
+    model, tok, placement, model_path = load_model_and_tokenizer(cfg.model, log=say)
+    say(f"model  {model_path}  ({placement.device}, {placement.dtype_name}: {placement.reason})")
+
+    # --- prepare ---------------------------------------------------------------------------------
+    data = prepare_data(cfg.data, tok, seed=tcfg.seed)
+    st = data.stats
+    say(f"data   {st['train_rows']} train rows ({st['train_tokens']:,} tokens, {st['trained_tokens']:,} trained), "
+        f"{st['val_rows']} validation rows" + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else ""))
+    model = apply_method(model, cfg.method, cfg.lora)
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False
+    trainable, total = parameter_counts(model)
+    say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
+    if resume_from is None:
+        tok.save_pretrained(run.tokenizer)
+        run.update_meta(
+            ayar_version=__version__, status="running", base_model=model_path, model_name=cfg.model.name,
+            device=placement.device, dtype=placement.dtype_name, dtype_reason=placement.reason,
+            params={"trainable": trainable, "total": total}, data=st,
+            versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    else:
+        say(f"resume {resume_from.name}")
+        run.truncate_metrics(int(resume_from.name.split("-")[-1]))
+
+    # --- train -----------------------------------------------------------------------------------
+    tracker = Tracker(tcfg.tracker, run, config_to_dict(cfg))
+    start_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+
+    def on_log(record: dict) -> None:
+        run.append_metrics(record)
+        tracker.log(record, record["step"])
+
+    total_steps = total_steps_for(len(data.train), tcfg)
+    wall = time.perf_counter()
+    with TrainProgress(total_steps, start_step, console) as progress:
+        def on_progress(state: LoopState, record: dict) -> None:
+            rate = state.real_tokens / max(state.train_seconds, 1e-9)
+            eta = (total_steps - state.step) * state.train_seconds / max(state.step, 1)
+            progress.update(state.step, record["loss"], record["lr"], rate, eta)
+
+        result = run_loop(model, data.train, data.val, tcfg, pad_id=tok.pad_token_id, device=placement.device,
+                          ckpt_root=run.checkpoints, on_log=on_log, on_progress=on_progress, resume_from=resume_from,
+                          callbacks=callbacks, warn=say)
+    tracker.close()
+
+    # --- save ------------------------------------------------------------------------------------
+    if result.best_adapter is not None and result.state.best_step != result.state.step:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, result.best_adapter)
+        say(f"keeping the best adapter (step {result.state.best_step}, eval loss {result.state.best_eval:.4f})")
+    model.save_pretrained(run.adapter)  # safetensors
+    records = run.read_metrics()
+    plot_loss(records, run.loss_plot)
+    s = result.state
+    meta = run.update_meta(
+        status="completed", steps=s.step, total_steps=result.total_steps, stopped_early=s.stopped_early,
+        best_step=s.best_step, best_eval_loss=s.best_eval,
+        final_loss=next((r["loss"] for r in reversed(records) if "loss" in r), None),
+        final_eval_loss=next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None),
+        train_seconds=round(s.train_seconds, 2), wall_seconds=round(time.perf_counter() - wall, 2),
+        tokens_per_s=round(s.real_tokens / max(s.train_seconds, 1e-9), 1), peak_rss_mb=peak_rss_mb(),
+    )
+    write_atomic(run.readme, _run_readme(run, cfg, meta))
+    say(f"done   {s.step} steps in {meta['train_seconds']:.0f}s, {meta['tokens_per_s']:.0f} tokens/s, "
+        f"final loss {meta['final_loss']:.4f}" + (f", eval loss {meta['final_eval_loss']:.4f}" if meta["final_eval_loss"] is not None else ""))
+    say(f"run    {run.path}   (ayar chat {run.path})")
+    return run
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
+    ev = meta.get("final_eval_loss")
+    return f"""# {run.path.name}
+
+LoRA fine-tune of `{meta['base_model']}` made by ayar {meta['ayar_version']} on {meta['created']}.
+
+| | |
+|---|---|
+| data | `{cfg.data.train}` ({meta['data']['train_rows']} train / {meta['data']['val_rows']} validation rows) |
+| method | {cfg.method} r={cfg.lora.r} alpha={cfg.lora.alpha} targets={cfg.lora.target_modules} |
+| steps | {meta['steps']} of {meta['total_steps']}{' (stopped early)' if meta['stopped_early'] else ''} |
+| final train loss | {meta['final_loss']:.4f} |
+| final eval loss | {f'{ev:.4f}' if ev is not None else 'n/a'} |
+| device / dtype | {meta['device']} / {meta['dtype']} |
+| speed | {meta['tokens_per_s']} tokens/s, {meta['train_seconds']} s training, peak RSS {meta['peak_rss_mb']} MB |
+
+Files: `config.yaml` (resolved config), `adapter/` (LoRA weights, safetensors), `tokenizer/`,
+`checkpoints/` (resumable), `metrics.jsonl`, `loss.png`, `tb/` (TensorBoard: `tensorboard --logdir {run.path}/tb`).
+
+    ayar chat {run.path}
+    ayar train --resume {run.path}
+"""
