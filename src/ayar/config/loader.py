@@ -18,6 +18,11 @@ import yaml
 from ayar.errors import ConfigError
 
 _MISSING = object()
+# Names users bring from HF TrainingArguments / peft / other tools -> ours, for the did-you-mean.
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
+            "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+            "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length", "max_seq_len": "max_length",
+            "lr_scheduler_type": "lr_scheduler", "optim": "optimizer", "model_name_or_path": "name"}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = None):
@@ -89,7 +94,8 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            guess = difflib.get_close_matches(str(key), fields, n=1)
+            alias = _ALIASES.get(str(key))
+            guess = [alias] if alias in fields else difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
             hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(fields)}"
             errors.append(f"unknown key '{prefix}{key}' in section '{section}'{hint}")
             continue

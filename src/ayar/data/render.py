@@ -79,10 +79,9 @@ class Renderer:
 
     def render(self, conv: Conversation) -> Example:
         text, spans = self.text_and_spans(conv)
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        # Chat templates write their own special tokens; for text templates the tokenizer adds BOS as it does at inference.
+        enc = self.tok(text, add_special_tokens=self.template == "alpaca", return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        if self.template == "alpaca" and self.tok.bos_token_id is not None and getattr(self.tok, "add_bos_token", True):
-            ids, offsets = [self.tok.bos_token_id] + ids, [(0, 0)] + offsets
         labels = _label(ids, offsets, spans)
         truncated = len(ids) > self.max_length
         ids, labels = ids[: self.max_length], labels[: self.max_length]

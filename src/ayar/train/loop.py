@@ -128,7 +128,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         for b in micro_batches:
             s, _ = loss_sum(model, _to(b, device))
             (s / n_target).backward()
-            step_loss += float(s) / n_target
+            step_loss += float(s.detach()) / n_target
         if tcfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]

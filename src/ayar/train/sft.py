@@ -32,7 +32,7 @@ from ayar.train.tracking import Tracker
 
 def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, callbacks=(), console: Console | None = None) -> RunDir:
     console = console or Console(stderr=True)
-    say = console.print
+    say = lambda text: console.print(text, soft_wrap=True, highlight=False)
 
     # --- run directory (new, or the one being resumed) -------------------------------------------
     if resume is not None:

@@ -1,0 +1,71 @@
+"""Config loading: YAML + dotted overrides, strict validation with did-you-mean, generated reference."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ayar.config import load_config
+from ayar.config.reference import config_reference
+from ayar.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["lora.r=32", "training.learning_rate=3e-4", "lora.target_modules=[q_proj, v_proj]",
+                             "training.packing=true", "data.validation=null"])
+    assert cfg.lora.r == 32 and cfg.training.learning_rate == pytest.approx(3e-4)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.training.packing is True and cfg.data.validation is None
+
+
+def test_unknown_key_names_section_and_suggests(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora:\n  rank: 8\ntraining:\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "unknown key 'lora.rank' in section 'lora'" in msg and "did you mean 'r'" in msg
+    assert "'training.learning_rat'" in msg and "did you mean 'learning_rate'" in msg  # all errors at once
+    assert str(f) in msg
+
+
+def test_unknown_section_and_override():
+    with pytest.raises(ConfigError, match=r"unknown key 'trainin' in section 'top level'; did you mean 'training'"):
+        load_config(None, ["trainin.max_steps=3"])
+
+
+def test_wrong_type_names_field_and_value():
+    with pytest.raises(ConfigError, match=r"training.batch_size: expected an integer, got 'four'"):
+        load_config(None, ["training.batch_size=four"])
+    with pytest.raises(ConfigError, match=r"training.packing: expected true/false, got 3"):
+        load_config(None, ["training.packing=3"])
+
+
+def test_choices_are_enforced_with_suggestion():
+    with pytest.raises(ConfigError, match=r"model.dtype: 'bfloat61' is not one of .*did you mean 'bfloat16'"):
+        load_config(None, ["model.dtype=bfloat61"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["lora.r"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    load_config(path)
+
+
+def test_readme_config_reference_is_generated_not_hand_copied():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", readme, re.S)
+    assert m, "README.md lacks the generated config reference block"
+    assert m.group(1) == config_reference(), "README config reference is stale: run `ayar config reference` and paste it"

@@ -1,0 +1,162 @@
+"""Training on tiny random models: loss goes down, adapters round-trip, resume is exact, packing is clean."""
+
+import json
+
+import pytest
+import torch
+
+from ayar.config import LoraConfig, TrainingConfig
+from ayar.data.collate import collate
+from ayar.data.formats import Conversation
+from ayar.data.render import Renderer
+from ayar.models.adapters import apply_method, load_adapter
+from ayar.train import checkpoint as ckpt
+from ayar.train.loop import run_loop
+from ayar.train.loss import loss_sum, reference_loss
+from ayar.train.rundir import RunDir
+from ayar.train.sft import train_sft
+from tests.conftest import FAMILIES, MATH_ROWS, make_model, make_tokenizer, tiny_train_config, write_jsonl
+
+
+def examples(tok, rows=MATH_ROWS):
+    r = Renderer(tok, max_length=128)
+    return [r.render(Conversation([{"role": "user", "content": x["instruction"]}, {"role": "assistant", "content": x["output"]}], f"mem:{i}"))
+            for i, x in enumerate(rows)]
+
+
+def test_loss_on_trained_positions_equals_reference_loss():
+    tok = make_tokenizer("llama")
+    model = make_model("llama", tok)
+    batch = collate(examples(tok)[:4], tok.pad_token_id)
+    s, n = loss_sum(model, batch)
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert float(s) / n == pytest.approx(float(reference_loss(model, batch)), rel=1e-5)
+
+
+def test_packing_has_no_cross_contamination():
+    # Packed (one row, position_ids restart) must give the same summed loss as separate padded rows.
+    tok = make_tokenizer("qwen2")
+    model = make_model("qwen2", tok).eval()
+    exs = examples(tok)[:3]
+    padded, n1 = loss_sum(model, collate(exs, tok.pad_token_id))
+    packed, n2 = loss_sum(model, collate(exs, tok.pad_token_id, packing=True))
+    assert n1 == n2
+    assert float(packed) == pytest.approx(float(padded), rel=1e-4)
+
+
+def _train(model, tok, steps, **kw):
+    import tempfile
+    from pathlib import Path
+
+    tcfg = TrainingConfig(**{"learning_rate": 3e-2, "batch_size": 4, "max_steps": steps, "warmup_ratio": 0, "tracker": "none", **kw})
+    logs = []
+    res = run_loop(model, examples(tok), [], tcfg, pad_id=tok.pad_token_id, device="cpu", ckpt_root=Path(tempfile.mkdtemp()),
+                   on_log=logs.append)
+    return logs, res
+
+
+def test_tiny_overfit_drives_loss_down():
+    tok = make_tokenizer("llama")
+    model = apply_method(make_model("llama", tok), "lora", LoraConfig(r=8, alpha=16, dropout=0.0))
+    logs, _ = _train(model, tok, 30)
+    first, last = logs[0]["loss"], logs[-1]["loss"]
+    assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_lora_targets_train_and_round_trip(family, tmp_path):
+    tok = make_tokenizer(family)
+    base = make_model(family, tok)
+    model = apply_method(base, "lora", LoraConfig(r=4, alpha=8, dropout=0.0))
+    # all-linear found the family's projections (Phi-3 fuses them into qkv_proj / gate_up_proj).
+    lora_modules = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    expected = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}.get(family, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    assert lora_modules == expected
+    logs, _ = _train(model, tok, 6)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "adapter").glob("*.bin"))
+    batch = collate(examples(tok)[:2], tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        reloaded = load_adapter(make_model(family, tok), str(tmp_path / "adapter")).eval()
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(want, got)
+
+
+def test_target_modules_that_do_not_exist_list_the_real_ones():
+    from ayar.errors import ConfigError
+
+    tok = make_tokenizer("llama")
+    with pytest.raises(ConfigError, match=r"\['query'\] not found in the model; linear layers here: .*q_proj"):
+        apply_method(make_model("llama", tok), "lora", LoraConfig(target_modules=["query"]))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_identical_next_loss(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    kw = dict(max_steps=6, save_steps=2, learning_rate=5e-3, eval_steps=2)
+    full = train_sft(tiny_train_config(tiny_model_dir, data, tmp_path / "a", **kw))
+    want = [r for r in full.read_metrics() if "loss" in r]
+
+    def kill_at_3(state):
+        if state.step == 3:
+            raise Interrupt  # dies after step 3, whose checkpoint was never written
+
+    with pytest.raises(Interrupt):
+        train_sft(tiny_train_config(tiny_model_dir, data, tmp_path / "b", **kw), callbacks=[kill_at_3])
+    run_b = RunDir(next((tmp_path / "b").iterdir()))
+    # A half-written checkpoint (as left by a kill mid-save) is never picked.
+    (run_b.checkpoints / ".tmp-checkpoint-0000004-x").mkdir()
+    assert ckpt.latest_checkpoint(run_b.checkpoints).name == "checkpoint-0000002"
+    resumed = train_sft(resume=run_b.path)
+    got = [r for r in resumed.read_metrics() if "loss" in r]
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(want, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+    assert not any(p.name.startswith(".tmp-") for p in run_b.checkpoints.iterdir())
+
+
+def test_run_directory_describes_itself(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=4, eval_steps=2, tracker="tensorboard")
+    run = train_sft(cfg)
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "loss.png", "README.md", "tokenizer/tokenizer.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (run.path / name).exists(), name
+    assert list(run.tensorboard.glob("events.*"))
+    meta = json.loads(run.meta.read_text())
+    assert meta["status"] == "completed" and meta["steps"] == 4 and meta["dtype"] == "float32"
+    assert meta["params"]["trainable"] < meta["params"]["total"]
+    assert any(r.get("eval_loss") is not None for r in run.read_metrics())
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path):
+    # A huge learning rate makes eval loss rise after the first evaluation.
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=40, eval_steps=1, early_stopping_patience=2,
+                            learning_rate=3.0, max_grad_norm=0)
+    run = train_sft(cfg)
+    meta = run.read_meta()
+    assert meta["stopped_early"] and meta["steps"] < 40
+    evals = [r["eval_loss"] for r in run.read_metrics() if r.get("eval_loss") is not None]
+    assert meta["best_eval_loss"] == min(evals)
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    # 2 micro-batches of 2 == 1 batch of 4: same step loss and same updated weights (the loss is the
+    # mean over all trained tokens of the optimizer step, however it is split).
+    tok = make_tokenizer("llama")
+    runs = []
+    for bs, acc in ((4, 1), (2, 2)):
+        model = apply_method(make_model("llama", tok), "lora", LoraConfig(r=4, alpha=8, dropout=0.0))
+        logs, _ = _train(model, tok, 1, batch_size=bs, grad_accum=acc)
+        weights = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+        runs.append((logs[0]["loss"], weights))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-6)
