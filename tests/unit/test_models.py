@@ -13,8 +13,20 @@ from ayar.models.load import load_model_and_tokenizer, resolve_model_path
 
 def test_hub_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match=r"no network here\?\): pass a local model directory or `model.name: default`"):
+    with pytest.raises(ModelError, match=r"no network to reach the model hub and no cached copy. Pass a local model directory, or `model.name: default`"):
         load_model_and_tokenizer(ModelConfig(name="some-org/some-model"))
+
+
+def test_hub_id_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
+    import socket
+
+    def no_dns(*a, **k):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ModelError, match="no network to reach the model hub"):
+        resolve_model_path("some-org/some-model")
 
 
 def test_missing_local_directory(tmp_path):
@@ -63,3 +75,16 @@ def test_engine_on_plain_model_dir_reports_stop(tiny_model_dir):
     assert reply.stopped == (reply.new_tokens < 4)
     streamed = "".join(engine.stream([{"role": "user", "content": "hello"}]))
     assert streamed.strip() == reply.text  # greedy: streaming and one-shot agree
+
+
+def test_tracker_that_is_not_installed_says_how_to_get_it(tmp_path):
+    import importlib.util
+
+    from ayar.errors import ConfigError
+    from ayar.train.rundir import RunDir
+    from ayar.train.tracking import Tracker
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    with pytest.raises(ConfigError, match="pip install mlflow"):
+        Tracker("mlflow", RunDir(tmp_path), {})

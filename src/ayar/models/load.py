@@ -21,7 +21,32 @@ def resolve_model_path(name: str, log=print) -> str:
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model directory not found: {name}")
-    return name  # a hub id
+    return _hub_model(name)
+
+
+def _hub_model(repo_id: str) -> str:
+    """A hub id: fetched by transformers where the hub is reachable; else from the local HF cache, or a
+    clear error at once (instead of minutes of connection retries)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+            return repo_id
+        except OSError:
+            pass
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        raise ModelError(
+            f"cannot load {repo_id!r}: no network to reach the model hub and no cached copy. "
+            "Pass a local model directory, or `model.name: default`."
+        ) from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
