@@ -142,13 +142,14 @@ def _alpaca_instruction(messages: list[dict], where: str) -> str:
     return "\n\n".join(system + [users[0]["content"]])
 
 
+# End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3, Gemma, Llama 2/Mistral, GPT-style).
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
+
 def end_of_turn_strings(tokenizer) -> list[str]:
-    """Token strings that end an assistant turn: EOS plus the generation config's extra stop ids."""
-    strings = {tokenizer.eos_token}
-    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and name in tokenizer.get_vocab():
-            strings.add(name)
+    """Token strings that end an assistant turn: EOS plus the known end-of-turn tokens this vocabulary has."""
+    vocab = tokenizer.get_vocab()
+    strings = {tokenizer.eos_token} | {name for name in _END_OF_TURN if name in vocab}
     return sorted(s for s in strings if s)
 
 

@@ -7,13 +7,13 @@ a kill at any moment leaves either a whole checkpoint or none: resume never pick
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ayar.fsutil import atomic_directory
 
 PREFIX = "checkpoint-"
 
@@ -21,25 +21,14 @@ PREFIX = "checkpoint-"
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
     from peft import get_peft_model_state_dict
 
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=ckpt_root))
-    try:
+    with atomic_directory(final, fsync=True) as tmp:  # fsync: data on disk before the rename makes it visible
         adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
         save_file(adapter, tmp / "adapter.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state))
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     _prune(ckpt_root, keep)
     return final
 

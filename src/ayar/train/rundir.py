@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from ayar.errors import AyarError
+from ayar.fsutil import write_atomic
 
 
 @dataclass
@@ -82,8 +82,3 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
         write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -26,7 +26,8 @@ from ayar.train import checkpoint as ckpt
 from ayar.train.loop import LoopState, run_loop, total_steps_for
 from ayar.train.plots import plot_loss
 from ayar.train.progress import TrainProgress
-from ayar.train.rundir import RunDir, write_atomic
+from ayar.fsutil import write_atomic
+from ayar.train.rundir import RunDir
 from ayar.train.tracking import Tracker
 
 
