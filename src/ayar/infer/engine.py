@@ -27,6 +27,7 @@ class Engine:
         self.model, self.tok, self.renderer = model, tokenizer, renderer
         self.generation, self.device, self.source = generation, device, source
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "get_base_model", lambda: model)())
+        self.last: Reply | None = None  # the full reply of the latest `stream` call
 
     def stream(self, messages: list[dict], **overrides) -> Iterator[str]:
         """Yield text pieces as they are generated; the final Reply is available as `self.last`."""
@@ -48,7 +49,7 @@ class Engine:
             pieces.append(piece)
             yield piece
         thread.join()
-        self.last = self._reply(result["out"][0, inputs["input_ids"].shape[1]:], kw["max_new_tokens"], "".join(pieces))
+        self.last = self._reply(result["out"][0, inputs["input_ids"].shape[1]:], "".join(pieces))
 
     def generate(self, messages: list[dict], **overrides) -> Reply:
         inputs = self._encode(messages)
@@ -56,7 +57,7 @@ class Engine:
         with torch.no_grad():
             out = self.model.generate(**inputs, **kw)
         new = out[0, inputs["input_ids"].shape[1]:]
-        return self._reply(new, kw["max_new_tokens"], self.tok.decode(new, skip_special_tokens=True))
+        return self._reply(new, self.tok.decode(new, skip_special_tokens=True))
 
     def _encode(self, messages: list[dict]) -> dict:
         text = self.renderer.prompt_text(messages)
@@ -71,7 +72,7 @@ class Engine:
         kw["pad_token_id"] = self.tok.pad_token_id
         return kw
 
-    def _reply(self, new_ids, budget: int, text: str) -> Reply:
+    def _reply(self, new_ids, text: str) -> Reply:
         ids = new_ids.tolist()
         stopped = bool(ids) and ids[-1] in self.stop_ids
         return Reply(text=text.strip(), stopped=stopped, new_tokens=len(ids))

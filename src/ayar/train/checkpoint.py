@@ -41,6 +41,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from peft import set_peft_model_state_dict
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ayar.data.collate import collate
-from ayar.data.render import Example
+from ayar.data.render import IGNORE, Example
 from ayar.train import checkpoint as ckpt
 from ayar.train.loss import loss_sum
 
@@ -123,7 +123,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
             micro_batches.append(collate([train[i] for i in order.indices(state.epoch, state.micro)], pad_id, tcfg.packing))
             state.micro += 1
         # Mean over every trained token of the optimizer step, whatever the micro-batch split.
-        n_target = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         step_loss = 0.0
         for b in micro_batches:
             s, _ = loss_sum(model, _to(b, device))

@@ -46,6 +46,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     else:
         run, resume_from = RunDir.create(cfg.output.dir, cfg.output.name), None
         run.write_config(config_to_dict(cfg))
+    start_step = ckpt.checkpoint_step(resume_from) if resume_from else 0
     tcfg = cfg.training
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -75,11 +76,10 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         )
     else:
         say(f"resume {resume_from.name}")
-        run.truncate_metrics(int(resume_from.name.split("-")[-1]))
+        run.truncate_metrics(start_step)
 
     # --- train -----------------------------------------------------------------------------------
     tracker = Tracker(tcfg.tracker, run, config_to_dict(cfg))
-    start_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
 
     def on_log(record: dict) -> None:
         run.append_metrics(record)
