@@ -24,11 +24,11 @@ DEMO_OVERRIDES = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ayar.cli import _quiet_libraries
     from ayar.infer.engine import load_engine
+    from ayar.quiet import quiet_libraries
     from ayar.train.sft import train_sft
 
-    _quiet_libraries()
+    quiet_libraries()
     console = Console(stderr=True)
     t0 = time.time()
     cfg = load_config(None, DEMO_OVERRIDES + list(argv if argv is not None else sys.argv[1:]))

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     from ayar.errors import AyarError
+    from ayar.quiet import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(module.run(args) or 0)
     except AyarError as e:
@@ -60,19 +61,3 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
 
-
-def _quiet_libraries() -> None:
-    """Our own progress and messages replace the libraries' per-file bars and deprecation chatter."""
-    import os
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass

@@ -20,13 +20,13 @@ from ayar.config import TrainConfig, config_to_dict
 from ayar.config.loader import from_dict
 from ayar.data.dataset import prepare_data
 from ayar.errors import AyarError
+from ayar.fsutil import write_atomic
 from ayar.models.adapters import apply_method, parameter_counts
 from ayar.models.load import load_model_and_tokenizer
 from ayar.train import checkpoint as ckpt
 from ayar.train.loop import LoopState, run_loop, total_steps_for
 from ayar.train.plots import plot_loss
 from ayar.train.progress import TrainProgress
-from ayar.fsutil import write_atomic
 from ayar.train.rundir import RunDir
 from ayar.train.tracking import Tracker
 

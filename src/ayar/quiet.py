@@ -1,0 +1,20 @@
+"""Silence third-party progress bars and deprecation chatter; ayar prints its own progress and messages."""
+
+from __future__ import annotations
+
+
+def quiet_libraries() -> None:
+    """Our own progress and messages replace the libraries' per-file bars and deprecation chatter."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
