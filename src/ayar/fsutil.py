@@ -30,6 +30,8 @@ def atomic_directory(final: Path, fsync: bool = False) -> Iterator[Path]:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

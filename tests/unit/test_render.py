@@ -2,7 +2,7 @@
 
 import pytest
 
-from ayar.data.formats import Conversation
+from ayar.data.records import Record as Conversation
 from ayar.data.render import IGNORE, Renderer
 from ayar.errors import DataError
 from tests.conftest import FAMILIES, make_tokenizer

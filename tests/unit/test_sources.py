@@ -2,7 +2,7 @@
 
 import pytest
 
-from ayar.data.dataset import load_conversations, split_by_ratio
+from ayar.data.dataset import load_records, split_by_ratio
 from ayar.data.sources import read_rows
 from ayar.errors import DataError
 from tests.conftest import write_jsonl
@@ -12,7 +12,7 @@ def test_formats_map_to_one_internal_form(tmp_path):
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}])
     msgs = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]}])
     share = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "Add\n\n2 and 3"}, {"from": "gpt", "value": "5"}]}])
-    forms = [load_conversations(str(p))[0].messages for p in (alpaca, msgs, share)]
+    forms = [load_records(str(p))[0].messages for p in (alpaca, msgs, share)]
     assert forms[0] == forms[1] == forms[2]
 
 
@@ -24,11 +24,11 @@ def test_json_csv_and_parquet(tmp_path):
     (tmp_path / "a.csv").write_text("instruction,output\nq,a\n")
     pq.write_table(pa.table({"instruction": ["q"], "output": ["a"]}), tmp_path / "a.parquet")
     for name in ("a.json", "a.csv", "a.parquet"):
-        assert load_conversations(str(tmp_path / name))[0].messages[1]["content"] == "a"
+        assert load_records(str(tmp_path / name))[0].messages[1]["content"] == "a"
 
 
 def test_bundled_sample():
-    convs = load_conversations("sample:gsm8k")
+    convs = load_records("sample:gsm8k")
     assert len(convs) == 200 and "####" in convs[0].messages[-1]["content"]
 
 
@@ -47,7 +47,7 @@ def test_bundled_sample():
 def test_bad_input_messages(tmp_path, content, fmt, pattern):
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(DataError, match=pattern):
-        load_conversations(str(tmp_path / "bad.jsonl"), fmt)
+        load_records(str(tmp_path / "bad.jsonl"), fmt)
 
 
 def test_non_utf8_and_missing_and_wrong_type(tmp_path):
@@ -56,9 +56,9 @@ def test_non_utf8_and_missing_and_wrong_type(tmp_path):
         read_rows(str(tmp_path / "latin.jsonl"))
     with pytest.raises(DataError, match="data file not found"):
         read_rows(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(DataError, match="unsupported file type .txt"):
-        read_rows(str(tmp_path / "x.txt"))
+    (tmp_path / "x.docx").write_text("hi")
+    with pytest.raises(DataError, match="unsupported file type .docx"):
+        read_rows(str(tmp_path / "x.docx"))
     with pytest.raises(DataError, match="unknown bundled sample"):
         read_rows("sample:nope")
 

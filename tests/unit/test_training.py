@@ -7,7 +7,7 @@ import torch
 
 from ayar.config import LoraConfig, TrainingConfig
 from ayar.data.collate import collate
-from ayar.data.formats import Conversation
+from ayar.data.records import Record as Conversation
 from ayar.data.render import Renderer
 from ayar.models.adapters import apply_method, load_adapter
 from ayar.train import checkpoint as ckpt

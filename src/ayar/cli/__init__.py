@@ -15,6 +15,7 @@ from ayar import __version__
 # name -> (module, one-line help). The one list of commands.
 COMMANDS = {
     "train": ("ayar.cli.train", "Fine-tune a model (SFT with LoRA) from a YAML config; resume a run."),
+    "data": ("ayar.cli.data", "Inspect, lint, preview, clean and convert training data."),
     "chat": ("ayar.cli.chat", "Chat with a run directory or model (interactive, or one-shot with --prompt)."),
     "config": ("ayar.cli.config", "Validate a config, show it resolved, or print the config reference."),
 }

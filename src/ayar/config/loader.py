@@ -148,6 +148,8 @@ def _coerce(value: Any, typ: Any):
         return _MISSING
     if typ is str:
         return value if isinstance(value, str) else _MISSING
+    if typ is dict or origin is dict:
+        return dict(value) if isinstance(value, dict) else _MISSING
     if typ is list or origin is list:
         return list(value) if isinstance(value, (list, tuple)) else _MISSING
     return value
@@ -159,7 +161,7 @@ def _type_name(typ: Any) -> str:
         names = [_type_name(a) for a in typing.get_args(typ) if a is not type(None)]
         optional = type(None) in typing.get_args(typ)
         return " or ".join(names) + (" or null" if optional else "")
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(typ, str(typ))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(typ, str(typ))
 
 
 def _deepcopy(d: Any) -> Any:

@@ -31,16 +31,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "Training data: a .jsonl/.json/.csv/.parquet file. `sample:gsm8k` is the bundled demo sample.")
-    format: str = _f("auto", "Row schema.", choices=("auto", "alpaca", "messages", "sharegpt"))
-    validation: Optional[str] = _f(None, "Validation file. When unset, `val_ratio` of the training rows are held out.")
-    val_ratio: float = _f(0.05, "Share of training rows held out for validation when no `validation` file is given (0 disables).")
+    train: Union[str, list] = _f("", "Training data: a .jsonl/.json/.csv/.parquet/.txt file, a folder, a glob, a `datasets.save_to_disk` "
+                                 "folder, or `sample:gsm8k` (bundled). A list mixes several: items are paths or "
+                                 "`{path, weight, format, columns}`; `weight` is a source's share of the mixed training set.")
+    format: str = _f("auto", "Row schema (`auto` detects it from the fields).",
+                     choices=("auto", "alpaca", "messages", "sharegpt", "preference", "hh", "text", "classification"))
+    columns: dict = _f({}, "Rename fields to a format's names, ours: theirs, e.g. `{instruction: question, output: answer}` for GSM8K.")
+    validation: Optional[str] = _f(None, "Validation data (same forms as `train`). When unset, `val_ratio` of the training rows are held out.")
+    val_ratio: float = _f(0.05, "Share of each training source held out for validation when no `validation` is given (0 disables).")
+    test: Optional[str] = _f(None, "Test data, kept out of training (for `ayar eval`). When unset, `test_ratio` of the rows are held out.")
+    test_ratio: float = _f(0.0, "Share of each training source held out as a test split when no `test` is given.")
     template: str = _f("chat", "`chat`: the model's own chat template. `alpaca`: the Alpaca text template (for base models without one).",
                        choices=("chat", "alpaca"))
     system_prompt: Optional[str] = _f(None, "System message added to every conversation that has none.")
     max_length: int = _f(1024, "Tokens per example; longer examples are truncated (counted and reported).")
     train_on_prompt: bool = _f(False, "Also train on prompt (system/user) tokens. Default: loss on assistant tokens only.")
-    max_rows: Optional[int] = _f(None, "Use only the first N rows of the training file.")
+    max_rows: Optional[int] = _f(None, "Use only the first N rows of each training source.")
+    lint: str = _f("strict", "Data lint before training: `strict` refuses to train on errors, `warn` reports them, `off` skips it.",
+                   choices=("strict", "warn", "off"))
+    cache: bool = _f(True, "Cache tokenized data under $AYAR_HOME/tokenized, so an unchanged second run skips tokenization.")
 
 
 @dataclass

@@ -1,16 +1,16 @@
-"""Conversation -> token ids + labels. The one place where label masks are decided.
+"""Record -> token ids + labels. The one place where label masks are decided.
 
-Chat models: the conversation is rendered once with the model's own chat template and tokenized once;
+Chat records: the conversation is rendered once with the model's own chat template and tokenized once;
 the character spans of assistant turns are found by rendering growing prefixes of the conversation, and
 a token is trained iff it overlaps an assistant span. Every assistant span ends with an end-of-turn /
-EOS token (added when the template does not), so the tuned model learns to stop.
+EOS token (added when the template does not), so the tuned model learns to stop. Text records (continued pretraining) train on every token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ayar.data.formats import Conversation
+from ayar.data.records import Record
 from ayar.errors import DataError
 
 IGNORE = -100
@@ -27,6 +27,7 @@ class Example:
     labels: list[int]
     where: str
     truncated: bool = False
+    full_length: int = 0  # tokens before truncation
 
     @property
     def n_trained(self) -> int:
@@ -52,11 +53,14 @@ class Renderer:
             )
         self.stop_strings = end_of_turn_strings(tokenizer)
 
-    def text_and_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    def text_and_spans(self, rec: Record) -> tuple[str, list[tuple[int, int]]]:
         """The full training text and the (start, end) character spans that are trained."""
-        messages = self._with_system(conv.messages)
+        if rec.kind == "text":
+            text = rec.text + self.tok.eos_token
+            return text, [(0, len(text))]
+        messages = self._with_system(rec.conversation())
         if self.template == "alpaca":
-            return self._alpaca(messages, conv.where)
+            return self._alpaca(messages, rec.where)
         render = lambda msgs, gen: self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
         full = render(messages, False)
         spans = []
@@ -67,7 +71,7 @@ class Renderer:
             upto = render(messages[: i + 1], False)
             if not (full.startswith(before) and full.startswith(upto) and upto.startswith(before)):
                 raise DataError(
-                    f"{conv.where}: the chat template renders turn {i} differently depending on what follows "
+                    f"{rec.where}: the chat template renders turn {i} differently depending on what follows "
                     "(not prefix-stable), so assistant tokens cannot be located; use data.template: alpaca or another template"
                 )
             end = len(upto.rstrip())
@@ -77,19 +81,26 @@ class Renderer:
             spans = [(0, len(full))]
         return full, [tuple(s) for s in spans]
 
-    def render(self, conv: Conversation) -> Example:
-        text, spans = self.text_and_spans(conv)
+    def encode(self, rec: Record) -> Example:
+        """Tokens and labels, truncated to max_length; rows with nothing to train are returned, not refused
+        (lint reports them with their reason)."""
+        text, spans = self.text_and_spans(rec)
         # Chat templates write their own special tokens; for text templates the tokenizer adds BOS as it does at inference.
-        enc = self.tok(text, add_special_tokens=self.template == "alpaca", return_offsets_mapping=True)
+        plain = self.template == "alpaca" or rec.kind == "text"
+        enc = self.tok(text, add_special_tokens=plain, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = _label(ids, offsets, spans)
         truncated = len(ids) > self.max_length
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        ex = Example(ids, labels, conv.where, truncated)
+        return Example(ids[: self.max_length], labels[: self.max_length], rec.where, truncated, len(ids))
+
+    def render(self, rec: Record) -> Example:
+        """`encode`, refusing a row with nothing to train (an error naming the row and why)."""
+        ex = self.encode(rec)
+        truncated = ex.truncated
         if ex.n_trained == 0:
             why = (f"after truncation to data.max_length={self.max_length} (the row has more tokens than that); "
                    "raise data.max_length or shorten the prompt") if truncated else "the assistant answer is empty"
-            raise DataError(f"{conv.where}: no token of this row would be trained: {why}")
+            raise DataError(f"{rec.where}: no token of this row would be trained: {why}")
         return ex
 
     def prompt_text(self, messages: list[dict]) -> str:

@@ -1,8 +1,10 @@
-"""Read rows from local files. Every row carries its location (file:line) for error messages."""
+"""Read rows from a source: a file, a folder, a glob, a `datasets.save_to_disk` folder, a bundled sample,
+or a hub dataset (where there is network). Every row carries its location for error messages."""
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -12,34 +14,66 @@ from typing import Iterator
 from ayar.errors import DataError
 
 SAMPLES = {"gsm8k": "gsm8k_sample.jsonl", "gsm8k-heldout": "gsm8k_heldout.jsonl"}
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass(frozen=True)
 class Row:
     data: dict
-    where: str  # "path:line" (jsonl/csv) or "path[index]" (json/parquet)
-
-
-def resolve_source(spec: str) -> Path:
-    """A file path, or `sample:NAME` for a dataset bundled in the package."""
-    if spec.startswith("sample:"):
-        name = spec.removeprefix("sample:")
-        if name not in SAMPLES:
-            raise DataError(f"unknown bundled sample {name!r}; available: {', '.join('sample:' + s for s in SAMPLES)}")
-        return Path(str(resources.files("ayar.data") / "samples" / SAMPLES[name]))
-    if not spec:
-        raise DataError("no training data given: set data.train to a .jsonl/.json/.csv/.parquet file (or sample:gsm8k)")
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DataError(f"data file not found: {spec}")
-    if path.is_dir():
-        raise DataError(f"{spec} is a directory: point data.train at a file ({', '.join(SUFFIXES)})")
-    return path
+    where: str  # "path:line" (jsonl/csv/txt) or "path[index]" (json/parquet/saved datasets)
 
 
 def read_rows(spec: str) -> list[Row]:
-    path = resolve_source(spec)
+    """All rows of one source spec, in a stable order (files of a folder or glob sorted by path)."""
+    if not spec:
+        raise DataError("no data given: set data.train to a file, folder or glob (or sample:gsm8k)")
+    if spec.startswith("sample:"):
+        return _read_file(_sample(spec.removeprefix("sample:")))
+    path = Path(spec).expanduser()
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"no file matches the pattern {spec}")
+        return _read_files(files, spec)
+    if path.is_dir():
+        if any((path / m).is_file() for m in _SAVED_MARKERS):
+            return _read_saved(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{spec}: the folder has no data files ({', '.join(SUFFIXES)})")
+        return _read_files(files, spec)
+    if path.is_file():
+        return _read_file(path)
+    if _looks_like_hub_id(spec):
+        return _read_hub(spec)
+    raise DataError(f"data file not found: {spec}")
+
+
+def resolve_source(spec: str) -> Path:
+    """A single file path for `spec` (bundled samples included); folders and globs are not single files."""
+    if spec.startswith("sample:"):
+        return _sample(spec.removeprefix("sample:"))
+    return Path(spec).expanduser()
+
+
+def _sample(name: str) -> Path:
+    if name not in SAMPLES:
+        raise DataError(f"unknown bundled sample {name!r}; available: {', '.join('sample:' + s for s in SAMPLES)}")
+    return Path(str(resources.files("ayar.data") / "samples" / SAMPLES[name]))
+
+
+def _read_files(files: list[Path], spec: str) -> list[Row]:
+    rows = []
+    for f in files:
+        if f.suffix.lower() in SUFFIXES:
+            rows += _read_file(f)
+    if not rows:
+        raise DataError(f"{spec}: no rows in {len(files)} matching file(s) ({', '.join(SUFFIXES)} are read)")
+    return rows
+
+
+def _read_file(path: Path) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
@@ -51,7 +85,7 @@ def read_rows(spec: str) -> list[Row]:
         except UnicodeDecodeError as e:
             line = path.read_bytes()[: e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
-        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
+        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt}[suffix]
         rows = list(reader(path, text))
     if not rows:
         raise DataError(f"{path}: the file has no rows")
@@ -65,7 +99,8 @@ def _read_jsonl(path: Path, text: str) -> Iterator[Row]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+            hint = " (a .json file with one list? rename it to .json)" if n == 1 and line.lstrip().startswith("[") else ""
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object{hint}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
         yield Row(obj, f"{path}:{n}")
@@ -75,7 +110,8 @@ def _read_json(path: Path, text: str) -> Iterator[Row]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        hint = " (one object per line? rename the file to .jsonl)" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}){hint}") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
         obj = next(iter(obj.values()))  # {"data": [...]}
     if not isinstance(obj, list):
@@ -88,8 +124,17 @@ def _read_json(path: Path, text: str) -> Iterator[Row]:
 
 def _read_csv(path: Path, text: str) -> Iterator[Row]:
     reader = csv.DictReader(text.splitlines())
-    for i, rec in enumerate(reader):
+    for rec in reader:
+        if None in rec:
+            raise DataError(f"{path}:{reader.line_num}: this row has more values than the header has columns "
+                            f"({reader.fieldnames}); quote values that contain commas")
         yield Row(dict(rec), f"{path}:{reader.line_num}")
+
+
+def _read_txt(path: Path, text: str) -> Iterator[Row]:
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield Row({"text": line}, f"{path}:{n}")
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
@@ -101,3 +146,42 @@ def _read_parquet(path: Path) -> Iterator[Row]:
         raise DataError(f"{path}: cannot read parquet: {e}") from None
     for i, rec in enumerate(table.to_pylist()):
         yield Row(rec, f"{path}[{i}]")
+
+
+def _read_saved(path: Path) -> list[Row]:
+    """A folder written by `datasets.save_to_disk` (a Dataset, or a DatasetDict's `train` split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: cannot read this saved dataset: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a saved DatasetDict with splits {list(ds)} and no 'train'; point at one split's folder, "
+                            f"e.g. {path / next(iter(ds))}")
+        path, ds = path / "train", ds["train"]
+    rows = [Row(rec, f"{path}[{i}]") for i, rec in enumerate(ds)]
+    if not rows:
+        raise DataError(f"{path}: the saved dataset has no rows")
+    return rows
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and Path(spec).suffix.lower() not in SUFFIXES
+
+
+def _read_hub(name: str) -> list[Row]:
+    from ayar.hub import hub_reachable
+
+    if not hub_reachable():
+        raise DataError(f"{name} is not a local file or folder, and as a hub dataset it needs network, which this machine "
+                        "does not have. Download it elsewhere (datasets.load_dataset(...).save_to_disk(DIR)) and pass DIR.")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise DataError(f"cannot load hub dataset {name!r} (train split): {e}") from None
+    return [Row(rec, f"{name}[{i}]") for i, rec in enumerate(ds)]

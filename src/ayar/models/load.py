@@ -27,19 +27,12 @@ def resolve_model_path(name: str, log=print) -> str:
 def _hub_model(repo_id: str) -> str:
     """A hub id: fetched by transformers where the hub is reachable; else from the local HF cache, or a
     clear error at once (instead of minutes of connection retries)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
+    from huggingface_hub import snapshot_download
 
-    from huggingface_hub import constants, snapshot_download
+    from ayar.hub import hub_reachable
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if not offline:
-        try:
-            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-            return repo_id
-        except OSError:
-            pass
+    if hub_reachable():
+        return repo_id
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:

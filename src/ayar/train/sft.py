@@ -57,10 +57,12 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     say(f"model  {model_path}  ({placement.device}, {placement.dtype_name}: {placement.reason})")
 
     # --- prepare ---------------------------------------------------------------------------------
-    data = prepare_data(cfg.data, tok, seed=tcfg.seed)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg.data, tok, seed=tcfg.seed, log=say)
     st = data.stats
     say(f"data   {st['train_rows']} train rows ({st['train_tokens']:,} tokens, {st['trained_tokens']:,} trained), "
-        f"{st['val_rows']} validation rows" + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else ""))
+        f"{st['val_rows']} validation rows" + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else "")
+        + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in {time.perf_counter() - t0:.1f}s")
     model = apply_method(model, cfg.method, cfg.lora)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False
