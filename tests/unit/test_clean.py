@@ -11,6 +11,7 @@ import pytest
 from ayar.data.clean import CleanOptions, PiiScrubber, clean, iban_ok, luhn_ok, shingles
 from ayar.data.dataset import load_records
 from ayar.data.records import Record
+from ayar.errors import DataError
 
 FIX = Path(__file__).parents[1] / "fixtures" / "shared"
 GSM8K_COLUMNS = {"instruction": "question", "output": "answer"}
@@ -132,3 +133,13 @@ def test_length_filters_and_against():
     val = [Record([], "v:1", text="x" * 50)]
     out, report = clean(recs, CleanOptions(against=val, pii=False))
     assert [r.where for r in out] == ["r:0", "r:2"] and report.removed == Counter({"in_other_split": 1})
+
+
+def test_name_scrubbing_without_presidio_is_a_clear_error():
+    try:
+        import presidio_analyzer  # noqa: F401
+        pytest.skip("presidio is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(DataError, match=r"pip install 'ayar\[pii\]'"):
+        PiiScrubber(names=True)
