@@ -16,6 +16,7 @@ from ayar import __version__
 COMMANDS = {
     "train": ("ayar.cli.train", "Fine-tune a model (SFT with LoRA) from a YAML config; resume a run."),
     "data": ("ayar.cli.data", "Inspect, lint, preview, clean and convert training data."),
+    "eval": ("ayar.cli.eval", "Evaluate a run against its base model (or a model alone): metrics, checks, report."),
     "chat": ("ayar.cli.chat", "Chat with a run directory or model (interactive, or one-shot with --prompt)."),
     "config": ("ayar.cli.config", "Validate a config, show it resolved, or print the config reference."),
 }

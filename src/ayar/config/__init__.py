@@ -3,6 +3,7 @@
 from ayar.config.loader import load_config, config_to_dict, apply_overrides
 from ayar.config.schema import (
     DataConfig,
+    EvalConfig,
     GenerationConfig,
     LoraConfig,
     ModelConfig,
@@ -13,6 +14,7 @@ from ayar.config.schema import (
 
 __all__ = [
     "DataConfig",
+    "EvalConfig",
     "GenerationConfig",
     "LoraConfig",
     "ModelConfig",

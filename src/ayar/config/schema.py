@@ -111,3 +111,26 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation and schedule."})
     generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "Defaults for `ayar chat` on this run."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where the run directory goes."})
+
+
+@dataclass
+class EvalConfig:
+    """What `ayar eval` runs: a run directory against its base (or `base`), or one model alone (`baseline`)."""
+
+    run: Optional[str] = _f(None, "Run directory to evaluate (tuned = base + its adapter).")
+    baseline: Optional[str] = _f(None, "Evaluate this model alone, without a run (zero-shot baseline); needs `data`.")
+    base: Optional[str] = _f(None, "Compare against this model instead of the run's own base model.")
+    data: Optional[str] = _f(None, "Evaluation data (any `ayar data` source). Default: the run's test split, else its validation split.")
+    format: str = _f("auto", "Row format of `data`.")
+    columns: dict = _f({}, "Field renames for `data`, as in data.columns.")
+    max_rows: int = _f(100, "Evaluate on the first N rows (0: all).")
+    batch_size: int = _f(8, "Prompts generated together (left-padded, KV cache).")
+    max_new_tokens: int = _f(256, "Token budget of each answer; answers that hit it count as not stopped.")
+    extract: str = _f("auto", "Answer extraction for exact match: auto, gsm8k, last_number, none, or regex:PATTERN.")
+    anchor: Optional[str] = _f("sample:anchor", "General data the run did not train on, for the forgetting check (null disables).")
+    forgetting_threshold: float = _f(0.05, "Flag forgetting when the tuned model's anchor loss exceeds the base's by this share.")
+    judge_url: Optional[str] = _f(None, "OpenAI-compatible base URL (…/v1) for an LLM-as-judge comparison.")
+    judge_model: str = _f("gpt-4o-mini", "Model name sent to the judge endpoint.")
+    judge_key_env: str = _f("OPENAI_API_KEY", "Environment variable holding the judge's API key.")
+    examples: int = _f(5, "Example generations shown in the report.")
+    out: Optional[str] = _f(None, "Report directory (default: RUN/eval, or ./eval-<model> for a baseline).")

@@ -59,6 +59,37 @@ class Engine:
         new = out[0, inputs["input_ids"].shape[1]:]
         return self._reply(new, self.tok.decode(new, skip_special_tokens=True))
 
+    def generate_batch(self, conversations: list[list[dict]], batch_size: int = 8, **overrides) -> list[Reply]:
+        """Answers to many conversations: batched with left padding (rows of similar length together, to
+        waste little on padding), KV cache on; replies come back in input order."""
+        texts = [self.renderer.prompt_text(m) for m in conversations]
+        kw = self._kwargs(overrides)
+        replies: list[Reply | None] = [None] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        side, self.tok.padding_side = self.tok.padding_side, "left"
+        try:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                enc = self.tok([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                               add_special_tokens=self.renderer.template == "alpaca")
+                enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                with torch.no_grad():
+                    out = self.model.generate(**enc, **kw)
+                for row, i in zip(out[:, enc["input_ids"].shape[1]:].tolist(), chunk):
+                    end = next((j + 1 for j, t in enumerate(row) if t in self.stop_ids), len(row))
+                    row = row[:end]  # finished rows are padded to the batch's longest; cut at the stop token
+                    replies[i] = self._reply(torch.tensor(row), self.tok.decode(row, skip_special_tokens=True))
+        finally:
+            self.tok.padding_side = side
+        return replies
+
+    def base_model(self):
+        """A context in which the model answers without its adapter (the base model), without a second copy."""
+        import contextlib
+
+        disable = getattr(self.model, "disable_adapter", None)
+        return disable() if disable is not None else contextlib.nullcontext()
+
     def _encode(self, messages: list[dict]) -> dict:
         text = self.renderer.prompt_text(messages)
         add_special = self.renderer.template == "alpaca"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_loss(records: list[dict], out: Path) -> None:
+def plot_loss(records: list[dict], out: Path, mark_step: int | None = None, mark_label: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,6 +18,8 @@ def plot_loss(records: list[dict], out: Path) -> None:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    if mark_step is not None:
+        ax.axvline(mark_step, color="#c00000", linestyle="--", label=mark_label or f"step {mark_step}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
