@@ -59,6 +59,9 @@ def test_exact_match_and_text_metrics():
     assert M.rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(5 / 6)
     assert M.rouge_l(["a b c d"], ["a b c d"]) == 1.0 and M.rouge_l(["x y"], ["a b"]) == 0.0
     assert M.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    # n-gram precisions 5/6, 3/5, 1/4, 0/3 (sacrebleu's exp smoothing turns the zero into 1/(2*3)); no brevity penalty
+    by_hand = 100 * (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
+    assert M.bleu(["the cat is on the mat"], ["the cat sat on the mat"]) == pytest.approx(by_hand, abs=1e-6)
     assert M.bleu(["completely different words here"], ["the cat sat on the mat"]) < 5
 
 

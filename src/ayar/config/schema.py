@@ -82,6 +82,8 @@ class TrainingConfig:
     seed: int = _f(42, "Seed for data split, data order, LoRA init and dropout.")
     tracker: str = _f("tensorboard", "Where metrics go besides metrics.jsonl.", choices=("tensorboard", "mlflow", "wandb", "none"))
     threads: int = _f(0, "CPU threads for torch (0: torch's default, one per core).")
+    memory_check: str = _f("strict", "Before training, predict peak memory (as `ayar plan`): `strict` stops when it cannot fit, "
+                           "`warn` only warns, `off` skips it.", choices=("strict", "warn", "off"))
 
 
 @dataclass

@@ -47,6 +47,15 @@ def _check_targets(model, targets) -> None:
         raise ConfigError(f"lora.target_modules {missing} not found in the model; linear layers here: {', '.join(linear)} (or use all-linear)")
 
 
+def matches_target(module_name: str, targets) -> bool:
+    """Whether peft's LoRA would wrap the linear layer `module_name` (the output head is never a target)."""
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return module_name.rsplit(".", 1)[-1] in targets
+
+
 def load_adapter(model, adapter_dir: str, trainable: bool = False):
     from peft import PeftModel
 

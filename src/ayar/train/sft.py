@@ -63,6 +63,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     say(f"data   {st['train_rows']} train rows ({st['train_tokens']:,} tokens, {st['trained_tokens']:,} trained), "
         f"{st['val_rows']} validation rows" + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else "")
         + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in {time.perf_counter() - t0:.1f}s")
+    _check_memory(cfg, model, data.train, placement, say)
     model = apply_method(model, cfg.method, cfg.lora)
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False
@@ -123,6 +124,24 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         f"final loss {meta['final_loss']:.4f}" + (f", eval loss {meta['final_eval_loss']:.4f}" if meta["final_eval_loss"] is not None else ""))
     say(f"run    {run.path}   (ayar chat {run.path})")
     return run
+
+
+def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> None:
+    """Stop before the first step (not by OOM mid-run) when the predicted peak cannot fit."""
+    if cfg.training.memory_check == "off":
+        return
+    from ayar.perf.plan import model_shape, plan_from_examples
+
+    plan, fixes = plan_from_examples(model_shape(model.config, cfg.lora.target_modules, cfg.lora.r), cfg, examples, placement)
+    gb = lambda b: f"{b / 2**30:.1f} GB"
+    if plan.fits:
+        say(f"memory predicted peak {gb(plan.total)} of {gb(plan.available)} available")
+        return
+    message = (f"predicted peak memory {gb(plan.total)} exceeds the {gb(plan.available)} available ({plan.device}):\n{plan.table()}\n"
+               + ("settings that would fit: " + "; ".join(fixes) if fixes else "no single setting change found that fits"))
+    if cfg.training.memory_check == "strict":
+        raise AyarError(message + "\n(train anyway with training.memory_check=warn)")
+    say(f"warning: {message}")
 
 
 def peak_rss_mb() -> float:

@@ -1,0 +1,60 @@
+"""Benchmark ayar against the plain alternative, in the same run, and report the ratios.
+
+examples:
+  ayar bench train                                   default model, bundled GSM8K sample, batch 8, max_length 512
+  ayar bench train examples/quickstart.yaml --steps 10
+  ayar bench train data.train=gsm8k.jsonl data.columns='{instruction: question, output: answer}' --rows 512 --json out.json
+"""
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    t = sub.add_parser("train", help="ayar's training vs plain TRL SFTTrainer + peft (same data, batches, LoRA, steps, seed)")
+    t.add_argument("config", nargs="?", help="training YAML (default: the built-in benchmark settings)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.batch_size=4")
+    t.add_argument("--steps", type=int, default=8, help="optimizer steps per side (default 8)")
+    t.add_argument("--warmup", type=int, default=2, help="first steps not timed (default 2)")
+    t.add_argument("--rows", type=int, default=512, help="use the first N rows of the data (default 512)")
+    t.add_argument("--sides", default="ayar,trl", help="which sides to run (default ayar,trl)")
+    t.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+
+
+# The issue's reference setting: LoRA r16/alpha 32 all-linear, batch 8, max_length 512, lr 2e-4, no warm-up.
+DEFAULTS = ["data.train=sample:gsm8k", "data.max_length=512", "training.batch_size=8", "training.learning_rate=2e-4",
+            "training.warmup_ratio=0", "training.packing=true", "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear"]
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ayar.config import load_config
+    from ayar.perf.bench_train import run_bench
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides if config else DEFAULTS + overrides)
+    console = Console(stderr=True, highlight=False)
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rows=args.rows, sides=tuple(args.sides.split(",")),
+                       log=lambda m: console.print(m))
+    out = Console(highlight=False)
+    table = Table("", *result["sides"], title=f"bench train: {result['rows']} rows, batch {result['batch_size']}x{result['grad_accum']}, "
+                                              f"max_length {result['max_length']}, {result['steps']} steps ({result['warmup']} warm-up)")
+    rows = [("real tokens/s", "tokens_per_s", "{:.1f}"), ("median step s", "median_step_s", "{:.2f}"),
+            ("real tokens/step", "real_tokens_per_step", "{:.0f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+            ("final loss (last 1/4)", "final_loss", "{:.4f}"), ("GFLOP/s (4N/token)", "gflops", "{:.1f}"),
+            ("% of fp32 peak", "pct_peak_fp32", "{:.0f}%"), ("% of bf16 peak", "pct_peak_bf16", "{:.0f}%"), ("dtype", "dtype", "{}")]
+    for label, key, fmt in rows:
+        table.add_row(label, *[fmt.format(r[key]) for r in result["sides"].values()])
+    out.print(table)
+    if "ratios" in result:
+        r = result["ratios"]
+        out.print(f"ayar/TRL: {r['tokens_per_s']:.2f}x real tokens/s, {r['peak_rss']:.2f}x peak RSS, "
+                  f"final loss {100 * (r['final_loss'] - 1):+.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,40 @@
+"""Predict a training run's peak memory before it starts, and whether it fits this machine.
+
+examples:
+  ayar plan examples/quickstart.yaml
+  ayar plan examples/quickstart.yaml training.batch_size=32 data.max_length=2048
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", nargs="?", help="training YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.batch_size=16")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ayar.config import load_config
+    from ayar.perf.plan import plan_for_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
+    plan, fixes = plan_for_config(cfg, log=lambda m: None)
+    if args.json:
+        print(json.dumps({"parts": plan.parts, "total": plan.total, "available": plan.available, "device": plan.device,
+                          "fits": plan.fits, "tokens": plan.tokens, "trained": plan.trained, "suggestions": fixes}, indent=1))
+        return 0 if plan.fits else 1
+    print(f"memory plan for batch {cfg.training.batch_size}, max_length {cfg.data.max_length}, "
+          f"{'packed' if cfg.training.packing else 'padded'}, {cfg.method} r={cfg.lora.r}:")
+    print(plan.table())
+    if plan.fits:
+        print(f"fits: {100 * plan.total / plan.available:.0f}% of available memory")
+        return 0
+    print("does NOT fit. Settings that would:" if fixes else "does NOT fit, and no single setting change found that fits.")
+    for f in fixes:
+        print(f"  {f}")
+    return 1

@@ -1,0 +1,1 @@
+"""Performance: `ayar bench` (ayar against the plain alternative, same run) and the memory planner."""

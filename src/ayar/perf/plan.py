@@ -1,0 +1,192 @@
+"""Memory planner: predict a training run's peak memory before it starts, say whether it fits, and if
+not, which settings would.
+
+The prediction adds up what training holds at its peak (the end of the forward pass of the largest
+micro-batch, when every layer's saved activations are alive):
+    weights (by dtype) + adapter (fp32) + its gradients + AdamW's two states
+    + activations: tokens x layers x (what one decoder layer saves for backward) x dtype bytes
+    + logits: ayar computes them for trained positions only, in fp32, with their softmax gradient
+    + the runtime itself (Python, torch, transformers) and the allocator's slack on CPU.
+The per-layer activation count and the runtime constants are measured on this project's machine and
+checked against measured peaks in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Measured constants (see benchmarks/README.md, "memory planner").
+RUNTIME_BYTES_CPU = 900 * 2**20  # python + torch + transformers + tokenizer, process RSS before the model loads
+RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors
+CPU_SLACK = 1.15  # glibc allocator fragmentation on CPU over the tensor bytes
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Shape:
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv: int  # n_kv_heads * head_dim
+    vocab: int
+    lora_params: int
+
+
+@dataclass
+class MemoryPlan:
+    parts: dict = field(default_factory=dict)  # name -> bytes
+    available: int = 0
+    device: str = "cpu"
+    tokens: int = 0  # tokens in the largest micro-batch
+    trained: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.available
+
+    def table(self) -> str:
+        gb = lambda b: f"{b / 2**30:6.2f} GB"
+        lines = [f"  {name:<24}{gb(b)}" for name, b in self.parts.items()]
+        lines.append(f"  {'predicted peak':<24}{gb(self.total)}   (largest micro-batch: {self.tokens} tokens, {self.trained} trained)")
+        lines.append(f"  {'available':<24}{gb(self.available)}   ({self.device})")
+        return "\n".join(lines)
+
+
+def model_shape(hf_config, target_modules, r: int) -> Shape:
+    """Sizes from the model's config: the model is built on the meta device (no memory), so parameter and
+    LoRA counts are exact for any architecture, fused projections included."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ayar.models.adapters import matches_target
+
+    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    params = sum(p.numel() for p in model.parameters())
+    output = model.get_output_embeddings()
+    lora = sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not output and matches_target(name, target_modules))
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
+    return Shape(params, c.num_hidden_layers, c.hidden_size, c.intermediate_size, kv, c.vocab_size, lora)
+
+
+def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool) -> int:
+    """What one decoder layer keeps for backward, per token: norms, q/k/v (and their rotary copies),
+    attention output, the MLP's gate/up/activation products, and the inputs LoRA's dropout copies."""
+    elements = 8 * s.hidden + 4 * s.kv + 5 * s.intermediate
+    if lora:
+        elements += 6 * s.hidden + s.intermediate
+    return s.layers * elements * dtype_bytes
+
+
+def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, trained: int, method: str = "lora",
+                available: int | None = None) -> MemoryPlan:
+    wb = _BYTES[weight_dtype]
+    parts = {"weights": shape.params * wb}
+    if method == "lora":
+        parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
+    else:
+        parts["grads + AdamW (full)"] = shape.params * (wb + 8)
+    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, method == "lora")
+    parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
+    if device == "cpu":
+        tensors = sum(parts.values())
+        parts["allocator slack"] = int(tensors * (CPU_SLACK - 1))
+        parts["runtime"] = RUNTIME_BYTES_CPU
+    else:
+        parts["runtime"] = RUNTIME_BYTES_CUDA
+    return MemoryPlan(parts, available if available is not None else available_memory(device), device, tokens, trained)
+
+
+def available_memory(device: str) -> int:
+    """Free memory for a new run: $AYAR_MEMORY_LIMIT_MB when set; on CUDA the device's free memory; on CPU
+    the system's available RAM, capped by the container's cgroup limit when there is one."""
+    import os
+
+    if os.environ.get("AYAR_MEMORY_LIMIT_MB"):
+        return int(float(os.environ["AYAR_MEMORY_LIMIT_MB"]) * 2**20)
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def largest_micro_batch(examples, batch_size: int, packing: bool) -> tuple[int, int]:
+    """(tokens, trained tokens) of the worst micro-batch: the batch_size longest examples together."""
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch_size]
+    if not longest:
+        return 0, 0
+    tokens = sum(len(e.input_ids) for e in longest) if packing else len(longest[0].input_ids) * len(longest)
+    return tokens, sum(e.n_trained for e in longest)
+
+
+def suggestions(shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int) -> list[str]:
+    """Settings that would fit, each changing one thing (the effective batch is kept where possible)."""
+    out = []
+    bs, ga = cfg.training.batch_size, cfg.training.grad_accum
+    b = bs
+    while b > 1:
+        b //= 2
+        tokens, trained = largest_micro_batch(examples, b, cfg.training.packing)
+        if plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, available=available).fits:
+            out.append(f"training.batch_size={b} training.grad_accum={ga * bs // b} (same effective batch)")
+            break
+    for max_len in (cfg.data.max_length // 2, cfg.data.max_length // 4):
+        clipped = [_Clip(e, max_len) for e in examples]
+        tokens, trained = largest_micro_batch(clipped, bs, cfg.training.packing)
+        if max_len >= 64 and plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained,
+                                         available=available).fits:
+            out.append(f"data.max_length={max_len} (longer rows are truncated)")
+            break
+    if weight_dtype == "float32":
+        out.append("model.dtype=bfloat16 (halves weights and activations; on CPU only fast with AVX512-BF16/AMX)")
+    return out
+
+
+class _Clip:
+    def __init__(self, e, n):
+        self.input_ids = e.input_ids[:n]
+        self.n_trained = min(e.n_trained, n)
+
+
+def plan_for_config(cfg, log=print):
+    """Plan a TrainConfig without loading the weights: model config, tokenizer and (cached) tokenized data."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from ayar.data.dataset import prepare_data
+    from ayar.models.device import choose_placement
+    from ayar.models.load import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(cfg.model.name, log=log)
+    placement = choose_placement(cfg.model.device, cfg.model.dtype)
+    shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r)
+    data = prepare_data(dataclasses.replace(cfg.data, lint="off"), load_tokenizer(path), seed=cfg.training.seed)
+    return plan_from_examples(shape, cfg, data.train, placement)
+
+
+def plan_from_examples(shape: Shape, cfg, examples, placement) -> tuple[MemoryPlan, list[str]]:
+    dtype = placement.dtype_name
+    tokens, trained = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing)
+    plan = plan_memory(shape, weight_dtype=dtype, device=placement.device, tokens=tokens, trained=trained, method=cfg.method)
+    return plan, ([] if plan.fits else suggestions(shape, cfg, examples, dtype, placement.device, plan.available))

@@ -1,0 +1,88 @@
+"""Memory planner (shape arithmetic, fit/suggestions, the CLI) and the bench harness's pieces."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ayar.perf.plan import MemoryPlan, largest_micro_batch, model_shape, plan_memory, suggestions
+from ayar.data.render import Example
+from tests.conftest import MATH_ROWS, make_model, make_tokenizer, write_jsonl
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "phi3"])
+def test_parameter_count_from_config_matches_the_model(family):
+    from ayar.config.schema import LoraConfig
+    from ayar.models.adapters import apply_method, parameter_counts
+
+    model = make_model(family, make_tokenizer(family))
+    shape = model_shape(model.config, "all-linear", 8)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    peft_model = apply_method(model, "lora", LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    assert shape.lora_params == parameter_counts(peft_model)[0]  # phi3's fused qkv_proj / gate_up_proj included
+
+
+def test_lora_parameter_count_for_named_and_regex_targets():
+    from ayar.config.schema import LoraConfig
+    from ayar.models.adapters import apply_method, parameter_counts
+
+    for targets in (["q_proj", "v_proj"], r".*\.mlp\..*_proj"):
+        model = make_model("llama", make_tokenizer("llama"))
+        shape = model_shape(model.config, targets, 4)
+        assert shape.lora_params == parameter_counts(apply_method(model, "lora", LoraConfig(r=4, alpha=8, target_modules=targets)))[0]
+
+
+def test_largest_micro_batch_padded_vs_packed():
+    exs = [Example([1] * n, [1] * (n // 2), "x") for n in (10, 50, 30, 20)]
+    assert largest_micro_batch(exs, 2, packing=True) == (80, 40)
+    assert largest_micro_batch(exs, 2, packing=False) == (100, 40)  # padded to the longest of the batch
+
+
+def test_plan_grows_with_tokens_and_suggests_what_fits():
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    shape = model_shape(cfg, "all-linear", 16)
+    assert 130e6 < shape.params < 140e6  # SmolLM2-135M
+    small = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=1000, trained=500, available=2**40)
+    big = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=8000, trained=4000, available=2**40)
+    assert big.total > small.total and big.parts["weights"] == small.parts["weights"] == shape.params * 2
+    assert isinstance(small, MemoryPlan) and small.fits
+
+    from ayar.config import load_config
+
+    train_cfg = load_config(None, ["training.batch_size=16", "data.max_length=512", "training.packing=true"])
+    exs = [Example([1] * 500, [1] * 250, "x") for _ in range(64)]
+    tokens, trained = largest_micro_batch(exs, 16, True)
+    limit = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=tokens // 3, trained=trained // 3, available=2**40).total
+    plan = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=tokens, trained=trained, available=limit)
+    assert not plan.fits
+    fixes = suggestions(shape, train_cfg, exs, "bfloat16", "cpu", limit)
+    assert fixes[0] == "training.batch_size=4 training.grad_accum=4 (same effective batch)"
+    assert any(f.startswith("data.max_length=") for f in fixes)
+
+
+def test_plan_cli(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    args = [sys.executable, "-m", "ayar", "plan", f"model.name={tiny_model_dir}", f"data.train={data}", "--json"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    plan = json.loads(r.stdout)
+    assert r.returncode == 0 and plan["fits"] and plan["tokens"] > 0 and plan["total"] > plan["parts"]["runtime"]
+    r = subprocess.run(args[:-1], capture_output=True, text=True, env={**__import__("os").environ, "AYAR_MEMORY_LIMIT_MB": "100"})
+    assert r.returncode == 1 and "does NOT fit" in r.stdout
+
+
+def test_train_stops_before_the_first_step_when_memory_cannot_fit(tiny_model_dir, tmp_path, monkeypatch):
+    from ayar.errors import AyarError
+    from ayar.train.sft import train_sft
+    from tests.conftest import tiny_train_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=1)
+    monkeypatch.setenv("AYAR_MEMORY_LIMIT_MB", "50")
+    with pytest.raises(AyarError, match=r"(?s)predicted peak memory .* exceeds the 0.0 GB available.*training.memory_check=warn"):
+        train_sft(cfg)
+    cfg.training.memory_check = "warn"
+    assert train_sft(cfg).read_meta()["status"] == "completed"
