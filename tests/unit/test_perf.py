@@ -35,8 +35,8 @@ def test_lora_parameter_count_for_named_and_regex_targets():
 
 def test_largest_micro_batch_padded_vs_packed():
     exs = [Example([1] * n, [1] * (n // 2), "x") for n in (10, 50, 30, 20)]
-    assert largest_micro_batch(exs, 2, packing=True) == (80, 40)
-    assert largest_micro_batch(exs, 2, packing=False) == (100, 40)  # padded to the longest of the batch
+    assert largest_micro_batch(exs, 2, packing=True) == (80, 40, 1)
+    assert largest_micro_batch(exs, 2, packing=False) == (100, 40, 2)  # padded to the longest of the batch
 
 
 def test_plan_grows_with_tokens_and_suggests_what_fits():
@@ -55,7 +55,7 @@ def test_plan_grows_with_tokens_and_suggests_what_fits():
 
     train_cfg = load_config(None, ["training.batch_size=16", "data.max_length=512", "training.packing=true"])
     exs = [Example([1] * 500, [1] * 250, "x") for _ in range(64)]
-    tokens, trained = largest_micro_batch(exs, 16, True)
+    tokens, trained, _ = largest_micro_batch(exs, 16, True)
     limit = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=tokens // 3, trained=trained // 3, available=2**40).total
     plan = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=tokens, trained=trained, available=limit)
     assert not plan.fits

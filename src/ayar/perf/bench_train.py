@@ -146,7 +146,7 @@ def _trl(spec: dict) -> dict:
                      learning_rate=tc["learning_rate"], lr_scheduler_type=tc["lr_scheduler"],
                      warmup_steps=round(tc["warmup_ratio"] * spec["steps"]), max_steps=spec["steps"], weight_decay=tc["weight_decay"],
                      max_grad_norm=tc["max_grad_norm"], logging_steps=1, save_strategy="no", report_to="none", seed=tc["seed"],
-                     dataloader_num_workers=0, disable_tqdm=True)
+                     dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
 
     times, tokens = [], []
 

@@ -6,19 +6,20 @@ micro-batch, when every layer's saved activations are alive):
     weights (by dtype) + adapter (fp32) + its gradients + AdamW's two states
     + activations: tokens x layers x (what one decoder layer saves for backward) x dtype bytes
     + logits: ayar computes them for trained positions only, in fp32, with their softmax gradient
-    + the runtime itself (Python, torch, transformers) and the allocator's slack on CPU.
-The per-layer activation count and the runtime constants are measured on this project's machine and
-checked against measured peaks in benchmarks/README.md.
+    + on CPU, one layer's attention weights (heads x len x len) + the runtime itself (Python, torch, transformers).
+The activation terms come from what autograd saves; their two coefficients were fitted on measured
+peaks of 4 configurations and checked on 4 others (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Measured constants (see benchmarks/README.md, "memory planner").
+# Constants (see benchmarks/README.md, "memory planner"). BASE_ACTIVATION_FACTOR was fitted, with the LoRA
+# term's, on 4 measured configurations and checked on 4 others; the runtime sizes are estimates.
 RUNTIME_BYTES_CPU = 900 * 2**20  # python + torch + transformers + tokenizer, process RSS before the model loads
 RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors
-CPU_SLACK = 1.15  # glibc allocator fragmentation on CPU over the tensor bytes
+BASE_ACTIVATION_FACTOR = 1.16  # allocator overhead and small saved tensors over the counted base activations
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -31,6 +32,8 @@ class Shape:
     kv: int  # n_kv_heads * head_dim
     vocab: int
     lora_params: int
+    heads: int = 1
+    lora_inputs: int = 0  # per layer: summed input features of the LoRA-wrapped projections
 
 
 @dataclass
@@ -70,38 +73,47 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
         model = AutoModelForCausalLM.from_config(hf_config)
     params = sum(p.numel() for p in model.parameters())
     output = model.get_output_embeddings()
-    lora = sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not output and matches_target(name, target_modules))
+    wrapped = [m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not output and matches_target(name, target_modules)]
+    lora = sum(r * (m.in_features + m.out_features) for m in wrapped)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
-    return Shape(params, c.num_hidden_layers, c.hidden_size, c.intermediate_size, kv, c.vocab_size, lora)
+    layers = c.num_hidden_layers
+    return Shape(params, layers, c.hidden_size, c.intermediate_size, kv, c.vocab_size, lora, heads,
+                 sum(m.in_features for m in wrapped) // layers)
 
 
-def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool) -> int:
-    """What one decoder layer keeps for backward, per token: norms, q/k/v (and their rotary copies),
-    attention output, the MLP's gate/up/activation products, and the inputs LoRA's dropout copies."""
-    elements = 8 * s.hidden + 4 * s.kv + 5 * s.intermediate
+def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True) -> int:
+    """What training keeps per token at its peak. Base layers (frozen): attention's q/k/v/output and the
+    MLP's gate/up/activation products in the weights' dtype, and RMSNorm's fp32 copies, times the measured
+    allocator overhead. LoRA: every wrapped projection's input copied to fp32 (peft casts inputs to the
+    adapter's dtype), plus, with dropout, its fp32 output and mask."""
+    base = (2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden
+    per_layer = base * BASE_ACTIVATION_FACTOR
     if lora:
-        elements += 6 * s.hidden + s.intermediate
-    return s.layers * elements * dtype_bytes
+        per_layer += s.lora_inputs * (4 + (5 if dropout else 0))
+    return int(s.layers * per_layer)
+
+
+def attention_scratch_bytes(s: Shape, rows: int, row_len: int) -> int:
+    """The attention weights one layer materializes at a time (heads x len x len, fp32 softmax) on CPU."""
+    return rows * s.heads * row_len**2 * 4
 
 
 def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, trained: int, method: str = "lora",
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, rows: int = 1, dropout: bool = True) -> MemoryPlan:
+    """`tokens` in the largest micro-batch, laid out as `rows` rows of equal length (1 row when packed)."""
     wb = _BYTES[weight_dtype]
     parts = {"weights": shape.params * wb}
     if method == "lora":
         parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
     else:
         parts["grads + AdamW (full)"] = shape.params * (wb + 8)
-    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, method == "lora")
-    parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
+    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, method == "lora", dropout)
     if device == "cpu":
-        tensors = sum(parts.values())
-        parts["allocator slack"] = int(tensors * (CPU_SLACK - 1))
-        parts["runtime"] = RUNTIME_BYTES_CPU
-    else:
-        parts["runtime"] = RUNTIME_BYTES_CUDA
+        parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
+    parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
+    parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
     return MemoryPlan(parts, available if available is not None else available_memory(device), device, tokens, trained)
 
 
@@ -130,13 +142,15 @@ def available_memory(device: str) -> int:
     return avail
 
 
-def largest_micro_batch(examples, batch_size: int, packing: bool) -> tuple[int, int]:
-    """(tokens, trained tokens) of the worst micro-batch: the batch_size longest examples together."""
+def largest_micro_batch(examples, batch_size: int, packing: bool) -> tuple[int, int, int]:
+    """(tokens, trained tokens, rows) of the worst micro-batch: the batch_size longest examples together,
+    packed into one row or padded to the longest."""
     longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch_size]
     if not longest:
-        return 0, 0
-    tokens = sum(len(e.input_ids) for e in longest) if packing else len(longest[0].input_ids) * len(longest)
-    return tokens, sum(e.n_trained for e in longest)
+        return 0, 0, 1
+    if packing:
+        return sum(len(e.input_ids) for e in longest), sum(e.n_trained for e in longest), 1
+    return len(longest[0].input_ids) * len(longest), sum(e.n_trained for e in longest), len(longest)
 
 
 def suggestions(shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int) -> list[str]:
@@ -146,15 +160,16 @@ def suggestions(shape: Shape, cfg, examples, weight_dtype: str, device: str, ava
     b = bs
     while b > 1:
         b //= 2
-        tokens, trained = largest_micro_batch(examples, b, cfg.training.packing)
-        if plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, available=available).fits:
+        tokens, trained, rows = largest_micro_batch(examples, b, cfg.training.packing)
+        if plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, available=available,
+                       rows=rows, dropout=cfg.lora.dropout > 0).fits:
             out.append(f"training.batch_size={b} training.grad_accum={ga * bs // b} (same effective batch)")
             break
     for max_len in (cfg.data.max_length // 2, cfg.data.max_length // 4):
         clipped = [_Clip(e, max_len) for e in examples]
-        tokens, trained = largest_micro_batch(clipped, bs, cfg.training.packing)
+        tokens, trained, rows = largest_micro_batch(clipped, bs, cfg.training.packing)
         if max_len >= 64 and plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained,
-                                         available=available).fits:
+                                         available=available, rows=rows, dropout=cfg.lora.dropout > 0).fits:
             out.append(f"data.max_length={max_len} (longer rows are truncated)")
             break
     if weight_dtype == "float32":
@@ -187,6 +202,7 @@ def plan_for_config(cfg, log=print):
 
 def plan_from_examples(shape: Shape, cfg, examples, placement) -> tuple[MemoryPlan, list[str]]:
     dtype = placement.dtype_name
-    tokens, trained = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing)
-    plan = plan_memory(shape, weight_dtype=dtype, device=placement.device, tokens=tokens, trained=trained, method=cfg.method)
+    tokens, trained, rows = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing)
+    plan = plan_memory(shape, weight_dtype=dtype, device=placement.device, tokens=tokens, trained=trained, method=cfg.method,
+                       rows=rows, dropout=cfg.lora.dropout > 0)
     return plan, ([] if plan.fits else suggestions(shape, cfg, examples, dtype, placement.device, plan.available))
