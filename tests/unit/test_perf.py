@@ -53,14 +53,15 @@ def test_plan_grows_with_tokens_and_suggests_what_fits():
 
     from ayar.config import load_config
 
-    train_cfg = load_config(None, ["training.batch_size=16", "data.max_length=512", "training.packing=true"])
+    train_cfg = load_config(None, ["training.batch_size=16", "data.max_length=512", "training.packing=true", "training.rows_per_pass=16"])
     exs = [Example([1] * 500, [1] * 250, "x") for _ in range(64)]
     tokens, trained, _ = largest_micro_batch(exs, 16, True)
     limit = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=tokens // 3, trained=trained // 3, available=2**40).total
     plan = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=tokens, trained=trained, available=limit)
     assert not plan.fits
     fixes = suggestions(shape, train_cfg, exs, "bfloat16", "cpu", limit)
-    assert fixes[0] == "training.batch_size=4 training.grad_accum=4 (same effective batch)"
+    assert fixes[:2] == ["training.rows_per_pass=2 (same batches and gradient, in smaller passes)",
+                         "training.batch_size=4 training.grad_accum=4 (same effective batch)"]
     assert any(f.startswith("data.max_length=") for f in fixes)
 
 

@@ -69,6 +69,8 @@ class TrainingConfig:
     grad_accum: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum).")
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run; 0 means use `epochs`.")
+    rows_per_pass: int = _f(0, "Run each micro-batch as forward/backward passes of this many rows of similar length "
+                            "(same gradient; less padding and peak memory). 0: auto (2 on CPU, the whole micro-batch on GPU).")
     packing: bool = _f(False, "Pack the examples of a micro-batch into one padding-free row; attention never crosses example boundaries.")
     optimizer: str = _f("adamw", "`adamw` (torch), or `adamw_8bit` (bitsandbytes, CUDA; falls back to adamw elsewhere, with a warning).",
                         choices=("adamw", "adamw_8bit"))

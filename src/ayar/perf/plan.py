@@ -90,8 +90,10 @@ def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: 
     adapter's dtype), plus, with dropout, its fp32 output and mask."""
     base = (2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden
     per_layer = base * BASE_ACTIVATION_FACTOR
-    if lora:
+    if lora and dtype_bytes == 4:
         per_layer += s.lora_inputs * (4 + (5 if dropout else 0))
+    elif lora:  # bf16/fp16 base: adapters run under autocast on the input as it is (train/loss.py)
+        per_layer += s.lora_inputs * ((dtype_bytes + 1) if dropout else 0)
     return int(s.layers * per_layer)
 
 
@@ -142,10 +144,11 @@ def available_memory(device: str) -> int:
     return avail
 
 
-def largest_micro_batch(examples, batch_size: int, packing: bool) -> tuple[int, int, int]:
-    """(tokens, trained tokens, rows) of the worst micro-batch: the batch_size longest examples together,
-    packed into one row or padded to the longest."""
-    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch_size]
+def largest_micro_batch(examples, batch_size: int, packing: bool, per_pass: int = 0) -> tuple[int, int, int]:
+    """(tokens, trained tokens, rows) of the worst forward/backward pass: the longest examples together
+    (batch_size of them, or per_pass when a micro-batch runs in passes), packed into one row or padded."""
+    n = per_pass if 0 < per_pass < batch_size else batch_size
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:n]
     if not longest:
         return 0, 0, 1
     if packing:
@@ -156,18 +159,27 @@ def largest_micro_batch(examples, batch_size: int, packing: bool) -> tuple[int, 
 def suggestions(shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int) -> list[str]:
     """Settings that would fit, each changing one thing (the effective batch is kept where possible)."""
     out = []
+    per_pass = _per_pass(cfg, device)
+    for rpp in (2, 1):
+        if per_pass and per_pass <= rpp or cfg.training.batch_size <= rpp:
+            continue
+        tokens, trained, rows = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing, rpp)
+        if plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, available=available,
+                       rows=rows, dropout=cfg.lora.dropout > 0).fits:
+            out.append(f"training.rows_per_pass={rpp} (same batches and gradient, in smaller passes)")
+            break
     bs, ga = cfg.training.batch_size, cfg.training.grad_accum
     b = bs
     while b > 1:
         b //= 2
-        tokens, trained, rows = largest_micro_batch(examples, b, cfg.training.packing)
+        tokens, trained, rows = largest_micro_batch(examples, b, cfg.training.packing, per_pass)
         if plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, available=available,
                        rows=rows, dropout=cfg.lora.dropout > 0).fits:
             out.append(f"training.batch_size={b} training.grad_accum={ga * bs // b} (same effective batch)")
             break
     for max_len in (cfg.data.max_length // 2, cfg.data.max_length // 4):
         clipped = [_Clip(e, max_len) for e in examples]
-        tokens, trained, rows = largest_micro_batch(clipped, bs, cfg.training.packing)
+        tokens, trained, rows = largest_micro_batch(clipped, bs, cfg.training.packing, per_pass)
         if max_len >= 64 and plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained,
                                          available=available, rows=rows, dropout=cfg.lora.dropout > 0).fits:
             out.append(f"data.max_length={max_len} (longer rows are truncated)")
@@ -202,7 +214,14 @@ def plan_for_config(cfg, log=print):
 
 def plan_from_examples(shape: Shape, cfg, examples, placement) -> tuple[MemoryPlan, list[str]]:
     dtype = placement.dtype_name
-    tokens, trained, rows = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing)
+    tokens, trained, rows = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing,
+                                                _per_pass(cfg, placement.device))
     plan = plan_memory(shape, weight_dtype=dtype, device=placement.device, tokens=tokens, trained=trained, method=cfg.method,
                        rows=rows, dropout=cfg.lora.dropout > 0)
     return plan, ([] if plan.fits else suggestions(shape, cfg, examples, dtype, placement.device, plan.available))
+
+
+def _per_pass(cfg, device: str) -> int:
+    from ayar.train.loop import rows_per_pass
+
+    return rows_per_pass(cfg.training, device)

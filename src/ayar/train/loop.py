@@ -55,6 +55,24 @@ class BatchOrder:
         return self._cache[1][micro * self.bs : (micro + 1) * self.bs]
 
 
+def rows_per_pass(tcfg, device: str) -> int:
+    """`training.rows_per_pass`, with auto (0) resolved: 2 on CPU, where smaller passes of similar-length rows
+    were fastest (benchmarks/README.md), the whole micro-batch on GPUs, where bigger matmuls win."""
+    if tcfg.rows_per_pass > 0:
+        return tcfg.rows_per_pass
+    return 2 if device == "cpu" else 0
+
+
+def length_groups(examples: list[Example], rows_per_pass: int) -> list[list[Example]]:
+    """Split a micro-batch into forward/backward passes of `rows_per_pass` rows of similar length (0: one
+    pass). The step's gradient is the same (the loss is normalized over the whole step); what changes is
+    padding (each pass pads to its own longest row) and peak memory (one pass's activations at a time)."""
+    if rows_per_pass <= 0 or rows_per_pass >= len(examples):
+        return [examples]
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    return [ordered[i:i + rows_per_pass] for i in range(0, len(ordered), rows_per_pass)]
+
+
 def total_steps_for(n_examples: int, tcfg) -> int:
     if tcfg.max_steps > 0:
         return tcfg.max_steps
@@ -113,6 +131,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
     if resume_from is not None:
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
     best_adapter = None
+    per_pass = rows_per_pass(tcfg, device)
     model.train()
     while state.step < total and not state.stopped_early:
         t0 = time.perf_counter()
@@ -120,7 +139,8 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         for _ in range(tcfg.grad_accum):
             if state.micro >= order.per_epoch:
                 state.epoch, state.micro = state.epoch + 1, 0
-            micro_batches.append(collate([train[i] for i in order.indices(state.epoch, state.micro)], pad_id, tcfg.packing))
+            examples = [train[i] for i in order.indices(state.epoch, state.micro)]
+            micro_batches += [collate(group, pad_id, tcfg.packing) for group in length_groups(examples, per_pass)]
             state.micro += 1
         # Mean over every trained token of the optimizer step, whatever the micro-batch split.
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
