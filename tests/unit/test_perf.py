@@ -87,3 +87,20 @@ def test_train_stops_before_the_first_step_when_memory_cannot_fit(tiny_model_dir
         train_sft(cfg)
     cfg.training.memory_check = "warn"
     assert train_sft(cfg).read_meta()["status"] == "completed"
+
+
+def test_bench_train_runs_both_sides_on_the_same_batches(tiny_model_dir, tmp_path):
+    """The harness, end to end on a tiny model: each side in its own process, identical real tokens per
+    step (same rows, same order), losses close, ratios computed. Timings are reported, never asserted."""
+    from ayar.config import load_config
+    from ayar.perf.bench_train import run_bench
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 3)
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data}", "data.max_length=64",
+                             "training.batch_size=4", "training.warmup_ratio=0", "lora.dropout=0"])
+    result = run_bench(cfg, steps=3, warmup=1, rows=36, log=lambda m: None)
+    a, t = result["sides"]["ayar"], result["sides"]["trl"]
+    assert a["real_tokens_per_step"] == t["real_tokens_per_step"] > 0
+    assert len(a["losses"]) == len(t["losses"]) == 3
+    assert a["losses"][0] == pytest.approx(t["losses"][0], rel=0.05)  # same batch, same masking, before any update
+    assert set(result["ratios"]) == {"tokens_per_s", "peak_rss", "median_step", "final_loss"}

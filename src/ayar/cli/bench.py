@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
 
 # The reference setting: LoRA r16/alpha 32 all-linear, batch 8, max_length 512, lr 2e-4, no warm-up.
 DEFAULTS = ["data.train=sample:gsm8k", "data.max_length=512", "training.batch_size=8", "training.learning_rate=2e-4",
-            "training.warmup_ratio=0", "training.packing=true", "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear"]
+            "training.warmup_ratio=0", "training.packing=false", "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear"]
 
 
 def run(args) -> int:
