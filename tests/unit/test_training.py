@@ -176,3 +176,29 @@ def test_passes_of_similar_length_rows_give_the_same_step_as_one_pass(tiny_model
         runs.append([r["loss"] for r in train_sft(cfg).read_metrics() if "loss" in r])
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)  # before any update: the same loss
     assert runs[0] == pytest.approx(runs[1], rel=1e-3)  # after Adam updates: summation order differs in the last bits
+
+
+def test_bf16_base_with_fp32_adapters_trains_under_autocast(tiny_model_dir):
+    """bf16 weights: the adapters run in bf16 under autocast (train/loss.py), their weights and gradients stay
+    fp32, and the loss agrees with peft's default path (inputs copied to fp32) to bf16 precision."""
+    from transformers import AutoModelForCausalLM
+
+    from ayar.train.loss import _loss_sum, compute_context, loss_sum
+
+    tok = make_tokenizer("qwen2")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = apply_method(model, "lora", LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():  # non-zero B, so the adapters change the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    r = Renderer(tok, max_length=64)
+    batch = collate([r.render(Conversation([{"role": "user", "content": x["instruction"]}, {"role": "assistant", "content": x["output"]}], "m"))
+                     for x in MATH_ROWS[:4]], tok.pad_token_id)
+    assert type(compute_context(model)).__name__ == "ExitStack"
+    fast, n = loss_sum(model, batch)
+    default, _ = _loss_sum(model, batch)
+    assert float(fast) / n == pytest.approx(float(default) / n, rel=2e-2)
+    fast.backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_A" in name]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
