@@ -24,6 +24,16 @@ COMMANDS = {
 }
 
 
+def config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`ayar CMD [CONFIG] [key=value ...]`: a first argument that is an override, not a file, starts the overrides."""
+    from pathlib import Path
+
+    overrides = list(overrides)
+    if config and "=" in config and not Path(config).is_file():
+        return None, [config] + overrides
+    return config, overrides
+
+
 def _top_help() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())

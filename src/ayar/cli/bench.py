@@ -31,12 +31,11 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ayar.cli import config_and_overrides
     from ayar.config import load_config
     from ayar.perf.bench_train import run_bench
 
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config and not Path(config).is_file():
-        config, overrides = None, [config] + overrides
+    config, overrides = config_and_overrides(args.config, args.overrides)
     cfg = load_config(config, overrides if config else DEFAULTS + overrides)
     console = Console(stderr=True, highlight=False)
     result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rows=args.rows, sides=tuple(args.sides.split(",")),

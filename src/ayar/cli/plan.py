@@ -14,14 +14,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
+    from ayar.cli import config_and_overrides
     from ayar.config import load_config
     from ayar.perf.plan import plan_for_config
 
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config and not Path(config).is_file():
-        config, overrides = None, [config] + overrides
+    config, overrides = config_and_overrides(args.config, args.overrides)
     cfg = load_config(config, overrides)
     plan, fixes = plan_for_config(cfg, log=lambda m: None)
     if args.json:

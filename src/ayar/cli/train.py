@@ -18,15 +18,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
 
     import yaml
 
+    from ayar.cli import config_and_overrides
     from ayar.config import config_to_dict, load_config
 
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config and not Path(config).is_file():
-        config, overrides = None, [config] + overrides
+    config, overrides = config_and_overrides(args.config, args.overrides)
     if args.resume:
         if config or overrides:
             from ayar.errors import ConfigError

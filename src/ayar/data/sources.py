@@ -50,13 +50,6 @@ def read_rows(spec: str) -> list[Row]:
     raise DataError(f"data file not found: {spec}")
 
 
-def resolve_source(spec: str) -> Path:
-    """A single file path for `spec` (bundled samples included); folders and globs are not single files."""
-    if spec.startswith("sample:"):
-        return _sample(spec.removeprefix("sample:"))
-    return Path(spec).expanduser()
-
-
 def _sample(name: str) -> Path:
     if name not in SAMPLES:
         raise DataError(f"unknown bundled sample {name!r}; available: {', '.join('sample:' + s for s in SAMPLES)}")

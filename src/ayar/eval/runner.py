@@ -53,11 +53,12 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
         raise AyarError("give a run directory to evaluate, or --baseline MODEL (with --data) to evaluate a model alone")
     if cfg.baseline and not cfg.data:
         raise AyarError("--baseline needs --data FILE: the prompts to evaluate the model on")
-    run = None
+    run = train_cfg = None
     if cfg.run:
         from ayar.train.rundir import RunDir
 
         run = RunDir.open(cfg.run)
+        train_cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
         engine = load_engine(run.path, log=say)
         other = load_engine(cfg.base, log=say) if cfg.base else None
     else:
@@ -65,7 +66,7 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
     say(f"model  {engine.source} ({engine.device})" + (f" vs {cfg.base}" if cfg.base else ""))
 
     # --- prepare ---------------------------------------------------------------------------------
-    records, data_name = _eval_records(cfg, run)
+    records, data_name = _eval_records(cfg, run, train_cfg)
     gen = [r for r in records if r.kind == "classification" or (r.kind == "chat" and r.messages[-1]["role"] == "assistant")]
     prefs = [r for r in records if r.kind == "preference"]
     anchor = load_records(cfg.anchor)[:40] if cfg.anchor and run else []
@@ -90,7 +91,6 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
 
     # --- checks ----------------------------------------------------------------------------------
     if run:
-        train_cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
         meta = run.read_meta()
         result.checks["overfitting"] = overfitting(run.read_metrics(), patience=train_cfg.training.early_stopping_patience,
                                                    best_step_kept=meta.get("best_step") if meta.get("steps") != meta.get("best_step") else None)
@@ -117,11 +117,10 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
     return result
 
 
-def _eval_records(cfg: EvalConfig, run) -> tuple[list[Record], str]:
+def _eval_records(cfg: EvalConfig, run, train_cfg) -> tuple[list[Record], str]:
     if cfg.data:
         records, name = load_records(cfg.data, cfg.format, cfg.columns or None), cfg.data
     else:
-        train_cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
         splits = load_splits(train_cfg.data, train_cfg.training.seed)
         records, name = (splits.test, "the run's test split") if splits.test else (splits.val, "the run's validation split")
         if not records:
