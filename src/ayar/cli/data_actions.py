@@ -63,13 +63,11 @@ def _all_rows(data):
 
 
 def _renderer(data, model: str):
-    from ayar.config.schema import ModelConfig
     from ayar.data.render import Renderer
     from ayar.models.load import load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(ModelConfig(name=model).name, log=lambda m: out.print(m))
-    tok = load_tokenizer(path)
-    return Renderer(tok, data.template, data.max_length, data.train_on_prompt, data.system_prompt)
+    path = resolve_model_path(model, log=lambda m: out.print(m))
+    return Renderer.from_config(load_tokenizer(path), data)
 
 
 def _encode(records, renderer, data):
@@ -142,14 +140,10 @@ def stats(args) -> int:
 
 
 def lint(args) -> int:
-    from ayar.data.lint import lint as run_lint
-    from ayar.data.render import stop_token_ids
+    from ayar.data.dataset import encode_and_lint
 
     data, model = _data_config(args)
-    splits = _splits(data)
-    renderer = _renderer(data, model)
-    examples = {"train": _encode(splits.train, renderer, data), "validation": _encode(splits.val, renderer, data)}
-    report = run_lint(splits.as_dict(), examples, data.max_length, stop_token_ids(renderer.tok))
+    _, _, report, _ = encode_and_lint(_splits(data), _renderer(data, model), data.cache)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:

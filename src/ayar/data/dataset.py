@@ -107,14 +107,10 @@ def load_splits(data_cfg, seed: int = 42) -> Splits:
 def prepare_data(data_cfg, tokenizer, seed: int = 42, log=None) -> PreparedData:
     """Encode the train and validation splits (through the cache) and lint them; refuse on lint errors
     unless data.lint is `warn` or `off`."""
-    renderer = Renderer(tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt, data_cfg.system_prompt)
+    renderer = Renderer.from_config(tokenizer, data_cfg)
     splits = load_splits(data_cfg, seed)
-    train, train_cached = encode_cached(splits.train, renderer, data_cfg.cache)
-    val, _ = encode_cached(splits.val, renderer, data_cfg.cache)
-    report = None
-    if data_cfg.lint != "off":
-        report = lint({"train": splits.train, "validation": splits.val, "test": splits.test},
-                      {"train": train, "validation": val}, data_cfg.max_length, stop_token_ids(tokenizer))
+    train, val, report, train_cached = encode_and_lint(splits, renderer, data_cfg.cache, run_lint=data_cfg.lint != "off")
+    if report is not None:
         if report.errors and data_cfg.lint == "strict":
             raise DataError(f"the data has problems that would spoil training:\n{report.format()}\n"
                             "Fix them (see `ayar data lint`), or train anyway with data.lint=warn.")
@@ -137,6 +133,17 @@ def prepare_data(data_cfg, tokenizer, seed: int = 42, log=None) -> PreparedData:
         "tokenization_cached": train_cached,
     }
     return PreparedData(train, val, stats, report)
+
+
+def encode_and_lint(splits: Splits, renderer: Renderer, cache: bool = True, run_lint: bool = True):
+    """Encode train and validation (through the cache) and lint every split: the check `ayar train` runs
+    first and `ayar data lint` shows. Returns (train, validation examples, report or None, train was cached)."""
+    train, train_cached = encode_cached(splits.train, renderer, cache)
+    val, _ = encode_cached(splits.val, renderer, cache)
+    report = None
+    if run_lint:
+        report = lint(splits.as_dict(), {"train": train, "validation": val}, renderer.max_length, stop_token_ids(renderer.tok))
+    return train, val, report, train_cached
 
 
 def mix(parts: list[list[Record]], weights: list[float | None], seed: int) -> list[Record]:

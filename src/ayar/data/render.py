@@ -53,6 +53,11 @@ class Renderer:
             )
         self.stop_strings = end_of_turn_strings(tokenizer)
 
+    @classmethod
+    def from_config(cls, tokenizer, data_cfg) -> "Renderer":
+        """The renderer a DataConfig describes (training, `ayar data`)."""
+        return cls(tokenizer, data_cfg.template, data_cfg.max_length, data_cfg.train_on_prompt, data_cfg.system_prompt)
+
     def text_and_spans(self, rec: Record) -> tuple[str, list[tuple[int, int]]]:
         """The full training text and the (start, end) character spans that are trained."""
         if rec.kind == "text":
