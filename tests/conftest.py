@@ -112,6 +112,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run directory: 6 LoRA steps of the tiny Qwen2-style model on MATH_ROWS."""
+    from ayar.train.sft import train_sft
+
+    tmp = tmp_path_factory.mktemp("tinyrun")
+    data = write_jsonl(tmp / "d.jsonl", MATH_ROWS * 2)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp / "runs", max_steps=6, eval_steps=2)
+    cfg.data.lint = "warn"  # MATH_ROWS * 2 repeats rows on purpose
+    cfg.data.cache = False  # session fixtures run before the per-test AYAR_HOME is set
+    return train_sft(cfg).path
+
+
 @pytest.fixture(autouse=True)
 def _ayar_home(tmp_path_factory, monkeypatch):
     # Tests never write to the user's cache, except the slow tier, which sets its own.

@@ -5,13 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from ayar.data.cache import encode_cached
 from ayar.data.dataset import load_records
 from ayar.data.preview import boundaries, html_page
 from ayar.data.records import Record
-from ayar.data.render import IGNORE, Example, Renderer, stop_token_ids
+from ayar.data.render import IGNORE, Example, Renderer
 from ayar.data.stats import diversity, empty_fields, languages, token_stats
 from tests.conftest import MATH_ROWS, make_tokenizer, tiny_train_config, write_jsonl
 

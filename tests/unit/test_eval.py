@@ -16,7 +16,7 @@ from ayar.eval.judge import pairwise
 from ayar.eval.overfit import overfitting
 from ayar.eval.report import verdicts, write_report
 from ayar.eval.runner import DIRECTION, EvalResult, evaluate_run
-from tests.conftest import MATH_ROWS, tiny_train_config, write_jsonl
+from tests.conftest import MATH_ROWS, write_jsonl
 
 
 # --- extraction ---------------------------------------------------------------------------------
@@ -178,17 +178,6 @@ def test_judge_position_swap_removes_order_bias():
 
 
 # --- end to end on a tiny model -----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory):
-    from ayar.train.sft import train_sft
-
-    tmp = tmp_path_factory.mktemp("evalrun")
-    data = write_jsonl(tmp / "d.jsonl", MATH_ROWS * 2)
-    cfg = tiny_train_config(tiny_model_dir, data, tmp / "runs", max_steps=6, eval_steps=2)
-    cfg.data.lint = "warn"  # MATH_ROWS * 2 repeats rows on purpose
-    return train_sft(cfg).path
-
 
 def test_batched_generation_matches_one_by_one(tiny_run):
     from ayar.infer.engine import load_engine

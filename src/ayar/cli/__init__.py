@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("ayar.cli.bench", "Benchmark ayar against the plain alternative (TRL), same run, as ratios."),
     "plan": ("ayar.cli.plan", "Predict a training run's peak memory and whether it fits (before training)."),
     "chat": ("ayar.cli.chat", "Chat with a run directory or model (interactive, or one-shot with --prompt)."),
+    "serve": ("ayar.cli.serve", "Serve a run or model over an OpenAI-compatible API (streaming, adapters, users)."),
     "config": ("ayar.cli.config", "Validate a config, show it resolved, or print the config reference."),
 }
 

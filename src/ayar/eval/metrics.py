@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 
 def exact_match(predictions: list[str], references: list[str], extract) -> dict:

@@ -1,0 +1,1 @@
+"""`ayar serve`: an OpenAI-compatible server for a run directory or model (`create_app(settings)`)."""

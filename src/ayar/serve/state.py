@@ -1,0 +1,108 @@
+"""What one server holds: the backend and its scheduler, keys, limits, cache, metrics and the user store."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ayar.serve.auth import KeyRing, RateLimiter
+from ayar.serve.backend import BASE, HFBackend, Sampling, valid_name
+from ayar.serve.cache import ResponseCache
+from ayar.serve.errors import APIError
+from ayar.serve.metrics import Metrics
+from ayar.serve.routing import choose
+from ayar.serve.scheduler import Scheduler
+from ayar.serve.settings import ServeSettings
+from ayar.serve.store import Store
+
+
+def build_backend(settings: ServeSettings, log=print) -> HFBackend:
+    """Load the source (run directory or model) and the extra adapters named in the settings."""
+    from ayar.infer.engine import load_engine
+
+    engine = load_engine(settings.source, log=log)
+    path = Path(settings.source)
+    name = settings.name or (path.resolve().name if (path / "run.json").is_file() else "model")
+    backend = HFBackend(engine, name)
+    for adapter, where in settings.adapters.items():
+        if not valid_name(adapter):
+            raise APIError(400, f"adapter name {adapter!r}: use letters, digits, '_', '-', '.' (not 'base')")
+        backend.load_adapter(adapter, where)
+    return backend
+
+
+class ServerState:
+    def __init__(self, settings: ServeSettings, backend: HFBackend | None = None):
+        from ayar.models.default import ayar_home
+
+        self.settings = settings
+        self.keys, self.admin_keys = KeyRing(settings.api_keys), KeyRing(settings.admin_keys)
+        self.limiter = RateLimiter(settings.rate_per_minute, settings.rate_burst)
+        self.cache = ResponseCache(settings.cache_size, settings.cache_ttl)
+        self.metrics = Metrics()
+        db = settings.db
+        if db is None:
+            ayar_home().mkdir(parents=True, exist_ok=True)
+            db = f"sqlite:///{ayar_home() / 'serve.db'}"
+        self.store = Store(db, cap=settings.history_cap)
+        self.backend, self.scheduler = backend, None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the model in the background: /health answers at once, /ready says 503 until loaded."""
+        if self.backend is not None:
+            self._start_scheduler()
+            return
+        threading.Thread(target=self._load, name="ayar-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.backend = build_backend(self.settings)
+            self._start_scheduler()
+        except Exception as e:  # reported by /ready and every generation route
+            self.load_error = f"{type(e).__name__}: {e}"
+
+    def _start_scheduler(self) -> None:
+        s = self.settings
+        self.scheduler = Scheduler(self.backend, s.max_batch, s.max_queue, s.batch_wait_ms, on_depth=self.metrics.queue.set)
+        self.scheduler.start()
+        self.ready.set()
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self.store.close()
+
+    def require_ready(self) -> HFBackend:
+        if self.load_error:
+            raise APIError(503, f"the model failed to load: {self.load_error}")
+        if not self.ready.is_set():
+            raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+        return self.backend
+
+    # --- models -----------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return self.backend.model_names() + list(self.settings.aliases) if self.backend else list(self.settings.aliases)
+
+    def resolve(self, requested: str, sticky: str | None) -> tuple[str, str | None]:
+        """(model, A/B variant or None) for a request's `model` field; 404 names what is served."""
+        backend = self.require_ready()
+        variant = None
+        if requested in self.settings.aliases:
+            variant = requested = choose(self.settings.aliases[requested], sticky)
+        if requested not in backend.model_names():
+            raise APIError(404, f"model {requested!r} is not served here; available: {', '.join(self.model_names())}",
+                           param="model", code="model_not_found")
+        return requested, variant
+
+    def default_sampling(self) -> Sampling:
+        """The run's own generation settings, for requests that don't set temperature/top_p."""
+        gen = self.backend.engine.generation
+        temperature = gen.temperature if gen.temperature is not None else (0.8 if gen.preset == "creative" else 0.0)
+        top_p = gen.top_p if gen.top_p is not None else (0.95 if gen.preset == "creative" else 1.0)
+        return Sampling(temperature, top_p)
+
+
+__all__ = ["BASE", "ServerState", "build_backend"]
