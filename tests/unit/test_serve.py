@@ -4,6 +4,7 @@ against a live server on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import threading
@@ -206,6 +207,8 @@ def test_errors_use_the_openai_error_object(backend, tmp_path):
         msg = r.json()["error"]["message"]
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert "max_tokens is 100" in msg and "context window of 512 tokens" in msg
+        r = c.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "word " * 700}]})
+        assert r.status_code == 400 and "leaves no room for an answer" in r.json()["error"]["message"]  # found by schemathesis
         assert chat(c, logprobs=True).status_code == 400
         assert chat(c, frequency_penalty=0.5).json()["error"]["param"] == "frequency_penalty"
         assert chat(c, stop=["a", "b", "c", "d", "e"]).status_code == 400
@@ -409,8 +412,9 @@ def test_cancelled_row_stops_generating(backend):
 
 # --- a live server and the openai client -----------------------------------------------------------
 
-def test_openai_client_against_a_live_server(backend, tmp_path):
-    openai = pytest.importorskip("openai")
+@contextlib.contextmanager
+def live_server(app):
+    """The app under uvicorn on 127.0.0.1 (a free port), in a thread; yields the base URL."""
     import socket
 
     import uvicorn
@@ -418,16 +422,25 @@ def test_openai_client_against_a_live_server(backend, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServeSettings(source="unused", db=f"sqlite:///{tmp_path / 'u.db'}", api_keys=["key"])
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        for _ in range(100):
+        for _ in range(200):
             if server.started:
                 break
             time.sleep(0.05)
-        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key", max_retries=0)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_openai_client_against_a_live_server(backend, tmp_path):
+    openai = pytest.importorskip("openai")
+    settings = ServeSettings(source="unused", db=f"sqlite:///{tmp_path / 'u.db'}", api_keys=["key"])
+    with live_server(create_app(settings, backend=backend)) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="key", max_retries=0)
         assert [m.id for m in oa.models.list().data] == ["base", "tuned", "second"]
         reply = oa.chat.completions.create(model="tuned", messages=Q, max_tokens=8, temperature=0)
         text = reply.choices[0].message.content
@@ -439,12 +452,35 @@ def test_openai_client_against_a_live_server(backend, tmp_path):
         with pytest.raises(openai.NotFoundError, match="not served here"):
             oa.chat.completions.create(model="nope", messages=Q)
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+            openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
         with pytest.raises(openai.BadRequestError):
             oa.chat.completions.create(model="base", messages=Q, max_tokens=100_000)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+
+
+def test_load_64_concurrent_clients_only_429s(backend, tmp_path):
+    """64 clients at once, 3 requests each, against a queue of 16 rows: every answer is a 200 or a fast 429."""
+    import httpx
+
+    settings = ServeSettings(source="unused", db=f"sqlite:///{tmp_path / 'u.db'}", max_queue=16, cache_size=0)
+    codes: list[int] = []
+    with live_server(create_app(settings, backend=backend)) as url:
+        def client(i: int):
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for j in range(3):
+                    body = {"model": ["base", "tuned", "second"][(i + j) % 3], "max_tokens": 6, "stream": (i + j) % 2 == 0,
+                            "messages": [{"role": "user", "content": f"What is {i} plus {j}?"}]}
+                    r = c.post("/v1/chat/completions", json=body)
+                    codes.append(r.status_code)
+                    if r.status_code == 429:
+                        assert r.headers["Retry-After"]
+                    elif body["stream"]:
+                        assert r.text.rstrip().endswith("data: [DONE]")
+
+        with ThreadPoolExecutor(64) as pool:
+            list(pool.map(client, range(64)))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert len(codes) == 192 and set(codes) <= {200, 429} and codes.count(200) >= 16
+    assert "ayar_queue_depth 0.0" in metrics
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -469,3 +505,26 @@ def test_cli_settings_and_vllm_command(tiny_run, tmp_path, capsys):
     assert f"v1={tiny_run / 'adapter'}" in line and "--api-key $VLLM_API_KEY" in line
     with pytest.raises(AyarError, match="NAME=PATH"):
         cmd.settings_from_args(p.parse_args([str(tiny_run), "--adapter", "oops"]))
+
+
+# --- PostgreSQL: replicas share users ------------------------------------------------------------
+
+def test_replicas_share_users_through_postgres(backend, tmp_path):
+    import os
+
+    url = os.environ.get("AYAR_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL test server: run `eval \"$(scripts/test-postgres.sh start)\"` (make test does); "
+                    + os.environ.get("AYAR_TEST_POSTGRES_SKIP", "AYAR_TEST_POSTGRES_URL is not set"))
+    pytest.importorskip("psycopg")
+    user = f"u{time.time_ns()}"
+    one = TestClient(create_app(ServeSettings(source="unused", db=url), backend=backend))
+    two = TestClient(create_app(ServeSettings(source="unused", db=url), backend=backend))
+    with one as a, two as b:
+        assert a.put(f"/v1/users/{user}/profile", json={"name": "Deniz", "tone": "warm"}).status_code == 200
+        assert b.get(f"/v1/users/{user}/profile").json()["profile"] == {"name": "Deniz", "tone": "warm", "interests": []}
+        answer = chat(a, user=user).json()["choices"][0]["message"]["content"]
+        history = b.get(f"/v1/users/{user}/history", params={"model": "tuned"}).json()["messages"]
+        assert history == [Q[0], {"role": "assistant", "content": answer}]
+        assert b.delete(f"/v1/users/{user}").json()["deleted"] is True
+        assert a.get(f"/v1/users/{user}/profile").status_code == 404

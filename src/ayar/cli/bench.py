@@ -1,6 +1,7 @@
 """Benchmark ayar against the plain alternative, in the same run, and report the ratios.
 
 examples:
+  ayar bench serve runs/quickstart-20261125-101500    ayar serve vs one-at-a-time HF generate, 1/8/32 clients
   ayar bench train                                   default model, bundled GSM8K sample, batch 8, max_length 512
   ayar bench train examples/quickstart.yaml --steps 10
   ayar bench train data.train=gsm8k.jsonl data.columns='{instruction: question, output: answer}' --rows 512 --json out.json
@@ -17,6 +18,14 @@ def add_arguments(p) -> None:
     t.add_argument("--rows", type=int, default=512, help="use the first N rows of the data (default 512)")
     t.add_argument("--sides", default="ayar,trl", help="which sides to run (default ayar,trl)")
     t.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    s = sub.add_parser("serve", help="ayar serve vs a naive server answering one request at a time with HF generate")
+    s.add_argument("source", nargs="?", default="default", help="run directory or model (default: the default model)")
+    s.add_argument("--concurrency", default="1,8,32", help="client counts to measure (default 1,8,32)")
+    s.add_argument("--requests-per-client", type=int, default=2)
+    s.add_argument("--max-tokens", type=int, default=48)
+    s.add_argument("--max-batch", type=int, default=8, help="ayar's --max-batch")
+    s.add_argument("--sides", default="ayar,naive")
+    s.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
 
 
 # The issue's reference setting: LoRA r16/alpha 32 all-linear, batch 8, max_length 512, lr 2e-4, no warm-up.
@@ -25,6 +34,38 @@ DEFAULTS = ["data.train=sample:gsm8k", "data.max_length=512", "training.batch_si
 
 
 def run(args) -> int:
+    return run_serve(args) if args.what == "serve" else run_train(args)
+
+
+def run_serve(args) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ayar.perf.bench_serve import run_bench
+
+    console = Console(stderr=True, highlight=False)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    result = run_bench(args.source, levels, args.requests_per_client, args.max_tokens, args.max_batch,
+                       tuple(args.sides.split(",")), log=lambda m: console.print(m))
+    table = Table("side", "clients", "tokens/s", "TTFT p50 s", "TTFT p99 s", "latency p50 s", "latency p99 s", "errors",
+                  title=f"bench serve: {args.source}, max_tokens {args.max_tokens}, {args.requests_per_client} requests per client")
+    for side, by_level in result["sides"].items():
+        for c, m in by_level.items():
+            table.add_row(side, str(c), f"{m['tokens_per_s']:.1f}", f"{m['ttft_p50']:.2f}", f"{m['ttft_p99']:.2f}",
+                          f"{m['latency_p50']:.2f}", f"{m['latency_p99']:.2f}", str(m["errors"]))
+    out = Console(highlight=False)
+    out.print(table)
+    for c, ratio in result.get("ratios", {}).items():
+        out.print(f"ayar/naive at {c} clients: {ratio:.2f}x tokens/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def run_train(args) -> int:
     import json
     from pathlib import Path
 

@@ -132,17 +132,30 @@ class HFBackend:
 
         kw = dict(sampling.kwargs(), max_new_tokens=max(r.max_tokens for r in rows), eos_token_id=sorted(self.stop_ids),
                   pad_token_id=pad, streamer=streamer, stopping_criteria=StoppingCriteriaList([Done()]))
-        with self.lock:
-            if hasattr(self.model, "peft_config"):
-                kw["adapter_names"] = [self.adapters.get(r.model, "__base__") for r in rows]
+        with self.lock, torch.no_grad(), self._adapters_for(rows, kw):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             device = self.engine.device
-            with torch.no_grad():
-                self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+            self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
         for r in rows:  # generation ended (all rows done, or the longest budget reached)
             if r.finish is None:
                 streamer.close(r, "length")
+
+    def _adapters_for(self, rows: list[Row], kw: dict):
+        """One adapter (or none) for the whole batch runs at full speed; rows that differ use peft's
+        mixed-batch path, which splits each layer's LoRA work by adapter."""
+        import contextlib
+
+        if not hasattr(self.model, "peft_config"):
+            return contextlib.nullcontext()
+        names = {self.adapters.get(r.model, "__base__") for r in rows}
+        if names == {"__base__"}:
+            return self.model.disable_adapter()
+        if len(names) == 1:
+            self.model.set_adapter(names.pop())
+            return contextlib.nullcontext()
+        kw["adapter_names"] = [self.adapters.get(r.model, "__base__") for r in rows]
+        return contextlib.nullcontext()
 
     def _base(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

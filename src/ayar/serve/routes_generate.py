@@ -129,10 +129,13 @@ class _Call:
     async def run(self, prompts: list[list[int]], max_tokens: int | None, shown: dict, new_user_turn: dict | None = None):
         state, body = self.state, self.body
         limit, window = state.settings.max_tokens_limit, self.backend.context_window
-        max_tokens = max_tokens or min(state.settings.default_max_tokens, window - max(map(len, prompts)))
+        longest = max(map(len, prompts))
+        if max_tokens is None and longest >= window:
+            raise APIError(400, f"the prompt has {longest} tokens: the model's context window of {window} tokens leaves "
+                           "no room for an answer; shorten the prompt", param="messages", code="context_length_exceeded")
+        max_tokens = max_tokens or min(state.settings.default_max_tokens, window - longest)
         if max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limit}", param="max_tokens")
-        longest = max(map(len, prompts))
         if longest + max_tokens > window:
             raise APIError(400, f"the prompt has {longest} tokens and max_tokens is {max_tokens}: {longest + max_tokens} "
                            f"is over the model's context window of {window} tokens; shorten the prompt or lower max_tokens",

@@ -1,0 +1,175 @@
+"""`ayar bench serve`: ayar's server against a naive one that answers one request at a time with HF
+`generate` (the seed's FastAPI example), same model, same prompts, in one invocation.
+
+Each server runs in its own subprocess on 127.0.0.1; closed-loop clients (each sends its next request
+when the previous answer is in) drive it at each concurrency level. Throughput counts the completion
+tokens the server reports; time to first token is measured on ayar's stream (the naive server cannot
+stream, so for it TTFT is the whole latency, which is what its users wait).
+
+    python -m ayar.perf.bench_serve SIDE SOURCE PORT MAX_BATCH     (a server; SIDE is ayar or naive)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+SIDES = ("ayar", "naive")
+
+
+def run_bench(source: str, concurrency=(1, 8, 32), requests_per_client: int = 2, max_tokens: int = 48,
+              max_batch: int = 8, sides=SIDES, log=print) -> dict:
+    from ayar.data.sources import _sample
+
+    questions = [json.loads(line)["instruction"] for line in _sample("gsm8k").read_text().splitlines() if line.strip()]
+    results = {}
+    for side in sides:
+        port = _free_port()
+        log(f"[{side}] starting its server on 127.0.0.1:{port}")
+        proc = subprocess.Popen([sys.executable, "-m", "ayar.perf.bench_serve", side, source, str(port), str(max_batch)],
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        try:
+            _wait_ready(port, proc)
+            levels = {}
+            for c in concurrency:
+                levels[c] = asyncio.run(_drive(port, side, questions, c, c * requests_per_client, max_tokens))
+                log(f"[{side}] {c:>2} clients: {levels[c]['tokens_per_s']:.1f} tok/s, TTFT p50 {levels[c]['ttft_p50']:.2f} s")
+            results[side] = levels
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    out = {"source": source, "max_tokens": max_tokens, "max_batch": max_batch, "requests_per_client": requests_per_client,
+           "sides": results}
+    if set(SIDES) <= set(results):
+        out["ratios"] = {c: results["ayar"][c]["tokens_per_s"] / results["naive"][c]["tokens_per_s"] for c in concurrency}
+    return out
+
+
+async def _drive(port: int, side: str, questions: list[str], clients: int, total: int, max_tokens: int) -> dict:
+    import httpx
+
+    queue, model = list(range(total)), "bench"
+    ttft, latency, tokens, errors = [], [], 0, 0
+
+    async def one(client: httpx.AsyncClient, i: int):
+        nonlocal tokens, errors
+        body = {"model": model, "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+                "max_tokens": max_tokens, "temperature": 0}
+        start = time.perf_counter()
+        if side == "naive":
+            r = await client.post("/v1/chat/completions", json=body)
+            if r.status_code != 200:
+                errors += 1
+                return
+            ttft.append(time.perf_counter() - start)
+            tokens += r.json()["usage"]["completion_tokens"]
+        else:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+            first = None
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    errors += 1
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
+            ttft.append(first if first is not None else time.perf_counter() - start)
+        latency.append(time.perf_counter() - start)
+
+    async def worker(client):
+        while queue:
+            await one(client, queue.pop())
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        if side != "naive":  # the run's adapter if it has one, else the base model
+            model = (await client.get("/v1/models")).json()["data"][-1]["id"]
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+    wall = time.perf_counter() - started
+    return {"clients": clients, "requests": total, "errors": errors, "wall_s": wall, "completion_tokens": tokens,
+            "tokens_per_s": tokens / wall, "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
+            "latency_p50": _pct(latency, 50), "latency_p99": _pct(latency, 99)}
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, round(p) - 1))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(port: int, proc, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the benchmark server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the benchmark server did not become ready")
+
+
+def _naive_app(engine):
+    """The seed's server: `model.generate` per request, one at a time."""
+    import threading
+
+    from fastapi import FastAPI
+
+    app, lock = FastAPI(), threading.Lock()
+
+    @app.get("/ready")
+    def ready():
+        return {"status": "ready"}
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict):
+        with lock:
+            reply = engine.generate(body["messages"], max_new_tokens=body["max_tokens"], preset="deterministic")
+        return {"choices": [{"message": {"role": "assistant", "content": reply.text}}],
+                "usage": {"completion_tokens": reply.new_tokens}}
+
+    return app
+
+
+def _serve(side: str, source: str, port: int, max_batch: int) -> None:
+    import uvicorn
+
+    from ayar.infer.engine import load_engine
+    from ayar.serve.app import create_app
+    from ayar.serve.backend import HFBackend
+    from ayar.serve.settings import ServeSettings
+
+    engine = load_engine(source, log=lambda *_: None)
+    if side == "naive":
+        app = _naive_app(engine)
+    else:
+        settings = ServeSettings(source=source, db="sqlite://", max_batch=max_batch, max_queue=1024, cache_size=0)
+        app = create_app(settings, backend=HFBackend(engine, "bench"))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
