@@ -361,51 +361,95 @@ def test_store_caps_history_per_user_and_model(tmp_path):
 # --- scheduler and backend ------------------------------------------------------------------------
 
 class _Recorder:
-    """A backend that records batch sizes and answers each row with its first prompt token."""
+    """A backend that records which rows join together; each row answers its first prompt token in one step."""
 
     def __init__(self):
-        self.batches = []
+        self.active, self.admitted = [], []
 
-    def run(self, rows, sampling):
-        self.batches.append(len(rows))
-        for r in rows:
+    def admit(self, rows):
+        self.admitted.append(len(rows))
+        self.active += rows
+
+    def step(self):
+        for r in self.active:
             r.on_delta(str(r.prompt_ids[0]))
             r.on_finish("stop", 1)
+        self.active = []
+
+    def fail_all(self, rows, message):
+        pass
 
 
-def test_scheduler_batches_concurrent_requests_and_bounds_its_queue():
+def test_scheduler_admits_waiting_requests_up_to_the_batch_and_bounds_its_queue():
     async def scenario():
         loop = asyncio.get_running_loop()
         rec = _Recorder()
-        sched = Scheduler(rec, max_batch=4, max_queue=6, wait_ms=200)
+        sched = Scheduler(rec, max_batch=4, max_queue=7)
         jobs = [Job(Sampling(), loop) for _ in range(5)]
         for i, j in enumerate(jobs):
             j.add_row([i], 4, BASE)
-        seeded = Job(Sampling(1.0, 1.0, seed=3), loop)
-        seeded.add_row([9], 4, BASE)
-        for j in jobs + [seeded]:
-            sched.submit(j)
+        two = Job(Sampling(0.7, 1.0, seed=3), loop)
+        for _ in range(2):
+            two.add_row([9], 4, BASE)
         big = Job(Sampling(), loop)
         for _ in range(2):
             big.add_row([0], 4, BASE)
-        with pytest.raises(QueueFull):
-            sched.submit(big)  # 6 rows wait; 2 more would pass max_queue
+        for j in jobs:
+            sched.submit(j)
+        sched.submit(two)
+        with pytest.raises(QueueFull) as full:
+            sched.submit(big)  # 7 rows wait; 2 more would pass max_queue
+        assert full.value.retry_after >= 1
         sched.start()
         answers = [(await j.events.get())[2] for j in jobs]
-        await seeded.events.get()
+        await two.events.get()
         sched.stop()
-        return rec.batches, answers
+        return rec.admitted, answers
 
-    batches, answers = asyncio.run(scenario())
+    admitted, answers = asyncio.run(scenario())
     assert answers == ["0", "1", "2", "3", "4"]
-    assert batches == [4, 1, 1]  # 4 alike together, the 5th alone, the seeded one alone
+    assert admitted == [4, 3]  # 4 fill the batch; then the 5th and the 2-row request together
+
+
+def test_rows_joining_a_running_batch_answer_as_if_alone(backend):
+    """Continuous batching: rows join mid-generation (shorter and longer prompts, other adapters) and
+    leave when done; each row's greedy tokens equal its tokens generated alone."""
+    questions = ["What is 12 plus 30?", "hi", "What is 48 plus 24? Answer step by step, please, and explain."]
+    models = ["tuned", "base", "second"]
+    prompts = [backend.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    alone = []
+    for p, m in zip(prompts, models):
+        row = Row(p, 10, m)
+        backend.run([row])
+        alone.append(row.ids)
+    rows = [Row(p, 10, m) for p, m in zip(prompts, models)]
+    backend.admit([rows[0]])
+    backend.step()
+    backend.step()
+    backend.admit([rows[1]])  # a shorter prompt joins
+    backend.step()
+    backend.admit([rows[2]])  # a longer one: the running rows get padded on the left
+    assert len(backend.active) == 3
+    while backend.active:
+        backend.step()
+    assert [r.ids for r in rows] == alone and all(r.finish in ("stop", "length") for r in rows)
+
+
+def test_seeded_row_samples_the_same_whoever_shares_its_batch(backend):
+    p = backend.encode_chat(Q)
+    alone = Row(p, 10, "base", sampling=Sampling(1.0, 0.9, seed=11))
+    backend.run([alone])
+    crowd = [Row(p, 10, "base", sampling=Sampling(1.0, 0.9, seed=11)), Row(p, 10, "tuned"),
+             Row(p, 10, "base", sampling=Sampling(1.3, 1.0, seed=5))]
+    backend.run(crowd)
+    assert crowd[0].ids == alone.ids
 
 
 def test_cancelled_row_stops_generating(backend):
     tokens = []
     rows = [Row(backend.encode_chat(Q), 40, "tuned", on_delta=tokens.append, cancelled=lambda: len(tokens) >= 2),
             Row(backend.encode_chat(Q), 6, "base")]
-    backend.run(rows, Sampling())
+    backend.run(rows)
     assert rows[0].finish == "cancelled" and len(rows[0].ids) <= 4
     assert rows[1].finish in ("stop", "length") and rows[1].ids
 

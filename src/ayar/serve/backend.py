@@ -1,14 +1,17 @@
-"""The transformers backend: one base model in memory, LoRA adapters chosen per row of a batch.
+"""The transformers backend: one base model in memory, LoRA adapters chosen per row, continuous batching.
 
-A batch runs through `model.generate` (its KV cache and sampling) with left padding. peft's mixed-batch
-inference (`adapter_names=`) lets rows of one batch use different adapters, or none ("__base__"). A
-streamer sees every new token of every row: it decodes each row's text incrementally, applies stop
-strings, and tells the row when it is done; a stopping criterion reads those flags, so a row that hit a
-stop string or whose client went away stops costing compute at the next step.
+Requests join and leave the running batch between decoding steps (continuous batching): a new request
+is prefilled and its KV cache merged into the batch's (left-padded, so every row's next token sits at the
+same column), a finished row leaves at once. transformers' own `generate` runs one fixed batch to its
+end, and its continuous-batching manager has no per-request LoRA adapters, so the step loop is ours;
+the model forward, the KV cache (`DynamicCache`) and peft's mixed-adapter batches (`adapter_names`) are
+the libraries'. Each row samples with its own temperature, top-p and random generator, so a seeded
+request gets the same tokens whoever shares its batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
@@ -25,15 +28,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 @dataclass(frozen=True)
 class Sampling:
-    """Rows batch together only when they sample alike (one logits pipeline per `generate` call)."""
-    temperature: float = 0.0
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
-
-    def kwargs(self) -> dict:
-        if self.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
 
 
 @dataclass
@@ -46,10 +43,22 @@ class Row:
     on_delta: Callable[[str], None] = lambda text: None
     on_finish: Callable[[str, int], None] = lambda reason, n: None
     cancelled: Callable[[], bool] = lambda: False
+    sampling: Sampling = Sampling()
     ids: list[int] = field(default_factory=list)
     text: str = ""  # decoded so far (cut at a stop string)
     emitted: int = 0  # characters of `text` already sent
     finish: str | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class _Batch:
+    """The running batch: rows, their KV cache and attention mask (left-padded), next tokens and positions."""
+    rows: list[Row]
+    cache: object  # DynamicCache
+    mask: torch.Tensor  # [rows, columns]
+    tokens: torch.Tensor  # [rows] the token each row feeds next
+    positions: torch.Tensor  # [rows] that token's position
 
 
 def valid_name(name: str) -> bool:
@@ -62,12 +71,14 @@ class HFBackend:
     def __init__(self, engine, name: str):
         self.engine, self.tok, self.model = engine, engine.tok, engine.model
         self.renderer, self.stop_ids = engine.renderer, set(engine.stop_ids)
-        self.lock = threading.Lock()  # generate vs. adapter load/unload
+        self.lock = threading.Lock()  # steps vs. adapter load/unload
         self.adapters: dict[str, str] = {}  # public name -> peft adapter name
         if hasattr(self.model, "peft_config"):
             self.adapters[name] = self.model.active_adapter
         self.default_model = name if name in self.adapters else BASE
         self.context_window = int(getattr(self._base().config, "max_position_embeddings", 0) or 2048)
+        self.device = engine.device
+        self.batch: _Batch | None = None
 
     # --- models -----------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -103,108 +114,189 @@ class HFBackend:
         return self.tok(prompt)["input_ids"]
 
     # --- generation -------------------------------------------------------------------------------
-    def run(self, rows: list[Row], sampling: Sampling) -> None:
-        """Generate every row to its end; rows report through their callbacks."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+    @property
+    def active(self) -> list[Row]:
+        return self.batch.rows if self.batch else []
 
-        for r in rows:  # its adapter was unloaded while the request waited
-            if r.model != BASE and r.model not in self.adapters:
-                r.finish = "unloaded"
-                r.on_finish("unloaded", 0)
-        rows = [r for r in rows if r.finish is None]
-        if not rows:
-            return
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else min(self.stop_ids)
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row's next token is at the same position
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        streamer = _RowStreamer(self, rows)
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill new rows together and merge them into the running batch."""
+        from transformers import DynamicCache
 
-        class Done(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                for r in rows:
-                    if r.finish is None and r.cancelled():
-                        streamer.close(r, "cancelled")
-                return torch.tensor([r.finish is not None for r in rows], device=input_ids.device)
+        with self.lock, torch.no_grad():
+            rows = self._drop_unloaded(rows)
+            if not rows:
+                return
+            width = max(len(r.prompt_ids) for r in rows)
+            pad = self._pad_id()
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+                mask[i, width - len(r.prompt_ids):] = 1
+                if r.sampling.temperature > 0:
+                    r.generator = torch.Generator().manual_seed(r.sampling.seed if r.sampling.seed is not None
+                                                                else int(torch.randint(0, 2**62, (1,))))
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            logits = self._forward(rows, ids, mask, positions, cache)
+            new = self._accept_tokens(_Batch(rows, cache, mask, self._sample(logits[:, -1], rows), positions[:, -1] + 1))
+            if new is not None:
+                self.batch = new if self.batch is None else _merge(self.batch, new)
 
-        kw = dict(sampling.kwargs(), max_new_tokens=max(r.max_tokens for r in rows), eos_token_id=sorted(self.stop_ids),
-                  pad_token_id=pad, streamer=streamer, stopping_criteria=StoppingCriteriaList([Done()]))
-        with self.lock, torch.no_grad(), self._adapters_for(rows, kw):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            device = self.engine.device
-            self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-        for r in rows:  # generation ended (all rows done, or the longest budget reached)
+    def step(self) -> None:
+        """One decoding step of every running row."""
+        with self.lock, torch.no_grad():
+            b = self.batch
+            self._drop_unloaded(b.rows)
+            b = self.batch = _select(b, [i for i, r in enumerate(b.rows) if r.finish is None])
+            if b is None:
+                return
+            b.mask = torch.cat([b.mask, b.mask.new_ones((len(b.rows), 1))], dim=1)
+            logits = self._forward(b.rows, b.tokens[:, None], b.mask, b.positions[:, None], b.cache)
+            b.tokens, b.positions = self._sample(logits[:, -1], b.rows), b.positions + 1
+            self.batch = self._accept_tokens(b)
+
+    def run(self, rows: list[Row]) -> None:
+        """Generate `rows` to their end (outside the server's scheduler: tests, scripts)."""
+        self.admit(rows)
+        while self.batch is not None and any(r.finish is None for r in rows):
+            self.step()
+
+    def fail_all(self, rows: list[Row], message: str) -> None:
+        """A step failed: end these rows and every running row with the error; start over with no batch."""
+        for r in rows + self.active:
             if r.finish is None:
-                streamer.close(r, "length")
+                r.finish = "error"
+                r.on_finish("error: " + message, len(r.ids))
+        self.batch = None
 
-    def _adapters_for(self, rows: list[Row], kw: dict):
-        """One adapter (or none) for the whole batch runs at full speed; rows that differ use peft's
-        mixed-batch path, which splits each layer's LoRA work by adapter."""
-        import contextlib
+    def _forward(self, rows, ids, mask, positions, cache):
+        with self._adapters_for(rows) as extra:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1, **extra)
+        return out.logits.float()
 
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        tokens = logits.argmax(-1).cpu()
+        for i, r in enumerate(rows):
+            s = r.sampling
+            if s.temperature > 0:
+                probs = torch.softmax(logits[i].cpu() / s.temperature, -1)
+                if s.top_p < 1:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                    sorted_p, order = probs.sort(descending=True)
+                    cut = (sorted_p.cumsum(-1) - sorted_p) >= s.top_p
+                    sorted_p[cut] = 0
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                tokens[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        return tokens
+
+    def _accept_tokens(self, b: _Batch) -> _Batch | None:
+        """Hand each row of `b` its new token; rows that finished leave the batch."""
+        for r, token in zip(b.rows, b.tokens.tolist()):
+            if r.finish is None and r.cancelled():
+                _close(r, "cancelled")
+            if r.finish is None:
+                _accept(self, r, token)
+        return _select(b, [i for i, r in enumerate(b.rows) if r.finish is None])
+
+    def _drop_unloaded(self, rows: list[Row]) -> list[Row]:
+        for r in rows:  # its adapter was unloaded while the request waited or ran
+            if r.finish is None and r.model != BASE and r.model not in self.adapters:
+                r.finish = "unloaded"
+                r.on_finish("unloaded", len(r.ids))
+        return [r for r in rows if r.finish is None]
+
+    @contextlib.contextmanager
+    def _adapters_for(self, rows: list[Row]):
+        """Extra forward kwargs for these rows' adapters. One adapter (or none) for all rows runs at full
+        speed; rows that differ use peft's mixed-batch path, which splits each layer's LoRA work by adapter."""
         if not hasattr(self.model, "peft_config"):
-            return contextlib.nullcontext()
-        names = {self.adapters.get(r.model, "__base__") for r in rows}
-        if names == {"__base__"}:
-            return self.model.disable_adapter()
-        if len(names) == 1:
-            self.model.set_adapter(names.pop())
-            return contextlib.nullcontext()
-        kw["adapter_names"] = [self.adapters.get(r.model, "__base__") for r in rows]
-        return contextlib.nullcontext()
+            yield {}
+            return
+        names = [self.adapters.get(r.model, "__base__") for r in rows]
+        if set(names) == {"__base__"}:
+            with self.model.disable_adapter():
+                yield {}
+        elif len(set(names)) == 1:
+            self.model.set_adapter(names[0])
+            yield {}
+        else:
+            yield {"adapter_names": names}
+
+    def _pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else min(self.stop_ids)
 
     def _base(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
 
-class _RowStreamer:
-    """transformers' streamer protocol (`put`, `end`) for a batch: routes each step's tokens to their rows."""
+def _select(b: _Batch, keep: list[int]) -> _Batch | None:
+    """The batch with only the rows `keep`; leading columns that are padding for every row are dropped."""
+    if len(keep) == len(b.rows):
+        return b
+    if not keep:
+        return None
+    index = torch.tensor(keep)
+    b.cache.batch_select_indices(index.to(b.cache.layers[0].keys.device))
+    b.rows = [b.rows[i] for i in keep]
+    b.mask, b.tokens, b.positions = b.mask[index], b.tokens[index], b.positions[index]
+    first = int(b.mask.any(0).int().argmax())
+    if first > 0:
+        b.mask = b.mask[:, first:]
+        for layer in b.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    return b
 
-    def __init__(self, backend: HFBackend, rows: list[Row]):
-        self.b, self.rows, self.prompt_seen = backend, rows, False
-        self.longest_stop = max((len(s) for r in rows for s in r.stop), default=0)
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        for r, token in zip(self.rows, value.view(-1).tolist()):
-            if r.finish is not None:
-                continue
-            if token in self.b.stop_ids:
-                self.close(r, "stop")
-                continue
-            r.ids.append(token)
-            text = r.text = self.b.tok.decode(r.ids, skip_special_tokens=True)
-            cut = _first_stop(text, r.stop, max(0, r.emitted - self.longest_stop))
-            if cut is not None:
-                r.text = text[:cut]
-                self.close(r, "stop")
-                continue
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                if len(r.ids) >= r.max_tokens:
-                    self.close(r, "length")
-                continue
-            safe = len(text) - _stop_prefix(text, r.stop)  # hold back what may be the start of a stop string
-            if safe > r.emitted:
-                r.on_delta(text[r.emitted:safe])
-                r.emitted = safe
-            if len(r.ids) >= r.max_tokens:
-                self.close(r, "length")
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """One batch from two: the shorter one is left-padded to the other's width, in the mask and the cache."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
 
-    def end(self) -> None:
-        pass
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - t.shape[dim]
+        if missing == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-    def close(self, row: Row, reason: str) -> None:
-        if len(row.text) > row.emitted and reason != "cancelled":  # text held back (a partial character, a stop cut)
-            row.on_delta(row.text[row.emitted:])
-            row.emitted = len(row.text)
-        row.finish = reason
-        row.on_finish(reason, len(row.ids))
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)])
+        la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)])
+    return _Batch(a.rows + b.rows, a.cache, torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
+                  torch.cat([a.tokens, b.tokens]), torch.cat([a.positions, b.positions]))
+
+
+def _accept(backend: HFBackend, r: Row, token: int) -> None:
+    """A row's new token: stop token, stop string, text to send (held back while it may begin a stop
+    string or ends in half a character), or its token budget."""
+    if token in backend.stop_ids:
+        _close(r, "stop")
+        return
+    r.ids.append(token)
+    text = r.text = backend.tok.decode(r.ids, skip_special_tokens=True)
+    longest = max((len(s) for s in r.stop), default=0)
+    cut = _first_stop(text, r.stop, max(0, r.emitted - longest))
+    if cut is not None:
+        r.text = text[:cut]
+        _close(r, "stop")
+        return
+    if not text.endswith("\ufffd"):
+        safe = len(text) - _stop_prefix(text, r.stop)
+        if safe > r.emitted:
+            r.on_delta(text[r.emitted:safe])
+            r.emitted = safe
+    if len(r.ids) >= r.max_tokens:
+        _close(r, "length")
+
+
+def _close(row: Row, reason: str) -> None:
+    if len(row.text) > row.emitted and reason != "cancelled":  # text held back (a partial character, a stop cut)
+        row.on_delta(row.text[row.emitted:])
+        row.emitted = len(row.text)
+    row.finish = reason
+    row.on_finish(reason, len(row.ids))
 
 
 def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

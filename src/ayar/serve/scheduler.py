@@ -1,8 +1,9 @@
-"""Dynamic batching: requests that arrive together are generated together, on one worker thread.
+"""The generation loop: one worker thread runs decoding steps; requests join the running batch between
+steps (continuous batching) and leave it when done.
 
-The queue is bounded (in rows); a full queue refuses at once (the route answers 429 with Retry-After)
-instead of letting clients hang. Rows of different requests join one batch when they sample alike;
-each request gets its events on its own asyncio queue, fed thread-safely from the worker.
+The queue of requests waiting to join is bounded (in rows); a full queue refuses at once (the route
+answers 429 with Retry-After) instead of letting clients hang. Each request gets its events on its own
+asyncio queue, fed thread-safely from the worker.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request's rows. Events on `events`: ("delta", row, text) and ("finish", row, reason, n_tokens)."""
+    """One request's rows. Events on `events`: ("delta", row, text), ("finish", row, reason, n_tokens) and
+    ("error", row, message)."""
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -35,28 +37,34 @@ class Job:
     def add_row(self, prompt_ids: list[int], max_tokens: int, model: str, stop: tuple[str, ...] = ()) -> Row:
         i = len(self.rows)
         put = self.loop.call_soon_threadsafe
-        row = Row(prompt_ids, max_tokens, model, stop,
+
+        def finished(reason: str, n: int) -> None:
+            if reason.startswith("error: "):
+                put(self.events.put_nowait, ("error", i, reason.removeprefix("error: ")))
+            else:
+                put(self.events.put_nowait, ("finish", i, reason, n))
+
+        row = Row(prompt_ids, max_tokens, model, stop, sampling=self.sampling,
                   on_delta=lambda text: put(self.events.put_nowait, ("delta", i, text)),
-                  on_finish=lambda reason, n: put(self.events.put_nowait, ("finish", i, reason, n)),
-                  cancelled=lambda: self.cancelled)
+                  on_finish=finished, cancelled=lambda: self.cancelled)
         self.rows.append(row)
         return row
 
     def fail(self, message: str) -> None:
-        for i, r in enumerate(self.rows):
+        for r in self.rows:
             if r.finish is None:
                 r.finish = "error"
-                self.loop.call_soon_threadsafe(self.events.put_nowait, ("error", i, message))
+                r.on_finish("error: " + message, len(r.ids))
 
 
 class Scheduler:
-    def __init__(self, backend, max_batch: int = 8, max_queue: int = 64, wait_ms: float = 5.0, on_depth=None):
-        self.backend, self.max_batch, self.max_queue, self.wait = backend, max_batch, max_queue, wait_ms / 1000
+    def __init__(self, backend, max_batch: int = 8, max_queue: int = 64, on_depth=None):
+        self.backend, self.max_batch, self.max_queue = backend, max_batch, max_queue
         self.on_depth = on_depth or (lambda depth: None)
         self.pending: deque[Job] = deque()
         self.cv = threading.Condition()
         self.running = False
-        self.busy_seconds = 1.0  # moving estimate of one batch's duration, for Retry-After
+        self.row_seconds = 1.0  # moving estimate of how long a row stays in the batch, for Retry-After
         self.thread: threading.Thread | None = None
 
     def depth(self) -> int:
@@ -65,7 +73,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self.cv:
             if self.depth() + len(job.rows) > self.max_queue:
-                raise QueueFull(retry_after=max(1, round(self.busy_seconds)))
+                raise QueueFull(retry_after=max(1, round(self.row_seconds)))
             self.pending.append(job)
             self.on_depth(self.depth())
             self.cv.notify()
@@ -84,43 +92,35 @@ class Scheduler:
             self.cv.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
+        self.backend.fail_all([], "the server is shutting down")
 
     def _loop(self) -> None:
         while True:
-            jobs = self._next_batch()
-            if jobs is None:
+            new = self._admissible()
+            if new is None:
                 return
-            rows = [r for j in jobs for r in j.rows]
-            started = time.perf_counter()
             try:
-                self.backend.run(rows, jobs[0].sampling)
-            except Exception as e:  # a failed batch fails its requests, never the server
-                for j in jobs:
-                    j.fail(f"generation failed: {type(e).__name__}: {e}")
-            self.busy_seconds = 0.8 * self.busy_seconds + 0.2 * (time.perf_counter() - started)
+                if new:
+                    self.backend.admit(new)
+                if self.backend.active:
+                    self.backend.step()
+            except Exception as e:  # a failed step fails the requests in it, never the server
+                self.backend.fail_all(new, f"generation failed: {type(e).__name__}: {e}")
 
-    def _next_batch(self) -> list[Job] | None:
+    def _admissible(self) -> list[Row] | None:
+        """Rows of waiting requests that fit in the batch now (whole requests, in arrival order)."""
         with self.cv:
-            while self.running and not self.pending:
+            while self.running and not self.pending and not self.backend.active:
                 self.cv.wait()
             if not self.running:
                 return None
-            # a short wait lets requests that arrive together share the batch
-            deadline = time.monotonic() + self.wait
-            while self.depth() < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                self.cv.wait(left)
-            first = self.pending.popleft()
-            batch, size = [first], len(first.rows)
-            # a seeded request runs alone: its random stream must not depend on who else is in the batch
-            for job in [] if first.sampling.seed is not None else list(self.pending):
-                if job.sampling == first.sampling and size + len(job.rows) <= self.max_batch:
-                    self.pending.remove(job)
-                    batch.append(job)
-                    size += len(job.rows)
+            new, room = [], self.max_batch - len(self.backend.active)
+            while self.pending and (len(self.pending[0].rows) <= room - len(new) or (not new and not self.backend.active)):
+                job = self.pending.popleft()
+                if job.cancelled:
+                    job.fail("cancelled")
+                    continue
+                self.row_seconds = 0.9 * self.row_seconds + 0.1 * (time.perf_counter() - job.submitted)
+                new += job.rows
             self.on_depth(self.depth())
-        live = [j for j in batch if not j.cancelled]
-        for j in batch:
-            if j.cancelled:
-                for r in j.rows:
-                    r.finish = "cancelled"
-        return live or self._next_batch()
+            return new

@@ -18,9 +18,8 @@ class ServeSettings:
     rate_burst: int = 20
     max_body_bytes: int = 1_000_000
     # generation
-    max_batch: int = 8
-    max_queue: int = 64  # rows waiting; more -> 429
-    batch_wait_ms: float = 5.0
+    max_batch: int = 8  # rows decoded together
+    max_queue: int = 64  # rows waiting to join the batch; more -> 429
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
     # response cache for deterministic requests

@@ -66,7 +66,7 @@ class ServerState:
 
     def _start_scheduler(self) -> None:
         s = self.settings
-        self.scheduler = Scheduler(self.backend, s.max_batch, s.max_queue, s.batch_wait_ms, on_depth=self.metrics.queue.set)
+        self.scheduler = Scheduler(self.backend, s.max_batch, s.max_queue, on_depth=self.metrics.queue.set)
         self.scheduler.start()
         self.ready.set()
 
