@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("ayar.cli.train", "Fine-tune a model (SFT with LoRA) from a YAML config; resume a run."),
     "data": ("ayar.cli.data", "Inspect, lint, preview, clean and convert training data."),
     "eval": ("ayar.cli.eval", "Evaluate a run against its base model (or a model alone): metrics, checks, report."),
+    "export": ("ayar.cli.export", "Export a run as a merged model and verify it behaves like the run (release gate)."),
     "bench": ("ayar.cli.bench", "Benchmark ayar against the plain alternative (TRL), same run, as ratios."),
     "plan": ("ayar.cli.plan", "Predict a training run's peak memory and whether it fits (before training)."),
     "chat": ("ayar.cli.chat", "Chat with a run directory or model (interactive, or one-shot with --prompt)."),

@@ -65,6 +65,7 @@ def run(args) -> int:
 def settings_from_args(args):
     from ayar.errors import AyarError
     from ayar.serve.auth import read_keys
+    from ayar.serve.backend import valid_name
     from ayar.serve.routing import parse_alias
     from ayar.serve.settings import ServeSettings
 
@@ -73,6 +74,8 @@ def settings_from_args(args):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise AyarError(f"--adapter {spec!r}: write NAME=PATH, e.g. --adapter math=runs/math-20261125-1015")
+        if not valid_name(name):
+            raise AyarError(f"--adapter {spec!r}: name it with letters, digits, '_', '-', '.' (not 'base')")
         adapters[name] = path
     aliases = dict(parse_alias(a) for a in args.alias)
     return ServeSettings(

@@ -29,7 +29,7 @@ class Engine:
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "get_base_model", lambda: model)())
         self.last: Reply | None = None  # the full reply of the latest `stream` call
 
-    def stream(self, messages: list[dict], **overrides) -> Iterator[str]:
+    def stream(self, messages: list[dict] | str, **overrides) -> Iterator[str]:
         """Yield text pieces as they are generated; the final Reply is available as `self.last`."""
         from transformers import TextIteratorStreamer
 
@@ -51,7 +51,7 @@ class Engine:
         thread.join()
         self.last = self._reply(result["out"][0, inputs["input_ids"].shape[1]:], "".join(pieces))
 
-    def generate(self, messages: list[dict], **overrides) -> Reply:
+    def generate(self, messages: list[dict] | str, **overrides) -> Reply:
         inputs = self._encode(messages)
         kw = self._kwargs(overrides)
         with torch.no_grad():
@@ -90,7 +90,9 @@ class Engine:
         disable = getattr(self.model, "disable_adapter", None)
         return disable() if disable is not None else contextlib.nullcontext()
 
-    def _encode(self, messages: list[dict]) -> dict:
+    def _encode(self, messages: list[dict] | str) -> dict:
+        if isinstance(messages, str):  # a bare prompt is one user message
+            messages = [{"role": "user", "content": messages}]
         text = self.renderer.prompt_text(messages)
         add_special = self.renderer.template == "alpaca"
         enc = self.tok(text, return_tensors="pt", add_special_tokens=add_special)
@@ -109,8 +111,9 @@ class Engine:
         return Reply(text=text.strip(), stopped=stopped, new_tokens=len(ids))
 
 
-def load_engine(source: str | Path, generation: GenerationConfig | None = None, log=print) -> Engine:
-    """`source`: an ayar run directory, a local model directory, `default`, or a hub id."""
+def load_engine(source: str | Path, generation: GenerationConfig | None = None, log=print, dtype: str | None = None) -> Engine:
+    """`source`: an ayar run directory, a local model directory, `default`, or a hub id. `dtype` overrides
+    the run's (`float32` for an export's reference)."""
     from ayar.models.load import load_model_and_tokenizer, load_tokenizer
 
     path = Path(str(source))
@@ -121,7 +124,7 @@ def load_engine(source: str | Path, generation: GenerationConfig | None = None, 
         run = RunDir.open(path)
         cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
         meta = run.read_meta()
-        model_cfg = ModelConfig(**{**cfg.model.__dict__, "name": meta["base_model"]})
+        model_cfg = ModelConfig(**{**cfg.model.__dict__, "name": meta["base_model"], **({"dtype": dtype} if dtype else {})})
         model, _, placement, _ = load_model_and_tokenizer(model_cfg, log=log)
         tok = load_tokenizer(str(run.tokenizer))
         if run.adapter.is_dir():
@@ -130,7 +133,7 @@ def load_engine(source: str | Path, generation: GenerationConfig | None = None, 
             log(f"{run.path} has no adapter/ yet (unfinished run?): using the base model")
         data_cfg, gen_cfg = cfg.data, generation or cfg.generation
     else:
-        model, tok, placement, _ = load_model_and_tokenizer(ModelConfig(name=str(source)), log=log)
+        model, tok, placement, _ = load_model_and_tokenizer(ModelConfig(name=str(source), **({"dtype": dtype} if dtype else {})), log=log)
         data_cfg = DataConfig(template="chat" if tok.chat_template else "alpaca")
         gen_cfg = generation or GenerationConfig()
     model.eval()

@@ -219,7 +219,8 @@ class HFBackend:
             with self.model.disable_adapter():
                 yield {}
         elif len(set(names)) == 1:
-            self.model.set_adapter(names[0])
+            if self.model.active_adapter != names[0]:  # switching walks every LoRA layer: only when it changes
+                self.model.set_adapter(names[0])
             yield {}
         else:
             yield {"adapter_names": names}

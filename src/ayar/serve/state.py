@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from ayar.errors import AyarError
 from ayar.serve.auth import KeyRing, RateLimiter
 from ayar.serve.backend import BASE, HFBackend, Sampling, valid_name
 from ayar.serve.cache import ResponseCache
@@ -26,7 +27,7 @@ def build_backend(settings: ServeSettings, log=print) -> HFBackend:
     backend = HFBackend(engine, name)
     for adapter, where in settings.adapters.items():
         if not valid_name(adapter):
-            raise APIError(400, f"adapter name {adapter!r}: use letters, digits, '_', '-', '.' (not 'base')")
+            raise AyarError(f"--adapter {adapter}=...: name it with letters, digits, '_', '-', '.' (not 'base')")
         backend.load_adapter(adapter, where)
     return backend
 

@@ -1,0 +1,73 @@
+"""Export a finished run as a deployable model, and verify that it behaves like the run (release gate).
+
+examples:
+  ayar export runs/quickstart-20261125-101500                      merged fp32 safetensors in RUN/export/merged-fp32
+  ayar export runs/quickstart-20261125-101500 --dtype bf16 --out models/quickstart
+  ayar export runs/quickstart-20261125-101500 --no-verify
+
+The gate loads the export with transformers, renders fixed prompts with its tokenizer and chat template
+and compares with the run's model: identical prompt tokens, the answer stops where the run's model stops,
+and teacher-forced top-1 agreement within the tolerance for the dtype. It prints PASS/FAIL per check,
+writes gate.json beside the export, and exits 1 on FAIL.
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--to", default="merged", choices=("merged",),
+                   help="artifact kind (merged; GGUF and ONNX are planned)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype of the merged model")
+    p.add_argument("--out", help="output directory (default: RUN/export/merged-DTYPE)")
+    p.add_argument("--verify", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="run the release gate on the export (default: on)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length the gate compares")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the verified export to this hub repository")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from ayar.export.merged import export_merged
+
+    console = Console(stderr=True, highlight=False)
+    log = lambda m: console.print(m)  # noqa: E731
+    out = Path(args.out or Path(args.run) / "export" / f"{args.to}-{args.dtype}")
+    export_merged(args.run, out, args.dtype, log=log)
+    if args.verify:
+        ok = gate(args.run, out, args.dtype, args.max_new_tokens, log)
+        if not ok:
+            return 1
+    if args.push_to_hub:
+        push(out, args.push_to_hub, log)
+    return 0
+
+
+def gate(run_dir, out, kind: str, max_new_tokens: int, log) -> bool:
+    from ayar.export.gate import MergedArtifact, verify
+    from ayar.export.merged import load_run
+
+    log("release gate: the export against the run's model")
+    engine, _ = load_run(run_dir, log=lambda *_: None)
+    report = verify(engine, MergedArtifact(out), kind, str(out), max_new_tokens, log=log)
+    report.write(out / "gate.json")
+    for c in report.checks:
+        log(f"  {'[green]PASS[/]' if c.ok else '[red]FAIL[/]'}  {c.name}: {c.detail}")
+    log(f"gate {'passed' if report.ok else 'FAILED'}: {out / 'gate.json'}")
+    return report.ok
+
+
+def push(folder, repo: str, log) -> None:
+    from ayar.errors import AyarError
+    from ayar.hub import hub_reachable
+
+    if not hub_reachable():
+        raise AyarError(f"cannot push to {repo}: the model hub is not reachable from here (no network); "
+                        f"the export is in {folder}, push it later with `huggingface-cli upload {repo} {folder}`")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo)
+    log(f"pushed {folder} to {repo}")
