@@ -78,7 +78,7 @@ def make_tokenizer(family: str = "qwen2"):
     return tok
 
 
-def make_model(family: str, tok, seed: int = 0):
+def make_model(family: str, tok, seed: int = 0, **overrides):
     import torch
     import transformers as tf
 
@@ -91,16 +91,16 @@ def make_model(family: str, tok, seed: int = 0):
            "mistral": (tf.MistralConfig, tf.MistralForCausalLM), "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
            "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM)}[family]
     extra = {"head_dim": 8} if family == "gemma" else {}
-    config = cls[0](**common, **extra)
+    config = cls[0](**{**common, **extra, **overrides})
     model = cls[1](config).float()
     stops = [tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in ("<end_of_turn>", "<|end|>") if t in tok.get_vocab()]
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     return model
 
 
-def save_tiny(path: Path, family: str = "qwen2") -> Path:
+def save_tiny(path: Path, family: str = "qwen2", **overrides) -> Path:
     tok = make_tokenizer(family)
-    model = make_model(family, tok)
+    model = make_model(family, tok, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

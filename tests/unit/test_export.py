@@ -11,7 +11,7 @@ import torch
 from ayar.cli import main
 from ayar.export.gate import MergedArtifact, verify
 from ayar.export.merged import export_merged, load_run
-from tests.conftest import MATH_ROWS, write_jsonl
+from tests.conftest import MATH_ROWS, save_tiny, write_jsonl
 
 quiet = dict(log=lambda *_: None)
 
@@ -126,3 +126,52 @@ def test_python_api_loads_runs_and_exports_alike(tiny_run, merged):
     run_answer = ayar.load(tiny_run, log=lambda *_: None).generate("What is 7 plus 5?", max_new_tokens=8, preset="deterministic")
     export_answer = ayar.load(merged, log=lambda *_: None).generate("What is 7 plus 5?", max_new_tokens=8, preset="deterministic")
     assert export_answer.text == run_answer.text and export_answer.new_tokens == run_answer.new_tokens
+
+
+# --- ONNX (onnxruntime-genai) ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_run(tmp_path_factory):
+    """A tiny run whose heads are 16 wide: ONNX Runtime's GroupQueryAttention needs a multiple of 16."""
+    from ayar.config import load_config
+    from ayar.train.sft import train_sft
+
+    tmp = tmp_path_factory.mktemp("onnxrun")
+    model_dir = save_tiny(tmp / "model", "qwen2", hidden_size=64)
+    data = write_jsonl(tmp / "d.jsonl", MATH_ROWS)
+    cfg = load_config(None, [f"model.name={model_dir}", "model.dtype=float32", f"data.train={data}",
+                             f"output.dir={tmp / 'runs'}", "training.tracker=none", "training.max_steps=2",
+                             "data.val_ratio=0.2", "data.cache=false"])
+    return train_sft(cfg).path
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_onnx_export_builds_loads_and_passes_the_gate(onnx_run, tmp_path, precision):
+    pytest.importorskip("onnxruntime_genai")
+    from ayar.export.onnx import OnnxArtifact, export_onnx
+
+    out = export_onnx(onnx_run, tmp_path / f"onnx-{precision}", precision, **quiet)
+    assert (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
+    engine, _ = load_run(onnx_run, **quiet)
+    art = OnnxArtifact(out)
+    assert art.stop_ids == set(engine.stop_ids)  # the end-of-turn token made it into the ONNX runtime's config
+    report = verify(engine, art, precision, str(out), max_new_tokens=12, **quiet)
+    tokens = next(c for c in report.checks if c.name == "prompt tokens")
+    assert tokens.ok, tokens.detail
+    if precision == "fp32":
+        assert report.ok and all(p["max_logprob_error"] < 1e-3 for p in report.prompts)
+    assert not list(tmp_path.glob(".tmp-onnx-*"))  # the intermediate merged model is cleaned up
+
+
+def test_onnx_gate_catches_a_broken_template(onnx_run, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from ayar.export.onnx import OnnxArtifact, export_onnx
+
+    out = export_onnx(onnx_run, tmp_path / "onnx", "fp32", **quiet)
+    for f in [out / "chat_template.jinja", out / "tokenizer_config.json"]:
+        if f.is_file():
+            f.write_text(f.read_text().replace("<|im_start|>assistant\n", "<|im_start|>assistant:"))
+    engine, _ = load_run(onnx_run, **quiet)
+    report = verify(engine, OnnxArtifact(out), "fp32", str(out), max_new_tokens=4, **quiet)
+    failed = {c.name: c.detail for c in report.checks if not c.ok}
+    assert "prompt tokens" in failed and "in the export but" in failed["prompt tokens"]

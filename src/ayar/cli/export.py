@@ -3,21 +3,24 @@
 examples:
   ayar export runs/quickstart-20261125-101500                      merged fp32 safetensors in RUN/export/merged-fp32
   ayar export runs/quickstart-20261125-101500 --dtype bf16 --out models/quickstart
+  ayar export runs/quickstart-20261125-101500 --to onnx --quant int8    ONNX Runtime GenAI model in RUN/export/onnx-int8
   ayar export runs/quickstart-20261125-101500 --no-verify
 
-The gate loads the export with transformers, renders fixed prompts with its tokenizer and chat template
-and compares with the run's model: identical prompt tokens, the answer stops where the run's model stops,
-and teacher-forced top-1 agreement within the tolerance for the dtype. It prints PASS/FAIL per check,
-writes gate.json beside the export, and exits 1 on FAIL.
+The gate loads the export in its own runtime (transformers, onnxruntime-genai), renders fixed prompts
+with its own tokenizer and chat template and compares with the run's model: identical prompt tokens, the
+answer stops where the run's model stops, and teacher-forced top-1 agreement within the tolerance for
+the dtype or quantization. It prints PASS/FAIL per check, writes gate.json beside the export, and exits 1
+on FAIL.
 """
 
 
 def add_arguments(p) -> None:
     p.add_argument("run", help="a finished run directory")
-    p.add_argument("--to", default="merged", choices=("merged",),
-                   help="artifact kind (merged; GGUF and ONNX are planned)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype of the merged model")
-    p.add_argument("--out", help="output directory (default: RUN/export/merged-DTYPE)")
+    p.add_argument("--to", default="merged", choices=("merged", "onnx"),
+                   help="merged: transformers safetensors; onnx: ONNX Runtime GenAI with KV cache (GGUF is planned)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype of a merged export")
+    p.add_argument("--quant", default="int8", choices=("fp32", "int8", "int4"), help="weights of an ONNX export")
+    p.add_argument("--out", help="output directory (default: RUN/export/merged-DTYPE or RUN/export/onnx-QUANT)")
     p.add_argument("--verify", action=__import__("argparse").BooleanOptionalAction, default=True,
                    help="run the release gate on the export (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length the gate compares")
@@ -29,14 +32,20 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from ayar.export.merged import export_merged
-
     console = Console(stderr=True, highlight=False)
     log = lambda m: console.print(m)  # noqa: E731
-    out = Path(args.out or Path(args.run) / "export" / f"{args.to}-{args.dtype}")
-    export_merged(args.run, out, args.dtype, log=log)
+    kind = args.dtype if args.to == "merged" else args.quant
+    out = Path(args.out or Path(args.run) / "export" / f"{args.to}-{kind}")
+    if args.to == "onnx":
+        from ayar.export.onnx import export_onnx
+
+        export_onnx(args.run, out, args.quant, log=log)
+    else:
+        from ayar.export.merged import export_merged
+
+        export_merged(args.run, out, args.dtype, log=log)
     if args.verify:
-        ok = gate(args.run, out, args.dtype, args.max_new_tokens, log)
+        ok = gate(args.run, out, args.to, kind, args.max_new_tokens, log)
         if not ok:
             return 1
     if args.push_to_hub:
@@ -44,13 +53,19 @@ def run(args) -> int:
     return 0
 
 
-def gate(run_dir, out, kind: str, max_new_tokens: int, log) -> bool:
+def gate(run_dir, out, to: str, kind: str, max_new_tokens: int, log) -> bool:
     from ayar.export.gate import MergedArtifact, verify
     from ayar.export.merged import load_run
 
     log("release gate: the export against the run's model")
     engine, _ = load_run(run_dir, log=lambda *_: None)
-    report = verify(engine, MergedArtifact(out), kind, str(out), max_new_tokens, log=log)
+    if to == "onnx":
+        from ayar.export.onnx import OnnxArtifact
+
+        artifact = OnnxArtifact(out)
+    else:
+        artifact = MergedArtifact(out)
+    report = verify(engine, artifact, kind, str(out), max_new_tokens, log=log)
     report.write(out / "gate.json")
     for c in report.checks:
         log(f"  {'[green]PASS[/]' if c.ok else '[red]FAIL[/]'}  {c.name}: {c.detail}")

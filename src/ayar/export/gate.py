@@ -1,4 +1,5 @@
-"""The release gate: an exported artifact, loaded in its own runtime, must behave like the run's PEFT model.
+"""The release gate: an exported artifact, loaded in its own runtime (transformers for merged models,
+onnxruntime-genai for ONNX), must behave like the run's PEFT model.
 
 For each fixed prompt:
 - prompt tokens: the artifact's tokenizer and chat template render the same token ids as training did;
@@ -67,6 +68,9 @@ class MergedArtifact:
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
 
+    def token_name(self, i: int) -> str:
+        return self.tok.convert_ids_to_tokens(i)
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(out["input_ids"])
@@ -96,8 +100,9 @@ def verify(engine, artifact, kind: str, where: str, max_new_tokens: int = 48, pr
         row = {"prompt": n}
         if got != expected:
             at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-            mismatched.append(f"prompt {n}: token {at} is {_show(artifact.tok, got, at)} in the export but "
-                              f"{_show(engine.tok, expected, at)} in training ({len(got)} vs {len(expected)} tokens)")
+            mismatched.append(f"prompt {n}: token {at} is {_show(artifact.token_name, got, at)} in the export but "
+                              f"{_show(engine.tok.convert_ids_to_tokens, expected, at)} in training "
+                              f"({len(got)} vs {len(expected)} tokens)")
         reference = _greedy_reference(engine, expected, max_new_tokens)
         stopped = bool(reference) and reference[-1] in engine.stop_ids
         ref_lp = _reference_logprobs(engine, expected + reference)
@@ -115,7 +120,7 @@ def verify(engine, artifact, kind: str, where: str, max_new_tokens: int = 48, pr
             row["export_stopped"] = bool(answer) and answer[-1] in artifact.stop_ids
             if not row["export_stopped"]:
                 runaway.append(f"prompt {n}: the run's model ends its answer after {len(reference)} tokens; the export "
-                               f"did not stop within {len(answer)} (its generation_config eos_token_id: {sorted(artifact.stop_ids)})")
+                               f"did not stop within {len(answer)} (its stop tokens: {sorted(artifact.stop_ids)})")
         report.prompts.append(row)
         log(f"  prompt {n}: top-1 agreement {agree:.3f}, first divergence {first}, max log-prob error {err:.3g}")
     report.checks.append(Check("prompt tokens", not mismatched, "; ".join(mismatched) or
@@ -140,5 +145,5 @@ def _reference_logprobs(engine, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(engine.model(input_ids=torch.tensor([ids]).to(engine.device)).logits[0].float().cpu(), -1)
 
 
-def _show(tok, ids: list[int], at: int) -> str:
-    return repr(tok.convert_ids_to_tokens(ids[at])) if at < len(ids) else "(end)"
+def _show(name, ids: list[int], at: int) -> str:
+    return repr(name(ids[at])) if at < len(ids) else "(end)"

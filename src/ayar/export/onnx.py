@@ -1,0 +1,98 @@
+"""`ayar export RUN --to onnx`: the merged model built for ONNX Runtime GenAI (KV cache, fp32 / int8 / int4
+weights) by onnxruntime-genai's own model builder, and loaded back with onnxruntime-genai for the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ayar.errors import AyarError
+
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def _require():
+    try:
+        import onnxruntime_genai as og  # noqa: F401
+        import onnx_ir  # noqa: F401
+    except ImportError:
+        raise AyarError("ONNX export needs the export extra: pip install 'ayar[export]' (onnxruntime-genai, onnx, onnx-ir)")
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "int8", log=print) -> Path:
+    from ayar.export.merged import _shareable, export_merged
+
+    if precision not in PRECISIONS:
+        raise AyarError(f"--quant {precision!r} for ONNX: choose one of {', '.join(PRECISIONS)}")
+    _require()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-onnx-") as tmp:
+        merged = export_merged(run_dir, Path(tmp) / "merged", "fp32", log=log)
+        log(f"building the ONNX model ({precision}) with onnxruntime-genai's model builder")
+        built = Path(tmp) / "onnx"
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(built),
+               "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not (built / "genai_config.json").is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise AyarError(f"onnxruntime-genai's builder failed on {merged} (exit {proc.returncode}):\n{tail}")
+        (built / "README.md").write_text(_card(run_dir, precision))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        built.rename(out)
+    _shareable(out)
+    log(f"wrote {out}")
+    return out
+
+
+class OnnxArtifact:
+    """An ONNX export loaded with onnxruntime-genai: its own tokenizer, chat template and stop tokens."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(path))
+        self.tok = og.Tokenizer(self.model)
+        config = json.loads((Path(path) / "genai_config.json").read_text())["model"]
+        eos = config["eos_token_id"]
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def token_name(self, i: int) -> str:
+        return self.tok.decode([i])
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tok.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+        return [int(i) for i in self.tok.encode(text)]
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        out = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    def logprobs(self, ids: list[int]):
+        import torch
+
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids)  # the prompt's logits come back for every position: one pass, teacher-forced
+        return torch.log_softmax(torch.from_numpy(gen.get_output("logits")[0]).float(), -1)
+
+
+def _card(run_dir, precision: str) -> str:
+    return (f"# {Path(run_dir).name} (ONNX, {precision})\n\nBuilt by ayar with onnxruntime-genai's model builder from the "
+            "merged model. Run it with onnxruntime-genai (`og.Model(PATH)`), or `ayar chat PATH`.\n")
