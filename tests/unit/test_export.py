@@ -175,3 +175,39 @@ def test_onnx_gate_catches_a_broken_template(onnx_run, tmp_path):
     report = verify(engine, OnnxArtifact(out), "fp32", str(out), max_new_tokens=4, **quiet)
     failed = {c.name: c.detail for c in report.checks if not c.ok}
     assert "prompt tokens" in failed and "in the export but" in failed["prompt tokens"]
+
+
+def test_onnx_export_chats_and_serves(onnx_run, tmp_path):
+    """`ayar.load`/`ayar chat` and `ayar serve` take an ONNX export: answers equal the runtime's own."""
+    pytest.importorskip("onnxruntime_genai")
+    from fastapi.testclient import TestClient
+
+    import ayar
+    from ayar.export.onnx import export_onnx
+    from ayar.serve.app import create_app
+    from ayar.serve.settings import ServeSettings
+
+    out = export_onnx(onnx_run, tmp_path / "onnx", "fp32", **quiet)
+    engine = ayar.load(out)
+    assert engine.kind == "onnxruntime-genai"
+    reply = engine.generate("What is 7 plus 5?", max_new_tokens=8)
+    assert reply.new_tokens >= 1
+    assert main(["chat", str(out), "--prompt", "What is 7 plus 5?", "--max-new-tokens", "8"]) == 0
+    app = create_app(ServeSettings(source=str(out), name="onnx", db=f"sqlite:///{tmp_path / 'u.db'}"))
+    with TestClient(app) as c:
+        for _ in range(200):
+            if c.get("/ready").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert c.get("/ready").json()["backend"] == "onnxruntime-genai"
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["onnx"]
+        body = {"model": "onnx", "messages": [{"role": "user", "content": "What is 7 plus 5?"}], "max_tokens": 8, "temperature": 0}
+        r = c.post("/v1/chat/completions", json=body).json()
+        assert r["choices"][0]["message"]["content"] == reply.text and r["usage"]["completion_tokens"] >= 1
+        streamed = c.post("/v1/chat/completions", json={**body, "stream": True}).text
+        chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+        assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == reply.text
+        r = c.post("/admin/adapters", json={"name": "x", "path": "y"})
+        assert r.status_code == 403  # admin is off; with it on, an ONNX backend refuses adapters by name

@@ -116,6 +116,10 @@ def load_engine(source: str | Path, generation: GenerationConfig | None = None, 
     the run's (`float32` for an export's reference)."""
     from ayar.models.load import load_model_and_tokenizer, load_tokenizer
 
+    from ayar.infer.onnx_engine import OnnxEngine, is_onnx_dir
+
+    if is_onnx_dir(source):  # an `ayar export --to onnx` folder answers through onnxruntime-genai
+        return OnnxEngine(source, generation)
     path = Path(str(source))
     if (path / "run.json").is_file():
         from ayar.models.adapters import load_adapter

@@ -49,6 +49,7 @@ class Row:
     emitted: int = 0  # characters of `text` already sent
     finish: str | None = None
     generator: torch.Generator | None = None
+    decoder: object = None  # a backend's incremental detokenizer state, if it keeps one
 
 
 @dataclass
@@ -112,6 +113,10 @@ class HFBackend:
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tok(prompt)["input_ids"]
+
+    def text_of(self, row: Row) -> str:
+        """The row's answer so far (re-decoded whole: a token may complete a multi-byte character)."""
+        return self.tok.decode(row.ids, skip_special_tokens=True)
 
     # --- generation -------------------------------------------------------------------------------
     @property
@@ -276,7 +281,7 @@ def _accept(backend: HFBackend, r: Row, token: int) -> None:
         _close(r, "stop")
         return
     r.ids.append(token)
-    text = r.text = backend.tok.decode(r.ids, skip_special_tokens=True)
+    text = r.text = backend.text_of(r)
     longest = max((len(s) for s in r.stop), default=0)
     cut = _first_stop(text, r.stop, max(0, r.emitted - longest))
     if cut is not None:

@@ -23,6 +23,12 @@ def build_backend(settings: ServeSettings, log=print) -> HFBackend:
 
     engine = load_engine(settings.source, log=log)
     path = Path(settings.source)
+    if getattr(engine, "kind", None) == "onnxruntime-genai":
+        from ayar.serve.backend_onnx import OnnxBackend
+
+        if settings.adapters:
+            raise AyarError("--adapter needs the transformers backend: an ONNX export has its adapter merged in")
+        return OnnxBackend(engine, settings.name or path.resolve().name)
     name = settings.name or (path.resolve().name if (path / "run.json").is_file() else "model")
     backend = HFBackend(engine, name)
     for adapter, where in settings.adapters.items():

@@ -1,0 +1,75 @@
+"""An ONNX export (`ayar export --to onnx`) answering through onnxruntime-genai: the same `generate` /
+`stream` surface as the transformers Engine, so `ayar chat`, `ayar.load` and `ayar serve` take either."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from ayar.config import GenerationConfig
+from ayar.infer.engine import Reply
+
+
+def is_onnx_dir(path) -> bool:
+    return (Path(str(path)) / "genai_config.json").is_file()
+
+
+class OnnxEngine:
+    kind = "onnxruntime-genai"
+
+    def __init__(self, path: str | Path, generation: GenerationConfig | None = None):
+        import onnxruntime_genai as og
+
+        self.og, self.source = og, str(path)
+        self.model = og.Model(str(path))
+        self.tok = og.Tokenizer(self.model)
+        config = json.loads((Path(path) / "genai_config.json").read_text())["model"]
+        eos = config["eos_token_id"]
+        self.stop_ids = sorted(eos if isinstance(eos, list) else [eos])
+        self.context_window = int(config.get("context_length") or 2048)
+        self.generation = generation or GenerationConfig()
+        self.device = "cpu"
+        self.last: Reply | None = None
+
+    def encode(self, messages: list[dict] | str) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        text = self.tok.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+        return [int(i) for i in self.tok.encode(text)]
+
+    def generator(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int | None = None):
+        params = self.og.GeneratorParams(self.model)
+        options = {"max_length": min(self.context_window, len(ids) + max_new_tokens), "do_sample": temperature > 0}
+        if temperature > 0:
+            options.update(temperature=temperature, top_p=top_p, top_k=0)
+            if seed is not None:
+                options["random_seed"] = seed
+        params.set_search_options(**options)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        return gen
+
+    def stream(self, messages, **overrides) -> Iterator[str]:
+        gen_cfg = GenerationConfig(**{**self.generation.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        temperature = gen_cfg.temperature if gen_cfg.temperature is not None else (0.8 if gen_cfg.preset == "creative" else 0.0)
+        gen = self.generator(self.encode(messages), gen_cfg.max_new_tokens, temperature, gen_cfg.top_p or 1.0)
+        stream, ids, pieces = self.tok.create_stream(), [], []
+        while not gen.is_done():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            ids.append(token)
+            if token in self.stop_ids:
+                break
+            piece = stream.decode(token)
+            if piece:
+                pieces.append(piece)
+                yield piece
+        stopped = bool(ids) and ids[-1] in self.stop_ids
+        self.last = Reply(text="".join(pieces).strip(), stopped=stopped, new_tokens=len(ids))
+
+    def generate(self, messages, **overrides) -> Reply:
+        for _ in self.stream(messages, **overrides):
+            pass
+        return self.last
