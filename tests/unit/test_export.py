@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -211,3 +212,95 @@ def test_onnx_export_chats_and_serves(onnx_run, tmp_path):
         assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == reply.text
         r = c.post("/admin/adapters", json={"name": "x", "path": "y"})
         assert r.status_code == 403  # admin is off; with it on, an ONNX backend refuses adapters by name
+
+
+# --- GGUF (llama.cpp) ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer (from the bundled GGUF): llama.cpp's converter
+    recognizes known tokenizers only, so the random ones of the other tests would not convert."""
+    import transformers as tf
+
+    from ayar.config import load_config
+    from ayar.models.default import find_default_gguf
+    from ayar.train.sft import train_sft
+
+    gguf = find_default_gguf()
+    tmp = tmp_path_factory.mktemp("ggufrun")
+    tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                            tie_word_embeddings=True, initializer_range=0.5)
+    model = tf.LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    data = write_jsonl(tmp / "d.jsonl", MATH_ROWS)
+    cfg = load_config(None, [f"model.name={tmp / 'model'}", "model.dtype=float32", f"data.train={data}",
+                             f"output.dir={tmp / 'runs'}", "training.tracker=none", "training.max_steps=2",
+                             "data.val_ratio=0.2", "data.cache=false"])
+    return train_sft(cfg).path
+
+
+def test_gguf_export_with_modelfile_passes_the_gate_in_llama_cpp(gguf_run, tmp_path):
+    from ayar.export.gguf import GgufArtifact, export_gguf
+
+    out = export_gguf(gguf_run, tmp_path / "gguf", "f16", **quiet)
+    assert out.name == "model-f16.gguf" and out.stat().st_size > 0
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-f16.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "<|im_start|>{{ .Role }}" in modelfile  # ChatML, as the run's template
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile  # the template's own default system
+    pytest.importorskip("llama_cpp")
+    engine, _ = load_run(gguf_run, **quiet)
+    art = GgufArtifact(out)
+    report = verify(engine, art, "f16", str(out), max_new_tokens=12, **quiet)
+    assert report.ok, [c for c in report.checks if not c.ok]
+    assert min(p["top1_agreement"] for p in report.prompts) >= 0.95
+
+
+def test_gguf_quantized_exports(gguf_run, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from ayar.export.gguf import GgufArtifact, export_gguf
+
+    engine, _ = load_run(gguf_run, **quiet)
+    for quant in ("q8_0", "q4_k_m"):
+        out = export_gguf(gguf_run, tmp_path / quant, quant, **quiet)
+        report = verify(engine, GgufArtifact(out), quant, str(out), max_new_tokens=8, **quiet)
+        assert next(c for c in report.checks if c.name == "prompt tokens").ok
+        assert all(0 <= p["top1_agreement"] <= 1 for p in report.prompts)
+
+
+def test_gguf_export_chats_and_serves(gguf_run, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from fastapi.testclient import TestClient
+
+    import ayar
+    from ayar.export.gguf import export_gguf
+    from ayar.serve.app import create_app
+    from ayar.serve.settings import ServeSettings
+
+    out = export_gguf(gguf_run, tmp_path / "gguf", "f16", **quiet).parent
+    engine = ayar.load(out)
+    assert engine.kind == "llama.cpp"
+    reply = engine.generate("What is 7 plus 5?", max_new_tokens=8)
+    assert reply.new_tokens >= 1
+    assert main(["chat", str(out), "--prompt", "What is 7 plus 5?", "--max-new-tokens", "8"]) == 0
+    app = create_app(ServeSettings(source=str(out), name="gguf", db=f"sqlite:///{tmp_path / 'u.db'}"))
+    with TestClient(app) as c:
+        import time
+
+        for _ in range(200):
+            if c.get("/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        assert c.get("/ready").json()["backend"] == "llama.cpp"
+        body = {"model": "gguf", "messages": [{"role": "user", "content": "What is 7 plus 5?"}], "max_tokens": 8, "temperature": 0}
+        r = c.post("/v1/chat/completions", json=body).json()
+        assert r["choices"][0]["message"]["content"].strip() == reply.text
+        with ThreadPoolExecutor(3) as pool:  # rows queue for the one llama.cpp context and all get answered
+            answers = list(pool.map(lambda _: c.post("/v1/chat/completions", json=body).json(), range(3)))
+        assert all(a["choices"][0]["message"]["content"] == r["choices"][0]["message"]["content"] for a in answers)

@@ -1,5 +1,5 @@
 """The release gate: an exported artifact, loaded in its own runtime (transformers for merged models,
-onnxruntime-genai for ONNX), must behave like the run's PEFT model.
+onnxruntime-genai for ONNX, llama.cpp for GGUF), must behave like the run's PEFT model.
 
 For each fixed prompt:
 - prompt tokens: the artifact's tokenizer and chat template render the same token ids as training did;
@@ -32,7 +32,8 @@ PROMPTS = [
 ]
 
 # minimum teacher-forced top-1 agreement by export kind
-TOLERANCE = {"fp32": 0.99, "bf16": 0.90, "fp16": 0.95, "q8_0": 0.90, "q4_k_m": 0.75, "q4_0": 0.75, "int8": 0.85, "int4": 0.75}
+TOLERANCE = {"fp32": 0.99, "bf16": 0.90, "fp16": 0.95, "f16": 0.95, "q8_0": 0.90, "q4_k_m": 0.75, "q4_0": 0.75,
+             "int8": 0.85, "int4": 0.75}
 
 
 @dataclass

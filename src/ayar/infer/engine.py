@@ -120,6 +120,10 @@ def load_engine(source: str | Path, generation: GenerationConfig | None = None, 
 
     if is_onnx_dir(source):  # an `ayar export --to onnx` folder answers through onnxruntime-genai
         return OnnxEngine(source, generation)
+    from ayar.infer.gguf_engine import GgufEngine, gguf_file
+
+    if gguf_file(source) is not None and not (Path(str(source)) / "config.json").is_file():
+        return GgufEngine(source, generation)  # a GGUF file or `ayar export --to gguf` folder: llama.cpp
     path = Path(str(source))
     if (path / "run.json").is_file():
         from ayar.models.adapters import load_adapter

@@ -35,7 +35,7 @@ def run_bench(source: str, concurrency=(1, 8, 32), requests_per_client: int = 2,
         proc = subprocess.Popen([sys.executable, "-m", "ayar.perf.bench_serve", side, source, str(port), str(max_batch)],
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
-            _wait_ready(port, proc)
+            _wait_ready(port, proc, side)
             levels = {}
             for c in concurrency:
                 levels[c] = asyncio.run(_drive(port, side, questions, c, c * requests_per_client, max_tokens))
@@ -116,20 +116,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(port: int, proc, timeout: float = 600) -> None:
+def _wait_ready(port: int, proc, side: str, timeout: float = 600) -> None:
     import httpx
+
+    from ayar.errors import AyarError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the benchmark server exited with code {proc.returncode}")
+            raise AyarError(f"the {side} benchmark server exited with code {proc.returncode} (its error is above)")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError("the benchmark server did not become ready")
+    raise AyarError(f"the {side} benchmark server did not become ready within {timeout:.0f} s")
 
 
 def _naive_app(engine):
@@ -159,15 +161,15 @@ def _serve(side: str, source: str, port: int, max_batch: int) -> None:
 
     from ayar.infer.engine import load_engine
     from ayar.serve.app import create_app
-    from ayar.serve.backend import HFBackend
     from ayar.serve.settings import ServeSettings
+    from ayar.serve.state import backend_for
 
     engine = load_engine(source, log=lambda *_: None)
     if side == "naive":
         app = _naive_app(engine)
     else:
         settings = ServeSettings(source=source, db="sqlite://", max_batch=max_batch, max_queue=1024, cache_size=0)
-        app = create_app(settings, backend=HFBackend(engine, "bench"))
+        app = create_app(settings, backend=backend_for(engine, "bench"))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

@@ -23,19 +23,30 @@ def build_backend(settings: ServeSettings, log=print) -> HFBackend:
 
     engine = load_engine(settings.source, log=log)
     path = Path(settings.source)
-    if getattr(engine, "kind", None) == "onnxruntime-genai":
-        from ayar.serve.backend_onnx import OnnxBackend
-
-        if settings.adapters:
-            raise AyarError("--adapter needs the transformers backend: an ONNX export has its adapter merged in")
-        return OnnxBackend(engine, settings.name or path.resolve().name)
-    name = settings.name or (path.resolve().name if (path / "run.json").is_file() else "model")
-    backend = HFBackend(engine, name)
+    onnx = getattr(engine, "kind", None) in ("onnxruntime-genai", "llama.cpp")
+    if onnx and settings.adapters:
+        raise AyarError("--adapter needs the transformers backend: an ONNX or GGUF export has its adapter merged in")
+    name = settings.name or (path.resolve().name if (path / "run.json").is_file() or onnx else "model")
+    backend = backend_for(engine, name)
     for adapter, where in settings.adapters.items():
         if not valid_name(adapter):
             raise AyarError(f"--adapter {adapter}=...: name it with letters, digits, '_', '-', '.' (not 'base')")
         backend.load_adapter(adapter, where)
     return backend
+
+
+def backend_for(engine, name: str):
+    """The serving backend of a loaded engine: transformers (adapters per row) or onnxruntime-genai."""
+    kind = getattr(engine, "kind", None)
+    if kind == "onnxruntime-genai":
+        from ayar.serve.backend_onnx import OnnxBackend
+
+        return OnnxBackend(engine, name)
+    if kind == "llama.cpp":
+        from ayar.serve.backend_gguf import GgufBackend
+
+        return GgufBackend(engine, name)
+    return HFBackend(engine, name)
 
 
 class ServerState:
