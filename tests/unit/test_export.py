@@ -304,3 +304,16 @@ def test_gguf_export_chats_and_serves(gguf_run, tmp_path):
         with ThreadPoolExecutor(3) as pool:  # rows queue for the one llama.cpp context and all get answered
             answers = list(pool.map(lambda _: c.post("/v1/chat/completions", json=body).json(), range(3)))
         assert all(a["choices"][0]["message"]["content"] == r["choices"][0]["message"]["content"] for a in answers)
+
+
+def test_bench_infer_scores_every_format_on_the_same_tokens(onnx_run):
+    pytest.importorskip("onnxruntime_genai")
+    from ayar.perf.bench_infer import run_bench
+
+    result = run_bench(onnx_run, ("merged-fp32", "merged-bf16", "onnx-fp32"), rows=3, max_new_tokens=6, **quiet)
+    formats = result["formats"]
+    assert result["rows"] == 3 and set(formats) == {"merged-fp32", "merged-bf16", "onnx-fp32"}
+    assert formats["merged-fp32"]["speedup"] == 1.0 and formats["merged-fp32"]["perplexity_delta_pct"] == 0
+    assert abs(formats["onnx-fp32"]["perplexity_delta_pct"]) < 0.1  # the same fp32 weights in another runtime
+    assert formats["merged-bf16"]["perplexity_delta_pct"] != 0 and all(m["tokens_per_s"] > 0 for m in formats.values())
+    assert (onnx_run / "export" / "onnx-fp32" / "genai_config.json").is_file()  # made on demand, reused next time

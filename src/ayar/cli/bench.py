@@ -1,6 +1,7 @@
 """Benchmark ayar against the plain alternative, in the same run, and report the ratios.
 
 examples:
+  ayar bench infer runs/quickstart-20261125-101500    the run's exports (merged, ONNX, GGUF): tokens/s, perplexity
   ayar bench serve runs/quickstart-20261125-101500    ayar serve vs one-at-a-time HF generate, 1/8/32 clients
   ayar bench train                                   default model, bundled GSM8K sample, batch 8, max_length 512
   ayar bench train examples/quickstart.yaml --steps 10
@@ -18,6 +19,13 @@ def add_arguments(p) -> None:
     t.add_argument("--rows", type=int, default=512, help="use the first N rows of the data (default 512)")
     t.add_argument("--sides", default="ayar,trl", help="which sides to run (default ayar,trl)")
     t.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    i = sub.add_parser("infer", help="a run's exports (merged, ONNX, GGUF) side by side: tokens/s and perplexity vs fp32")
+    i.add_argument("run", help="a finished run directory (missing exports are made in RUN/export)")
+    i.add_argument("--formats", default="merged-fp32,merged-bf16,onnx-fp32,onnx-int8,gguf-f16,gguf-q8_0",
+                   help="comma-separated, from: merged-fp32, merged-bf16, onnx-fp32, onnx-int8, onnx-int4, gguf-f16, gguf-q8_0, gguf-q4_k_m")
+    i.add_argument("--rows", type=int, default=10, help="held-out GSM8K questions (bundled) to generate and score")
+    i.add_argument("--max-new-tokens", type=int, default=64)
+    i.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     s = sub.add_parser("serve", help="ayar serve vs a naive server answering one request at a time with HF generate")
     s.add_argument("source", nargs="?", default="default", help="run directory or model (default: the default model)")
     s.add_argument("--concurrency", default="1,8,32", help="client counts to measure (default 1,8,32)")
@@ -34,7 +42,29 @@ DEFAULTS = ["data.train=sample:gsm8k", "data.max_length=512", "training.batch_si
 
 
 def run(args) -> int:
-    return run_serve(args) if args.what == "serve" else run_train(args)
+    return {"serve": run_serve, "infer": run_infer}.get(args.what, run_train)(args)
+
+
+def run_infer(args) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ayar.perf.bench_infer import run_bench
+
+    console = Console(stderr=True, highlight=False)
+    result = run_bench(args.run, tuple(args.formats.split(",")), args.rows, args.max_new_tokens, log=lambda m: console.print(m))
+    table = Table("format", "size MB", "tokens/s", "speed-up vs fp32", "perplexity", "vs fp32",
+                  title=f"bench infer: {result['rows']} held-out GSM8K questions, up to {result['max_new_tokens']} new tokens")
+    for fmt, m in result["formats"].items():
+        table.add_row(fmt, f"{m['size_mb']:.0f}", f"{m['tokens_per_s']:.1f}", f"{m.get('speedup', float('nan')):.2f}x",
+                      f"{m['perplexity']:.4f}", f"{m.get('perplexity_delta_pct', float('nan')):+.2f}%")
+    Console(highlight=False).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
 
 
 def run_serve(args) -> int:

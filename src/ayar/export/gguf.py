@@ -195,6 +195,10 @@ class GgufArtifact:
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(path), n_ctx=2048, logits_all=True, verbose=False, n_threads=os.cpu_count())
+        if hasattr(self.llm, "close"):  # free it before interpreter teardown, or llama-cpp-python's __del__ complains
+            import atexit
+
+            atexit.register(self.llm.close)
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
         self.stop_ids = {self.llm.token_eos()} | {int(meta[k]) for k in ("tokenizer.ggml.eot_token_id",) if k in meta}
