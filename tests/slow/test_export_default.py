@@ -1,4 +1,5 @@
-"""Slow tier: a short default-model run exported merged (fp32 and bf16), each through the release gate."""
+"""Slow tier: a short default-model run exported in every format (merged fp32/bf16, ONNX int8, GGUF q8_0),
+each through the release gate in its own runtime, then served through `ayar.load`."""
 
 import os
 from pathlib import Path
@@ -15,7 +16,9 @@ GSM8K = Path(__file__).parents[1] / "fixtures" / "shared" / "gsm8k_train.jsonl"
 
 def test_default_model_exports_pass_the_gate(monkeypatch, tmp_path):
     from ayar.export.gate import MergedArtifact, verify
+    from ayar.export.gguf import GgufArtifact, export_gguf
     from ayar.export.merged import export_merged, load_run
+    from ayar.export.onnx import OnnxArtifact, export_onnx
     from ayar.train.sft import train_sft
 
     monkeypatch.setenv("AYAR_HOME", USER_HOME)
@@ -25,8 +28,14 @@ def test_default_model_exports_pass_the_gate(monkeypatch, tmp_path):
                              "training.tracker=none", f"output.dir={tmp_path}"])
     run = train_sft(cfg).path
     engine, _ = load_run(run, log=lambda *_: None)
-    for dtype in ("fp32", "bf16"):
-        out = export_merged(run, tmp_path / f"merged-{dtype}", dtype, log=lambda *_: None)
-        report = verify(engine, MergedArtifact(out), dtype, str(out), max_new_tokens=48, log=print)
-        print(dtype, [(c.name, c.ok, c.detail) for c in report.checks])
+    quiet = lambda *_: None  # noqa: E731
+    exports = {
+        "fp32": lambda: MergedArtifact(export_merged(run, tmp_path / "merged-fp32", "fp32", log=quiet)),
+        "bf16": lambda: MergedArtifact(export_merged(run, tmp_path / "merged-bf16", "bf16", log=quiet)),
+        "int8": lambda: OnnxArtifact(export_onnx(run, tmp_path / "onnx-int8", "int8", log=quiet)),
+        "q8_0": lambda: GgufArtifact(export_gguf(run, tmp_path / "gguf-q8_0", "q8_0", log=quiet)),
+    }
+    for kind, make in exports.items():
+        report = verify(engine, make(), kind, kind, max_new_tokens=48, log=print)
+        print(kind, [(c.name, c.ok, c.detail) for c in report.checks])
         assert report.ok, [c for c in report.checks if not c.ok]

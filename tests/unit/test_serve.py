@@ -501,6 +501,27 @@ def test_openai_client_against_a_live_server(backend, tmp_path):
             oa.chat.completions.create(model="base", messages=Q, max_tokens=100_000)
 
 
+def test_client_disconnect_stops_its_generation(backend, tmp_path, monkeypatch):
+    import httpx
+
+    rows = []
+    admit, step = backend.admit, backend.step
+    monkeypatch.setattr(backend, "admit", lambda new: (rows.extend(new), admit(new))[1])
+    monkeypatch.setattr(backend, "step", lambda: (time.sleep(0.02), step())[1])  # ~20 ms a token: 400 take 8 s
+    monkeypatch.setattr(backend, "stop_ids", set())  # no early end-of-turn: only the client can stop it
+    settings = ServeSettings(source="unused", db=f"sqlite:///{tmp_path / 'u.db'}")
+    with live_server(create_app(settings, backend=backend)) as url:
+        body = {"model": "base", "messages": Q, "max_tokens": 400, "stream": True}
+        with httpx.Client(base_url=url, timeout=30) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # the first piece of text arrived: hang up
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not rows or rows[0].finish is None):
+            time.sleep(0.05)
+    assert rows and rows[0].finish == "cancelled" and len(rows[0].ids) < 200
+
+
 def test_load_64_concurrent_clients_only_429s(backend, tmp_path):
     """64 clients at once, 3 requests each, against a queue of 16 rows: every answer is a 200 or a fast 429."""
     import httpx

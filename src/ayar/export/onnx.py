@@ -4,7 +4,6 @@ weights) by onnxruntime-genai's own model builder, and loaded back with onnxrunt
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -56,28 +55,19 @@ class OnnxArtifact:
     """An ONNX export loaded with onnxruntime-genai: its own tokenizer, chat template and stop tokens."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime_genai as og
+        from ayar.infer.onnx_engine import OnnxEngine
 
-        self.og = og
-        self.model = og.Model(str(path))
-        self.tok = og.Tokenizer(self.model)
-        config = json.loads((Path(path) / "genai_config.json").read_text())["model"]
-        eos = config["eos_token_id"]
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.engine = OnnxEngine(path)
+        self.tok, self.stop_ids = self.engine.tok, set(self.engine.stop_ids)
 
     def token_name(self, i: int) -> str:
         return self.tok.decode([i])
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tok.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
-        return [int(i) for i in self.tok.encode(text)]
+        return self.engine.encode(messages)
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = self.og.Generator(self.model, params)
-        gen.append_tokens(ids)
-        out = []
+        gen, out = self.engine.generator(ids, max_new_tokens), []
         while not gen.is_done():
             gen.generate_next_token()
             out.append(int(gen.get_next_tokens()[0]))
@@ -86,10 +76,7 @@ class OnnxArtifact:
     def logprobs(self, ids: list[int]):
         import torch
 
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
-        gen = self.og.Generator(self.model, params)
-        gen.append_tokens(ids)  # the prompt's logits come back for every position: one pass, teacher-forced
+        gen = self.engine.generator(ids, 1)  # the prompt's logits come back for every position: teacher-forced
         return torch.log_softmax(torch.from_numpy(gen.get_output("logits")[0]).float(), -1)
 
 

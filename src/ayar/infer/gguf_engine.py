@@ -9,6 +9,7 @@ from typing import Iterator
 
 from ayar.config import GenerationConfig
 from ayar.infer.engine import Reply
+from ayar.infer.export_engine import ExportEngine
 
 
 def gguf_file(path) -> Path | None:
@@ -20,24 +21,20 @@ def gguf_file(path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-class GgufEngine:
+class GgufEngine(ExportEngine):
     kind = "llama.cpp"
 
     def __init__(self, path: str | Path, generation: GenerationConfig | None = None):
         from ayar.export.gguf import GgufArtifact
 
+        super().__init__(path, generation)
         self.artifact = GgufArtifact(gguf_file(path) or path)
-        self.llm, self.source = self.artifact.llm, str(path)
+        self.llm = self.artifact.llm
         self.stop_ids = sorted(self.artifact.stop_ids)
         self.context_window = self.llm.n_ctx()
-        self.generation = generation or GenerationConfig()
-        self.device = "cpu"
-        self.last: Reply | None = None
 
     def encode(self, messages: list[dict] | str) -> list[int]:
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        return self.artifact.prompt_ids(messages)
+        return self.artifact.prompt_ids(self.as_messages(messages))
 
     def tokens(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None) -> Iterator[int]:
@@ -54,10 +51,9 @@ class GgufEngine:
         return previous + self.llm.detokenize([token])
 
     def stream(self, messages, **overrides) -> Iterator[str]:
-        gen = GenerationConfig(**{**self.generation.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-        temperature = gen.temperature if gen.temperature is not None else (0.8 if gen.preset == "creative" else 0.0)
+        max_new_tokens, temperature, top_p = self.settings(overrides)
         raw, sent, ids = b"", "", []
-        for token in self.tokens(self.encode(messages), gen.max_new_tokens, temperature, gen.top_p or 1.0):
+        for token in self.tokens(self.encode(messages), max_new_tokens, temperature, top_p):
             ids.append(token)
             if token in self.stop_ids:
                 break
@@ -68,8 +64,3 @@ class GgufEngine:
                 sent = text
         stopped = bool(ids) and ids[-1] in self.stop_ids
         self.last = Reply(text=sent.strip(), stopped=stopped, new_tokens=len(ids))
-
-    def generate(self, messages, **overrides) -> Reply:
-        for _ in self.stream(messages, **overrides):
-            pass
-        return self.last

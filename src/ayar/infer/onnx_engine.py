@@ -9,33 +9,30 @@ from typing import Iterator
 
 from ayar.config import GenerationConfig
 from ayar.infer.engine import Reply
+from ayar.infer.export_engine import ExportEngine
 
 
 def is_onnx_dir(path) -> bool:
     return (Path(str(path)) / "genai_config.json").is_file()
 
 
-class OnnxEngine:
+class OnnxEngine(ExportEngine):
     kind = "onnxruntime-genai"
 
     def __init__(self, path: str | Path, generation: GenerationConfig | None = None):
         import onnxruntime_genai as og
 
-        self.og, self.source = og, str(path)
+        super().__init__(path, generation)
+        self.og = og
         self.model = og.Model(str(path))
         self.tok = og.Tokenizer(self.model)
         config = json.loads((Path(path) / "genai_config.json").read_text())["model"]
         eos = config["eos_token_id"]
         self.stop_ids = sorted(eos if isinstance(eos, list) else [eos])
         self.context_window = int(config.get("context_length") or 2048)
-        self.generation = generation or GenerationConfig()
-        self.device = "cpu"
-        self.last: Reply | None = None
 
     def encode(self, messages: list[dict] | str) -> list[int]:
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        text = self.tok.apply_chat_template(messages=json.dumps(messages), add_generation_prompt=True)
+        text = self.tok.apply_chat_template(messages=json.dumps(self.as_messages(messages)), add_generation_prompt=True)
         return [int(i) for i in self.tok.encode(text)]
 
     def generator(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -52,9 +49,8 @@ class OnnxEngine:
         return gen
 
     def stream(self, messages, **overrides) -> Iterator[str]:
-        gen_cfg = GenerationConfig(**{**self.generation.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-        temperature = gen_cfg.temperature if gen_cfg.temperature is not None else (0.8 if gen_cfg.preset == "creative" else 0.0)
-        gen = self.generator(self.encode(messages), gen_cfg.max_new_tokens, temperature, gen_cfg.top_p or 1.0)
+        max_new_tokens, temperature, top_p = self.settings(overrides)
+        gen = self.generator(self.encode(messages), max_new_tokens, temperature, top_p)
         stream, ids, pieces = self.tok.create_stream(), [], []
         while not gen.is_done():
             gen.generate_next_token()
@@ -68,8 +64,3 @@ class OnnxEngine:
                 yield piece
         stopped = bool(ids) and ids[-1] in self.stop_ids
         self.last = Reply(text="".join(pieces).strip(), stopped=stopped, new_tokens=len(ids))
-
-    def generate(self, messages, **overrides) -> Reply:
-        for _ in self.stream(messages, **overrides):
-            pass
-        return self.last

@@ -169,10 +169,7 @@ class HFBackend:
 
     def fail_all(self, rows: list[Row], message: str) -> None:
         """A step failed: end these rows and every running row with the error; start over with no batch."""
-        for r in rows + self.active:
-            if r.finish is None:
-                r.finish = "error"
-                r.on_finish("error: " + message, len(r.ids))
+        fail_rows(rows + self.active, message)
         self.batch = None
 
     def _forward(self, rows, ids, mask, positions, cache):
@@ -295,6 +292,13 @@ def _accept(backend: HFBackend, r: Row, token: int) -> None:
             r.emitted = safe
     if len(r.ids) >= r.max_tokens:
         _close(r, "length")
+
+
+def fail_rows(rows: list[Row], message: str) -> None:
+    for r in rows:
+        if r.finish is None:
+            r.finish = "error"
+            r.on_finish("error: " + message, len(r.ids))
 
 
 def _close(row: Row, reason: str) -> None:

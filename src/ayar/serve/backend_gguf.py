@@ -4,37 +4,17 @@ served); a step advances the running row by one token. The adapter is merged in:
 
 from __future__ import annotations
 
-import threading
-
-from ayar.errors import AyarError
 from ayar.serve.backend import Row, _accept, _close
+from ayar.serve.backend_export import ExportBackend
 
 
-class GgufBackend:
+class GgufBackend(ExportBackend):
     kind = "llama.cpp"
 
     def __init__(self, engine, name: str):
-        self.engine = engine
-        self.stop_ids = set(engine.stop_ids)
-        self.context_window = engine.context_window
-        self.default_model = name
-        self.adapters: dict[str, str] = {}
-        self.lock = threading.Lock()
+        super().__init__(engine, name)
         self.queue: list[Row] = []
         self.current = None  # the running row's token iterator
-
-    def model_names(self) -> list[str]:
-        return [self.default_model]
-
-    def load_adapter(self, name, path) -> None:
-        raise AyarError("a GGUF export has its adapter merged in: serve a run directory (transformers backend) "
-                        "for adapters chosen per request")
-
-    def unload_adapter(self, name) -> None:
-        raise KeyError(name)
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.engine.encode(messages)
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.engine.llm.tokenize(prompt.encode(), add_bos=False, special=False)
@@ -74,14 +54,5 @@ class GgufBackend:
                 self.queue.pop(0)
                 self.current = None
 
-    def run(self, rows: list[Row]) -> None:
-        self.admit(rows)
-        while any(r.finish is None for r in rows):
-            self.step()
-
-    def fail_all(self, rows: list[Row], message: str) -> None:
-        for r in rows + self.queue:
-            if r.finish is None:
-                r.finish = "error"
-                r.on_finish("error: " + message, len(r.ids))
+    def reset(self) -> None:
         self.queue, self.current = [], None

@@ -5,36 +5,17 @@ steps. The adapter is merged into an ONNX export: one model name, no per-request
 
 from __future__ import annotations
 
-import threading
-
-from ayar.errors import AyarError
 from ayar.serve.backend import Row, _accept, _close
+from ayar.serve.backend_export import ExportBackend
 
 
-class OnnxBackend:
+class OnnxBackend(ExportBackend):
     kind = "onnxruntime-genai"
 
     def __init__(self, engine, name: str):
-        self.engine, self.tok = engine, engine.tok
-        self.stop_ids = set(engine.stop_ids)
-        self.context_window = engine.context_window
-        self.default_model = name
-        self.adapters: dict[str, str] = {}
-        self.lock = threading.Lock()
+        super().__init__(engine, name)
+        self.tok = engine.tok
         self.running: list[tuple[Row, object]] = []
-
-    def model_names(self) -> list[str]:
-        return [self.default_model]
-
-    def load_adapter(self, name, path) -> None:
-        raise AyarError("an ONNX export has its adapter merged in: serve a run directory (transformers backend) "
-                        "for adapters chosen per request")
-
-    def unload_adapter(self, name) -> None:
-        raise KeyError(name)
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.engine.encode(messages)
 
     def encode_text(self, prompt: str) -> list[int]:
         return [int(i) for i in self.tok.encode(prompt)]
@@ -69,14 +50,5 @@ class OnnxBackend:
                     _close(r, "length")
             self.running = [(r, g) for r, g in self.running if r.finish is None]
 
-    def run(self, rows: list[Row]) -> None:
-        self.admit(rows)
-        while any(r.finish is None for r in rows):
-            self.step()
-
-    def fail_all(self, rows: list[Row], message: str) -> None:
-        for r in rows + self.active:
-            if r.finish is None:
-                r.finish = "error"
-                r.on_finish("error: " + message, len(r.ids))
+    def reset(self) -> None:
         self.running = []
