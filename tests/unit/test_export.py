@@ -148,7 +148,7 @@ def onnx_run(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_onnx_export_builds_loads_and_passes_the_gate(onnx_run, tmp_path, precision):
-    pytest.importorskip("onnxruntime_genai")
+    import onnxruntime_genai  # noqa: F401  (make install installs the export extras: no silent skip)
     from ayar.export.onnx import OnnxArtifact, export_onnx
 
     out = export_onnx(onnx_run, tmp_path / f"onnx-{precision}", precision, **quiet)
@@ -165,7 +165,7 @@ def test_onnx_export_builds_loads_and_passes_the_gate(onnx_run, tmp_path, precis
 
 
 def test_onnx_gate_catches_a_broken_template(onnx_run, tmp_path):
-    pytest.importorskip("onnxruntime_genai")
+    import onnxruntime_genai  # noqa: F401  (make install installs the export extras: no silent skip)
     from ayar.export.onnx import OnnxArtifact, export_onnx
 
     out = export_onnx(onnx_run, tmp_path / "onnx", "fp32", **quiet)
@@ -215,7 +215,7 @@ def _chats_and_serves(out, kind: str, name: str, tmp_path) -> None:
 
 
 def test_onnx_export_chats_and_serves(onnx_run, tmp_path):
-    pytest.importorskip("onnxruntime_genai")
+    import onnxruntime_genai  # noqa: F401  (make install installs the export extras: no silent skip)
     from ayar.export.onnx import export_onnx
 
     _chats_and_serves(export_onnx(onnx_run, tmp_path / "onnx", "fp32", **quiet), "onnxruntime-genai", "onnx", tmp_path)
@@ -261,7 +261,7 @@ def test_gguf_export_with_modelfile_passes_the_gate_in_llama_cpp(gguf_run, tmp_p
     assert modelfile.startswith("FROM ./model-f16.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "<|im_start|>{{ .Role }}" in modelfile  # ChatML, as the run's template
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile  # the template's own default system
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     engine, _ = load_run(gguf_run, **quiet)
     art = GgufArtifact(out)
     report = verify(engine, art, "f16", str(out), max_new_tokens=12, **quiet)
@@ -270,7 +270,7 @@ def test_gguf_export_with_modelfile_passes_the_gate_in_llama_cpp(gguf_run, tmp_p
 
 
 def test_gguf_quantized_exports(gguf_run, tmp_path):
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     from ayar.export.gguf import GgufArtifact, export_gguf
 
     engine, _ = load_run(gguf_run, **quiet)
@@ -282,14 +282,14 @@ def test_gguf_quantized_exports(gguf_run, tmp_path):
 
 
 def test_gguf_export_chats_and_serves(gguf_run, tmp_path):
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     from ayar.export.gguf import export_gguf
 
     _chats_and_serves(export_gguf(gguf_run, tmp_path / "gguf", "f16", **quiet).parent, "llama.cpp", "gguf", tmp_path)
 
 
 def test_bench_infer_scores_every_format_on_the_same_tokens(onnx_run):
-    pytest.importorskip("onnxruntime_genai")
+    import onnxruntime_genai  # noqa: F401  (make install installs the export extras: no silent skip)
     from ayar.perf.bench_infer import run_bench
 
     result = run_bench(onnx_run, ("merged-fp32", "merged-bf16", "onnx-fp32"), rows=3, max_new_tokens=6, **quiet)

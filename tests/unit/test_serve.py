@@ -13,19 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from ayar.serve.app import create_app  # noqa: E402
-from ayar.serve.auth import KeyRing, RateLimiter, hash_key  # noqa: E402
-from ayar.serve.backend import BASE, HFBackend, Row, Sampling  # noqa: E402
-from ayar.serve.cache import ResponseCache  # noqa: E402
-from ayar.serve.personalize import personalize  # noqa: E402
-from ayar.serve.routing import choose, parse_alias  # noqa: E402
-from ayar.serve.scheduler import Job, QueueFull, Scheduler  # noqa: E402
-from ayar.serve.settings import ServeSettings  # noqa: E402
-from ayar.serve.store import Store  # noqa: E402
+from ayar.serve.app import create_app
+from ayar.serve.auth import KeyRing, RateLimiter, hash_key
+from ayar.serve.backend import BASE, HFBackend, Row, Sampling
+from ayar.serve.cache import ResponseCache
+from ayar.serve.personalize import personalize
+from ayar.serve.routing import choose, parse_alias
+from ayar.serve.scheduler import Job, QueueFull, Scheduler
+from ayar.serve.settings import ServeSettings
+from ayar.serve.store import Store
 
 Q = [{"role": "user", "content": "What is 12 plus 30?"}]
 
@@ -481,7 +479,7 @@ def live_server(app):
 
 
 def test_openai_client_against_a_live_server(backend, tmp_path):
-    openai = pytest.importorskip("openai")
+    import openai
     settings = ServeSettings(source="unused", db=f"sqlite:///{tmp_path / 'u.db'}", api_keys=["key"])
     with live_server(create_app(settings, backend=backend)) as url:
         oa = openai.OpenAI(base_url=f"{url}/v1", api_key="key", max_retries=0)
@@ -581,7 +579,7 @@ def test_replicas_share_users_through_postgres(backend, tmp_path):
     if not url:
         pytest.skip("no PostgreSQL test server: run `eval \"$(scripts/test-postgres.sh start)\"` (make test does); "
                     + os.environ.get("AYAR_TEST_POSTGRES_SKIP", "AYAR_TEST_POSTGRES_URL is not set"))
-    pytest.importorskip("psycopg")
+    import psycopg  # noqa: F401
     user = f"u{time.time_ns()}"
     one = TestClient(create_app(ServeSettings(source="unused", db=url), backend=backend))
     two = TestClient(create_app(ServeSettings(source="unused", db=url), backend=backend))

@@ -202,3 +202,69 @@ def test_bf16_base_with_fp32_adapters_trains_under_autocast(tiny_model_dir):
     fast.backward()
     grads = [p.grad for name, p in model.named_parameters() if "lora_A" in name]
     assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+# --- PEFT variants through the one conversion point (issue 5, first part) ----------------------------
+
+@pytest.mark.parametrize("overrides", [["method=dora"], ["lora.rslora=true"], ["training.loraplus_lr_ratio=16"],
+                                       ["lora.freeze_first_layers=1"], ["lora.modules_to_save=[lm_head]"]])
+def test_peft_variants_train_and_round_trip(tiny_model_dir, tmp_path, overrides):
+    import torch
+
+    from ayar.config import load_config
+    from ayar.infer.engine import load_engine
+    from ayar.train.sft import train_sft
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data}",
+                             f"output.dir={tmp_path / 'runs'}", "training.tracker=none", "training.max_steps=8",
+                             "training.batch_size=4", "data.val_ratio=0.2", "data.cache=false", "training.warmup_ratio=0",
+                             "training.learning_rate=5e-3", *overrides])
+    run = train_sft(cfg)
+    losses = [m["loss"] for m in run.read_metrics() if "loss" in m]
+    assert losses[-1] < losses[0], losses  # it trains
+    adapter_cfg = json.loads((run.adapter / "adapter_config.json").read_text())
+    key, value = overrides[0].split("=", 1)
+    if key == "method":
+        assert adapter_cfg["use_dora"] is True
+    elif key == "lora.rslora":
+        assert adapter_cfg["use_rslora"] is True
+    elif key == "lora.freeze_first_layers":
+        assert adapter_cfg["layers_to_transform"] == [1]
+        engine = load_engine(run.path, log=lambda *_: None)
+        names = [n for n, _ in engine.model.named_parameters() if "lora_A" in n]
+        assert names and all(".layers.1." in n for n in names)
+    elif key == "lora.modules_to_save":
+        assert adapter_cfg["modules_to_save"] == ["lm_head"]
+    # the saved adapter reloads to the same logits as the model that was trained
+    engine = load_engine(run.path, log=lambda *_: None)
+    ids = engine.tok("What is 7 plus 5?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        again = load_engine(run.path, log=lambda *_: None).model(input_ids=ids).logits
+        assert torch.equal(engine.model(input_ids=ids).logits, again)
+
+
+def test_loraplus_puts_b_matrices_in_a_faster_group(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from ayar.models.adapters import apply_method
+    from ayar.train.loop import build_optimizer
+    from tests.conftest import make_model, make_tokenizer
+
+    model = apply_method(make_model("qwen2", make_tokenizer("qwen2")), "lora",
+                         SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="all-linear", rslora=False,
+                                         modules_to_save=None, freeze_first_layers=0))
+    opt = build_optimizer(model, SimpleNamespace(optimizer="adamw", learning_rate=1e-4, weight_decay=0.0, loraplus_lr_ratio=16))
+    rates = sorted({g["lr"] for g in opt.param_groups if g["params"]})
+    assert rates[0] == 1e-4 and rates[-1] == 16e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; a GPU gets the not-yet message")
+def test_qlora_on_cpu_is_refused_with_the_alternative(tiny_model_dir, tmp_path):
+    from ayar.errors import ConfigError
+    from ayar.models.adapters import apply_method
+
+    with pytest.raises(ConfigError, match="needs a CUDA GPU.*use method: lora"):
+        apply_method(None, "qlora", None)
+    with pytest.raises(ConfigError, match="use method: dora"):
+        apply_method(None, "qdora", None)

@@ -58,6 +58,9 @@ class LoraConfig:
     alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r); usually 2 x r.")
     dropout: float = _f(0.05, "Dropout on the LoRA input.")
     target_modules: Union[str, list] = _f("all-linear", "`all-linear`, or a list of module names (e.g. [q_proj, v_proj]), or a regex string.")
+    rslora: bool = _f(False, "Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r (helps at large r).")
+    modules_to_save: Optional[list] = _f(None, "Modules trained in full and saved with the adapter (e.g. [lm_head] for new tokens, [score] for a classifier head).")
+    freeze_first_layers: int = _f(0, "Leave the first N transformer layers without adapters (frozen); adapters go to the layers above.")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class TrainingConfig:
     optimizer: str = _f("adamw", "`adamw` (torch), or `adamw_8bit` (bitsandbytes, CUDA; falls back to adamw elsewhere, with a warning).",
                         choices=("adamw", "adamw_8bit"))
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: the B matrices learn this many times faster than A (e.g. 16); unset = plain LoRA.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     eval_steps: int = _f(0, "Evaluate on the validation split every N steps (0: only at the end).")
     early_stopping_patience: int = _f(0, "Stop after this many evaluations without a lower eval loss, keeping the best adapter (0 disables).")
@@ -110,7 +114,8 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data and rendering."})
-    method: str = _f("lora", "Fine-tuning method.", choices=("lora",))
+    method: str = _f("lora", "Fine-tuning method: `lora`, `dora` (weight-decomposed LoRA), `qlora` / `qdora` (4-bit NF4 base, CUDA + bitsandbytes).",
+                     choices=("lora", "dora", "qlora", "qdora"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation and schedule."})
     generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "Defaults for `ayar chat` on this run."})

@@ -7,23 +7,59 @@ import re
 from ayar.errors import ConfigError
 
 
+METHODS = ("lora", "dora", "qlora", "qdora")
+
+
 def apply_method(model, method: str, lora_cfg):
     """Wrap `model` for training with `method`; returns the trainable model."""
-    if method == "lora":
-        return _apply_lora(model, lora_cfg)
-    raise ConfigError(f"method {method!r} is not supported; available: lora")
+    if method in ("qlora", "qdora"):
+        _require_4bit(method)
+    if method in METHODS:
+        return _apply_lora(model, lora_cfg, dora=method in ("dora", "qdora"))
+    raise ConfigError(f"method {method!r} is not supported; available: {', '.join(METHODS)}")
 
 
-def _apply_lora(model, lora_cfg):
+def _require_4bit(method: str) -> None:
+    """QLoRA needs a 4-bit NF4 base from bitsandbytes, which ayar supports on CUDA only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"method: {method} needs a CUDA GPU (its base model is loaded in 4-bit NF4 by bitsandbytes); "
+                          f"on this machine use method: {'dora' if method == 'qdora' else 'lora'} with model.dtype: bfloat16 "
+                          "(half the memory of float32) or auto")
+    # Loading the base in 4-bit (BitsAndBytesConfig) is not wired in yet: no GPU was at hand to test it.
+    raise ConfigError(f"method: {method} is not available yet (its 4-bit base loading is untested without a GPU); "
+                      f"use method: {'dora' if method == 'qdora' else 'lora'} with model.dtype: bfloat16")
+
+
+def _apply_lora(model, lora_cfg, dora: bool = False):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules
     _check_targets(model, targets)
+    layers = None
+    if lora_cfg.freeze_first_layers:
+        n = model.config.num_hidden_layers
+        if not 0 < lora_cfg.freeze_first_layers < n:
+            raise ConfigError(f"lora.freeze_first_layers={lora_cfg.freeze_first_layers}: this model has {n} layers; "
+                              f"freeze between 1 and {n - 1}")
+        layers = list(range(lora_cfg.freeze_first_layers, n))
+        if targets == "all-linear":  # peft takes layer indices only with a list of module names
+            import torch
+
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and re.search(r"\.layers?\.\d+\.", name)})
+        elif isinstance(targets, str):
+            raise ConfigError("lora.freeze_first_layers works with target_modules: all-linear or a list of names, not a regex")
     config = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=targets,
+        use_rslora=lora_cfg.rslora,
+        use_dora=dora,
+        modules_to_save=lora_cfg.modules_to_save or None,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     # peft keeps adapter weights in fp32 when the base is bf16/fp16 (autocast_adapter_dtype): stable updates.

@@ -107,11 +107,12 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
     """`tokens` in the largest micro-batch, laid out as `rows` rows of equal length (1 row when packed)."""
     wb = _BYTES[weight_dtype]
     parts = {"weights": shape.params * wb}
-    if method == "lora":
+    adapter = method in ("lora", "dora", "qlora", "qdora")
+    if adapter:
         parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
     else:
         parts["grads + AdamW (full)"] = shape.params * (wb + 8)
-    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, method == "lora", dropout)
+    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, adapter, dropout)
     if device == "cpu":
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
     parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3

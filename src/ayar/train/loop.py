@@ -93,6 +93,12 @@ def build_optimizer(model, tcfg, warn=print):
             pass
         if opt is None:
             warn("training.optimizer: adamw_8bit needs bitsandbytes on CUDA; using torch AdamW instead")
+    if opt is None and tcfg.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        # LoRA+: the same AdamW, with the B matrices in a group whose learning rate is `ratio` times higher
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=tcfg.learning_rate,
+                                        loraplus_lr_ratio=tcfg.loraplus_lr_ratio, weight_decay=tcfg.weight_decay)
     if opt is None:
         opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
     return opt
