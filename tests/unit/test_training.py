@@ -268,3 +268,21 @@ def test_qlora_on_cpu_is_refused_with_the_alternative(tiny_model_dir, tmp_path):
         apply_method(None, "qlora", None)
     with pytest.raises(ConfigError, match="use method: dora"):
         apply_method(None, "qdora", None)
+
+
+def test_compare_trains_each_method_and_writes_the_table(tiny_model_dir, tmp_path):
+    from ayar.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    out = tmp_path / "cmp"
+    code = main(["compare", f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data}",
+                 "training.tracker=none", "training.max_steps=3", "training.batch_size=4", "data.val_ratio=0.2",
+                 "data.cache=false", "--methods", "lora,dora,rslora", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert list(rows) == ["lora", "dora", "rslora"]
+    assert rows["dora"]["trainable_params"] > rows["lora"]["trainable_params"] == rows["rslora"]["trainable_params"]
+    assert all(r["final_eval_loss"] is not None and r["eval_curve"] for r in rows.values())
+    table = (out / "compare.md").read_text()
+    assert table.count("\n") == 5 and "| dora |" in table and (out / "compare.png").stat().st_size > 0
+    assert main(["compare", f"data.train={data}", "--methods", "lora,qlora2", "--out", str(out)]) == 2

@@ -15,6 +15,7 @@ from ayar import __version__
 # name -> (module, one-line help). The one list of commands.
 COMMANDS = {
     "train": ("ayar.cli.train", "Fine-tune a model (SFT with LoRA) from a YAML config; resume a run."),
+    "compare": ("ayar.cli.compare", "Train one config with several methods (LoRA, DoRA, ...) and compare them."),
     "data": ("ayar.cli.data", "Inspect, lint, preview, clean and convert training data."),
     "eval": ("ayar.cli.eval", "Evaluate a run against its base model (or a model alone): metrics, checks, report."),
     "export": ("ayar.cli.export", "Export a run as a merged model and verify it behaves like the run (release gate)."),
