@@ -26,7 +26,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
     import subprocess
     import sys
     from pathlib import Path
