@@ -16,6 +16,8 @@ on FAIL.
 
 
 def add_arguments(p) -> None:
+    import argparse
+
     p.add_argument("run", help="a finished run directory")
     p.add_argument("--to", default="merged", choices=("merged", "onnx", "gguf"),
                    help="merged: transformers safetensors; onnx: ONNX Runtime GenAI with KV cache; "
@@ -24,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quant", choices=("fp32", "int8", "int4", "f16", "q8_0", "q4_k_m", "q4_0"),
                    help="onnx: fp32, int8 (default), int4; gguf: f16, q8_0 (default), q4_k_m, q4_0")
     p.add_argument("--out", help="output directory (default: RUN/export/KIND-DTYPE|QUANT)")
-    p.add_argument("--verify", action=__import__("argparse").BooleanOptionalAction, default=True,
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="run the release gate on the export (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length the gate compares")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the verified export to this hub repository")

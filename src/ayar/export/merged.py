@@ -53,10 +53,13 @@ def chat_template_for(engine) -> str:
     return template
 
 
-def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp32", log=print) -> Path:
+def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp32", log=print, engine=None) -> Path:
+    """`engine`: the run already loaded in fp32 (`load_run`); its model is merged in place, so it is used up."""
+    from ayar.train.rundir import RunDir
+
     if dtype not in DTYPES:
         raise AyarError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    engine, run = load_run(run_dir, log=log)
+    engine, run = (engine, RunDir.open(run_dir)) if engine is not None else load_run(run_dir, log=log)
     out = Path(out)
     log(f"merging {run.path / 'adapter'} into the base ({dtype})")
     model = engine.model.merge_and_unload().to(DTYPES[dtype])
