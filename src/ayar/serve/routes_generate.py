@@ -114,9 +114,7 @@ class _Call:
 
     @property
     def user_key(self) -> str:
-        """Users are kept per API key: one key's callers never see another key's users."""
-        client = getattr(self.request.state, "client", "")
-        return f"{client}/{self.body.user}" if self.state.keys else self.body.user
+        return self.state.user_key(getattr(self.request.state, "client", ""), self.body.user)
 
     def headers(self, cache: str | None = None) -> dict:
         h = {"x-ayar-model": self.model}

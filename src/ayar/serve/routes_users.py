@@ -12,8 +12,7 @@ UserId = Path(pattern=r"^[A-Za-z0-9_.@:-]{1,128}$", description="the `user` fiel
 
 
 def _key(request: Request, user_id: str) -> str:
-    state = request.app.state.ayar
-    return f"{request.state.client}/{user_id}" if state.keys else user_id
+    return request.app.state.ayar.user_key(request.state.client, user_id)
 
 
 @router.put("/{user_id}/profile")

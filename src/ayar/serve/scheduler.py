@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ayar.serve.backend import Row, Sampling
+from ayar.serve.backend import Row, Sampling, fail_rows
 
 
 class QueueFull(Exception):
@@ -51,10 +51,7 @@ class Job:
         return row
 
     def fail(self, message: str) -> None:
-        for r in self.rows:
-            if r.finish is None:
-                r.finish = "error"
-                r.on_finish("error: " + message, len(r.ids))
+        fail_rows(self.rows, message)
 
 
 class Scheduler:

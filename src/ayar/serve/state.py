@@ -100,6 +100,11 @@ class ServerState:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
         return self.backend
 
+    def user_key(self, client: str, user: str) -> str:
+        """Where a user's profile and history are stored: per API key when there are keys, so one key's
+        callers never see another key's users."""
+        return f"{client}/{user}" if self.keys else user
+
     # --- models -----------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
         return self.backend.model_names() + list(self.settings.aliases) if self.backend else list(self.settings.aliases)
