@@ -14,8 +14,9 @@ from ayar import __version__
 
 # name -> (module, one-line help). The one list of commands.
 COMMANDS = {
-    "train": ("ayar.cli.train", "Fine-tune a model (SFT with LoRA) from a YAML config; resume a run."),
+    "train": ("ayar.cli.train", "Fine-tune a model from a YAML config (SFT, DPO family, reward, GRPO, classification); resume a run."),
     "compare": ("ayar.cli.compare", "Train one config with several methods (LoRA, DoRA, ...) and compare them."),
+    "hpo": ("ayar.cli.hpo", "Search hyperparameters (optuna): trials as training runs, best config written out."),
     "data": ("ayar.cli.data", "Inspect, lint, preview, clean and convert training data."),
     "eval": ("ayar.cli.eval", "Evaluate a run against its base model (or a model alone): metrics, checks, report."),
     "export": ("ayar.cli.export", "Export a run as a merged model and verify it behaves like the run (release gate)."),

@@ -1,4 +1,5 @@
-"""Fine-tune a model with LoRA.
+"""Fine-tune a model: SFT (LoRA, DoRA, PiSSA, full), preference alignment (DPO, IPO, KTO, ORPO, SimPO),
+reward models, GRPO, classification.
 
 examples:
   ayar train examples/quickstart.yaml
@@ -6,6 +7,7 @@ examples:
   ayar train data.train=my.jsonl model.name=/models/qwen2-0.5b     (no file: defaults + overrides)
   ayar train examples/quickstart.yaml --print-config
   ayar train --resume runs/quickstart-20261125-101500
+  ayar train examples/dpo.yaml model.name=runs/quickstart-20261125-101500   (DPO from an SFT run)
 """
 
 
@@ -30,15 +32,15 @@ def run(args) -> int:
             from ayar.errors import ConfigError
 
             raise ConfigError("--resume continues a run with its saved config; do not pass a config or overrides with it")
-        from ayar.train.sft import train_sft
+        from ayar.train.stages import train
 
-        train_sft(resume=args.resume)
+        train(resume=args.resume)
         return 0
     cfg = load_config(config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    from ayar.train.sft import train_sft
+    from ayar.train.stages import train
 
-    train_sft(cfg)
+    train(cfg)
     return 0

@@ -31,21 +31,23 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
         from ayar.config.schema import TrainConfig
 
         cls = TrainConfig
-    raw: dict = {}
-    where = "defaults"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+    raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides)
-    return from_dict(cls, raw, where=where)
+    return from_dict(cls, raw, where=str(path) if path is not None else "defaults")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping, or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+    return raw
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

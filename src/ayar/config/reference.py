@@ -9,10 +9,14 @@ from ayar.config.loader import _type_name
 
 
 def config_reference(cls: type | None = None) -> str:
+    """The training config's reference (with the `hpo:` section `ayar hpo` reads), or one class's."""
     if cls is None:
-        from ayar.config.schema import TrainConfig
+        from ayar.config.schema import HpoConfig, TrainConfig
 
-        cls = TrainConfig
+        hpo = [f"**`hpo:`** {HpoConfig.__doc__.strip()}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(HpoConfig)
+        hpo += [_row(f, hints[f.name], "hpo.") for f in dataclasses.fields(HpoConfig)]
+        return config_reference(TrainConfig) + "\n" + "\n".join(hpo) + "\n"
     hints = typing.get_type_hints(cls)
     top = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
     lines = []

@@ -21,7 +21,8 @@ def _f(default, help: str, choices: tuple | None = None, **kw):
 
 @dataclass
 class ModelConfig:
-    name: str = _f("default", "`default` (SmolLM2-135M-Instruct, bundled), a local HF model directory, or a hub id (needs network).")
+    name: str = _f("default", "`default` (SmolLM2-135M-Instruct, bundled), a local HF model directory, a hub id (needs network), or "
+                   "an ayar run directory: start from that run's model (its adapter merged into its base), e.g. DPO after SFT.")
     dtype: str = _f("auto", "Weights/compute dtype. `auto`: bf16 on GPUs and CPUs that support it (AVX512-BF16/AMX), else fp16 on GPU, fp32 on CPU.",
                     choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "`auto` picks cuda, then mps, then cpu.", choices=("auto", "cpu", "cuda", "mps"))
@@ -61,6 +62,10 @@ class LoraConfig:
     rslora: bool = _f(False, "Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r (helps at large r).")
     modules_to_save: Optional[list] = _f(None, "Modules trained in full and saved with the adapter (e.g. [lm_head] for new tokens, [score] for a classifier head).")
     freeze_first_layers: int = _f(0, "Leave the first N transformer layers without adapters (frozen); adapters go to the layers above.")
+    init: str = _f("default", "Adapter initialisation: `default` (B = 0), `gaussian`, `pissa` (principal singular vectors of each weight, "
+                   "full SVD), `pissa_fast` (randomized SVD, 4 iterations: for large models), `olora` (QR). PiSSA/OLoRA adapters "
+                   "are saved converted, so they apply to the original base model.",
+                   choices=("default", "gaussian", "pissa", "pissa_fast", "olora"))
 
 
 @dataclass
@@ -88,8 +93,32 @@ class TrainingConfig:
     seed: int = _f(42, "Seed for data split, data order, LoRA init and dropout.")
     tracker: str = _f("tensorboard", "Where metrics go besides metrics.jsonl.", choices=("tensorboard", "mlflow", "wandb", "none"))
     threads: int = _f(0, "CPU threads for torch (0: torch's default, one per core).")
+    loss: Optional[str] = _f(None, "Custom loss, `module:function` or `path/to/file.py:function`: called as fn(logits [N, vocab] "
+                             "float32, targets [N]) for the N trained positions of a batch, returns the loss of each "
+                             "position ([N]); ayar averages over the step's trained tokens. Eval loss stays cross-entropy.")
     memory_check: str = _f("strict", "Before training, predict peak memory (as `ayar plan`): `strict` stops when it cannot fit, "
                            "`warn` only warns, `off` skips it.", choices=("strict", "warn", "off"))
+
+
+@dataclass
+class PreferenceConfig:
+    loss: str = _f("dpo", "Preference objective (TRL): `dpo`, `ipo`, `kto` (pairs split into liked/disliked answers), "
+                   "`orpo` and `simpo` (reference-free).", choices=("dpo", "ipo", "kto", "orpo", "simpo"))
+    beta: float = _f(0.1, "Strength of the pull toward the reference model (dpo/ipo/kto), or the ORPO/SimPO scale.")
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin.")
+
+
+@dataclass
+class GrpoConfig:
+    rewards: list = _f(["gsm8k_answer", "format"], "Reward functions, summed: built-ins `gsm8k_answer` (the number after "
+                       "`####` or the last number equals the reference), `format` (the answer ends with `#### <number>`), "
+                       "`length` (penalty for answers over `target_length` tokens), or `module:function` / `file.py:function` "
+                       "called as TRL reward functions fn(completions, **columns) -> list[float].")
+    num_generations: int = _f(4, "Answers sampled per prompt (the group whose rewards are compared).")
+    max_completion_length: int = _f(128, "Token budget of each sampled answer.")
+    temperature: float = _f(1.0, "Sampling temperature of the answers.")
+    beta: float = _f(0.0, "KL penalty toward the starting model (0: none, TRL's default; no reference pass).")
+    target_length: int = _f(200, "The `length` reward's budget in tokens.")
 
 
 @dataclass
@@ -114,10 +143,17 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training data and rendering."})
-    method: str = _f("lora", "Fine-tuning method: `lora`, `dora` (weight-decomposed LoRA), `qlora` / `qdora` (4-bit NF4 base, CUDA + bitsandbytes).",
-                     choices=("lora", "dora", "qlora", "qdora"))
+    stage: str = _f("sft", "`sft` (supervised), `dpo` (preference pairs; see `preference`), `reward` (a reward model on preference "
+                    "pairs), `grpo` (RL with reward functions; see `grpo`).", choices=("sft", "dpo", "reward", "grpo"))
+    task: str = _f("causal_lm", "`causal_lm` (generate text), or `classification` (a sequence-classification head on the model; "
+                   "data.format: classification, metrics: accuracy, precision, recall, F1).", choices=("causal_lm", "classification"))
+    method: str = _f("lora", "Fine-tuning method: `lora`, `dora` (weight-decomposed LoRA), `full` (every weight; fp32 master weights), "
+                     "`qlora` / `qdora` (4-bit NF4 base, CUDA + bitsandbytes).",
+                     choices=("lora", "dora", "full", "qlora", "qdora"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation and schedule."})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={"help": "Preference alignment (`stage: dpo`)."})
+    grpo: GrpoConfig = field(default_factory=GrpoConfig, metadata={"help": "RL with verifiable rewards (`stage: grpo`)."})
     generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "Defaults for `ayar chat` on this run."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where the run directory goes."})
 
@@ -143,3 +179,19 @@ class EvalConfig:
     judge_key_env: str = _f("OPENAI_API_KEY", "Environment variable holding the judge's API key.")
     examples: int = _f(5, "Example generations shown in the report.")
     out: Optional[str] = _f(None, "Report directory (default: RUN/eval, or ./eval-<model> for a baseline).")
+
+
+@dataclass
+class HpoConfig:
+    """`ayar hpo`: the `hpo:` section of a training YAML (the rest of the file is the training config searched around)."""
+
+    trials: int = _f(8, "Trials to run in total; a study that already has some (same `out`) runs only the rest.")
+    space: dict = _f({}, "Search space: dotted training-config keys mapped to `{low, high}` (float; add `log: true` for "
+                     "log-uniform, ints give an int range) or `{choices: [...]}`, e.g. `training.learning_rate: {low: 1e-5, "
+                     "high: 1e-3, log: true}`, `lora.r: {choices: [8, 16, 32]}`.")
+    out: str = _f("runs/hpo", "Folder of the study: study.db (SQLite, resumable), trials/, trials.md, best.yaml, plots/.")
+    study: str = _f("ayar-hpo", "Study name inside study.db.")
+    sampler: str = _f("tpe", "Optuna sampler.", choices=("tpe", "random"))
+    pruner: str = _f("median", "Stop a trial whose eval loss is worse than the median of earlier trials at the same step "
+                     "(needs training.eval_steps); `none` runs every trial to the end.", choices=("median", "none"))
+    seed: int = _f(42, "Sampler seed.")

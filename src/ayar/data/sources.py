@@ -13,7 +13,8 @@ from typing import Iterator
 
 from ayar.errors import DataError
 
-SAMPLES = {"gsm8k": "gsm8k_sample.jsonl", "gsm8k-heldout": "gsm8k_heldout.jsonl", "anchor": "anchor_alpaca_seed.jsonl"}
+SAMPLES = {"gsm8k": "gsm8k_sample.jsonl", "gsm8k-heldout": "gsm8k_heldout.jsonl", "anchor": "anchor_alpaca_seed.jsonl",
+           "hh": "hh_harmless_sample.jsonl", "hh-heldout": "hh_harmless_heldout.jsonl"}
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 

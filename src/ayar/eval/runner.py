@@ -60,7 +60,8 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
         run = RunDir.open(cfg.run)
         train_cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
         engine = load_engine(run.path, log=say)
-        other = load_engine(cfg.base, log=say) if cfg.base else None
+        base = cfg.base or (run.read_meta()["base_model"] if run.full_model.is_dir() else None)  # full FT: no adapter to disable
+        other = load_engine(base, log=say) if base else None
     else:
         engine, other = load_engine(cfg.baseline, log=say), None
     say(f"model  {engine.source} ({engine.device})" + (f" vs {cfg.base}" if cfg.base else ""))

@@ -30,8 +30,8 @@ def load_run(run_dir: str | Path, log=print):
     from ayar.train.rundir import RunDir
 
     run = RunDir.open(run_dir)
-    if not run.adapter.is_dir():
-        raise AyarError(f"{run_dir} has no adapter/ (the run has not finished): export a finished run")
+    if not run.adapter.is_dir() and not run.full_model.is_dir():
+        raise AyarError(f"{run_dir} has no adapter/ or model/ (the run has not finished): export a finished run")
     return load_engine(run.path, log=log, dtype="float32"), run  # merge in fp32, then cast
 
 
@@ -61,8 +61,12 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp32", log
         raise AyarError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     engine, run = (engine, RunDir.open(run_dir)) if engine is not None else load_run(run_dir, log=log)
     out = Path(out)
-    log(f"merging {run.path / 'adapter'} into the base ({dtype})")
-    model = engine.model.merge_and_unload().to(DTYPES[dtype])
+    if hasattr(engine.model, "merge_and_unload"):
+        log(f"merging {run.adapter} into the base ({dtype})")
+        model = engine.model.merge_and_unload().to(DTYPES[dtype])
+    else:  # a full fine-tune: the weights are the model
+        log(f"writing {run.full_model} ({dtype})")
+        model = engine.model.to(DTYPES[dtype])
     tok = engine.tok
     tok.chat_template = chat_template_for(engine)
     gen = model.generation_config

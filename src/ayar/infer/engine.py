@@ -12,6 +12,7 @@ import torch
 from ayar.config import DataConfig, GenerationConfig, ModelConfig, TrainConfig
 from ayar.config.loader import from_dict
 from ayar.data.render import Renderer, stop_token_ids
+from ayar.errors import AyarError
 from ayar.infer.presets import generation_kwargs
 
 
@@ -28,6 +29,7 @@ class Engine:
         self.generation, self.device, self.source = generation, device, source
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "get_base_model", lambda: model)())
         self.last: Reply | None = None  # the full reply of the latest `stream` call
+        self.full_finetune = False  # a `method: full` run: the weights are the tuned model (no adapter to disable)
 
     def stream(self, messages: list[dict] | str, **overrides) -> Iterator[str]:
         """Yield text pieces as they are generated; the final Reply is available as `self.last`."""
@@ -114,7 +116,7 @@ class Engine:
 def load_engine(source: str | Path, generation: GenerationConfig | None = None, log=print, dtype: str | None = None) -> Engine:
     """`source`: an ayar run directory, a local model directory, `default`, or a hub id. `dtype` overrides
     the run's (`float32` for an export's reference)."""
-    from ayar.models.load import load_model_and_tokenizer, load_tokenizer
+    from ayar.models.load import load_model_and_tokenizer, load_tokenizer, merge_adapters
 
     from ayar.infer.onnx_engine import OnnxEngine, is_onnx_dir
 
@@ -131,13 +133,19 @@ def load_engine(source: str | Path, generation: GenerationConfig | None = None, 
 
         run = RunDir.open(path)
         cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
+        if cfg.task != "causal_lm" or cfg.stage == "reward":
+            raise AyarError(f"{run.path} is a {'reward model' if cfg.stage == 'reward' else cfg.task} run: it scores text "
+                            "instead of generating it (see its README.md for how to use it)")
         meta = run.read_meta()
-        model_cfg = ModelConfig(**{**cfg.model.__dict__, "name": meta["base_model"], **({"dtype": dtype} if dtype else {})})
+        full = run.full_model.is_dir()
+        model_cfg = ModelConfig(**{**cfg.model.__dict__, "name": str(run.full_model) if full else meta["base_model"],
+                                   **({"dtype": dtype} if dtype else {})})
         model, _, placement, _ = load_model_and_tokenizer(model_cfg, log=log)
+        model = merge_adapters(model, [] if full else meta.get("merged_adapters", []), log)
         tok = load_tokenizer(str(run.tokenizer))
         if run.adapter.is_dir():
             model = load_adapter(model, str(run.adapter))
-        else:
+        elif not full:
             log(f"{run.path} has no adapter/ yet (unfinished run?): using the base model")
         data_cfg, gen_cfg = cfg.data, generation or cfg.generation
     else:
@@ -146,4 +154,6 @@ def load_engine(source: str | Path, generation: GenerationConfig | None = None, 
         gen_cfg = generation or GenerationConfig()
     model.eval()
     renderer = Renderer(tok, data_cfg.template, data_cfg.max_length, False, data_cfg.system_prompt)
-    return Engine(model, tok, renderer, gen_cfg, placement.device, str(source))
+    engine = Engine(model, tok, renderer, gen_cfg, placement.device, str(source))
+    engine.full_finetune = (path / "run.json").is_file() and (path / "model").is_dir()
+    return engine

@@ -7,16 +7,59 @@ import re
 from ayar.errors import ConfigError
 
 
-METHODS = ("lora", "dora", "qlora", "qdora")
+METHODS = ("lora", "dora", "full", "qlora", "qdora")
+
+# lora.init -> peft's init_lora_weights
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_fast": "pissa_niter_4", "olora": "olora"}
+# PiSSA/OLoRA move the adapter's initial part out of the base weights: the trained adapter only fits that
+# changed base, so it is saved converted against its initial copy (then it applies to the original base).
+CONVERTED_INITS = ("pissa", "pissa_fast", "olora")
 
 
-def apply_method(model, method: str, lora_cfg):
+def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
     """Wrap `model` for training with `method`; returns the trainable model."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    return _get_peft_model(model, peft_config(model, method, lora_cfg, task_type))
+
+
+def peft_config(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
+    """The peft LoraConfig for `method` on `model` (for trainers that wrap the model themselves, e.g. TRL's)."""
     if method in ("qlora", "qdora"):
         _require_4bit(method)
-    if method in METHODS:
-        return _apply_lora(model, lora_cfg, dora=method in ("dora", "qdora"))
-    raise ConfigError(f"method {method!r} is not supported; available: {', '.join(METHODS)}")
+    if method not in METHODS or method == "full":
+        raise ConfigError(f"method {method!r} has no adapter; adapter methods: lora, dora, qlora, qdora")
+    return _lora_config(model, lora_cfg, dora=method in ("dora", "qdora"), task_type=task_type)
+
+
+def _get_peft_model(model, config):
+    from peft import get_peft_model
+
+    # peft keeps adapter weights in fp32 when the base is bf16/fp16 (autocast_adapter_dtype): stable updates.
+    return get_peft_model(model, config)
+
+
+def save_trained(model, out, init_dir=None) -> None:
+    """Save the trained adapter (or the whole model for `full`). `init_dir`: the initial adapter of a
+    PiSSA/OLoRA run (`save_initial`), against which the adapter is converted to fit the original base."""
+    if init_dir is not None:
+        model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(init_dir))
+    else:
+        model.save_pretrained(str(out))
+
+
+def save_initial(model, lora_cfg, out) -> str | None:
+    """For PiSSA/OLoRA: save the adapter as initialised (needed to convert the trained one); else None."""
+    if getattr(lora_cfg, "init", "default") not in CONVERTED_INITS or not hasattr(model, "peft_config"):
+        return None
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # loading this copy back must not re-run the SVD on the changed base
+    model.save_pretrained(str(out))
+    config.init_lora_weights = init
+    return str(out)
 
 
 def _require_4bit(method: str) -> None:
@@ -32,8 +75,8 @@ def _require_4bit(method: str) -> None:
                       f"use method: {'dora' if method == 'qdora' else 'lora'} with model.dtype: bfloat16")
 
 
-def _apply_lora(model, lora_cfg, dora: bool = False):
-    from peft import LoraConfig, get_peft_model
+def _lora_config(model, lora_cfg, dora: bool = False, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
 
     targets = lora_cfg.target_modules
     _check_targets(model, targets)
@@ -60,10 +103,10 @@ def _apply_lora(model, lora_cfg, dora: bool = False):
         use_dora=dora,
         modules_to_save=lora_cfg.modules_to_save or None,
         layers_to_transform=layers,
-        task_type="CAUSAL_LM",
+        init_lora_weights=INITS[getattr(lora_cfg, "init", "default")],
+        task_type=task_type,
     )
-    # peft keeps adapter weights in fp32 when the base is bf16/fp16 (autocast_adapter_dtype): stable updates.
-    return get_peft_model(model, config)
+    return config
 
 
 def _check_targets(model, targets) -> None:

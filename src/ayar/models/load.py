@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ayar.errors import ModelError
@@ -54,25 +55,53 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, placement: Placement, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+def load_model(path: str, placement: Placement, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+               auto_class=None, **kwargs):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=placement.dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(
+            path, dtype=placement.dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as e:
         raise _load_error(path, "model", e) from None
     return model.to(placement.device)
 
 
-def load_model_and_tokenizer(model_cfg, log=print):
-    """Returns (model, tokenizer, placement, resolved_path)."""
-    path = resolve_model_path(model_cfg.name, log=log)
+def starting_point(name: str) -> tuple[str, list[str]]:
+    """`model.name` -> (base model, adapters merged into it, in order). An ayar run directory stands for its
+    own starting point plus its adapter, so a stage can continue from an earlier run (DPO after SFT)."""
+    path = Path(str(name)).expanduser()
+    if not (path / "run.json").is_file():
+        return name, []
+    meta = json.loads((path / "run.json").read_text())
+    if (path / "model" / "config.json").is_file():  # a full fine-tune: the run holds the whole model
+        return str((path / "model").resolve()), []
+    if not (path / "adapter" / "adapter_config.json").is_file():
+        raise ModelError(f"{path} is an ayar run without a finished adapter/: point model.name at a completed run")
+    return meta["base_model"], [*meta.get("merged_adapters", []), str((path / "adapter").resolve())]
+
+
+def merge_adapters(model, adapters: list[str], log=print):
+    """Merge each LoRA adapter into the weights, in order (the model a later stage starts from)."""
+    from peft import PeftModel
+
+    for adapter in adapters:
+        log(f"merge  {adapter}")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+def load_model_and_tokenizer(model_cfg, log=print, auto_class=None, **model_kwargs):
+    """Returns (model, tokenizer, placement, resolved_path). `auto_class`: the transformers Auto class
+    (default AutoModelForCausalLM; AutoModelForSequenceClassification for classifiers and reward models),
+    `model_kwargs` go to its from_pretrained (num_labels, id2label)."""
+    base, adapters = starting_point(model_cfg.name)
+    path = resolve_model_path(base, log=log)
     placement = choose_placement(model_cfg.device, model_cfg.dtype)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
-    model = load_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code)
-    return model, tok, placement, path
+    model = load_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs)
+    return merge_adapters(model, adapters, log), tok, placement, path
 
 
 def _load_error(path: str, what: str, e: Exception) -> ModelError:

@@ -76,14 +76,16 @@ class HFBackend:
         self.adapters: dict[str, str] = {}  # public name -> peft adapter name
         if hasattr(self.model, "peft_config"):
             self.adapters[name] = self.model.active_adapter
-        self.default_model = name if name in self.adapters else BASE
+        # A fully fine-tuned run is the model itself: served under the run's name, with no separate base.
+        self.base_name = name if getattr(engine, "full_finetune", False) else BASE
+        self.default_model = name if name in self.adapters else self.base_name
         self.context_window = int(getattr(self._base().config, "max_position_embeddings", 0) or 2048)
         self.device = engine.device
         self.batch: _Batch | None = None
 
     # --- models -----------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        return [BASE, *self.adapters]
+        return [self.base_name, *self.adapters]
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a LoRA adapter (a run directory or an adapter folder) under `name`; safetensors only."""
@@ -204,7 +206,7 @@ class HFBackend:
 
     def _drop_unloaded(self, rows: list[Row]) -> list[Row]:
         for r in rows:  # its adapter was unloaded while the request waited or ran
-            if r.finish is None and r.model != BASE and r.model not in self.adapters:
+            if r.finish is None and r.model != self.base_name and r.model not in self.adapters:
                 r.finish = "unloaded"
                 r.on_finish("unloaded", len(r.ids))
         return [r for r in rows if r.finish is None]

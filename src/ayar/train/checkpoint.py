@@ -19,12 +19,9 @@ PREFIX = "checkpoint-"
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    from peft import get_peft_model_state_dict
-
     final = ckpt_root / f"{PREFIX}{step:07d}"
     with atomic_directory(final, fsync=True) as tmp:  # fsync: data on disk before the rename makes it visible
-        adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(adapter, tmp / "adapter.safetensors")
+        save_file(trained_state(model), tmp / "adapter.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
@@ -46,13 +43,34 @@ def checkpoint_step(path: Path) -> int:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, load_file(path / "adapter.safetensors"))
+    load_trained_state(model, load_file(path / "adapter.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+def trained_state(model) -> dict:
+    """What training changes, copied to CPU: the adapter weights, or every trainable weight of a full fine-tune."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+
+
+def load_trained_state(model, state: dict) -> None:
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        missing = set(state) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise ValueError(f"checkpoint weights not in the model: {sorted(missing)[:5]}")
+        model.load_state_dict(state, strict=False)
 
 
 def remove_stale_temp(ckpt_root: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from ayar.data.collate import collate
 from ayar.data.render import IGNORE, Example
+from ayar.plugins import load_callable
 from ayar.train import checkpoint as ckpt
 from ayar.train.loss import loss_sum
 
@@ -26,6 +27,8 @@ class LoopState:
     epoch: int = 0
     micro: int = 0  # next micro-batch index within the epoch
     best_eval: float | None = None
+    last_eval: float | None = None  # the latest eval loss (hyperparameter search reports it for pruning)
+    last_eval_step: int | None = None
     best_step: int | None = None
     bad_evals: int = 0
     stopped_early: bool = False
@@ -138,6 +141,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
     best_adapter = None
     per_pass = rows_per_pass(tcfg, device)
+    loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
     model.train()
     while state.step < total and not state.stopped_early:
         t0 = time.perf_counter()
@@ -152,7 +156,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         step_loss = 0.0
         for b in micro_batches:
-            s, _ = loss_sum(model, _to(b, device))
+            s, _ = loss_sum(model, _to(b, device), loss_fn)
             (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
         if tcfg.max_grad_norm > 0:
@@ -176,6 +180,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         if val and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or state.step == total):
             eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device)
             on_log({"step": state.step, "eval_loss": eval_loss})
+            state.last_eval, state.last_eval_step = eval_loss, state.step
             if state.best_eval is None or eval_loss < state.best_eval:
                 state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
                 if tcfg.early_stopping_patience:
@@ -200,9 +205,7 @@ def _state_dict(state: LoopState) -> dict:
 
 
 def _adapter_copy(model) -> dict:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    return ckpt.trained_state(model)
 
 
 def _to(batch: dict, device: str) -> dict:

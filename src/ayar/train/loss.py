@@ -23,6 +23,9 @@ def compute_context(model):
     import contextlib
 
     base = _base(model)
+    amp = getattr(base, "ayar_autocast_dtype", None)  # full fine-tuning: fp32 master weights, bf16/fp16 compute
+    if amp is not None:
+        return torch.autocast(next(base.parameters()).device.type, dtype=amp)
     dtype = next(base.parameters()).dtype
     if dtype not in (torch.bfloat16, torch.float16) or not hasattr(model, "peft_config"):
         return contextlib.nullcontext()
@@ -34,13 +37,14 @@ def compute_context(model):
     return stack
 
 
-def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained positions, and how many there are."""
+def loss_sum(model, batch: dict, loss_fn=None) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over trained positions, and how many there are. `loss_fn(logits, targets)`
+    -> per-position losses replaces cross-entropy (`training.loss`)."""
     with compute_context(model):
-        return _loss_sum(model, batch)
+        return _loss_sum(model, batch, loss_fn)
 
 
-def _loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+def _loss_sum(model, batch: dict, loss_fn=None) -> tuple[torch.Tensor, int]:
     base = _base(model)
     out = base.get_decoder()(
         input_ids=batch["input_ids"],
@@ -55,7 +59,21 @@ def _loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     cap = getattr(base.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
+    if loss_fn is not None:
+        return custom_loss(loss_fn, logits, targets[keep]).sum(), int(keep.sum())
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def custom_loss(loss_fn, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Call a `training.loss` function and check it keeps its contract (one finite-able loss per position)."""
+    from ayar.errors import AyarError
+
+    losses = loss_fn(logits, targets)
+    if not isinstance(losses, torch.Tensor) or losses.shape != targets.shape:
+        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise AyarError(f"training.loss must return one loss per trained position, a tensor of shape {tuple(targets.shape)}; "
+                        f"got {got}")
+    return losses
 
 
 def reference_loss(model, batch: dict) -> torch.Tensor:

@@ -3,6 +3,7 @@
     runs/<name>-<timestamp>/
       config.yaml      resolved config            run.json      base model, dtype, versions, results
       tokenizer/       tokenizer + chat template  adapter/      final adapter (safetensors)
+                                                  model/        the whole model instead (method: full)
       checkpoints/     resumable checkpoints      metrics.jsonl one JSON object per log/eval event
       loss.png         loss curves                README.md     what this run is and how to use it
       tb/              TensorBoard events
@@ -29,6 +30,7 @@ class RunDir:
     meta = property(lambda self: self.path / "run.json")
     tokenizer = property(lambda self: self.path / "tokenizer")
     adapter = property(lambda self: self.path / "adapter")
+    full_model = property(lambda self: self.path / "model")  # method: full, the whole fine-tuned model
     checkpoints = property(lambda self: self.path / "checkpoints")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     loss_plot = property(lambda self: self.path / "loss.png")

@@ -21,8 +21,8 @@ from ayar.config.loader import from_dict
 from ayar.data.dataset import prepare_data
 from ayar.errors import AyarError
 from ayar.fsutil import write_atomic
-from ayar.models.adapters import apply_method, parameter_counts
-from ayar.models.load import load_model_and_tokenizer
+from ayar.models.adapters import apply_method, parameter_counts, save_initial, save_trained
+from ayar.models.load import load_model_and_tokenizer, starting_point
 from ayar.train import checkpoint as ckpt
 from ayar.train.loop import LoopState, run_loop, total_steps_for
 from ayar.train.plots import plot_loss
@@ -53,8 +53,12 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     torch.manual_seed(tcfg.seed)  # LoRA init; resume overwrites weights and RNG from the checkpoint
 
     # --- load ------------------------------------------------------------------------------------
-    model, tok, placement, model_path = load_model_and_tokenizer(cfg.model, log=say)
-    say(f"model  {model_path}  ({placement.device}, {placement.dtype_name}: {placement.reason})")
+    placement_cfg, amp = full_precision(cfg)
+    model, tok, placement, model_path = load_model_and_tokenizer(placement_cfg, log=say)
+    if amp is not None:
+        model.ayar_autocast_dtype = amp
+    say(f"model  {model_path}  ({placement.device}, {placement.dtype_name}: {placement.reason})"
+        + (f", {str(amp).removeprefix('torch.')} autocast" if amp is not None else ""))
 
     # --- prepare ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -65,6 +69,10 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in {time.perf_counter() - t0:.1f}s")
     _check_memory(cfg, model, data.train, placement, say)
     model = apply_method(model, cfg.method, cfg.lora)
+    init_dir = run.path / "adapter_init"
+    if resume_from is None:
+        init_dir = save_initial(model, cfg.lora, init_dir)
+    init_dir = init_dir if init_dir and Path(init_dir).is_dir() else None
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False
     trainable, total = parameter_counts(model)
@@ -73,6 +81,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         tok.save_pretrained(run.tokenizer)
         run.update_meta(
             ayar_version=__version__, status="running", base_model=model_path, model_name=cfg.model.name,
+            merged_adapters=starting_point(cfg.model.name)[1], method=cfg.method, stage=cfg.stage, task=cfg.task,
             device=placement.device, dtype=placement.dtype_name, dtype_reason=placement.reason,
             params={"trainable": trainable, "total": total}, data=st,
             versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -103,11 +112,10 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
 
     # --- save ------------------------------------------------------------------------------------
     if result.best_adapter is not None and result.state.best_step != result.state.step:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, result.best_adapter)
-        say(f"keeping the best adapter (step {result.state.best_step}, eval loss {result.state.best_eval:.4f})")
-    model.save_pretrained(run.adapter)  # safetensors
+        ckpt.load_trained_state(model, result.best_adapter)
+        say(f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {result.state.best_step}, "
+            f"eval loss {result.state.best_eval:.4f})")
+    save_trained(model, run.full_model if cfg.method == "full" else run.adapter, init_dir)  # safetensors
     records = run.read_metrics()
     plot_loss(records, run.loss_plot)
     s = result.state
@@ -124,6 +132,21 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         f"final loss {meta['final_loss']:.4f}" + (f", eval loss {meta['final_eval_loss']:.4f}" if meta["final_eval_loss"] is not None else ""))
     say(f"run    {run.path}   (ayar chat {run.path})")
     return run
+
+
+def full_precision(cfg: TrainConfig):
+    """(model config to load with, autocast dtype or None). Full fine-tuning keeps fp32 master weights and
+    computes in the half dtype the placement picks; adapters train in fp32 over a half-precision base anyway."""
+    from dataclasses import replace
+
+    from ayar.models.device import choose_placement
+
+    if cfg.method != "full":
+        return cfg.model, None
+    placement = choose_placement(cfg.model.device, cfg.model.dtype)
+    if placement.dtype == torch.float32:
+        return cfg.model, None
+    return replace(cfg.model, dtype="float32"), placement.dtype
 
 
 def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> None:
@@ -159,7 +182,7 @@ def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
     ev = meta.get("final_eval_loss")
     return f"""# {run.path.name}
 
-LoRA fine-tune of `{meta['base_model']}` made by ayar {meta['ayar_version']} on {meta['created']}.
+{'Full' if cfg.method == 'full' else cfg.method.upper()} fine-tune of `{meta['base_model']}` made by ayar {meta['ayar_version']} on {meta['created']}.
 
 | | |
 |---|---|
@@ -171,7 +194,7 @@ LoRA fine-tune of `{meta['base_model']}` made by ayar {meta['ayar_version']} on 
 | device / dtype | {meta['device']} / {meta['dtype']} |
 | speed | {meta['tokens_per_s']} tokens/s, {meta['train_seconds']} s training, peak RSS {meta['peak_rss_mb']} MB |
 
-Files: `config.yaml` (resolved config), `adapter/` (LoRA weights, safetensors), `tokenizer/`,
+Files: `config.yaml` (resolved config), `{'model/` (the whole model' if cfg.method == 'full' else 'adapter/` (adapter weights'}, safetensors), `tokenizer/`,
 `checkpoints/` (resumable), `metrics.jsonl`, `loss.png`, `tb/` (TensorBoard: `tensorboard --logdir {run.path}/tb`).
 
     ayar chat {run.path}

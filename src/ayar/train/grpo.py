@@ -1,0 +1,58 @@
+"""RL with verifiable rewards (`stage: grpo`) through TRL's GRPOTrainer: for each prompt the model samples
+`grpo.num_generations` answers, the reward functions score them, and the policy moves toward the answers
+that beat their group's mean. Rows are conversations; the last assistant turn, when there is one, is the
+reference answer the rewards compare against (column `reference`)."""
+
+from __future__ import annotations
+
+from ayar.data.render import ALPACA_PROMPT, Renderer, _alpaca_instruction
+from ayar.errors import ConfigError
+from ayar.models.adapters import peft_config
+from ayar.train.rewards import reward_functions
+from ayar.train.trainer_stage import Stage
+
+RENAMES = {"reward": "mean_reward", "eval_reward": "eval_mean_reward"}
+
+
+def grpo_rows(records, renderer: Renderer) -> list[dict]:
+    rows = []
+    for rec in records:
+        messages = rec.conversation()
+        reference = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+        prompt = renderer._with_system(messages[:-1] if reference else messages)
+        if renderer.template == "alpaca":
+            prompt = ALPACA_PROMPT.format(instruction=_alpaca_instruction(prompt, rec.where))
+        rows.append({"prompt": prompt, "reference": reference})
+    return rows
+
+
+def build(cfg, model, tok, splits, args: dict, callbacks):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    g = cfg.grpo
+    if cfg.method not in ("lora", "dora"):
+        raise ConfigError(f"stage: grpo trains an adapter (method: lora or dora), not method: {cfg.method}")
+    renderer = Renderer.from_config(tok, cfg.data)
+    data = lambda recs: Dataset.from_list(grpo_rows(recs, renderer)) if recs else None
+    val = data(splits.val)
+    if val is not None and len(val) * g.num_generations % cfg.training.batch_size:
+        val = val.select(range(len(val) - len(val) % max(1, cfg.training.batch_size // g.num_generations)))
+    config = GRPOConfig(**{**args, **({} if val else {"eval_strategy": "no"})}, num_generations=g.num_generations,
+                        num_generations_eval=g.num_generations, max_completion_length=g.max_completion_length,
+                        temperature=g.temperature, beta=g.beta, log_completions=False)
+    return GRPOTrainer(model, reward_funcs=reward_functions(g.rewards, g.target_length), args=config,
+                       train_dataset=data(splits.train), eval_dataset=val, processing_class=tok, callbacks=callbacks,
+                       peft_config=peft_config(model, cfg.method, cfg.lora))
+
+
+def held_out(cfg, trainer, splits) -> dict:
+    """Mean reward of answers sampled for the validation prompts."""
+    if trainer.eval_dataset is None:
+        return {}
+    m = trainer.evaluate()
+    return {"mean_reward": m.get("eval_reward")}
+
+
+STAGE = Stage(name="grpo", kinds=("chat", "preference", "classification"), build=build, before=held_out, after=held_out,
+              renames=RENAMES)

@@ -1,0 +1,223 @@
+"""The recipe shared by stages that run on a transformers/TRL Trainer (DPO family, reward model, GRPO,
+classification): load -> prepare -> train -> save, into the same self-describing run directory as SFT.
+
+A stage module supplies a `Stage`: how to load its model, which records it accepts, and how to build its
+trainer; everything else (run directory, arguments, metrics, resume, saving) is here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+
+from ayar import __version__
+from ayar.config import TrainConfig, config_to_dict
+from ayar.config.loader import from_dict
+from ayar.data.dataset import Splits, load_splits
+from ayar.errors import AyarError, DataError
+from ayar.fsutil import write_atomic
+from ayar.models.adapters import parameter_counts
+from ayar.models.load import load_model_and_tokenizer, starting_point
+from ayar.train.plots import plot_loss
+from ayar.train.rundir import RunDir
+from ayar.train.tracking import Tracker
+
+
+@dataclass
+class Stage:
+    name: str
+    kinds: tuple[str, ...]  # record kinds the stage trains on (data/records.py)
+    # (cfg, model, tokenizer, splits, training-argument kwargs, callbacks) -> a transformers Trainer
+    build: Callable
+    auto_class: str | None = None  # transformers Auto class name; None: causal LM
+    model_kwargs: Callable[[TrainConfig, Splits], dict] = lambda cfg, splits: {}
+    # (cfg, trainer, splits) -> results measured after training (held-out accuracy, ...), put in run.json
+    after: Callable | None = None
+    before: Callable | None = None  # the same measurement before training, for before/after numbers
+    renames: dict = field(default_factory=dict)  # Trainer log keys -> metrics.jsonl keys
+
+
+def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None = None, console: Console | None = None) -> RunDir:
+    console = console or Console(stderr=True)
+    say = lambda text: console.print(text, soft_wrap=True, highlight=False)
+
+    # --- run directory (new, or the one being resumed) -------------------------------------------
+    if resume is not None:
+        run = RunDir.open(resume)
+        cfg = from_dict(TrainConfig, run.read_config_dict(), where=str(run.config))
+        if not any(run.checkpoints.glob("checkpoint-*")):
+            raise AyarError(f"{run.path} has no complete checkpoint to resume from (set training.save_steps to write them)")
+    else:
+        run = RunDir.create(cfg.output.dir, cfg.output.name)
+        run.write_config(config_to_dict(cfg))
+    tcfg = cfg.training
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    torch.manual_seed(tcfg.seed)
+
+    # --- prepare (data first: a wrong format fails before the model loads) -----------------------
+    splits = load_splits(cfg.data, seed=tcfg.seed)
+    check_kinds(splits, stage)
+    _lint(cfg, splits, say)
+    say(f"data   {len(splits.train)} train rows, {len(splits.val)} validation rows ({stage.name})")
+
+    # --- load ------------------------------------------------------------------------------------
+    auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
+    model, tok, placement, model_path = load_model_and_tokenizer(cfg.model, log=say, auto_class=auto,
+                                                                 **stage.model_kwargs(cfg, splits))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find each row's last token by it
+    say(f"model  {model_path}  ({placement.device}, {placement.dtype_name}: {placement.reason})")
+
+    # --- train -----------------------------------------------------------------------------------
+    tracker = Tracker(tcfg.tracker, run, config_to_dict(cfg))
+    logger = _MetricsLog(run, tracker, stage.renames)
+    trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, placement), [logger.callback()])
+    trainable, total = parameter_counts(trainer.model)
+    say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
+    if resume is None:
+        tok.save_pretrained(run.tokenizer)
+        run.update_meta(
+            ayar_version=__version__, status="running", base_model=model_path, model_name=cfg.model.name,
+            merged_adapters=starting_point(cfg.model.name)[1], method=cfg.method, stage=cfg.stage, task=cfg.task,
+            device=placement.device, dtype=placement.dtype_name, dtype_reason=placement.reason,
+            params={"trainable": trainable, "total": total},
+            data={"train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test)},
+            created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+        if stage.before is not None:
+            run.update_meta(before=stage.before(cfg, trainer, splits))
+    else:
+        say(f"resume {run.path}")
+        run.truncate_metrics(_last_checkpoint_step(run))
+    wall = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=True if resume is not None else None)
+    seconds = time.perf_counter() - wall
+    # a final evaluation, as SFT runs one (logged through the callback); `after` runs it with its measurement
+    after = stage.after(cfg, trainer, splits) if stage.after is not None else {}
+    if stage.after is None and trainer.eval_dataset is not None:
+        trainer.evaluate()
+    tracker.close()
+
+    # --- save ------------------------------------------------------------------------------------
+    trainer.model.save_pretrained(str(run.adapter))  # safetensors
+    records = run.read_metrics()
+    plot_loss(records, run.loss_plot)
+    from ayar.train.sft import peak_rss_mb
+
+    meta = run.update_meta(
+        status="completed", steps=trainer.state.global_step, total_steps=trainer.state.max_steps, train_seconds=round(seconds, 2),
+        final_loss=next((r["loss"] for r in reversed(records) if "loss" in r), output.training_loss),
+        final_eval_loss=next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None),
+        after=after, peak_rss_mb=peak_rss_mb(),
+    )
+    write_atomic(run.readme, _readme(run, cfg, meta))
+    summary = ", ".join(f"{k} {_fmt(meta.get('before', {}).get(k))} -> {_fmt(v)}" for k, v in after.items())
+    say(f"done   {meta['steps']} steps in {seconds:.0f}s, final loss {_fmt(meta['final_loss'])}" + (f"; {summary}" if summary else ""))
+    say(f"run    {run.path}")
+    return run
+
+
+def check_kinds(splits: Splits, stage: Stage) -> None:
+    """Every row must be of a kind the stage trains on: say which row is not, and what the stage needs."""
+    for rec in splits.train + splits.val:
+        if rec.kind not in stage.kinds:
+            need = {"preference": "preference pairs (prompt, chosen, rejected; data.format: preference or hh)",
+                    "chat": "conversations ending with an assistant answer (or prompts)",
+                    "classification": "labelled texts (text, label; data.format: classification)"}
+            raise DataError(f"{rec.where}: a {rec.kind} row, but `stage: {stage.name}` trains on "
+                            f"{' or '.join(need[k] for k in stage.kinds)}")
+
+
+def _lint(cfg: TrainConfig, splits: Splits, say) -> None:
+    """The record-level data lint SFT runs (empty fields, duplicates, leakage between splits)."""
+    if cfg.data.lint == "off":
+        return
+    from ayar.data.lint import lint
+
+    report = lint(splits.as_dict())
+    if report.errors and cfg.data.lint == "strict":
+        raise DataError(f"the data has problems that would spoil training:\n{report.format()}\n"
+                        "Fix them (see `ayar data lint`), or train anyway with data.lint=warn.")
+    if report.issues:
+        say(report.format(per_code=3))
+
+
+def training_kwargs(cfg: TrainConfig, run: RunDir, placement) -> dict:
+    """Our TrainingConfig as transformers TrainingArguments fields (shared by every Trainer-based stage)."""
+    t = cfg.training
+    has_val = cfg.data.validation or cfg.data.val_ratio > 0
+    return dict(
+        output_dir=str(run.checkpoints), per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps > 0 else -1,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else 0.0,
+        logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed, report_to="none",
+        eval_strategy="steps" if t.eval_steps and has_val else "no", eval_steps=t.eval_steps or None,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500, save_total_limit=t.save_total_limit,
+        use_cpu=placement.device == "cpu", bf16=placement.dtype == torch.bfloat16, fp16=placement.dtype == torch.float16,
+        activation_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
+        optim="adamw_torch" if t.optimizer == "adamw" else "adamw_bnb_8bit",
+    )
+
+
+class _MetricsLog:
+    """Trainer logs -> metrics.jsonl (our key names) and the tracker."""
+
+    def __init__(self, run: RunDir, tracker: Tracker, renames: dict):
+        self.run, self.tracker, self.renames = run, tracker, renames
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        log = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                log.write(state.global_step, logs or {})
+
+        return Callback()
+
+    def write(self, step: int, logs: dict) -> None:
+        record = {"step": step}
+        for key, value in logs.items():
+            if not isinstance(value, (int, float)) or key in ("total_flos", "epoch_time"):
+                continue
+            name = self.renames.get(key, key)
+            record[{"learning_rate": "lr", "train_loss": "mean_train_loss"}.get(name, name)] = float(value)
+        if len(record) > 1:
+            self.run.append_metrics(record)
+            self.tracker.log(record, step)
+
+
+def _last_checkpoint_step(run: RunDir) -> int:
+    steps = [int(p.name.rsplit("-", 1)[-1]) for p in run.checkpoints.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()]
+    return max(steps, default=0)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
+    rows = "".join(f"| {k} | {_fmt(meta.get('before', {}).get(k))} | {_fmt(v)} |\n" for k, v in meta.get("after", {}).items())
+    results = f"\n| held-out metric | before | after |\n|---|---|---|\n{rows}" if rows else ""
+    use = {"reward": "Score texts with it: `AutoModelForSequenceClassification` + this adapter (higher = preferred).",
+           "classification": "Classify texts with it: `AutoModelForSequenceClassification` + this adapter; labels in run.json."}
+    how = use.get("classification" if cfg.task == "classification" else cfg.stage, f"    ayar chat {run.path}\n    ayar eval {run.path}")
+    return f"""# {run.path.name}
+
+`stage: {cfg.stage}`{f' ({cfg.preference.loss})' if cfg.stage == 'dpo' else ''}, `task: {cfg.task}`, {cfg.method} adapter on
+`{meta['base_model']}`{' (starting from ' + str(cfg.model.name) + ')' if meta.get('merged_adapters') else ''}, made by ayar
+{meta['ayar_version']} on {meta['created']}: {meta['steps']} steps, {meta['train_seconds']} s, final loss {_fmt(meta['final_loss'])}.
+{results}
+Files: `config.yaml`, `adapter/`, `tokenizer/`, `checkpoints/` (resumable: `ayar train --resume {run.path}`),
+`metrics.jsonl`, `loss.png`.
+
+{how}
+"""
