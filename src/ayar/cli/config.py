@@ -2,6 +2,7 @@
 
 examples:
   ayar config validate examples/quickstart.yaml lora.r=32
+  ayar config validate examples/hpo.yaml hpo.trials=8
   ayar config reference          (Markdown table of every key, as in the README)
 """
 
@@ -24,8 +25,17 @@ def run(args) -> int:
     import yaml
 
     from ayar.config import config_to_dict, load_config
+    from ayar.config.loader import read_yaml
 
-    cfg = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    if "hpo" in read_yaml(args.config):  # an `ayar hpo` file: the training config plus its search
+        from ayar.config.loader import from_dict
+        from ayar.train.hpo import load_hpo_config
+
+        base, hcfg = load_hpo_config(args.config, args.overrides)
+        cfg = from_dict(type(load_config(None)), base, where=args.config)
+        print(yaml.safe_dump({**config_to_dict(cfg), "hpo": config_to_dict(hcfg)}, sort_keys=False), end="")
+    else:
+        cfg = load_config(args.config, args.overrides)
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     print(f"# {args.config}: valid")
     return 0

@@ -23,21 +23,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ayar.config import HpoConfig
-    from ayar.config.loader import apply_overrides, from_dict, read_yaml
-    from ayar.errors import ConfigError
-    from ayar.train.hpo import run_hpo
+    from ayar.train.hpo import load_hpo_config, run_hpo
 
-    raw = read_yaml(args.config)
-    search = raw.pop("hpo", None) or {}
-    if not isinstance(search, dict):
-        raise ConfigError(f"{args.config}: `hpo:` must be a section (trials:, space:, ...)")
-    mine = [o for o in args.overrides if o.startswith("hpo.")]
-    search = apply_overrides(search, [o.removeprefix("hpo.") for o in mine])
-    if args.trials is not None:
-        search["trials"] = args.trials
-    hcfg = from_dict(HpoConfig, search, where=f"{args.config} (hpo:)")
-    base = apply_overrides(raw, [o for o in args.overrides if o not in mine])
+    base, hcfg = load_hpo_config(args.config, args.overrides, trials=args.trials)
     run_hpo(base, hcfg)
     return 0
-

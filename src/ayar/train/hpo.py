@@ -16,8 +16,26 @@ from pathlib import Path
 import yaml
 
 from ayar.config import HpoConfig, TrainConfig, config_to_dict
-from ayar.config.loader import apply_overrides, from_dict
+from ayar.config.loader import apply_overrides, from_dict, read_yaml
 from ayar.errors import ConfigError
+
+
+def load_hpo_config(path, overrides: list[str] = (), trials: int | None = None) -> tuple[dict, HpoConfig]:
+    """A training YAML with an `hpo:` section -> (the training config as a dict, the HpoConfig). Overrides
+    starting with `hpo.` go to the search, the others to training; the space is checked against the config."""
+    raw = read_yaml(path)
+    search = raw.pop("hpo", None) or {}
+    if not isinstance(search, dict):
+        raise ConfigError(f"{path}: `hpo:` must be a section (trials:, space:, ...)")
+    mine = [o for o in overrides if o.startswith("hpo.")]
+    search = apply_overrides(search, [o.removeprefix("hpo.") for o in mine])
+    if trials is not None:
+        search["trials"] = trials
+    hcfg = from_dict(HpoConfig, search, where=f"{path} (hpo:)")
+    base = apply_overrides(raw, [o for o in overrides if o not in mine])
+    from_dict(TrainConfig, base, where=str(path))
+    parse_space(hcfg.space, base)
+    return base, hcfg
 
 
 @dataclass
