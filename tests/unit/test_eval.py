@@ -82,6 +82,9 @@ def test_perplexity_preference_and_generation_stats():
     assert M.perplexity(math.log(4.0)) == pytest.approx(4.0) and M.perplexity(None) is None
     p = M.preference([-1.0, -5.0, -2.0], [-3.0, -4.0, -2.5])
     assert p["preference_accuracy"] == pytest.approx(2 / 3) and p["reward_margin"] == pytest.approx((2 - 1 + 0.5) / 3)
+    # pair 1: chosen +1, rejected -1 -> +2; pair 2: chosen -1, rejected 0 -> -1; pair 3: both +0.5 -> 0 (not a win)
+    shift = M.preference_shift([0.0, -6.0, -1.5], [-4.0, -4.0, -2.0], [-1.0, -5.0, -2.0], [-3.0, -4.0, -2.5])
+    assert shift == {"implicit_accuracy": pytest.approx(1 / 3), "implicit_margin": pytest.approx((2 - 1 + 0) / 3)}
     g = M.generation_stats([10, 30, 20], [True, False, True], seconds=2.0)
     assert g == {"mean_new_tokens": 20.0, "stop_rate": pytest.approx(2 / 3), "tokens_per_s": 30.0}
 

@@ -194,6 +194,15 @@ def test_preference_losses_raise_the_chosen_over_the_rejected(tiny_model_dir, tm
     with engine.base_model():  # the reference: the same weights with the adapter disabled
         before = _margin(engine, PAIRS)
     assert tuned > before + 1.0, (before, tuned)
+    if loss == "dpo":  # `ayar eval` on held-out pairs reports the shift against the adapter-disabled model
+        from ayar.config import EvalConfig
+        from ayar.eval.runner import evaluate_run
+
+        held_out = write_jsonl(tmp_path / "h.jsonl", [{**p, "prompt": p["prompt"].replace("plus", "added to")} for p in PAIRS])
+        result = evaluate_run(EvalConfig(run=str(run.path), data=str(held_out), anchor=None, out=str(tmp_path / "eval")))
+        shift = result.checks["preference_shift"]
+        assert shift["implicit_accuracy"] >= 0.9 and shift["implicit_margin"] > 1, shift
+        assert "implicit-reward accuracy" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_dpo_from_an_sft_run_uses_the_sft_model_as_reference(tiny_run, tmp_path):
@@ -213,6 +222,10 @@ def test_stages_refuse_data_of_the_wrong_kind_and_bad_combinations(tiny_model_di
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     with pytest.raises(DataError, match=r"d.jsonl:1: a chat row, but `stage: dpo` trains on preference pairs"):
         train(config(tiny_model_dir, data, tmp_path / "runs", "stage=dpo"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "Hi", "output": ""}] + MATH_ROWS)
+    with pytest.raises(DataError, match="bad.jsonl:1: the assistant answer is empty|empty"):
+        train(config(tiny_model_dir, bad, tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()  # a config that fails before training leaves no empty run directory
     with pytest.raises(ConfigError, match="lora.init: pissa changes the base weights"):
         train(config(tiny_model_dir, data, tmp_path / "runs", "stage=dpo", "lora.init=pissa"))
     with pytest.raises(ConfigError, match="task: classification trains with stage: sft"):
@@ -354,3 +367,26 @@ def test_hpo_space_errors_name_the_key():
         parse_space({"training.learning_rate": {"low": 1e-3, "high": 1e-5}}, {})
     with pytest.raises(ConfigError, match="lora.r: expected an integer, got 'big'"):
         parse_space({"lora.r": {"choices": [4, "big"]}}, {})
+
+
+def test_a_trainer_stage_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from ayar.train import trainer_stage
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    kw = ["stage=dpo", "training.max_steps=4", "training.save_steps=2", "data.val_ratio=0"]
+    full = train(config(tiny_model_dir, data, tmp_path / "a", *kw))
+    write = trainer_stage._MetricsLog.write
+
+    def dies_after_step_3(self, step, logs):
+        write(self, step, logs)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_stage._MetricsLog, "write", dies_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_model_dir, data, tmp_path / "b", *kw))
+    monkeypatch.setattr(trainer_stage._MetricsLog, "write", write)
+    resumed = train(resume=next((tmp_path / "b").iterdir()))
+    got = [(m["step"], m["loss"]) for m in resumed.read_metrics() if "loss" in m]
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    assert [l for _, l in got] == pytest.approx(losses(full), rel=1e-5)

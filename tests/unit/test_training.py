@@ -259,15 +259,42 @@ def test_loraplus_puts_b_matrices_in_a_faster_group(tiny_model_dir):
     assert rates[0] == 1e-4 and rates[-1] == 16e-4
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; a GPU gets the not-yet message")
-def test_qlora_on_cpu_is_refused_with_the_alternative(tiny_model_dir, tmp_path):
-    from ayar.errors import ConfigError
-    from ayar.models.adapters import apply_method
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_qlora_trains_over_a_4bit_base_and_its_adapter_loads_on_the_full_base(tmp_path, method):
+    """bitsandbytes' CPU backend: the base is NF4 (4-bit) during training; the adapter applies to the full base."""
+    from ayar.config import load_config
+    from ayar.infer.engine import load_engine
+    from tests.conftest import save_tiny
 
-    with pytest.raises(ConfigError, match="needs a CUDA GPU.*use method: lora"):
-        apply_method(None, "qlora", None)
-    with pytest.raises(ConfigError, match="use method: dora"):
-        apply_method(None, "qdora", None)
+    model_dir = save_tiny(tmp_path / "m", "qwen2", hidden_size=64, intermediate_size=128)  # bnb packs 64-wide blocks
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = load_config(None, [f"model.name={model_dir}", "model.dtype=bfloat16", f"data.train={data}", f"output.dir={tmp_path / 'runs'}",
+                             "training.tracker=none", "training.max_steps=8", "training.batch_size=4", "data.val_ratio=0.2",
+                             "data.cache=false", "training.warmup_ratio=0", "training.learning_rate=5e-3", f"method={method}"])
+    run = train_sft(cfg)
+    losses = [m["loss"] for m in run.read_metrics() if "loss" in m]
+    assert losses[-1] < losses[0] - 1, losses
+    meta = json.loads(run.meta.read_text())
+    full = sum(p.numel() for p in load_engine(str(model_dir), **{"log": lambda *_: None}).model.parameters())
+    assert meta["params"]["total"] == full + meta["params"]["trainable"]  # 4-bit weights counted as weights, not bytes
+    assert json.loads((run.adapter / "adapter_config.json").read_text())["use_dora"] is (method == "qdora")
+    engine = load_engine(run.path, log=lambda *_: None)
+    assert not any("4bit" in type(m).__name__ for m in engine.model.modules())  # served on the unquantized base
+    assert engine.generate("What is 7 plus 5?", max_new_tokens=3).new_tokens > 0
+
+
+def test_qlora_without_bitsandbytes_names_the_extra(monkeypatch):
+    import builtins
+
+    from ayar.errors import ConfigError
+    from ayar.models.adapters import quantization_config
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "bitsandbytes" else real_import(name, *a, **k))
+    with pytest.raises(ConfigError, match=r"pip install 'ayar\[qlora\]'.*use method: lora"):
+        quantization_config("qlora", torch.bfloat16)
+    assert quantization_config("lora", torch.bfloat16) is None
 
 
 def test_compare_trains_each_method_and_writes_the_table(tiny_model_dir, tmp_path):

@@ -1,7 +1,7 @@
 """Train the same config with several fine-tuning methods (same data, seed and steps) and compare them.
 
 examples:
-  ayar compare examples/quickstart.yaml --methods lora,dora,pissa,rslora,loraplus,full
+  ayar compare examples/quickstart.yaml --methods lora,dora,pissa,qlora,full
   ayar compare data.train=my.jsonl training.max_steps=50 --methods lora,dora --out runs/compare
 
 Each method trains in its own process (so its peak memory is its own) into OUT/<method>-<time>/, a full
@@ -17,6 +17,7 @@ METHODS = {
     "loraplus": ["training.loraplus_lr_ratio=16"],
     "pissa": ["lora.init=pissa"],
     "olora": ["lora.init=olora"],
+    "qlora": ["method=qlora"],
     "full": ["method=full"],
 }
 

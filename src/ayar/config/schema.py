@@ -148,7 +148,8 @@ class TrainConfig:
     task: str = _f("causal_lm", "`causal_lm` (generate text), or `classification` (a sequence-classification head on the model; "
                    "data.format: classification, metrics: accuracy, precision, recall, F1).", choices=("causal_lm", "classification"))
     method: str = _f("lora", "Fine-tuning method: `lora`, `dora` (weight-decomposed LoRA), `full` (every weight; fp32 master weights), "
-                     "`qlora` / `qdora` (4-bit NF4 base, CUDA + bitsandbytes).",
+                     "`qlora` / `qdora` (LoRA / DoRA over a 4-bit NF4 base from bitsandbytes, the `qlora` extra: CUDA, or CPU "
+                     "with its slower kernels; SFT only).",
                      choices=("lora", "dora", "full", "qlora", "qdora"))
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation and schedule."})

@@ -58,6 +58,14 @@ def preference(chosen_logps: list[float], rejected_logps: list[float]) -> dict:
             "reward_margin": sum(margins) / max(len(margins), 1)}
 
 
+def preference_shift(tuned_chosen, tuned_rejected, base_chosen, base_rejected) -> dict:
+    """How training moved each pair, relative to the base: the implicit reward of DPO, log(pi/pi_base), of
+    the chosen answer minus that of the rejected one. Accuracy is the share of pairs moved toward chosen."""
+    margins = [(tc - bc) - (tr - br) for tc, tr, bc, br in zip(tuned_chosen, tuned_rejected, base_chosen, base_rejected)]
+    return {"implicit_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
+            "implicit_margin": sum(margins) / max(len(margins), 1)}
+
+
 def generation_stats(new_tokens: list[int], stopped: list[bool], seconds: float) -> dict:
     """Mean generated length, stop rate (ended with EOS / end-of-turn rather than hitting max_new_tokens), tokens/s."""
     n = max(len(new_tokens), 1)

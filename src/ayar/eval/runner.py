@@ -85,6 +85,7 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
         ctx = eng.base_model() if mode else contextlib.nullcontext()
         with ctx:
             result.models[name], answers[name] = _measure(eng, cfg, gen, prefs, records, anchor)
+    pair_logps = {name: m.pop("pair_logps") for name, m in result.models.items() if "pair_logps" in m}
     prompts = [r.conversation()[:-1] for r in gen]
     refs = [r.conversation()[-1]["content"] for r in gen]
     result.samples = [{"prompt": p[-1]["content"], "reference": ref, **{n: answers[n][i] for n in answers}}
@@ -104,6 +105,12 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
                 "message": (f"forgetting: anchor perplexity {b:.2f} -> {t:.2f} ({100 * change:+.1f}%, threshold "
                             f"{100 * cfg.forgetting_threshold:.0f}%)") if change > cfg.forgetting_threshold else
                            f"no forgetting flagged: anchor perplexity {b:.2f} -> {t:.2f} ({100 * change:+.1f}%)"}
+        if "tuned" in pair_logps and "base" in pair_logps:
+            shift = M.preference_shift(*pair_logps["tuned"], *pair_logps["base"])
+            result.checks["preference_shift"] = {**shift, "message": (
+                f"relative to the base, the tuned model raised the chosen answer over the rejected one on "
+                f"{100 * shift['implicit_accuracy']:.0f}% of {len(prefs)} pairs (DPO's implicit-reward accuracy; 50% = no "
+                f"preference learned), mean log-ratio margin {shift['implicit_margin']:+.3f}")}
         if cfg.judge_url and gen:
             from ayar.eval.judge import pairwise
 
@@ -163,6 +170,7 @@ def _measure(engine, cfg: EvalConfig, gen: list[Record], prefs: list[Record], re
         chosen = [_logp(engine, Record(r.messages, r.where), r.chosen) for r in prefs]
         rejected = [_logp(engine, Record(r.messages, r.where), r.rejected) for r in prefs]
         out.update(M.preference(chosen, rejected))
+        out["pair_logps"] = (chosen, rejected)  # taken out by the caller for the tuned-vs-base shift
     if anchor:
         loss = evaluate(engine.model, [engine.renderer.encode(r) for r in anchor], cfg.batch_size, engine.tok.pad_token_id, engine.device)
         out["anchor_perplexity"] = M.perplexity(loss)

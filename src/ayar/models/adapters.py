@@ -22,7 +22,13 @@ def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    return _get_peft_model(model, peft_config(model, method, lora_cfg, task_type))
+    config = peft_config(model, method, lora_cfg, task_type)
+    if method in ("qlora", "qdora"):
+        from peft import prepare_model_for_kbit_training
+
+        # norms and embeddings to fp32 (stable with a 4-bit base); checkpointing stays the memory plan's choice
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _get_peft_model(model, config)
 
 
 def peft_config(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
@@ -63,16 +69,25 @@ def save_initial(model, lora_cfg, out) -> str | None:
 
 
 def _require_4bit(method: str) -> None:
-    """QLoRA needs a 4-bit NF4 base from bitsandbytes, which ayar supports on CUDA only."""
-    import torch
+    """QLoRA needs bitsandbytes (the `qlora` extra); its 4-bit NF4 kernels run on CUDA and, since 0.46, on CPU."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"method: {method} loads the base in 4-bit NF4 with bitsandbytes, which is not installed: "
+                          f"pip install 'ayar[qlora]' (or use method: {'dora' if method == 'qdora' else 'lora'} with "
+                          "model.dtype: bfloat16, half the memory of float32)") from None
 
-    if not torch.cuda.is_available():
-        raise ConfigError(f"method: {method} needs a CUDA GPU (its base model is loaded in 4-bit NF4 by bitsandbytes); "
-                          f"on this machine use method: {'dora' if method == 'qdora' else 'lora'} with model.dtype: bfloat16 "
-                          "(half the memory of float32) or auto")
-    # Loading the base in 4-bit (BitsAndBytesConfig) is not wired in yet: no GPU was at hand to test it.
-    raise ConfigError(f"method: {method} is not available yet (its 4-bit base loading is untested without a GPU); "
-                      f"use method: {'dora' if method == 'qdora' else 'lora'} with model.dtype: bfloat16")
+
+def quantization_config(method: str, compute_dtype):
+    """from_pretrained's quantization_config for `method`: 4-bit NF4 with double quantization for QLoRA/QDoRA
+    (the matmuls run in `compute_dtype`), else None."""
+    if method not in ("qlora", "qdora"):
+        return None
+    _require_4bit(method)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def _lora_config(model, lora_cfg, dora: bool = False, task_type: str = "CAUSAL_LM"):
@@ -143,6 +158,7 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
 
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    count = lambda p: p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()  # 4-bit: packed 2 per byte
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return trainable, total

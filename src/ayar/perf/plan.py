@@ -34,6 +34,7 @@ class Shape:
     lora_params: int
     heads: int = 1
     lora_inputs: int = 0  # per layer: summed input features of the LoRA-wrapped projections
+    linear_params: int = 0  # weights of the linear layers (not the output head): what QLoRA stores in 4 bits
 
 
 @dataclass
@@ -79,8 +80,9 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
     layers = c.num_hidden_layers
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output)
     return Shape(params, layers, c.hidden_size, c.intermediate_size, kv, c.vocab_size, lora, heads,
-                 sum(m.in_features for m in wrapped) // layers)
+                 sum(m.in_features for m in wrapped) // layers, linear)
 
 
 def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True) -> int:
@@ -107,6 +109,8 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
     """`tokens` in the largest micro-batch, laid out as `rows` rows of equal length (1 row when packed)."""
     wb = _BYTES[weight_dtype]
     parts = {"weights": shape.params * wb}
+    if method in ("qlora", "qdora"):  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
+        parts["weights"] = int(shape.linear_params * 0.516) + (shape.params - shape.linear_params) * 4
     adapter = method in ("lora", "dora", "qlora", "qdora")
     if adapter:
         parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4

@@ -21,7 +21,7 @@ from ayar.config.loader import from_dict
 from ayar.data.dataset import prepare_data
 from ayar.errors import AyarError
 from ayar.fsutil import write_atomic
-from ayar.models.adapters import apply_method, parameter_counts, save_initial, save_trained
+from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial, save_trained
 from ayar.models.load import load_model_and_tokenizer, starting_point
 from ayar.train import checkpoint as ckpt
 from ayar.train.loop import LoopState, run_loop, total_steps_for
@@ -44,8 +44,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
             raise AyarError(f"{run.path} has no complete checkpoint to resume from (set training.save_steps to write them)")
         ckpt.remove_stale_temp(run.checkpoints)
     else:
-        run, resume_from = RunDir.create(cfg.output.dir, cfg.output.name), None
-        run.write_config(config_to_dict(cfg))
+        run, resume_from = None, None  # created once the data and model are ready: a bad config leaves no empty run
     start_step = ckpt.checkpoint_step(resume_from) if resume_from else 0
     tcfg = cfg.training
     if tcfg.threads:
@@ -54,7 +53,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
 
     # --- load ------------------------------------------------------------------------------------
     placement_cfg, amp = full_precision(cfg)
-    model, tok, placement, model_path = load_model_and_tokenizer(placement_cfg, log=say)
+    model, tok, placement, model_path = load_model_and_tokenizer(placement_cfg, log=say, **quantized(cfg))
     if amp is not None:
         model.ayar_autocast_dtype = amp
     say(f"model  {model_path}  ({placement.device}, {placement.dtype_name}: {placement.reason})"
@@ -68,6 +67,9 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         f"{st['val_rows']} validation rows" + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else "")
         + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in {time.perf_counter() - t0:.1f}s")
     _check_memory(cfg, model, data.train, placement, say)
+    if run is None:
+        run = RunDir.create(cfg.output.dir, cfg.output.name)
+        run.write_config(config_to_dict(cfg))
     model = apply_method(model, cfg.method, cfg.lora)
     init_dir = run.path / "adapter_init"
     if resume_from is None:
@@ -147,6 +149,14 @@ def full_precision(cfg: TrainConfig):
     if placement.dtype == torch.float32:
         return cfg.model, None
     return replace(cfg.model, dtype="float32"), placement.dtype
+
+
+def quantized(cfg: TrainConfig) -> dict:
+    """QLoRA/QDoRA: load the base in 4-bit NF4, computing in the dtype the placement picks."""
+    from ayar.models.device import choose_placement
+
+    q = quantization_config(cfg.method, choose_placement(cfg.model.device, cfg.model.dtype).dtype)
+    return {"quantization_config": q} if q is not None else {}
 
 
 def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> None:

@@ -53,8 +53,7 @@ def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None =
         if not any(run.checkpoints.glob("checkpoint-*")):
             raise AyarError(f"{run.path} has no complete checkpoint to resume from (set training.save_steps to write them)")
     else:
-        run = RunDir.create(cfg.output.dir, cfg.output.name)
-        run.write_config(config_to_dict(cfg))
+        run = None  # created once the data and model are ready: a bad config leaves no empty run
     tcfg = cfg.training
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -75,6 +74,9 @@ def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None =
     say(f"model  {model_path}  ({placement.device}, {placement.dtype_name}: {placement.reason})")
 
     # --- train -----------------------------------------------------------------------------------
+    if run is None:
+        run = RunDir.create(cfg.output.dir, cfg.output.name)
+        run.write_config(config_to_dict(cfg))
     tracker = Tracker(tcfg.tracker, run, config_to_dict(cfg))
     logger = _MetricsLog(run, tracker, stage.renames)
     trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, placement), [logger.callback()])
