@@ -17,6 +17,12 @@ def quiet_libraries() -> None:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
+        import datasets
+
+        datasets.disable_progress_bars()  # per-map bars of TRL's dataset preparation
+    except ImportError:
+        pass
+    try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

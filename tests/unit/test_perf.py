@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ayar.perf.plan import MemoryPlan, largest_micro_batch, model_shape, plan_memory, suggestions
 from ayar.data.render import Example
@@ -21,6 +22,31 @@ def test_parameter_count_from_config_matches_the_model(family):
     assert shape.params == sum(p.numel() for p in model.parameters())
     peft_model = apply_method(model, "lora", LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     assert shape.lora_params == parameter_counts(peft_model)[0]  # phi3's fused qkv_proj / gate_up_proj included
+
+
+def test_qlora_weights_are_counted_at_4_bits_with_the_rest_in_fp32(tmp_path):
+    """The planner's QLoRA weight bytes against what bitsandbytes actually allocates for the same model."""
+    from ayar.models.adapters import quantization_config
+    from ayar.perf.plan import plan_memory
+    from tests.conftest import save_tiny
+
+    path = save_tiny(tmp_path / "m", "qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=8)
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config("qlora", torch.bfloat16),
+                                                 dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    allocated = sum(p.numel() * p.element_size() for p in model.parameters())  # 4-bit weights: 2 per uint8
+    for p in model.parameters():  # + the per-block scales: uint8 absmax, double-quantized by fp32 ones
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            allocated += qs.absmax.numel() * qs.absmax.element_size() + qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    shape = model_shape(model.config, "all-linear", 8)
+    planned = lambda method: plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=64, trained=32, method=method,
+                                         available=2**40).parts["weights"]
+    assert planned("qlora") == pytest.approx(allocated, rel=0.05)
+    assert planned("qlora") < planned("lora")
 
 
 def test_lora_parameter_count_for_named_and_regex_targets():

@@ -107,6 +107,10 @@ def test_full_fine_tuning_trains_every_weight_and_resumes_exactly(tiny_model_dir
 
     engine = load_engine(run.path, **QUIET)
     assert engine.full_finetune and not hasattr(engine.model, "peft_config")
+    from ayar.serve.backend import HFBackend
+
+    served = HFBackend(engine, "tuned")  # served under the run's name: there is no separate base to offer
+    assert served.model_names() == ["tuned"] and served.default_model == "tuned"
     ids = engine.tok("What is 7 plus 5?", return_tensors="pt")["input_ids"]
     base = load_engine(str(tiny_model_dir), dtype="float32", **QUIET)
     with torch.no_grad():

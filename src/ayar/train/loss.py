@@ -6,6 +6,8 @@ prompt and padding positions (most of a chat batch) are never materialised.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -16,25 +18,25 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@contextlib.contextmanager
 def compute_context(model):
     """bf16/fp16 base weights with fp32 adapter weights: run the adapters' matmuls in the base dtype under
     autocast (their fp32 master weights and optimizer stay fp32), instead of peft's default of copying
     every adapter input to fp32 and multiplying in fp32. Measured in benchmarks/README.md."""
-    import contextlib
-
     base = _base(model)
+    device = next(base.parameters()).device.type
     amp = getattr(base, "ayar_autocast_dtype", None)  # full fine-tuning: fp32 master weights, bf16/fp16 compute
-    if amp is not None:
-        return torch.autocast(next(base.parameters()).device.type, dtype=amp)
     dtype = next(base.parameters()).dtype
-    if dtype not in (torch.bfloat16, torch.float16) or not hasattr(model, "peft_config"):
-        return contextlib.nullcontext()
-    from peft.helpers import disable_input_dtype_casting
+    if amp is not None:
+        with torch.autocast(device, dtype=amp):
+            yield
+    elif dtype in (torch.bfloat16, torch.float16) and hasattr(model, "peft_config"):
+        from peft.helpers import disable_input_dtype_casting
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(next(base.parameters()).device.type, dtype=dtype))
-    stack.enter_context(disable_input_dtype_casting(model))
-    return stack
+        with torch.autocast(device, dtype=dtype), disable_input_dtype_casting(model):
+            yield
+    else:
+        yield
 
 
 def loss_sum(model, batch: dict, loss_fn=None) -> tuple[torch.Tensor, int]:

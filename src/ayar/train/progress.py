@@ -28,8 +28,8 @@ class TrainProgress:
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, eta_s: float) -> None:
-        stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, eta_s: float, extra: str = "") -> None:
+        stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s" + (f"  {extra}" if extra else "")
         self.bar.update(self.task, completed=step, stats=stats)
         now = time.time()
         if not self.interactive and (now - self._last_print > 10 or step == self.total):

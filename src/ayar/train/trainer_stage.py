@@ -78,8 +78,12 @@ def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None =
         run = RunDir.create(cfg.output.dir, cfg.output.name)
         run.write_config(config_to_dict(cfg))
     tracker = Tracker(tcfg.tracker, run, config_to_dict(cfg))
-    logger = _MetricsLog(run, tracker, stage.renames)
+    logger = _MetricsLog(run, tracker, stage.renames, console)
     trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, placement), [logger.callback()])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for noisy in (PrinterCallback, ProgressCallback):  # our progress line replaces the raw log dicts
+        trainer.remove_callback(noisy)
     trainable, total = parameter_counts(trainer.model)
     say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
     if resume is None:
@@ -168,11 +172,16 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, placement) -> dict:
     )
 
 
-class _MetricsLog:
-    """Trainer logs -> metrics.jsonl (our key names) and the tracker."""
+# the stage metric shown beside the loss in the progress line, when the stage logs it
+_HEADLINE = ("preference_accuracy", "reward_margin", "mean_reward", "accuracy", "f1_macro")
 
-    def __init__(self, run: RunDir, tracker: Tracker, renames: dict):
-        self.run, self.tracker, self.renames = run, tracker, renames
+
+class _MetricsLog:
+    """Trainer logs -> metrics.jsonl (our key names), the tracker and the progress line."""
+
+    def __init__(self, run: RunDir, tracker: Tracker, renames: dict, console: Console):
+        self.run, self.tracker, self.renames, self.console = run, tracker, renames, console
+        self.progress, self.started, self.first_step = None, 0.0, 0
 
     def callback(self):
         from transformers import TrainerCallback
@@ -180,8 +189,19 @@ class _MetricsLog:
         log = self
 
         class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                from ayar.train.progress import TrainProgress
+
+                log.progress = TrainProgress(state.max_steps, state.global_step, log.console).__enter__()
+                log.started, log.first_step = time.perf_counter(), state.global_step
+
             def on_log(self, args, state, control, logs=None, **kwargs):
                 log.write(state.global_step, logs or {})
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if log.progress is not None:
+                    log.progress.__exit__(None, None, None)
+                    log.progress = None
 
         return Callback()
 
@@ -195,6 +215,13 @@ class _MetricsLog:
         if len(record) > 1:
             self.run.append_metrics(record)
             self.tracker.log(record, step)
+        if self.progress is not None and "loss" in record:
+            seconds = max(time.perf_counter() - self.started, 1e-9)
+            done = max(step - self.first_step, 1)
+            rate = record.get("num_tokens", 0.0) / seconds if "num_tokens" in record and not self.first_step else 0.0
+            extra = "  ".join(f"{k.replace('_', ' ')} {record[k]:.3f}" for k in _HEADLINE if k in record)
+            self.progress.update(step, record["loss"], record.get("lr", 0.0), rate,
+                                 (self.progress.total - step) * seconds / done, extra)
 
 
 def _last_checkpoint_step(run: RunDir) -> int:
