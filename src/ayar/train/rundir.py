@@ -84,3 +84,31 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
         write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
+
+
+def start_meta(cfg, model_path: str, placement, trainable: int, total: int, data: dict) -> dict:
+    """What run.json says about a run when it starts (any stage): where its model came from, how it runs."""
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    from ayar import __version__
+    from ayar.models.load import starting_point
+
+    return dict(
+        ayar_version=__version__, status="running", base_model=model_path, model_name=cfg.model.name,
+        merged_adapters=starting_point(cfg.model.name)[1], method=cfg.method, stage=cfg.stage, task=cfg.task,
+        device=placement.device, dtype=placement.dtype_name, dtype_reason=placement.reason,
+        params={"trainable": trainable, "total": total}, data=data,
+        versions={"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                  "peft": peft.__version__},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

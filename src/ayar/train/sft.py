@@ -7,27 +7,24 @@
 
 from __future__ import annotations
 
-import platform
-import resource
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from ayar import __version__
 from ayar.config import TrainConfig, config_to_dict
 from ayar.config.loader import from_dict
 from ayar.data.dataset import prepare_data
 from ayar.errors import AyarError
 from ayar.fsutil import write_atomic
 from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial, save_trained
-from ayar.models.load import load_model_and_tokenizer, starting_point
+from ayar.models.load import load_model_and_tokenizer
 from ayar.train import checkpoint as ckpt
 from ayar.train.loop import LoopState, run_loop, total_steps_for
 from ayar.train.plots import plot_loss
 from ayar.train.progress import TrainProgress
-from ayar.train.rundir import RunDir
+from ayar.train.rundir import RunDir, peak_rss_mb, start_meta
 from ayar.train.tracking import Tracker
 
 
@@ -81,13 +78,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
     if resume_from is None:
         tok.save_pretrained(run.tokenizer)
-        run.update_meta(
-            ayar_version=__version__, status="running", base_model=model_path, model_name=cfg.model.name,
-            merged_adapters=starting_point(cfg.model.name)[1], method=cfg.method, stage=cfg.stage, task=cfg.task,
-            device=placement.device, dtype=placement.dtype_name, dtype_reason=placement.reason,
-            params={"trainable": trainable, "total": total}, data=st,
-            versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )
+        run.update_meta(**start_meta(cfg, model_path, placement, trainable, total, st))
     else:
         say(f"resume {resume_from.name}")
         run.truncate_metrics(start_step)
@@ -175,17 +166,6 @@ def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> None:
     if cfg.training.memory_check == "strict":
         raise AyarError(message + "\n(train anyway with training.memory_check=warn)")
     say(f"warning: {message}")
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:

@@ -15,16 +15,15 @@ from typing import Callable
 import torch
 from rich.console import Console
 
-from ayar import __version__
 from ayar.config import TrainConfig, config_to_dict
 from ayar.config.loader import from_dict
 from ayar.data.dataset import Splits, load_splits
 from ayar.errors import AyarError, DataError
 from ayar.fsutil import write_atomic
 from ayar.models.adapters import parameter_counts
-from ayar.models.load import load_model_and_tokenizer, starting_point
+from ayar.models.load import load_model_and_tokenizer
 from ayar.train.plots import plot_loss
-from ayar.train.rundir import RunDir
+from ayar.train.rundir import RunDir, peak_rss_mb, start_meta
 from ayar.train.tracking import Tracker
 
 
@@ -88,14 +87,8 @@ def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None =
     say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
     if resume is None:
         tok.save_pretrained(run.tokenizer)
-        run.update_meta(
-            ayar_version=__version__, status="running", base_model=model_path, model_name=cfg.model.name,
-            merged_adapters=starting_point(cfg.model.name)[1], method=cfg.method, stage=cfg.stage, task=cfg.task,
-            device=placement.device, dtype=placement.dtype_name, dtype_reason=placement.reason,
-            params={"trainable": trainable, "total": total},
-            data={"train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test)},
-            created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )
+        rows = {"train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test)}
+        run.update_meta(**start_meta(cfg, model_path, placement, trainable, total, rows))
         if stage.before is not None:
             run.update_meta(before=stage.before(cfg, trainer, splits))
     else:
@@ -114,8 +107,6 @@ def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None =
     trainer.model.save_pretrained(str(run.adapter))  # safetensors
     records = run.read_metrics()
     plot_loss(records, run.loss_plot)
-    from ayar.train.sft import peak_rss_mb
-
     meta = run.update_meta(
         status="completed", steps=trainer.state.global_step, total_steps=trainer.state.max_steps, train_seconds=round(seconds, 2),
         final_loss=next((r["loss"] for r in reversed(records) if "loss" in r), output.training_loss),
