@@ -236,6 +236,8 @@ def test_stages_refuse_data_of_the_wrong_kind_and_bad_combinations(tiny_model_di
         train(config(tiny_model_dir, data, tmp_path / "runs", "stage=reward", "task=classification"))
     with pytest.raises(ConfigError, match="method: full is supported for stage: sft"):
         train(config(tiny_model_dir, data, tmp_path / "runs", "stage=grpo", "method=full"))
+    with pytest.raises(ConfigError, match="stage: dpo trains an adapter \\(method: lora or dora\\), not method: qlora"):
+        train(config(tiny_model_dir, data, tmp_path / "runs", "stage=dpo", "method=qlora"))
 
 
 # --- reward model ------------------------------------------------------------------------------------

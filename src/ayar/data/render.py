@@ -115,6 +115,14 @@ class Renderer:
             return ALPACA_PROMPT.format(instruction=_alpaca_instruction(messages, "prompt"))
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def trl_prompt(self, messages: list[dict], where: str = "prompt"):
+        """The prompt as TRL's trainers take it: the messages with the run's system prompt for chat templates
+        (TRL renders them with this same tokenizer template), the rendered text for the alpaca template."""
+        messages = self._with_system(messages)
+        if self.template == "alpaca":
+            return ALPACA_PROMPT.format(instruction=_alpaca_instruction(messages, where))
+        return messages
+
     def _with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt and (not messages or messages[0]["role"] != "system"):
             return [{"role": "system", "content": self.system_prompt}] + list(messages)

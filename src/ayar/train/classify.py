@@ -4,9 +4,9 @@ class) on the validation rows are logged at each evaluation and measured before 
 
 from __future__ import annotations
 
-from ayar.errors import ConfigError, DataError
+from ayar.errors import DataError
 from ayar.eval.metrics import classification as classification_metrics
-from ayar.models.adapters import peft_config
+from ayar.models.adapters import apply_method
 from ayar.train.trainer_stage import Stage
 
 
@@ -40,8 +40,6 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    if cfg.method not in ("lora", "dora"):
-        raise ConfigError(f"task: classification trains an adapter and the head (method: lora or dora), not method: {cfg.method}")
     labels = labels_of(cfg, splits)
     index = {l: i for i, l in enumerate(labels)}
 
@@ -51,9 +49,7 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
         enc = tok([r.text for r in recs], truncation=True, max_length=cfg.data.max_length)
         return Dataset.from_dict({**enc, "labels": [index[r.label] for r in recs]})
 
-    from ayar.models.adapters import _get_peft_model
-
-    model = _get_peft_model(model, peft_config(model, cfg.method, cfg.lora, task_type="SEQ_CLS"))
+    model = apply_method(model, cfg.method, cfg.lora, task_type="SEQ_CLS")  # peft also trains and saves the head
     val = data(splits.val)
     return Trainer(model, args=TrainingArguments(**{**args, **({} if val else {"eval_strategy": "no"})}),
                    train_dataset=data(splits.train), eval_dataset=val, processing_class=tok,

@@ -5,8 +5,7 @@ reference answer the rewards compare against (column `reference`)."""
 
 from __future__ import annotations
 
-from ayar.data.render import ALPACA_PROMPT, Renderer, _alpaca_instruction
-from ayar.errors import ConfigError
+from ayar.data.render import Renderer
 from ayar.models.adapters import peft_config
 from ayar.train.rewards import reward_functions
 from ayar.train.trainer_stage import Stage
@@ -19,9 +18,7 @@ def grpo_rows(records, renderer: Renderer) -> list[dict]:
     for rec in records:
         messages = rec.conversation()
         reference = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
-        prompt = renderer._with_system(messages[:-1] if reference else messages)
-        if renderer.template == "alpaca":
-            prompt = ALPACA_PROMPT.format(instruction=_alpaca_instruction(prompt, rec.where))
+        prompt = renderer.trl_prompt(messages[:-1] if reference else messages, rec.where)
         rows.append({"prompt": prompt, "reference": reference})
     return rows
 
@@ -31,13 +28,11 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     from trl import GRPOConfig, GRPOTrainer
 
     g = cfg.grpo
-    if cfg.method not in ("lora", "dora"):
-        raise ConfigError(f"stage: grpo trains an adapter (method: lora or dora), not method: {cfg.method}")
     renderer = Renderer.from_config(tok, cfg.data)
     data = lambda recs: Dataset.from_list(grpo_rows(recs, renderer)) if recs else None
-    val = data(splits.val)
-    if val is not None and len(val) * g.num_generations % cfg.training.batch_size:
-        val = val.select(range(len(val) - len(val) % max(1, cfg.training.batch_size // g.num_generations)))
+    # evaluation batches hold whole groups: keep a multiple of the prompts one batch holds
+    per_batch = max(1, cfg.training.batch_size // g.num_generations)
+    val = data(splits.val[: len(splits.val) - len(splits.val) % per_batch])
     config = GRPOConfig(**{**args, **({} if val else {"eval_strategy": "no"})}, num_generations=g.num_generations,
                         num_generations_eval=g.num_generations, max_completion_length=g.max_completion_length,
                         temperature=g.temperature, beta=g.beta, log_completions=False)

@@ -8,8 +8,7 @@ prompt, as SFT and chat render them.
 
 from __future__ import annotations
 
-from ayar.data.render import ALPACA_PROMPT, Renderer, _alpaca_instruction
-from ayar.errors import ConfigError
+from ayar.data.render import Renderer
 from ayar.models.adapters import peft_config
 from ayar.train.trainer_stage import Stage
 
@@ -23,9 +22,8 @@ def preference_rows(records, renderer: Renderer, kto: bool = False) -> list[dict
     the alpaca template; KTO gets each pair as a liked and a disliked completion."""
     rows = []
     for rec in records:
-        prompt = renderer._with_system(rec.messages)
-        if renderer.template == "alpaca":
-            prompt = ALPACA_PROMPT.format(instruction=_alpaca_instruction(prompt, rec.where))
+        prompt = renderer.trl_prompt(rec.messages, rec.where)
+        if isinstance(prompt, str):  # alpaca: plain-text completions
             chosen, rejected = rec.chosen[-1]["content"], rec.rejected[-1]["content"]
         else:
             chosen, rejected = rec.chosen, rec.rejected
@@ -41,11 +39,6 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     from datasets import Dataset
 
     pref = cfg.preference
-    if cfg.method not in ("lora", "dora"):
-        raise ConfigError(f"stage: dpo trains an adapter (method: lora or dora), not method: {cfg.method}")
-    if cfg.lora.init not in ("default", "gaussian"):
-        raise ConfigError(f"stage: dpo needs lora.init: default (the adapter-disabled model is the reference); "
-                          f"{cfg.lora.init} changes the base weights")
     renderer = Renderer.from_config(tok, cfg.data)
     kto = pref.loss == "kto"
     data = lambda recs: Dataset.from_list(preference_rows(recs, renderer, kto)) if recs else None

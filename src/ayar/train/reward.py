@@ -5,7 +5,6 @@ after training."""
 from __future__ import annotations
 
 from ayar.data.render import Renderer
-from ayar.errors import ConfigError
 from ayar.models.adapters import peft_config
 from ayar.train.preference import preference_rows
 from ayar.train.trainer_stage import Stage
@@ -15,8 +14,6 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    if cfg.method not in ("lora", "dora"):
-        raise ConfigError(f"stage: reward trains an adapter and a score head (method: lora or dora), not method: {cfg.method}")
     renderer = Renderer.from_config(tok, cfg.data)
     data = lambda recs: Dataset.from_list(preference_rows(recs, renderer)) if recs else None
     val = data(splits.val)

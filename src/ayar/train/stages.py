@@ -22,6 +22,9 @@ def check_combination(cfg: TrainConfig) -> None:
     if cfg.method == "full" and (cfg.stage != "sft" or cfg.task != "causal_lm"):
         raise ConfigError(f"method: full is supported for stage: sft with task: causal_lm; use method: lora for "
                           f"{'task: classification' if cfg.task != 'causal_lm' else 'stage: ' + cfg.stage}")
+    if (cfg.stage != "sft" or cfg.task != "causal_lm") and cfg.method not in ("lora", "dora"):
+        what = "task: classification" if cfg.task != "causal_lm" else f"stage: {cfg.stage}"
+        raise ConfigError(f"{what} trains an adapter (method: lora or dora), not method: {cfg.method}")
     if cfg.method == "full" and cfg.lora.init != "default":
         raise ConfigError(f"lora.init: {cfg.lora.init} initialises an adapter; method: full has none")
     per_step, group = cfg.training.batch_size * cfg.training.grad_accum, cfg.grpo.num_generations
