@@ -111,11 +111,7 @@ def prepare_data(data_cfg, tokenizer, seed: int = 42, log=None) -> PreparedData:
     splits = load_splits(data_cfg, seed)
     train, val, report, train_cached = encode_and_lint(splits, renderer, data_cfg.cache, run_lint=data_cfg.lint != "off")
     if report is not None:
-        if report.errors and data_cfg.lint == "strict":
-            raise DataError(f"the data has problems that would spoil training:\n{report.format()}\n"
-                            "Fix them (see `ayar data lint`), or train anyway with data.lint=warn.")
-        if log and report.issues:
-            log(report.format(per_code=3))
+        enforce_lint(report, data_cfg.lint, log)
     dropped = sum(1 for e in train + val if e.n_trained == 0)
     train = [e for e in train if e.n_trained]
     val = [e for e in val if e.n_trained]
@@ -133,6 +129,15 @@ def prepare_data(data_cfg, tokenizer, seed: int = 42, log=None) -> PreparedData:
         "tokenization_cached": train_cached,
     }
     return PreparedData(train, val, stats, report)
+
+
+def enforce_lint(report, mode: str, log=None) -> None:
+    """`data.lint`: `strict` refuses to train on lint errors; otherwise the issues are reported."""
+    if report.errors and mode == "strict":
+        raise DataError(f"the data has problems that would spoil training:\n{report.format()}\n"
+                        "Fix them (see `ayar data lint`), or train anyway with data.lint=warn.")
+    if log and report.issues:
+        log(report.format(per_code=3))
 
 
 def encode_and_lint(splits: Splits, renderer: Renderer, cache: bool = True, run_lint: bool = True):

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ayar.config import TrainConfig, config_to_dict
 from ayar.config.loader import from_dict
-from ayar.data.dataset import Splits, load_splits
+from ayar.data.dataset import Splits, enforce_lint, load_splits
 from ayar.errors import AyarError, DataError
 from ayar.fsutil import write_atomic
 from ayar.models.adapters import parameter_counts
@@ -137,12 +137,7 @@ def _lint(cfg: TrainConfig, splits: Splits, say) -> None:
         return
     from ayar.data.lint import lint
 
-    report = lint(splits.as_dict())
-    if report.errors and cfg.data.lint == "strict":
-        raise DataError(f"the data has problems that would spoil training:\n{report.format()}\n"
-                        "Fix them (see `ayar data lint`), or train anyway with data.lint=warn.")
-    if report.issues:
-        say(report.format(per_code=3))
+    enforce_lint(lint(splits.as_dict()), cfg.data.lint, say)
 
 
 def training_kwargs(cfg: TrainConfig, run: RunDir, placement) -> dict:
