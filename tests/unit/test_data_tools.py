@@ -45,8 +45,10 @@ def test_cache_hits_on_unchanged_input_and_misses_on_any_change(tmp_path):
     assert hit is False and [e.input_ids for e in again] == [e.input_ids for e in first]
 
 
-def test_second_training_run_skips_tokenization(tiny_model_dir, tmp_path):
+def test_second_training_run_skips_tokenization(tiny_model_dir, tmp_path, monkeypatch):
     from ayar.train.sft import train_sft
+
+    monkeypatch.setenv("AYAR_HOME", str(tmp_path / "home"))  # an empty cache: other tests tokenize the same rows
 
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=1)
