@@ -79,6 +79,8 @@ class TrainingConfig:
     max_steps: int = _f(0, "Optimizer steps to run; 0 means use `epochs`.")
     rows_per_pass: int = _f(0, "Run each micro-batch as forward/backward passes of this many rows of similar length "
                             "(same gradient; less padding and peak memory). 0: auto (2 on CPU, the whole micro-batch on GPU).")
+    fused: bool = _f(True, "On CPU, train Llama-family models with LoRA through ayar's fused kernels (the same computation "
+                     "as the transformers + peft modules, in fewer and larger operations); false keeps the module path.")
     packing: bool = _f(False, "Pack the examples of a micro-batch into one padding-free row; attention never crosses example boundaries.")
     optimizer: str = _f("adamw", "`adamw` (torch), or `adamw_8bit` (bitsandbytes, CUDA; falls back to adamw elsewhere, with a warning).",
                         choices=("adamw", "adamw_8bit"))

@@ -1,4 +1,5 @@
-"""Examples -> tensors. Padded batches, or one padding-free packed row with per-example position_ids."""
+"""Examples -> tensors. Padded batches, or one padding-free packed row with per-example position_ids
+and the segment boundaries (`cu_seq_lens`: each example's start, then the row's length)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def collate(examples: list[Example], pad_id: int, packing: bool = False) -> dict
 def _packed(examples: list[Example]) -> dict:
     # transformers builds a block-diagonal causal mask from position_ids that restart at 0 (no
     # attention_mask given), so no token attends across an example boundary.
-    ids, labels, pos = [], [], []
+    ids, labels, pos, starts = [], [], [], []
     for e in examples:
+        starts.append(len(ids))
         ids += e.input_ids
         # The first token of an example is never a target: it must not be predicted from the previous example.
         labels += [IGNORE] + e.labels[1:]
@@ -35,4 +37,5 @@ def _packed(examples: list[Example]) -> dict:
         "input_ids": torch.tensor([ids]),
         "position_ids": torch.tensor([pos]),
         "labels": torch.tensor([labels]),
+        "cu_seq_lens": torch.tensor(starts + [len(ids)]),
     }

@@ -43,8 +43,13 @@ def peft_config(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
 def _get_peft_model(model, config):
     from peft import get_peft_model
 
+    from ayar.models.dropout import use_fast_dropout
+
     # peft keeps adapter weights in fp32 when the base is bf16/fp16 (autocast_adapter_dtype): stable updates.
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if next(model.parameters()).device.type == "cpu":
+        use_fast_dropout(peft_model)
+    return peft_model
 
 
 def save_trained(model, out, init_dir=None) -> None:

@@ -43,7 +43,7 @@ def run_bench(cfg, steps: int = 8, warmup: int = 2, rows: int = 512, sides=SIDES
     with tempfile.TemporaryDirectory(prefix="ayar-bench-") as tmp:
         data = write_records(records, "messages", Path(tmp) / "rows.jsonl")
         spec = {"config": config_to_dict(cfg), "model_path": resolve_model_path(cfg.model.name, log=log), "data": str(data),
-                "steps": steps, "warmup": warmup, "tmp": tmp}
+                "steps": steps, "warmup": warmup, "tmp": tmp, "trl_bf16": trl_bf16(cfg)}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
@@ -72,6 +72,18 @@ def run_bench(cfg, steps: int = 8, warmup: int = 2, rows: int = 512, sides=SIDES
                          "median_step": a["median_step_s"] / t["median_step_s"],
                          "final_loss": a["final_loss"] / t["final_loss"]}
     return out
+
+
+def trl_bf16(cfg) -> bool:
+    """TRL's precision: bf16 autocast (its default, `bf16=True`) where the hardware computes in bf16, fp32
+    elsewhere. On a CPU without native bf16 its default would emulate every matmul, hundreds of times
+    slower than fp32 (0.3 vs 72 GFLOP/s measured on an AVX2 CPU): no user would keep it, so the baseline
+    uses the precision ayar picks for the same hardware."""
+    from ayar.models.device import choose_placement
+
+    import torch
+
+    return choose_placement(cfg.model.device, cfg.model.dtype).dtype != torch.float32
 
 
 # --- the worker: one side, in its own process ----------------------------------------------------
@@ -146,7 +158,8 @@ def _trl(spec: dict) -> dict:
                      learning_rate=tc["learning_rate"], lr_scheduler_type=tc["lr_scheduler"],
                      warmup_steps=round(tc["warmup_ratio"] * spec["steps"]), max_steps=spec["steps"], weight_decay=tc["weight_decay"],
                      max_grad_norm=tc["max_grad_norm"], logging_steps=1, save_strategy="no", report_to="none", seed=tc["seed"],
-                     dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+                     dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+                     bf16=spec["trl_bf16"])
 
     times, tokens = [], []
 

@@ -18,6 +18,7 @@ from ayar.data.collate import collate
 from ayar.data.render import IGNORE, Example
 from ayar.plugins import load_callable
 from ayar.train import checkpoint as ckpt
+from ayar.train import fused_decoder, varlen
 from ayar.train.loss import loss_sum
 
 
@@ -64,6 +65,14 @@ def rows_per_pass(tcfg, device: str) -> int:
     if tcfg.rows_per_pass > 0:
         return tcfg.rows_per_pass
     return 2 if device == "cpu" else 0
+
+
+def padding_free(model, tcfg, device: str) -> bool:
+    """Passes as packed rows: when asked (`training.packing`), and always where attention can run per
+    example (varlen.py: on CPU, for plain-attention models), since it is then the same computation as
+    padding without the padding."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return tcfg.packing or varlen.supported(base.config, device)
 
 
 def length_groups(examples: list[Example], rows_per_pass: int) -> list[list[Example]]:
@@ -141,6 +150,8 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
     best_adapter = None
     per_pass = rows_per_pass(tcfg, device)
+    packed = padding_free(model, tcfg, device)
+    fused = packed and tcfg.fused and fused_decoder.usable(model, device)
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
     model.train()
     while state.step < total and not state.stopped_early:
@@ -150,13 +161,13 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
             if state.micro >= order.per_epoch:
                 state.epoch, state.micro = state.epoch + 1, 0
             examples = [train[i] for i in order.indices(state.epoch, state.micro)]
-            micro_batches += [collate(group, pad_id, tcfg.packing) for group in length_groups(examples, per_pass)]
+            micro_batches += [collate(group, pad_id, packed) for group in length_groups(examples, per_pass)]
             state.micro += 1
         # Mean over every trained token of the optimizer step, whatever the micro-batch split.
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         step_loss = 0.0
         for b in micro_batches:
-            s, _ = loss_sum(model, _to(b, device), loss_fn)
+            s, _ = loss_sum(model, _to(b, device), loss_fn, fused)
             (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
         if tcfg.max_grad_norm > 0:
@@ -197,6 +208,8 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         for cb in callbacks:
             cb(state)
     ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit)
+    if fused:
+        fused_decoder.release(model)
     return LoopResult(state, total, best_adapter)
 
 

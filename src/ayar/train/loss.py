@@ -1,7 +1,9 @@
 """Causal-LM loss over trained positions only.
 
 The LM head runs only on positions whose next token is trained, so the full-vocabulary logits of
-prompt and padding positions (most of a chat batch) are never materialised.
+prompt and padding positions (most of a chat batch) are never materialised. Packed rows carrying
+`cu_seq_lens` get per-example attention where the model allows it (varlen.py), and with `fused` run
+through ayar's fused decoder (fused_decoder.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ayar.data.render import IGNORE
+from ayar.train import fused_decoder, varlen
 
 
 def _base(model):
@@ -39,22 +42,35 @@ def compute_context(model):
         yield
 
 
-def loss_sum(model, batch: dict, loss_fn=None) -> tuple[torch.Tensor, int]:
+def loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over trained positions, and how many there are. `loss_fn(logits, targets)`
-    -> per-position losses replaces cross-entropy (`training.loss`)."""
+    -> per-position losses replaces cross-entropy (`training.loss`). `fused`: packed rows go through the
+    fused decoder (the caller checked `fused_decoder.usable`)."""
     with compute_context(model):
-        return _loss_sum(model, batch, loss_fn)
+        return _loss_sum(model, batch, loss_fn, fused)
 
 
-def _loss_sum(model, batch: dict, loss_fn=None) -> tuple[torch.Tensor, int]:
+def _hidden(model, batch: dict, fused: bool) -> torch.Tensor:
     base = _base(model)
-    out = base.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, :-1]
+    if fused and "cu_seq_lens" in batch:
+        return fused_decoder.hidden_states(model, batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"])
+    attention, segments = contextlib.nullcontext(), {}
+    if "cu_seq_lens" in batch and varlen.supported(base.config, batch["input_ids"].device.type):
+        attention, segments = varlen.varlen_attention(base), {"cu_seq_lens_q": batch["cu_seq_lens"]}
+    with attention:
+        out = base.get_decoder()(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+            **segments,
+        )
+    return out.last_hidden_state
+
+
+def _loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[torch.Tensor, int]:
+    base = _base(model)
+    hidden = _hidden(model, batch, fused)[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = base.get_output_embeddings()(hidden[keep]).float()

@@ -1,0 +1,281 @@
+"""Fused LoRA training passes for Llama-family decoders on CPU (`training.fused`).
+
+The decoder of a packed, padding-free row (several examples, attention per example: varlen.py) runs
+here instead of through the transformers + peft modules, computing the same thing with fewer, larger
+operations (kernels.py): q/k/v and gate/up each share one base matmul, LoRA adds into the base output
+in place, and norms, rotary embedding and SwiGLU are single autograd nodes. The model stays the
+transformers + peft model: this reads its weights, and saving, eval and export are untouched.
+
+The q/k/v (and gate/up) base weights are restacked once into one tensor each, and the modules'
+weights become views of it, so the fused matmul costs no extra memory.
+
+Applies where every piece is known: model types whose layers are exactly Llama's (RMSNorm, rotary
+attention without sliding windows or soft-capping, SwiGLU MLP), frozen base weights and norms, plain
+LoRA adapters (not DoRA, not 4-bit), and CPU. Anything else keeps the module path (`reason()` says why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ayar.train import varlen
+from ayar.train.kernels import Adapter, dropout_keep, lora_linear, rms_norm, rope, swiglu
+
+FAMILIES = {"llama", "mistral", "qwen2"}
+_PLAN = "_ayar_fused_plan"
+
+
+@dataclass
+class Group:
+    """Projections reading one input, as one frozen weight [N, K] and the adapters on its columns."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    adapters: tuple[Adapter, ...]
+    ab: tuple[torch.Tensor, ...]  # A_0, B_0, A_1, B_1, ... (peft's parameters themselves)
+
+    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        if not self.adapters:
+            return F.linear(x, self.weight, self.bias)
+        keeps = [dropout_keep(x.shape, ad.dropout, x.dtype, x.device) if training and ad.dropout > 0 else None
+                 for ad in self.adapters]
+        return lora_linear(x, self.weight, self.bias, self.adapters, keeps, self.ab)
+
+
+@dataclass
+class LayerPlan:
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: Group
+    o: Group
+    gate_up: Group
+    down: Group
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    norm: torch.Tensor
+    norm_eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    restacked: list  # (projections, stacked weight): the plan is stale once their weights no longer view it
+
+    def valid(self) -> bool:
+        return all(_linear(ms[0]).weight.data_ptr() == w.data_ptr() for ms, w in self.restacked)
+
+
+def reason(model, device: str) -> str | None:
+    """Why the fused path cannot run this model (None: it can)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if device != "cpu":
+        return "CPU only (on GPUs, flash-attention kernels already take packed rows)"
+    if getattr(config, "model_type", None) not in FAMILIES:
+        return f"model type {getattr(config, 'model_type', None)!r} (fused: {', '.join(sorted(FAMILIES))})"
+    if not varlen.supported(config, device):
+        return "sliding-window or soft-capped attention"
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "attention_dropout", 0.0):
+        return "activation other than SiLU, or attention dropout"
+    if any(p.requires_grad for n, p in base.named_parameters() if "lora_" not in n):
+        return "trainable weights besides LoRA adapters (full fine-tuning or modules_to_save)"
+    try:
+        _build(base)
+    except _Unsupported as e:
+        return str(e)
+    return None
+
+
+def usable(model, device: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plan = getattr(base, _PLAN, None)
+    if plan is not None and plan.valid():
+        return True
+    if reason(model, device) is not None:
+        return False
+    setattr(base, _PLAN, _build(base, restack=True))
+    return True
+
+
+def release(model) -> None:
+    """Give each restacked module its own weight again (after training): a model whose weights share one
+    tensor could not be saved whole (safetensors refuses shared storage) after, say, a merge."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plan = getattr(base, _PLAN, None)
+    if plan is None:
+        return
+    delattr(base, _PLAN)
+    for modules, _ in plan.restacked:
+        for m in modules:
+            for p in (_linear(m).weight, _linear(m).bias):
+                if p is not None:
+                    p.data = p.data.clone()
+
+
+def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states [1, T, hidden] for one packed row."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not usable(model, input_ids.device.type):
+        raise RuntimeError(f"the fused decoder cannot run this model: {reason(model, input_ids.device.type)}")
+    plan: Plan = getattr(base, _PLAN)
+    inner = base.get_decoder()
+    training = base.training
+    with torch.autocast(input_ids.device.type, enabled=False):
+        x = inner.embed_tokens(input_ids)[0]
+        cos, sin = inner.rotary_emb(x[None], position_ids)
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
+        bounds = [int(b) for b in cu_seq_lens.tolist()]
+        for lp in plan.layers:
+            x = _layer(x, lp, plan, cos, sin, bounds, training)
+        x = rms_norm(x, plan.norm, plan.norm_eps)
+    return x[None]
+
+
+def _layer(x, lp: LayerPlan, plan: Plan, cos, sin, bounds, training: bool):
+    T, H, G, d = x.shape[0], plan.heads, plan.kv_heads, plan.head_dim
+    qkv = lp.qkv(rms_norm(x, lp.in_norm, lp.eps), training)
+    qk = rope(qkv[:, :(H + G) * d].view(T, H + G, d), cos, sin)  # q and k heads rotated together
+    v = qkv[:, (H + G) * d:].view(T, G, d)
+    attn = attention(qk[:, :H], qk[:, H:], v, bounds, plan.scaling)
+    x = x + lp.o(attn, training)
+    x = x + lp.down(swiglu(lp.gate_up(rms_norm(x, lp.post_norm, lp.eps), training)), training)
+    return x
+
+
+def attention(q, k, v, bounds: list[int], scale: float) -> torch.Tensor:
+    """Causal attention within each segment [a, b) of a packed row. q [T, H, d], k/v [T, G, d] -> [T, H*d]."""
+    T, H, d = q.shape
+    G = k.shape[1]
+    groups = H // G
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        L = b - a
+        if L <= 0:
+            continue
+        if L > varlen.MATMUL_MAX_LEN:  # long segments: torch's kernel, which never holds L x L per head
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                               v[a:b].transpose(0, 1)[None], is_causal=True, scale=scale,
+                                               enable_gqa=groups > 1)
+            outs.append(o[0].transpose(0, 1).reshape(L, H * d))
+            continue
+        # the query heads sharing a key/value head are stacked along the rows: no repeated K/V copies
+        qs = q[a:b].reshape(L, G, groups, d).permute(1, 2, 0, 3).reshape(G, groups * L, d)
+        scores = torch.baddbmm(_future_bias(L, groups, q.dtype, q.device), qs, k[a:b].permute(1, 2, 0), alpha=scale)
+        if q.dtype == torch.float32:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.bmm(probs, v[a:b].transpose(0, 1))  # [G, groups * L, d]
+        outs.append(o.view(G, groups, L, d).permute(2, 0, 1, 3).reshape(L, H * d))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+_bias_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _future_bias(length: int, groups: int, dtype, device) -> torch.Tensor:
+    """-inf where a query (row i, position i % length) would see a later key."""
+    key = (length, groups, dtype, str(device))
+    if key not in _bias_cache:
+        if len(_bias_cache) > 512:
+            _bias_cache.clear()
+        future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
+        _bias_cache[key] = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+    return _bias_cache[key]
+
+
+# --- reading the model -------------------------------------------------------------------------
+
+class _Unsupported(Exception):
+    pass
+
+
+def _linear(module) -> torch.nn.Linear:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _adapters(module, out_offset: int) -> tuple[list[Adapter], list[torch.Tensor]]:
+    """The active LoRA adapters of a (peft-wrapped) projection, as column ranges of its group."""
+    if type(_linear(module)) is not torch.nn.Linear:
+        raise _Unsupported(f"{type(_linear(module)).__name__} base layers (4-bit or custom)")
+    if not hasattr(module, "lora_A"):
+        return [], []
+    if module.merged or module.disable_adapters:
+        raise _Unsupported("merged or disabled adapters")
+    adapters, ab = [], []
+    n_out = _linear(module).out_features
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if module.use_dora.get(name) or module.lora_B[name].bias is not None or type(module.lora_A[name]) is not torch.nn.Linear:
+            raise _Unsupported("DoRA, LoRA bias or non-linear adapters")
+        dropout = module.lora_dropout[name]
+        p = float(getattr(dropout, "p", 0.0)) if isinstance(dropout, torch.nn.Dropout) else 0.0
+        adapters.append(Adapter(out_offset, out_offset + n_out, float(module.scaling[name]), p))
+        ab += [module.lora_A[name].weight, module.lora_B[name].weight]
+    return adapters, ab
+
+
+def _group(modules: list, restack: bool, restacked: list) -> Group:
+    linears = [_linear(m) for m in modules]
+    adapters, ab, offset = [], [], 0
+    for m, lin in zip(modules, linears):
+        ads, abs_ = _adapters(m, offset)
+        adapters += ads
+        ab += abs_
+        offset += lin.out_features
+    if any(lin.weight.requires_grad for lin in linears):
+        raise _Unsupported("trainable base weights")
+    if (len({lin.bias is None for lin in linears}) > 1):
+        raise _Unsupported("projections of one group with and without bias")
+    if len(linears) == 1:
+        weight, bias = linears[0].weight, linears[0].bias
+    elif restack:
+        weight = _restack([lin.weight for lin in linears])
+        bias = _restack([lin.bias for lin in linears]) if linears[0].bias is not None else None
+        restacked.append((modules, weight))
+    else:
+        weight, bias = None, None
+    return Group(weight, bias, tuple(adapters), tuple(ab))
+
+
+def _restack(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """One tensor holding the parameters row after row; each parameter then views its rows (no copy kept)."""
+    stacked = torch.cat([p.detach() for p in params])
+    row = 0
+    for p in params:
+        p.data = stacked[row:row + p.shape[0]]
+        row += p.shape[0]
+    return stacked
+
+
+def _build(base, restack: bool = False) -> Plan:
+    inner = base.get_decoder()
+    layers, restacked = [], []
+    attn0 = inner.layers[0].self_attn
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms):
+            raise _Unsupported("norms other than RMSNorm")
+        if set(dict(layer.named_children())) != {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}:
+            raise _Unsupported("layers with parts besides attention, MLP and two norms")
+        if set(dict(attn.named_children())) != {"q_proj", "k_proj", "v_proj", "o_proj"}:
+            raise _Unsupported("attention with parts besides q/k/v/o projections")
+        if set(dict(mlp.named_children())) - {"act_fn"} != {"gate_proj", "up_proj", "down_proj"}:
+            raise _Unsupported("MLP other than gate/up/down")
+        layers.append(LayerPlan(
+            in_norm=norms[0].weight, post_norm=norms[1].weight, eps=norms[0].variance_epsilon,
+            qkv=_group([attn.q_proj, attn.k_proj, attn.v_proj], restack, restacked),
+            o=_group([attn.o_proj], restack, restacked),
+            gate_up=_group([mlp.gate_proj, mlp.up_proj], restack, restacked),
+            down=_group([mlp.down_proj], restack, restacked)))
+    heads = base.config.num_attention_heads
+    kv_heads = getattr(base.config, "num_key_value_heads", None) or heads
+    return Plan(layers, inner.norm.weight, inner.norm.variance_epsilon, heads, kv_heads, attn0.head_dim,
+                attn0.scaling, restacked)

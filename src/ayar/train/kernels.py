@@ -1,0 +1,240 @@
+"""Autograd functions for the fused LoRA training path (fused_decoder.py), in plain torch ops.
+
+Each one computes exactly what the module it replaces computes (HF's RMSNorm, rotary embedding and
+SwiGLU MLP, peft's LoRA linear), with a hand-written backward that saves and recomputes less. What they
+save over the module-by-module path, measured on a 2-core CPU (benchmarks/README.md):
+- LoRA: projections that read the same input (q/k/v, gate/up) share one base matmul, forward and
+  backward, and adapters are added into the output by `addmm_` (no separate scale, add or copy passes);
+- RMSNorm, RoPE and SwiGLU: one node each instead of 5-10 autograd nodes, no gradient computed for
+  frozen weights, and their elementwise math compiled by torch.compile into one loop per direction
+  (`pointwise`: ~10 s once per machine, cached by torch; eager torch ops where compiling fails).
+Base weights are frozen here (gradients only for the input and the LoRA A/B matrices).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One LoRA adapter of a projection group: output columns [start, stop), scale, dropout p."""
+    start: int
+    stop: int
+    scale: float
+    dropout: float
+
+
+def dropout_keep(shape, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """Inverted-dropout multiplier: 0 with probability p, else 1/(1-p). Each element draws 16 bits
+    (p resolved to 1/65536) from torch's generator, four per int64: ~3x fewer generator calls than
+    torch's dropout, which draws a full random number per element. Seeds and resumed RNG state hold."""
+    n = 1
+    for s in shape:
+        n *= s
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = round(p * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
+    return _keep(bits.view(torch.int16)[:n].view(shape), threshold, 1.0 / (1.0 - p), dtype)
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + sum_i s_i * (x * keep_i) A_i^T B_i^T, adapter i writing columns [start_i, stop_i).
+
+    W [N, K] is the frozen base weight of a projection group (e.g. q, k and v stacked), so the group
+    costs one base matmul each way. A_i [r, K] and B_i [n_i, r] may be fp32 masters over a bf16 base:
+    they are cast to x's dtype for the matmuls and their gradients returned in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, adapters: tuple[Adapter, ...], keeps: tuple, *ab):
+        a_w = [t.to(x.dtype) for t in ab[0::2]]
+        b_w = [t.to(x.dtype) for t in ab[1::2]]
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        shared = all(k is None for k in keeps)
+        if shared:
+            # no dropout: every adapter reads x itself, so their A matrices run as one matmul
+            h_all = x @ torch.cat(a_w).t()
+            hs = list(h_all.split([a.shape[0] for a in a_w], dim=1))
+        else:
+            hs = [(x if k is None else x * k) @ a.t() for k, a in zip(keeps, a_w)]
+        for ad, h, b in zip(adapters, hs, b_w):
+            y[:, ad.start:ad.stop].addmm_(h, b.t(), alpha=ad.scale)
+        ctx.adapters, ctx.shared = adapters, shared
+        ctx.ab_dtypes = [t.dtype for t in ab]
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, *keeps_or_empty(keeps, x), *hs, *ab)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        n = len(ctx.adapters)
+        x, weight, *rest = ctx.saved_tensors
+        keeps, hs, ab = rest[:n], rest[n:2 * n], rest[2 * n:]
+        a_w = [t.to(x.dtype) for t in ab[0::2]]
+        b_w = [t.to(x.dtype) for t in ab[1::2]]
+        g = g.contiguous()
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        gh = [g[:, ad.start:ad.stop] @ b for ad, b in zip(ctx.adapters, b_w)]  # [T, r] each
+        grads_ab = []
+        if ctx.shared:
+            gh_all = torch.cat([h * ad.scale for h, ad in zip(gh, ctx.adapters)], dim=1)
+            if grad_x is not None:
+                grad_x.addmm_(gh_all, torch.cat(a_w))
+            grad_a = (gh_all.t() @ x).split([a.shape[0] for a in a_w], dim=0)
+        else:
+            grad_a = []
+            for ad, k, ghi, a in zip(ctx.adapters, keeps, gh, a_w):
+                xi = x if k.numel() == 0 else x * k
+                grad_a.append(ad.scale * (ghi.t() @ xi))
+                if grad_x is not None:
+                    if k.numel() == 0:
+                        grad_x.addmm_(ghi, a, alpha=ad.scale)
+                    else:
+                        grad_x.addcmul_(ghi @ a, k, value=ad.scale)
+        for ad, ga, h in zip(ctx.adapters, grad_a, hs):
+            grads_ab += [ga, ad.scale * (g[:, ad.start:ad.stop].t() @ h)]
+        grads_ab = [gr.to(dt) for gr, dt in zip(grads_ab, ctx.ab_dtypes)]
+        return (grad_x, None, None, None, None, *grads_ab)
+
+
+def keeps_or_empty(keeps: tuple, like: torch.Tensor) -> list[torch.Tensor]:
+    # save_for_backward takes tensors only: an empty tensor stands for "no dropout on this adapter"
+    return [like.new_empty(0) if k is None else k for k in keeps]
+
+
+def lora_linear(x, weight, bias, adapters, keeps, ab):
+    return LoraLinear.apply(x, weight, bias, tuple(adapters), tuple(keeps), *ab)
+
+
+
+# --- elementwise math, compiled ------------------------------------------------------------------
+
+class pointwise:
+    """A function of elementwise/row-wise torch ops, run compiled (dynamic shapes: one compile serves
+    every sequence length) or, where compiling is off (`AYAR_COMPILE=0`) or fails, as is."""
+
+    def __init__(self, fn):
+        self.fn, self._compiled, self.failed = fn, None, False
+
+    def __call__(self, *args):
+        if self.failed or os.environ.get("AYAR_COMPILE", "1") == "0":
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        try:
+            return self._compiled(*args)
+        except Exception as e:  # no C++ compiler, unsupported platform...: same math, uncompiled
+            self.failed = True
+            warnings.warn(f"ayar: torch.compile failed for {self.fn.__name__} ({type(e).__name__}); using eager torch ops", stacklevel=2)
+            return self.fn(*args)
+
+
+@pointwise
+def _keep(bits, threshold: int, scale: float, dtype: torch.dtype):
+    return torch.where(bits >= threshold, scale, 0.0).to(dtype)
+
+
+@pointwise
+def _rms_forward(x, weight, eps: float):
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+@pointwise
+def _rms_backward(g, x, weight, rstd):
+    xhat = x.float() * rstd
+    gw = (g * weight).float()
+    return (rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
+
+
+@pointwise
+def _rope_forward(x, cos, sin):
+    # HF: x * cos + rotate_half(x) * sin, rotate_half([a, b]) = [-b, a]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]], dim=-1)
+
+
+@pointwise
+def _rope_backward(g, cos, sin):
+    # the transpose of rotate_half: [a, b] -> [b, -a]
+    half = g.shape[-1] // 2
+    g1, g2 = g[..., :half], g[..., half:]
+    return torch.cat([g1 * cos[..., :half] + g2 * sin[..., half:], g2 * cos[..., half:] - g1 * sin[..., :half]], dim=-1)
+
+
+@pointwise
+def _swiglu_forward(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pointwise
+def _swiglu_backward(g, gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+    return torch.cat([g * up * (sig + silu * (1 - sig)), g * silu], dim=-1)
+
+
+# --- autograd nodes ------------------------------------------------------------------------------
+
+class RMSNorm(torch.autograd.Function):
+    """HF's RMSNorm (statistics in fp32, then weight * normalized in the input dtype), frozen weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        y, rstd = _rms_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        return _rms_backward(g, x, weight, rstd), None, None
+
+
+def rms_norm(x, weight, eps: float):
+    return RMSNorm.apply(x, weight, eps)
+
+
+class Rope(torch.autograd.Function):
+    """Rotary embedding on heads [T, heads, d] (HF's formula); cos/sin [T, 1, d]."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_forward(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rope_backward(g, cos, sin), None, None
+
+
+def rope(x, cos, sin):
+    return Rope.apply(x, cos, sin)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up from one [T, 2I] tensor holding gate then up (the fused gate/up projection)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _swiglu_forward(gate_up)
+
+    @staticmethod
+    def backward(ctx, g):
+        (gate_up,) = ctx.saved_tensors
+        return _swiglu_backward(g, gate_up)
+
+
+def swiglu(gate_up):
+    return SwiGLU.apply(gate_up)

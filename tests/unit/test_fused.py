@@ -1,0 +1,187 @@
+"""The fused LoRA training path computes what the transformers + peft modules compute: loss, every
+adapter gradient, and whole training runs, on tiny random models; and it steps aside where it can't."""
+
+import pytest
+import torch
+
+from ayar.config import LoraConfig, TrainingConfig
+from ayar.data.collate import collate
+from ayar.models.adapters import apply_method
+from ayar.train import fused_decoder, kernels
+from ayar.train.loss import loss_sum
+from tests.conftest import make_model, make_tokenizer
+from tests.unit.test_training import examples
+
+
+def lora_model(family, targets="all-linear", rslora=False, dropout=0.0, **overrides):
+    tok = make_tokenizer(family)
+    model = apply_method(make_model(family, tok, **overrides), "lora",
+                         LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=targets, rslora=rslora))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters something to contribute
+            torch.nn.init.normal_(p, std=0.3)
+    return model.train(), tok
+
+
+def loss_and_grads(model, batch, fused):
+    model.zero_grad(set_to_none=True)
+    s, n = loss_sum(model, batch, fused=fused)
+    s.backward()
+    return float(s.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family,targets,rslora", [("llama", "all-linear", False), ("qwen2", "all-linear", True),
+                                                   ("llama", ["q_proj", "v_proj", "down_proj"], False)])
+def test_fused_loss_and_adapter_gradients_equal_the_module_path(family, targets, rslora):
+    model, tok = lora_model(family, targets, rslora)
+    assert fused_decoder.usable(model, "cpu"), fused_decoder.reason(model, "cpu")
+    batch = collate(examples(tok)[:3], tok.pad_token_id, packing=True)
+    ref_loss, ref_n, ref_grads = loss_and_grads(model, batch, fused=False)
+    loss, n, grads = loss_and_grads(model, batch, fused=True)
+    assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * float(ref_grads[name].abs().max()))
+
+
+def test_fused_path_equals_separate_padded_examples():
+    # the packed row's per-example attention: the same summed loss as the examples padded in a batch
+    model, tok = lora_model("llama")
+    exs = examples(tok)[:4]
+    assert fused_decoder.usable(model, "cpu")
+    packed, n1 = loss_sum(model.eval(), collate(exs, tok.pad_token_id, packing=True), fused=True)
+    padded, n2 = loss_sum(model, collate(exs, tok.pad_token_id))
+    assert n1 == n2 and float(packed.detach()) == pytest.approx(float(padded.detach()), rel=1e-5)
+
+
+def test_long_segments_take_the_sdpa_branch(monkeypatch):
+    from ayar.train import varlen
+
+    model, tok = lora_model("qwen2")
+    batch = collate(examples(tok)[:3], tok.pad_token_id, packing=True)
+    _, _, short = loss_and_grads(model, batch, fused=True)
+    monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 4)  # every segment is "long" now
+    _, _, long = loss_and_grads(model, batch, fused=True)
+    for name in short:
+        torch.testing.assert_close(long[name], short[name], rtol=1e-3, atol=1e-4 * float(short[name].abs().max()))
+
+
+def test_lora_linear_with_dropout_masks_equals_the_plain_formula():
+    torch.manual_seed(0)
+    T, K, n1, n2, r = 7, 12, 5, 3, 2
+    x = torch.randn(T, K, requires_grad=True)
+    w, bias = torch.randn(n1 + n2, K), torch.randn(n1 + n2)
+    a1, b1, a2, b2 = (torch.randn(*s, requires_grad=True) for s in ((r, K), (n1, r), (r, K), (n2, r)))
+    adapters = (kernels.Adapter(0, n1, 0.5, 0.3), kernels.Adapter(n1, n1 + n2, 2.0, 0.0))
+    keep = kernels.dropout_keep((T, K), 0.3, torch.float32, "cpu")
+    y = kernels.lora_linear(x, w, bias, adapters, (keep, None), (a1, b1, a2, b2))
+    ref = x @ w.t() + bias + torch.cat([0.5 * (x * keep) @ a1.t() @ b1.t(), 2.0 * x @ a2.t() @ b2.t()], dim=1)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, a1, b1, a2, b2), g)
+    want = torch.autograd.grad(ref, (x, a1, b1, a2, b2), g)
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keep_drops_p_and_rescales():
+    torch.manual_seed(0)
+    keep = kernels.dropout_keep((400, 500), 0.1, torch.float32, "cpu")
+    assert keep.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert float((keep == 0).float().mean()) == pytest.approx(0.1, abs=0.003)
+    assert float(keep.mean()) == pytest.approx(1.0, abs=0.005)  # inverted dropout keeps the expectation
+    torch.manual_seed(0)
+    assert torch.equal(keep, kernels.dropout_keep((400, 500), 0.1, torch.float32, "cpu"))  # seeded
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_pointwise_kernels_match_their_modules(compiled, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    monkeypatch.setenv("AYAR_COMPILE", "1" if compiled else "0")
+    torch.manual_seed(0)
+    x = torch.randn(9, 16, requires_grad=True)
+    norm = LlamaRMSNorm(16, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    g = torch.randn(9, 16)
+    want = torch.autograd.grad(norm(x), x, g)[0]
+    got = torch.autograd.grad(kernels.rms_norm(x, norm.weight.detach(), 1e-5), x, g)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    q = torch.randn(9, 3, 8, requires_grad=True)  # [T, heads, d]
+    angles = torch.randn(9, 1, 4)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    ref, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos.transpose(0, 1), sin.transpose(0, 1))
+    gq = torch.randn(9, 3, 8)
+    want = torch.autograd.grad(ref[0].transpose(0, 1), q, gq)[0]
+    out = kernels.rope(q, cos, sin)
+    torch.testing.assert_close(out, ref[0].transpose(0, 1))
+    torch.testing.assert_close(torch.autograd.grad(out, q, gq)[0], want)
+
+    gu = torch.randn(9, 2 * 16, requires_grad=True)
+    gate, up = gu[:, :16], gu[:, 16:]
+    ref = torch.nn.functional.silu(gate) * up
+    want = torch.autograd.grad(ref, gu, g)[0]
+    out = kernels.swiglu(gu)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out, gu, g)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_fused_kernels_follows_the_module_path(tmp_path):
+    from ayar.train.loop import run_loop
+
+    losses = {}
+    for fused in (True, False):
+        model, tok = lora_model("llama")
+        tcfg = TrainingConfig(learning_rate=3e-2, batch_size=4, max_steps=5, warmup_ratio=0, tracker="none", fused=fused)
+        logs = []
+        run_loop(model, examples(tok), [], tcfg, pad_id=tok.pad_token_id, device="cpu", ckpt_root=tmp_path / str(fused),
+                 on_log=logs.append)
+        losses[fused] = [r["loss"] for r in logs]
+        # after the loop every projection owns its weight again (a merged model could be saved whole)
+        base = model.get_base_model()
+        ptrs = [p.untyped_storage().data_ptr() for n, p in base.named_parameters() if "base_layer.weight" in n]
+        assert len(set(ptrs)) == len(ptrs)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert losses[True][-1] < losses[True][0]
+
+
+def test_fused_adapter_saves_and_reloads_onto_a_fresh_base(tmp_path):
+    from ayar.models.adapters import load_adapter
+
+    model, tok = lora_model("qwen2")
+    batch = collate(examples(tok)[:2], tok.pad_token_id)
+    assert fused_decoder.usable(model, "cpu")  # restacks q/k/v and gate/up weights
+    model.eval()
+    with torch.no_grad():
+        want = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = load_adapter(make_model("qwen2", tok), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = fresh(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("gemma", "model type 'gemma'"),
+    ("mistral-sliding", "sliding-window"),
+    ("dora", "DoRA"),
+    ("full", "trainable weights besides LoRA"),
+    ("cuda", "CPU only"),
+])
+def test_fused_path_names_why_it_does_not_apply(case, expected):
+    if case in ("gemma", "mistral-sliding"):
+        family = "gemma" if case == "gemma" else "mistral"
+        model, _ = lora_model(family, **({"sliding_window": 16} if family == "mistral" else {}))
+    elif case == "dora":
+        tok = make_tokenizer("llama")
+        model = apply_method(make_model("llama", tok), "dora", LoraConfig(r=4, alpha=8, dropout=0.0))
+    elif case == "full":
+        tok = make_tokenizer("llama")
+        model = apply_method(make_model("llama", tok), "full", LoraConfig())
+    else:
+        model, _ = lora_model("llama")
+    device = "cuda" if case == "cuda" else "cpu"
+    assert expected in (fused_decoder.reason(model, device) or "")
+    assert not fused_decoder.usable(model, device)
