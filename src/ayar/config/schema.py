@@ -81,6 +81,9 @@ class TrainingConfig:
                             "(same gradient; less padding and peak memory). 0: auto (2 on CPU, the whole micro-batch on GPU).")
     fused: bool = _f(True, "On CPU, train Llama-family models with LoRA through ayar's fused kernels (the same computation "
                      "as the transformers + peft modules, in fewer and larger operations); false keeps the module path.")
+    gradient_checkpointing: Optional[bool] = _f(None, "Recompute each layer's forward during backward: a fraction of the "
+                                                "activation memory for ~30% more compute. Unset (auto): on only when the "
+                                                "memory plan does not fit without it.")
     packing: bool = _f(False, "Pack the examples of a micro-batch into one padding-free row; attention never crosses example boundaries.")
     optimizer: str = _f("adamw", "`adamw` (torch), or `adamw_8bit` (bitsandbytes, CUDA; falls back to adamw elsewhere, with a warning).",
                         choices=("adamw", "adamw_8bit"))

@@ -2,13 +2,16 @@
 not, which settings would.
 
 The prediction adds up what training holds at its peak (the end of the forward pass of the largest
-micro-batch, when every layer's saved activations are alive):
+pass, when every layer's saved activations are alive):
     weights (by dtype) + adapter (fp32) + its gradients + AdamW's two states
-    + activations: tokens x layers x (what one decoder layer saves for backward) x dtype bytes
+    + activations: tokens x layers x (what one decoder layer saves for backward) x dtype bytes, for the
+      path the loop will take (fused decoder or transformers + peft modules); with gradient
+      checkpointing, each layer's input plus one layer's activations at a time
+    + per-example attention (packed rows on CPU): the attention probabilities of every layer
     + logits: ayar computes them for trained positions only, in fp32, with their softmax gradient
-    + on CPU, one layer's attention weights (heads x len x len) + the runtime itself (Python, torch, transformers).
-The activation terms come from what autograd saves; their two coefficients were fitted on measured
-peaks of 4 configurations and checked on 4 others (benchmarks/README.md).
+    + the runtime itself (Python, torch, transformers).
+The activation terms come from what autograd saves; their coefficients were fitted on measured peaks
+and checked on configurations left out of the fit (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 RUNTIME_BYTES_CPU = 900 * 2**20  # python + torch + transformers + tokenizer, process RSS before the model loads
 RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors
 BASE_ACTIVATION_FACTOR = 1.16  # allocator overhead and small saved tensors over the counted base activations
+FUSED_ACTIVATION_FACTOR = 1.0  # the same for the fused decoder, whose saved tensors are counted one by one
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -35,6 +39,34 @@ class Shape:
     heads: int = 1
     lora_inputs: int = 0  # per layer: summed input features of the LoRA-wrapped projections
     linear_params: int = 0  # weights of the linear layers (not the output head): what QLoRA stores in 4 bits
+    plain_attention: bool = False  # packed rows can take per-example attention on CPU (train/varlen.py)
+    fused_family: bool = False  # the fused decoder can run this architecture (train/fused_decoder.py)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """The largest forward/backward pass of a run: tokens, trained tokens, rows, and example lengths."""
+    tokens: int
+    trained: int
+    rows: int
+    lengths: tuple = ()
+
+    def attention_keys(self) -> float:
+        """Keys per query token of per-example attention with saved probabilities (segments short enough
+        for the matmul path; longer ones run torch's kernel, which keeps none)."""
+        from ayar.train.varlen import MATMUL_MAX_LEN
+
+        return sum(n * n for n in self.lengths if n <= MATMUL_MAX_LEN) / max(self.tokens, 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the training loop will run passes (train/loop.py): rows per pass, padding-free or padded rows,
+    fused decoder or modules, gradient checkpointing."""
+    per_pass: int
+    packed: bool
+    fused: bool = False
+    checkpointing: bool = False
 
 
 @dataclass
@@ -81,21 +113,49 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
     kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
     layers = c.num_hidden_layers
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output)
+    from ayar.train import fused_decoder, varlen
+
     return Shape(params, layers, c.hidden_size, c.intermediate_size, kv, c.vocab_size, lora, heads,
-                 sum(m.in_features for m in wrapped) // layers, linear)
+                 sum(m.in_features for m in wrapped) // layers, linear, varlen.supported(c, "cpu"),
+                 fused_decoder.config_reason(c, "cpu") is None)
 
 
-def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True) -> int:
-    """What training keeps per token at its peak. Base layers (frozen): attention's q/k/v/output and the
-    MLP's gate/up/activation products in the weights' dtype, and RMSNorm's fp32 copies, times the measured
-    allocator overhead. LoRA: every wrapped projection's input copied to fp32 (peft casts inputs to the
-    adapter's dtype), plus, with dropout, its fp32 output and mask."""
+def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False) -> float:
+    """What one decoder layer keeps per token for backward (attention probabilities aside).
+    Modules: attention's q/k/v/output and the MLP's gate/up/activation products in the weights' dtype, and
+    RMSNorm's fp32 copies, times the measured allocator overhead; LoRA: every wrapped projection's input
+    copied to fp32 (peft casts inputs to the adapter's dtype), plus, with dropout, its fp32 output and mask.
+    Fused decoder (kernels.py): two norm inputs and outputs, q/k/v, rotated q/k, the stacked queries, the
+    attention output, gate/up and their product, plus each adapter's dropout multiplier."""
+    if fused:
+        q = s.heads * (s.kv // max(_kv_heads(s), 1)) if s.kv else s.hidden
+        kept = 4 * s.hidden + (q + 2 * s.kv) + (q + s.kv) + 2 * q + 3 * s.intermediate
+        if lora and dropout:
+            kept += s.lora_inputs
+        return (kept * dtype_bytes + 8) * FUSED_ACTIVATION_FACTOR
     base = (2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden
     per_layer = base * BASE_ACTIVATION_FACTOR
     if lora and dtype_bytes == 4:
         per_layer += s.lora_inputs * (4 + (5 if dropout else 0))
     elif lora:  # bf16/fp16 base: adapters run under autocast on the input as it is (train/loss.py)
         per_layer += s.lora_inputs * ((dtype_bytes + 1) if dropout else 0)
+    return per_layer
+
+
+def _kv_heads(s: Shape) -> int:
+    # kv = kv_heads * head_dim and hidden = heads * head_dim for the families ayar fuses
+    return max(1, s.kv * s.heads // s.hidden) if s.hidden else 1
+
+
+def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False,
+                               attention_keys: float = 0.0, checkpointing: bool = False) -> int:
+    """What training keeps per token at its peak, over all layers. Per-example attention on packed rows
+    keeps each layer's probabilities (heads x keys, fp32, plus a copy in a half dtype). With gradient
+    checkpointing, only each layer's input is kept, and one layer's activations live at a time."""
+    per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused)
+    per_layer += s.heads * attention_keys * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
+    if checkpointing:
+        return int(s.layers * s.hidden * dtype_bytes + per_layer)
     return int(s.layers * per_layer)
 
 
@@ -105,8 +165,10 @@ def attention_scratch_bytes(s: Shape, rows: int, row_len: int) -> int:
 
 
 def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, trained: int, method: str = "lora",
-                available: int | None = None, rows: int = 1, dropout: bool = True) -> MemoryPlan:
-    """`tokens` in the largest micro-batch, laid out as `rows` rows of equal length (1 row when packed)."""
+                available: int | None = None, rows: int = 1, dropout: bool = True, fused: bool = False,
+                attention_keys: float = 0.0, checkpointing: bool = False) -> MemoryPlan:
+    """`tokens` in the largest pass, laid out as `rows` rows of equal length (1 row when packed);
+    `attention_keys`: keys per token of per-example attention (`Pass.attention_keys`, 0 otherwise)."""
     wb = _BYTES[weight_dtype]
     parts = {"weights": shape.params * wb}
     if method in ("qlora", "qdora"):  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
@@ -116,8 +178,8 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
         parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
     else:
         parts["grads + AdamW (full)"] = shape.params * (wb + 8)
-    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, adapter, dropout)
-    if device == "cpu":
+    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, adapter, dropout, fused, attention_keys, checkpointing)
+    if device == "cpu" and not attention_keys:
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
     parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
     parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
@@ -149,44 +211,67 @@ def available_memory(device: str) -> int:
     return avail
 
 
-def largest_micro_batch(examples, batch_size: int, packing: bool, per_pass: int = 0) -> tuple[int, int, int]:
-    """(tokens, trained tokens, rows) of the worst forward/backward pass: the longest examples together
-    (batch_size of them, or per_pass when a micro-batch runs in passes), packed into one row or padded."""
+def largest_pass(examples, batch_size: int, packed: bool, per_pass: int = 0) -> Pass:
+    """The worst forward/backward pass: the longest examples together (batch_size of them, or per_pass when
+    a micro-batch runs in passes), in one padding-free row or padded to the longest."""
     n = per_pass if 0 < per_pass < batch_size else batch_size
     longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:n]
     if not longest:
-        return 0, 0, 1
-    if packing:
-        return sum(len(e.input_ids) for e in longest), sum(e.n_trained for e in longest), 1
-    return len(longest[0].input_ids) * len(longest), sum(e.n_trained for e in longest), len(longest)
+        return Pass(0, 0, 1)
+    lengths = tuple(len(e.input_ids) for e in longest)
+    trained = sum(e.n_trained for e in longest)
+    if packed:
+        return Pass(sum(lengths), trained, 1, lengths)
+    return Pass(lengths[0] * len(longest), trained, len(longest), lengths)
 
 
-def suggestions(shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int) -> list[str]:
+def layout_for(shape: Shape, cfg, device: str, checkpointing: bool = False) -> Layout:
+    """The loop's choices (train/loop.py) predicted from the config: padding-free rows where attention can
+    run per example (CPU, plain-attention models) or when packing is asked for; the fused decoder where
+    it applies (`training.fused`, LoRA on a supported family, nothing else trainable)."""
+    from ayar.train.loop import rows_per_pass
+
+    packed = cfg.training.packing or (device == "cpu" and shape.plain_attention)
+    fused = (packed and cfg.training.fused and device == "cpu" and cfg.method == "lora" and shape.fused_family
+             and not cfg.lora.modules_to_save)
+    return Layout(rows_per_pass(cfg.training, device), packed, fused, checkpointing)
+
+
+def plan_layout(shape: Shape, cfg, examples, weight_dtype: str, device: str, layout: Layout, available: int | None = None,
+                batch_size: int | None = None, per_pass: int | None = None) -> MemoryPlan:
+    p = largest_pass(examples, batch_size or cfg.training.batch_size, layout.packed,
+                     layout.per_pass if per_pass is None else per_pass)
+    keys = p.attention_keys() if layout.packed and device == "cpu" and shape.plain_attention else 0.0
+    return plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=p.tokens, trained=p.trained, method=cfg.method,
+                       available=available, rows=p.rows, dropout=cfg.lora.dropout > 0, fused=layout.fused,
+                       attention_keys=keys, checkpointing=layout.checkpointing)
+
+
+def suggestions(shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int, layout: Layout | None = None) -> list[str]:
     """Settings that would fit, each changing one thing (the effective batch is kept where possible)."""
+    import dataclasses
+
+    layout = layout or layout_for(shape, cfg, device)
+    fits = lambda **kw: plan_layout(shape, cfg, examples, weight_dtype, device, kw.pop("layout", layout), available, **kw).fits
     out = []
-    per_pass = _per_pass(cfg, device)
+    if not layout.checkpointing and fits(layout=dataclasses.replace(layout, checkpointing=True)):
+        out.append("training.gradient_checkpointing=true (recomputes each layer's forward in backward: ~30% slower)")
     for rpp in (2, 1):
-        if per_pass and per_pass <= rpp or cfg.training.batch_size <= rpp:
+        if layout.per_pass and layout.per_pass <= rpp or cfg.training.batch_size <= rpp:
             continue
-        tokens, trained, rows = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing, rpp)
-        if plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, available=available,
-                       rows=rows, dropout=cfg.lora.dropout > 0).fits:
+        if fits(per_pass=rpp):
             out.append(f"training.rows_per_pass={rpp} (same batches and gradient, in smaller passes)")
             break
     bs, ga = cfg.training.batch_size, cfg.training.grad_accum
     b = bs
     while b > 1:
         b //= 2
-        tokens, trained, rows = largest_micro_batch(examples, b, cfg.training.packing, per_pass)
-        if plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, available=available,
-                       rows=rows, dropout=cfg.lora.dropout > 0).fits:
+        if fits(batch_size=b):
             out.append(f"training.batch_size={b} training.grad_accum={ga * bs // b} (same effective batch)")
             break
     for max_len in (cfg.data.max_length // 2, cfg.data.max_length // 4):
-        clipped = [_Clip(e, max_len) for e in examples]
-        tokens, trained, rows = largest_micro_batch(clipped, bs, cfg.training.packing, per_pass)
-        if max_len >= 64 and plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained,
-                                         available=available, rows=rows, dropout=cfg.lora.dropout > 0).fits:
+        if max_len >= 64 and plan_layout(shape, cfg, [_Clip(e, max_len) for e in examples], weight_dtype, device, layout,
+                                         available).fits:
             out.append(f"data.max_length={max_len} (longer rows are truncated)")
             break
     if weight_dtype == "float32":
@@ -217,16 +302,16 @@ def plan_for_config(cfg, log=print):
     return plan_from_examples(shape, cfg, data.train, placement)
 
 
-def plan_from_examples(shape: Shape, cfg, examples, placement) -> tuple[MemoryPlan, list[str]]:
-    dtype = placement.dtype_name
-    tokens, trained, rows = largest_micro_batch(examples, cfg.training.batch_size, cfg.training.packing,
-                                                _per_pass(cfg, placement.device))
-    plan = plan_memory(shape, weight_dtype=dtype, device=placement.device, tokens=tokens, trained=trained, method=cfg.method,
-                       rows=rows, dropout=cfg.lora.dropout > 0)
-    return plan, ([] if plan.fits else suggestions(shape, cfg, examples, dtype, placement.device, plan.available))
-
-
-def _per_pass(cfg, device: str) -> int:
-    from ayar.train.loop import rows_per_pass
-
-    return rows_per_pass(cfg.training, device)
+def plan_from_examples(shape: Shape, cfg, examples, placement) -> tuple[MemoryPlan, list[str], Layout]:
+    """The plan for the layout the loop will use, with gradient checkpointing as configured, or, left to
+    auto, on only when the run cannot fit without it; and, when it does not fit, settings that would."""
+    dtype, device = placement.dtype_name, placement.device
+    choice = cfg.training.gradient_checkpointing
+    layout = layout_for(shape, cfg, device, checkpointing=bool(choice))
+    plan = plan_layout(shape, cfg, examples, dtype, device, layout)
+    if choice is None and not plan.fits:
+        with_checkpointing = layout_for(shape, cfg, device, checkpointing=True)
+        plan_ckpt = plan_layout(shape, cfg, examples, dtype, device, with_checkpointing, plan.available)
+        if plan_ckpt.fits:
+            return plan_ckpt, [], with_checkpointing
+    return plan, ([] if plan.fits else suggestions(shape, cfg, examples, dtype, device, plan.available, layout)), layout

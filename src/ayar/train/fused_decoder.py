@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ayar.train import varlen
 from ayar.train.kernels import Adapter, dropout_keep, lora_linear, rms_norm, rope, swiglu
@@ -70,18 +71,28 @@ class Plan:
         return all(_linear(ms[0]).weight.data_ptr() == w.data_ptr() for ms, w in self.restacked)
 
 
-def reason(model, device: str) -> str | None:
-    """Why the fused path cannot run this model (None: it can)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
+def config_reason(config, device: str, method: str = "lora") -> str | None:
+    """Why a model of this config, trained with `method` on `device`, cannot take the fused path (None: it
+    can, if its modules are the expected ones: `reason` checks those on the model itself)."""
     if device != "cpu":
         return "CPU only (on GPUs, flash-attention kernels already take packed rows)"
+    if method != "lora":
+        return f"method {method} (fused: lora)"
     if getattr(config, "model_type", None) not in FAMILIES:
         return f"model type {getattr(config, 'model_type', None)!r} (fused: {', '.join(sorted(FAMILIES))})"
     if not varlen.supported(config, device):
         return "sliding-window or soft-capped attention"
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "attention_dropout", 0.0):
         return "activation other than SiLU, or attention dropout"
+    return None
+
+
+def reason(model, device: str) -> str | None:
+    """Why the fused path cannot run this model (None: it can)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    why = config_reason(base.config, device)
+    if why is not None:
+        return why
     if any(p.requires_grad for n, p in base.named_parameters() if "lora_" not in n):
         return "trainable weights besides LoRA adapters (full fine-tuning or modules_to_save)"
     try:
@@ -130,8 +141,13 @@ def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu
         cos, sin = inner.rotary_emb(x[None], position_ids)
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]
         bounds = [int(b) for b in cu_seq_lens.tolist()]
+        # the layers' gradient-checkpointing flag (loop.enable_checkpointing) applies here too
+        checkpointing = torch.is_grad_enabled() and getattr(inner.layers[0], "gradient_checkpointing", False)
         for lp in plan.layers:
-            x = _layer(x, lp, plan, cos, sin, bounds, training)
+            if checkpointing:
+                x = checkpoint(_layer, x, lp, plan, cos, sin, bounds, training, use_reentrant=False)
+            else:
+                x = _layer(x, lp, plan, cos, sin, bounds, training)
         x = rms_norm(x, plan.norm, plan.norm_eps)
     return x[None]
 

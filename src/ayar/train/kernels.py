@@ -238,3 +238,37 @@ class SwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up):
     return SwiGLU.apply(gate_up)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, t_i) over rows of h, a chunk of rows at a time: the [rows, vocab] fp32 logits are
+    never held whole, and each chunk's gradient (softmax - one-hot) @ W is taken while its logits are
+    still in cache. W (the output head) is frozen; the gradient for h is computed in forward when h
+    requires one, and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        need_grad = h.requires_grad
+        grad_h = torch.empty_like(h) if need_grad else None
+        total = h.new_zeros((), dtype=torch.float32)
+        for a in range(0, h.shape[0], chunk):
+            logits = (h[a:a + chunk] @ weight.t()).float()
+            t = targets[a:a + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1
+                torch.mm(probs.to(weight.dtype), weight, out=grad_h[a:a + chunk])
+        ctx.save_for_backward(grad_h if need_grad else h.new_empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * g.to(grad_h.dtype), None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk: int = 256):
+    """Summed cross-entropy of the logits h @ weight^T against targets (rows of h: trained positions)."""
+    return LinearCrossEntropy.apply(h, weight, targets, chunk)

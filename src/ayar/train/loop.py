@@ -75,6 +75,25 @@ def padding_free(model, tcfg, device: str) -> bool:
     return tcfg.packing or varlen.supported(base.config, device)
 
 
+def describe_passes(model, tcfg, device: str) -> dict:
+    """How this run's forward/backward passes will run (logged and kept in run.json)."""
+    packed = padding_free(model, tcfg, device)
+    why_not = "training.fused is false" if not tcfg.fused else None if packed else "padded rows"
+    if why_not is None:
+        why_not = fused_decoder.reason(model, device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"rows_per_pass": rows_per_pass(tcfg, device), "padding_free": packed, "fused": why_not is None,
+            "not_fused_because": why_not, "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False))}
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing: each decoder layer keeps only its input and recomputes its forward in
+    backward (non-reentrant, RNG state preserved: the same dropout masks). The fused decoder follows the
+    layers' flag too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def length_groups(examples: list[Example], rows_per_pass: int) -> list[list[Example]]:
     """Split a micro-batch into forward/backward passes of `rows_per_pass` rows of similar length (0: one
     pass). The step's gradient is the same (the loss is normalized over the whole step); what changes is

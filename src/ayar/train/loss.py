@@ -1,7 +1,8 @@
 """Causal-LM loss over trained positions only.
 
 The LM head runs only on positions whose next token is trained, so the full-vocabulary logits of
-prompt and padding positions (most of a chat batch) are never materialised. Packed rows carrying
+prompt and padding positions (most of a chat batch) are never materialised, and those of trained
+positions are taken a chunk at a time (kernels.linear_cross_entropy). Packed rows carrying
 `cu_seq_lens` get per-example attention where the model allows it (varlen.py), and with `fused` run
 through ayar's fused decoder (fused_decoder.py).
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from ayar.data.render import IGNORE
 from ayar.train import fused_decoder, varlen
+from ayar.train.kernels import linear_cross_entropy
 
 
 def _base(model):
@@ -73,8 +75,15 @@ def _loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[to
     hidden = _hidden(model, batch, fused)[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = base.get_output_embeddings()(hidden[keep]).float()
+    head = base.get_output_embeddings()
     cap = getattr(base.config, "final_logit_softcapping", None)
+    if loss_fn is None and not cap and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+        # the usual case: chunked, never holding [trained positions, vocab] logits (kernels.py)
+        h = hidden[keep]
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        return linear_cross_entropy(h, head.weight.to(h.dtype), targets[keep]), int(keep.sum())
+    logits = head(hidden[keep]).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
     if loss_fn is not None:

@@ -21,7 +21,7 @@ from ayar.fsutil import write_atomic
 from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial, save_trained
 from ayar.models.load import load_model_and_tokenizer
 from ayar.train import checkpoint as ckpt
-from ayar.train.loop import LoopState, run_loop, total_steps_for
+from ayar.train.loop import LoopState, describe_passes, enable_checkpointing, run_loop, total_steps_for
 from ayar.train.plots import plot_loss
 from ayar.train.progress import TrainProgress
 from ayar.train.rundir import RunDir, peak_rss_mb, start_meta
@@ -63,11 +63,13 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     say(f"data   {st['train_rows']} train rows ({st['train_tokens']:,} tokens, {st['trained_tokens']:,} trained), "
         f"{st['val_rows']} validation rows" + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else "")
         + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in {time.perf_counter() - t0:.1f}s")
-    _check_memory(cfg, model, data.train, placement, say)
+    checkpointing = _check_memory(cfg, model, data.train, placement, say)
     if run is None:
         run = RunDir.create(cfg.output.dir, cfg.output.name)
         run.write_config(config_to_dict(cfg))
     model = apply_method(model, cfg.method, cfg.lora)
+    if checkpointing:
+        enable_checkpointing(model)
     init_dir = run.path / "adapter_init"
     if resume_from is None:
         init_dir = save_initial(model, cfg.lora, init_dir)
@@ -76,9 +78,13 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         model.config.use_cache = False
     trainable, total = parameter_counts(model)
     say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
+    passes = describe_passes(model, tcfg, placement.device)
+    say(f"passes {passes['rows_per_pass'] or 'all'} rows each, {'padding-free' if passes['padding_free'] else 'padded'}, "
+        + ("fused decoder" if passes["fused"] else f"transformers + peft modules ({passes['not_fused_because']})")
+        + (", gradient checkpointing" if passes["gradient_checkpointing"] else ""))
     if resume_from is None:
         tok.save_pretrained(run.tokenizer)
-        run.update_meta(**start_meta(cfg, model_path, placement, trainable, total, st))
+        run.update_meta(**start_meta(cfg, model_path, placement, trainable, total, st), passes=passes)
     else:
         say(f"resume {resume_from.name}")
         run.truncate_metrics(start_step)
@@ -150,22 +156,26 @@ def quantized(cfg: TrainConfig) -> dict:
     return {"quantization_config": q} if q is not None else {}
 
 
-def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> None:
-    """Stop before the first step (not by OOM mid-run) when the predicted peak cannot fit."""
+def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> bool:
+    """Stop before the first step (not by OOM mid-run) when the predicted peak cannot fit. Returns whether
+    to checkpoint activations (`training.gradient_checkpointing`, or auto: when needed to fit)."""
+    choice = cfg.training.gradient_checkpointing
     if cfg.training.memory_check == "off":
-        return
+        return bool(choice)
     from ayar.perf.plan import model_shape, plan_from_examples
 
-    plan, fixes = plan_from_examples(model_shape(model.config, cfg.lora.target_modules, cfg.lora.r), cfg, examples, placement)
+    plan, fixes, layout = plan_from_examples(model_shape(model.config, cfg.lora.target_modules, cfg.lora.r), cfg, examples, placement)
     gb = lambda b: f"{b / 2**30:.1f} GB"
     if plan.fits:
-        say(f"memory predicted peak {gb(plan.total)} of {gb(plan.available)} available")
-        return
+        auto = " (gradient checkpointing on: the run would not fit without it)" if layout.checkpointing and choice is None else ""
+        say(f"memory predicted peak {gb(plan.total)} of {gb(plan.available)} available{auto}")
+        return layout.checkpointing
     message = (f"predicted peak memory {gb(plan.total)} exceeds the {gb(plan.available)} available ({plan.device}):\n{plan.table()}\n"
                + ("settings that would fit: " + "; ".join(fixes) if fixes else "no single setting change found that fits"))
     if cfg.training.memory_check == "strict":
         raise AyarError(message + "\n(train anyway with training.memory_check=warn)")
     say(f"warning: {message}")
+    return layout.checkpointing
 
 
 def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
