@@ -1,55 +1,78 @@
 """Predicted (ayar plan) vs measured (peak RSS of a short ayar train run) peak memory, per configuration.
 
-    python benchmarks/memory_planner.py [--held-out]    # prints a markdown table for benchmarks/README.md
+    python benchmarks/memory_planner.py DATA.jsonl [--columns instruction=question,output=answer] [--only NAME,...]
 
-Each training run is a fresh process, 3 steps, no validation; the measured value is that process's
-peak RSS (it includes loading the model and tokenizing the data, as a real run does).
+prints a markdown table for benchmarks/README.md. The data is cut to the 96 longest rows (written to a
+temporary file), so that every batch of the short run is about as long as the planner's worst case (the
+longest rows together). Each training run is a fresh process, 3 steps, no validation; the measured value
+is that process's peak RSS (it includes loading the model and tokenizing the data, as a real run does).
 """
 
+import argparse
 import json
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
+# "fit": the rows the planner's coefficients were set on; "held out": only checked against them.
 CONFIGS = {
-    "bf16, batch 8, max_len 384, packed": ["training.batch_size=8", "data.max_length=384", "training.packing=true"],
-    "bf16, batch 4, max_len 512, padded": ["training.batch_size=4", "data.max_length=512", "training.packing=false"],
-    "bf16, batch 16, max_len 256, packed": ["training.batch_size=16", "data.max_length=256", "training.packing=true"],
-    "fp32, batch 8, max_len 512, padded": ["training.batch_size=8", "data.max_length=512", "training.packing=false", "model.dtype=float32"],
-    "bf16, batch 32, max_len 512, packed": ["training.batch_size=32", "data.max_length=512", "training.packing=true"],
+    "batch 8, max_len 512 (fused, 4 rows per pass)": ("fit", []),
+    "batch 8, max_len 512, modules (training.fused=false, 2 rows per pass)": ("fit", ["training.fused=false"]),
+    "batch 8, max_len 512, fused, whole micro-batch in one pass": ("held out", ["training.rows_per_pass=8"]),
+    "batch 8, max_len 512, fused, gradient checkpointing": ("held out", ["training.gradient_checkpointing=true"]),
+    "batch 8, max_len 512, modules, gradient checkpointing": ("held out", ["training.fused=false",
+                                                                         "training.gradient_checkpointing=true"]),
+    "batch 16, max_len 256, fused, dropout 0, 8 rows per pass": ("held out", ["training.batch_size=16", "data.max_length=256",
+                                                                             "lora.dropout=0", "training.rows_per_pass=8"]),
 }
-# Held out: measured only after the formula was settled on the five above (python ... --held-out runs just these).
-HELD_OUT = {
-    "bf16, batch 8, max_len 512, padded, r=64 q/v only, no dropout": [
-        "training.batch_size=8", "data.max_length=512", "training.packing=false", "lora.r=64", "lora.alpha=128",
-        "lora.target_modules=[q_proj, v_proj]", "lora.dropout=0"],
-    "bf16, batch 24, max_len 384, packed, dropout 0.1": ["training.batch_size=24", "data.max_length=384", "training.packing=true",
-                                                         "lora.dropout=0.1"],
-    "fp32, batch 16, max_len 256, packed": ["training.batch_size=16", "data.max_length=256", "training.packing=true", "model.dtype=float32"],
-}
-COMMON = ["data.train=sample:gsm8k", "data.val_ratio=0", "training.max_steps=3", "training.tracker=none", "training.warmup_ratio=0"]
+COMMON = ["data.val_ratio=0", "training.max_steps=3", "training.tracker=none", "training.warmup_ratio=0",
+          "training.batch_size=8", "data.max_length=512", "data.lint=warn"]
 
 
 def ayar(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ayar", *args], capture_output=True, text=True, check=True)
 
 
+def longest_rows(path: str, columns: dict, n: int, out: Path) -> Path:
+    from ayar.data.dataset import load_records
+    from ayar.data.render import Renderer
+    from ayar.data.writers import write_records
+    from ayar.models.load import load_tokenizer, resolve_model_path
+    from ayar.data.dataset import parse_sources
+
+    records = [r for src in parse_sources(path, "auto", columns) for r in load_records(src)][:4000]
+    renderer = Renderer(load_tokenizer(resolve_model_path("default", log=lambda m: None)), max_length=100_000)
+    records.sort(key=lambda r: len(renderer.render(r).input_ids), reverse=True)
+    return write_records(records[:n], "messages", out)
+
+
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("data")
+    p.add_argument("--columns", default="", help="e.g. instruction=question,output=answer")
+    p.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
+    args = p.parse_args()
+    columns = dict(kv.split("=", 1) for kv in args.columns.split(",") if kv)
     rows = []
-    configs = HELD_OUT if "--held-out" in sys.argv else {**CONFIGS, **HELD_OUT}
-    for name, overrides in configs.items():
-        plan = json.loads(ayar("plan", *COMMON, *overrides, "--json").stdout)
-        with tempfile.TemporaryDirectory() as out:
-            ayar("train", *COMMON, *overrides, f"output.dir={out}")
-            run = next(__import__("pathlib").Path(out).glob("run-*"))
-            measured = json.loads((run / "run.json").read_text())["peak_rss_mb"]
-        predicted = plan["total"] / 2**20
-        rows.append((name, plan["tokens"], predicted, measured))
-        print(f"{name}: predicted {predicted:.0f} MB, measured {measured:.0f} MB ({100 * (predicted / measured - 1):+.1f}%)", file=sys.stderr)
-    print("| configuration | tokens in largest micro-batch | predicted MB | measured MB | error |")
-    print("|---|---|---|---|---|")
-    for name, tokens, p, m in rows:
-        print(f"| {name} | {tokens} | {p:.0f} | {m:.0f} | {100 * (p / m - 1):+.1f}% |")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = longest_rows(args.data, columns, 96, Path(tmp) / "longest.jsonl")
+        for name, (kind, overrides) in CONFIGS.items():
+            if args.only and name not in args.only.split(","):
+                continue
+            common = [f"data.train={data}", *COMMON]
+            plan = json.loads(ayar("plan", *common, *overrides, "--json").stdout)
+            out = Path(tmp) / f"runs-{len(rows)}"
+            ayar("train", *common, *overrides, f"output.dir={out}", "training.memory_check=off")
+            meta = json.loads(next(out.glob("run-*/run.json")).read_text())
+            predicted, measured = plan["total"] / 2**20, meta["peak_rss_mb"]
+            rows.append((name, kind, plan["tokens"], predicted, measured, meta["tokens_per_s"]))
+            print(f"{name}: predicted {predicted:.0f} MB, measured {measured:.0f} MB ({100 * (predicted / measured - 1):+.1f}%), "
+                  f"{meta['tokens_per_s']} tokens/s, passes {meta['passes']}", file=sys.stderr)
+    print("| configuration | set | tokens in largest pass | predicted MB | measured MB | error | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, kind, tokens, p_mb, m_mb, tps in rows:
+        print(f"| {name} | {kind} | {tokens} | {p_mb:.0f} | {m_mb:.0f} | {100 * (p_mb / m_mb - 1):+.1f}% | {tps:.0f} |")
 
 
 if __name__ == "__main__":

@@ -74,3 +74,8 @@ def test_readme_config_reference_is_generated_not_hand_copied():
     m = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", readme, re.S)
     assert m, "README.md lacks the generated config reference block"
     assert m.group(1) == config_reference(), "README config reference is stale: run `ayar config reference` and paste it"
+
+
+def test_off_is_a_choice_not_a_boolean():
+    # YAML 1.1 reads `off` as false: a field whose choices include "off" takes it as the word
+    assert load_config(None, ["training.memory_check=off"]).training.memory_check == "off"

@@ -7,9 +7,10 @@ import torch
 from ayar.config import LoraConfig, TrainingConfig
 from ayar.data.collate import collate
 from ayar.models.adapters import apply_method
+from ayar.models.dropout import dropout_keep
 from ayar.train import fused_decoder, kernels
 from ayar.train.loss import loss_sum
-from tests.conftest import make_model, make_tokenizer
+from tests.conftest import MATH_ROWS, make_model, make_tokenizer
 from tests.unit.test_training import examples
 
 
@@ -74,9 +75,10 @@ def test_lora_linear_with_dropout_masks_equals_the_plain_formula():
     w, bias = torch.randn(n1 + n2, K), torch.randn(n1 + n2)
     a1, b1, a2, b2 = (torch.randn(*s, requires_grad=True) for s in ((r, K), (n1, r), (r, K), (n2, r)))
     adapters = (kernels.Adapter(0, n1, 0.5, 0.3), kernels.Adapter(n1, n1 + n2, 2.0, 0.0))
-    keep = kernels.dropout_keep((T, K), 0.3, torch.float32, "cpu")
+    keep = dropout_keep((T, K), 0.3, "cpu")
     y = kernels.lora_linear(x, w, bias, adapters, (keep, None), (a1, b1, a2, b2))
-    ref = x @ w.t() + bias + torch.cat([0.5 * (x * keep) @ a1.t() @ b1.t(), 2.0 * x @ a2.t() @ b2.t()], dim=1)
+    dropped = x * keep / 0.7  # inverted dropout
+    ref = x @ w.t() + bias + torch.cat([0.5 * dropped @ a1.t() @ b1.t(), 2.0 * x @ a2.t() @ b2.t()], dim=1)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, a1, b1, a2, b2), g)
     want = torch.autograd.grad(ref, (x, a1, b1, a2, b2), g)
@@ -85,14 +87,14 @@ def test_lora_linear_with_dropout_masks_equals_the_plain_formula():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_keep_drops_p_and_rescales():
+def test_dropout_keep_drops_p_independently():
     torch.manual_seed(0)
-    keep = kernels.dropout_keep((400, 500), 0.1, torch.float32, "cpu")
-    assert keep.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
-    assert float((keep == 0).float().mean()) == pytest.approx(0.1, abs=0.003)
-    assert float(keep.mean()) == pytest.approx(1.0, abs=0.005)  # inverted dropout keeps the expectation
+    keep = dropout_keep((400, 500), 0.1, "cpu")
+    assert keep.dtype == torch.bool and float((~keep).float().mean()) == pytest.approx(0.1, abs=0.003)
+    neighbours = (~keep[:, :-1] & ~keep[:, 1:]).float().mean()  # four draws share an int64: still independent
+    assert float(neighbours) == pytest.approx(0.01, abs=0.002)
     torch.manual_seed(0)
-    assert torch.equal(keep, kernels.dropout_keep((400, 500), 0.1, torch.float32, "cpu"))  # seeded
+    assert torch.equal(keep, dropout_keep((400, 500), 0.1, "cpu"))  # seeded
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -185,3 +187,47 @@ def test_fused_path_names_why_it_does_not_apply(case, expected):
     device = "cuda" if case == "cuda" else "cpu"
     assert expected in (fused_decoder.reason(model, device) or "")
     assert not fused_decoder.usable(model, device)
+
+
+def system_examples(tok, n=4):
+    from ayar.data.records import Record
+    from ayar.data.render import Renderer
+
+    r = Renderer(tok, max_length=128)
+    system = {"role": "system", "content": "You are a careful math tutor: show each step, then the answer."}
+    return [r.render(Record([system, {"role": "user", "content": x["instruction"]}, {"role": "assistant", "content": x["output"]}],
+                            f"mem:{i}")) for i, x in enumerate(MATH_ROWS[:n])]
+
+
+@pytest.mark.parametrize("long_segments", [False, True])
+def test_a_shared_prefix_gives_the_same_loss_and_gradients(long_segments, monkeypatch):
+    from ayar.data.collate import MIN_SHARED_PREFIX, shared_prefix_length
+    from ayar.train import varlen
+    from ayar.train.loop import example_tokens
+
+    if long_segments:
+        monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 4)  # torch's kernel with an explicit mask
+    model, tok = lora_model("llama", dropout=0.0)
+    exs = system_examples(tok)
+    n = shared_prefix_length(exs)
+    assert n >= MIN_SHARED_PREFIX
+    shared = collate(exs, tok.pad_token_id, packing=True, share_prefix=True)
+    plain = collate(exs, tok.pad_token_id, packing=True)
+    assert int(shared["shared_prefix"]) == n and shared["input_ids"].shape[1] == plain["input_ids"].shape[1] - 3 * n
+    assert example_tokens(shared) == example_tokens(plain) == sum(len(e.input_ids) for e in exs)
+    ref_loss, ref_n, ref_grads = loss_and_grads(model, plain, fused=False)
+    loss, n_trained, grads = loss_and_grads(model, shared, fused=True)
+    assert n_trained == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-4 * float(ref_grads[name].abs().max()))
+
+
+def test_a_trained_opening_is_not_shared():
+    from ayar.data.collate import shared_prefix_length
+    from ayar.data.render import Example
+
+    prompt_only = [Example([5, 6, 7, 8, 9, 1], [-100] * 4 + [9, 1], "a"), Example([5, 6, 7, 8, 2, 3], [-100] * 4 + [2, 3], "b")]
+    assert shared_prefix_length(prompt_only) == 3  # token 4 is trained: the opening stops before its predictor
+    all_trained = [Example(e.input_ids, e.input_ids, e.where) for e in prompt_only]  # train_on_prompt
+    assert shared_prefix_length(all_trained) == 0
+    assert shared_prefix_length(prompt_only[:1]) == 0

@@ -117,7 +117,7 @@ def run_train(args) -> int:
     rows = [("real tokens/s", "tokens_per_s", "{:.1f}"), ("median step s", "median_step_s", "{:.2f}"),
             ("real tokens/step", "real_tokens_per_step", "{:.0f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
             ("final loss (last 1/4)", "final_loss", "{:.4f}"), ("GFLOP/s (4N/token)", "gflops", "{:.1f}"),
-            ("% of fp32 peak", "pct_peak_fp32", "{:.0f}%"), ("% of bf16 peak", "pct_peak_bf16", "{:.0f}%"), ("dtype", "dtype", "{}")]
+            ("% of matmul peak (its dtype)", "pct_peak", "{:.0f}%"), ("dtype", "dtype", "{}")]
     for label, key, fmt in rows:
         table.add_row(label, *[fmt.format(r[key]) for r in result["sides"].values()])
     out.print(table)

@@ -105,11 +105,13 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value, prefix=f"{prefix}{key}.", errors=errors)
             continue
+        choices = fields[key].metadata.get("choices")
+        if isinstance(value, bool) and choices:  # YAML 1.1 reads off/on/no/yes as booleans: `memory_check: off`
+            value = next((c for c in (("off", "no", "false") if not value else ("on", "yes", "true")) if c in choices), value)
         coerced = _coerce(value, typ)
         if coerced is _MISSING:
             errors.append(f"{prefix}{key}: expected {_type_name(typ)}, got {value!r} ({type(value).__name__})")
             continue
-        choices = fields[key].metadata.get("choices")
         if choices and coerced not in choices:
             guess = difflib.get_close_matches(str(coerced), choices, n=1)
             hint = f"; did you mean {guess[0]!r}?" if guess else ""

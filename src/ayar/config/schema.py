@@ -78,7 +78,8 @@ class TrainingConfig:
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run; 0 means use `epochs`.")
     rows_per_pass: int = _f(0, "Run each micro-batch as forward/backward passes of this many rows of similar length "
-                            "(same gradient; less padding and peak memory). 0: auto (2 on CPU, the whole micro-batch on GPU).")
+                            "(same gradient; less padding and peak memory). 0: auto (on CPU 4 with the fused decoder, else 2; the whole "
+                            "micro-batch on GPU).")
     fused: bool = _f(True, "On CPU, train Llama-family models with LoRA through ayar's fused kernels (the same computation "
                      "as the transformers + peft modules, in fewer and larger operations); false keeps the module path.")
     gradient_checkpointing: Optional[bool] = _f(None, "Recompute each layer's forward during backward: a fraction of the "

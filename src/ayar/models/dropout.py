@@ -1,4 +1,4 @@
-"""A faster drop-in for the dropout peft puts on every LoRA input.
+"""A faster drop-in for the dropout peft puts on every LoRA input, and the keep masks behind it.
 
 torch's CPU dropout draws one random number per element from its Mersenne Twister: on a 135M model with
 LoRA on all linear layers that was ~20 % of a training step (benchmarks/README.md). This draws 64 random
@@ -13,19 +13,22 @@ import torch
 from torch import nn
 
 
-class FastDropout(nn.Dropout):
-    def __init__(self, p: float):
-        super().__init__(p)
-        # int16 values are uniform on [-32768, 32767]: drop when below this threshold
-        self._threshold = round(p * 65536) - 32768
+def dropout_keep(shape, p: float, device) -> torch.Tensor:
+    """Dropout's keep mask (bool): False with probability p, each element from 16 bits of torch's
+    generator, four elements per int64 drawn (p resolved to 1/65536)."""
+    n = 1
+    for s in shape:
+        n *= s
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = round(p * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
+    return bits.view(torch.int16)[:n].view(shape) >= threshold
 
+
+class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= self._threshold
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0)
+        return torch.where(dropout_keep(x.shape, self.p, x.device), x * (1.0 / (1.0 - self.p)), 0)
 
 
 def use_fast_dropout(model) -> int:

@@ -125,14 +125,13 @@ def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool 
     Modules: attention's q/k/v/output and the MLP's gate/up/activation products in the weights' dtype, and
     RMSNorm's fp32 copies, times the measured allocator overhead; LoRA: every wrapped projection's input
     copied to fp32 (peft casts inputs to the adapter's dtype), plus, with dropout, its fp32 output and mask.
-    Fused decoder (kernels.py): two norm inputs and outputs, q/k/v, rotated q/k, the stacked queries, the
-    attention output, gate/up and their product, plus each adapter's dropout multiplier."""
+    Fused decoder (kernels.py): two norm inputs and outputs, v, rotated q/k, the stacked queries, the
+    attention output, gate/up and their product, plus each adapter's dropout mask (bool)."""
     if fused:
-        q = s.heads * (s.kv // max(_kv_heads(s), 1)) if s.kv else s.hidden
-        kept = 4 * s.hidden + (q + 2 * s.kv) + (q + s.kv) + 2 * q + 3 * s.intermediate
-        if lora and dropout:
-            kept += s.lora_inputs
-        return (kept * dtype_bytes + 8) * FUSED_ACTIVATION_FACTOR
+        q = s.hidden  # heads * head_dim for the families ayar fuses
+        kept = 4 * s.hidden + 3 * q + 2 * s.kv + 3 * s.intermediate
+        masks = s.lora_inputs if lora and dropout else 0  # one bool per element
+        return (kept * dtype_bytes + masks + 8) * FUSED_ACTIVATION_FACTOR
     base = (2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden
     per_layer = base * BASE_ACTIVATION_FACTOR
     if lora and dtype_bytes == 4:
@@ -140,11 +139,6 @@ def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool 
     elif lora:  # bf16/fp16 base: adapters run under autocast on the input as it is (train/loss.py)
         per_layer += s.lora_inputs * ((dtype_bytes + 1) if dropout else 0)
     return per_layer
-
-
-def _kv_heads(s: Shape) -> int:
-    # kv = kv_heads * head_dim and hidden = heads * head_dim for the families ayar fuses
-    return max(1, s.kv * s.heads // s.hidden) if s.hidden else 1
 
 
 def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False,
@@ -234,7 +228,7 @@ def layout_for(shape: Shape, cfg, device: str, checkpointing: bool = False) -> L
     packed = cfg.training.packing or (device == "cpu" and shape.plain_attention)
     fused = (packed and cfg.training.fused and device == "cpu" and cfg.method == "lora" and shape.fused_family
              and not cfg.lora.modules_to_save)
-    return Layout(rows_per_pass(cfg.training, device), packed, fused, checkpointing)
+    return Layout(rows_per_pass(cfg.training, device, fused), packed, fused, checkpointing)
 
 
 def plan_layout(shape: Shape, cfg, examples, weight_dtype: str, device: str, layout: Layout, available: int | None = None,

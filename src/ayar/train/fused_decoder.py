@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ayar.train import varlen
-from ayar.train.kernels import Adapter, dropout_keep, lora_linear, rms_norm, rope, swiglu
+from ayar.models.dropout import dropout_keep
+from ayar.train.kernels import Adapter, lora_linear, rms_norm, rope, swiglu
 
 FAMILIES = {"llama", "mistral", "qwen2"}
 _PLAN = "_ayar_fused_plan"
@@ -40,7 +41,7 @@ class Group:
     def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not self.adapters:
             return F.linear(x, self.weight, self.bias)
-        keeps = [dropout_keep(x.shape, ad.dropout, x.dtype, x.device) if training and ad.dropout > 0 else None
+        keeps = [dropout_keep(x.shape, ad.dropout, x.device) if training and ad.dropout > 0 else None
                  for ad in self.adapters]
         return lora_linear(x, self.weight, self.bias, self.adapters, keeps, self.ab)
 
@@ -128,8 +129,10 @@ def release(model) -> None:
                     p.data = p.data.clone()
 
 
-def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states [1, T, hidden] for one packed row."""
+def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seq_lens: torch.Tensor,
+                  shared_prefix: int = 0) -> torch.Tensor:
+    """The decoder's last hidden states [1, T, hidden] for one packed row; with `shared_prefix` n, its first
+    segment is an opening of n tokens that every later segment attends to (collate.py)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not usable(model, input_ids.device.type):
         raise RuntimeError(f"the fused decoder cannot run this model: {reason(model, input_ids.device.type)}")
@@ -145,26 +148,27 @@ def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu
         checkpointing = torch.is_grad_enabled() and getattr(inner.layers[0], "gradient_checkpointing", False)
         for lp in plan.layers:
             if checkpointing:
-                x = checkpoint(_layer, x, lp, plan, cos, sin, bounds, training, use_reentrant=False)
+                x = checkpoint(_layer, x, lp, plan, cos, sin, bounds, training, shared_prefix, use_reentrant=False)
             else:
-                x = _layer(x, lp, plan, cos, sin, bounds, training)
+                x = _layer(x, lp, plan, cos, sin, bounds, training, shared_prefix)
         x = rms_norm(x, plan.norm, plan.norm_eps)
     return x[None]
 
 
-def _layer(x, lp: LayerPlan, plan: Plan, cos, sin, bounds, training: bool):
+def _layer(x, lp: LayerPlan, plan: Plan, cos, sin, bounds, training: bool, prefix: int = 0):
     T, H, G, d = x.shape[0], plan.heads, plan.kv_heads, plan.head_dim
     qkv = lp.qkv(rms_norm(x, lp.in_norm, lp.eps), training)
     qk = rope(qkv[:, :(H + G) * d].view(T, H + G, d), cos, sin)  # q and k heads rotated together
-    v = qkv[:, (H + G) * d:].view(T, G, d)
-    attn = attention(qk[:, :H], qk[:, H:], v, bounds, plan.scaling)
+    v = qkv[:, (H + G) * d:].reshape(T, G, d).contiguous()  # its own copy: qkv itself need not be kept
+    attn = attention(qk[:, :H], qk[:, H:], v, bounds, plan.scaling, prefix)
     x = x + lp.o(attn, training)
     x = x + lp.down(swiglu(lp.gate_up(rms_norm(x, lp.post_norm, lp.eps), training)), training)
     return x
 
 
-def attention(q, k, v, bounds: list[int], scale: float) -> torch.Tensor:
-    """Causal attention within each segment [a, b) of a packed row. q [T, H, d], k/v [T, G, d] -> [T, H*d]."""
+def attention(q, k, v, bounds: list[int], scale: float, prefix: int = 0) -> torch.Tensor:
+    """Causal attention within each segment [a, b) of a packed row; with `prefix` n, segment 0 is the
+    shared opening [0, n) and every later segment also sees all of it. q [T, H, d], k/v [T, G, d] -> [T, H*d]."""
     T, H, d = q.shape
     G = k.shape[1]
     groups = H // G
@@ -173,20 +177,23 @@ def attention(q, k, v, bounds: list[int], scale: float) -> torch.Tensor:
         L = b - a
         if L <= 0:
             continue
+        p = prefix if a > 0 else 0  # keys [0, p) before the segment's own
+        ks = torch.cat([k[:p], k[a:b]]) if p else k[a:b]
+        vs = torch.cat([v[:p], v[a:b]]) if p else v[a:b]
         if L > varlen.MATMUL_MAX_LEN:  # long segments: torch's kernel, which never holds L x L per head
-            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
-                                               v[a:b].transpose(0, 1)[None], is_causal=True, scale=scale,
-                                               enable_gqa=groups > 1)
+            mask = None if not p else _future_bias(L, 1, p, torch.bool, q.device)[None]
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                               attn_mask=mask, is_causal=not p, scale=scale, enable_gqa=groups > 1)
             outs.append(o[0].transpose(0, 1).reshape(L, H * d))
             continue
         # the query heads sharing a key/value head are stacked along the rows: no repeated K/V copies
         qs = q[a:b].reshape(L, G, groups, d).permute(1, 2, 0, 3).reshape(G, groups * L, d)
-        scores = torch.baddbmm(_future_bias(L, groups, q.dtype, q.device), qs, k[a:b].permute(1, 2, 0), alpha=scale)
+        scores = torch.baddbmm(_future_bias(L, groups, p, q.dtype, q.device), qs, ks.permute(1, 2, 0), alpha=scale)
         if q.dtype == torch.float32:
             probs = torch.softmax(scores, dim=-1)
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.bmm(probs, v[a:b].transpose(0, 1))  # [G, groups * L, d]
+        o = torch.bmm(probs, vs.transpose(0, 1))  # [G, groups * L, d]
         outs.append(o.view(G, groups, L, d).permute(2, 0, 1, 3).reshape(L, H * d))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -194,14 +201,19 @@ def attention(q, k, v, bounds: list[int], scale: float) -> torch.Tensor:
 _bias_cache: dict[tuple, torch.Tensor] = {}
 
 
-def _future_bias(length: int, groups: int, dtype, device) -> torch.Tensor:
-    """-inf where a query (row i, position i % length) would see a later key."""
-    key = (length, groups, dtype, str(device))
+def _future_bias(length: int, groups: int, prefix: int, dtype, device) -> torch.Tensor:
+    """[groups * length, prefix + length]: -inf where a query (row i, position i % length) would see a later
+    key of its own segment; the prefix's keys are all visible. For torch.bool: True where visible."""
+    key = (length, groups, prefix, dtype, str(device))
     if key not in _bias_cache:
         if len(_bias_cache) > 512:
             _bias_cache.clear()
-        future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
-        _bias_cache[key] = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+        future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        future = torch.cat([torch.zeros(length, prefix, dtype=torch.bool, device=device), future], dim=1).repeat(groups, 1)
+        if dtype == torch.bool:
+            _bias_cache[key] = ~future
+        else:
+            _bias_cache[key] = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill(future, float("-inf"))
     return _bias_cache[key]
 
 

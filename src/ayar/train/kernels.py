@@ -29,20 +29,9 @@ class Adapter:
     dropout: float
 
 
-def dropout_keep(shape, p: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """Inverted-dropout multiplier: 0 with probability p, else 1/(1-p). Each element draws 16 bits
-    (p resolved to 1/65536) from torch's generator, four per int64: ~3x fewer generator calls than
-    torch's dropout, which draws a full random number per element. Seeds and resumed RNG state hold."""
-    n = 1
-    for s in shape:
-        n *= s
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    threshold = round(p * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
-    return _keep(bits.view(torch.int16)[:n].view(shape), threshold, 1.0 / (1.0 - p), dtype)
-
-
 class LoraLinear(torch.autograd.Function):
-    """y = x W^T + b + sum_i s_i * (x * keep_i) A_i^T B_i^T, adapter i writing columns [start_i, stop_i).
+    """y = x W^T + b + sum_i s_i * dropout_i(x) A_i^T B_i^T, adapter i writing columns [start_i, stop_i);
+    dropout_i(x) = x * keep_i / (1 - p_i) with keep_i a bool mask (or no dropout: keep_i None).
 
     W [N, K] is the frozen base weight of a projection group (e.g. q, k and v stacked), so the group
     costs one base matmul each way. A_i [r, K] and B_i [n_i, r] may be fp32 masters over a bf16 base:
@@ -60,10 +49,12 @@ class LoraLinear(torch.autograd.Function):
             h_all = x @ torch.cat(a_w).t()
             hs = list(h_all.split([a.shape[0] for a in a_w], dim=1))
         else:
-            hs = [(x if k is None else x * k) @ a.t() for k, a in zip(keeps, a_w)]
-        for ad, h, b in zip(adapters, hs, b_w):
-            y[:, ad.start:ad.stop].addmm_(h, b.t(), alpha=ad.scale)
-        ctx.adapters, ctx.shared = adapters, shared
+            hs = [(x if k is None else torch.where(k, x, 0.0)) @ a.t() for k, a in zip(keeps, a_w)]
+        # h is taken without dropout's 1/(1-p): it is part of each adapter's effective scale
+        scales = tuple(ad.scale / (1.0 - ad.dropout) if k is not None else ad.scale for ad, k in zip(adapters, keeps))
+        for ad, sc, h, b in zip(adapters, scales, hs, b_w):
+            y[:, ad.start:ad.stop].addmm_(h, b.t(), alpha=sc)
+        ctx.adapters, ctx.shared, ctx.scales = adapters, shared, scales
         ctx.ab_dtypes = [t.dtype for t in ab]
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *keeps_or_empty(keeps, x), *hs, *ab)
@@ -81,22 +72,22 @@ class LoraLinear(torch.autograd.Function):
         gh = [g[:, ad.start:ad.stop] @ b for ad, b in zip(ctx.adapters, b_w)]  # [T, r] each
         grads_ab = []
         if ctx.shared:
-            gh_all = torch.cat([h * ad.scale for h, ad in zip(gh, ctx.adapters)], dim=1)
+            gh_all = torch.cat([h * sc for h, sc in zip(gh, ctx.scales)], dim=1)
             if grad_x is not None:
                 grad_x.addmm_(gh_all, torch.cat(a_w))
             grad_a = (gh_all.t() @ x).split([a.shape[0] for a in a_w], dim=0)
         else:
             grad_a = []
-            for ad, k, ghi, a in zip(ctx.adapters, keeps, gh, a_w):
-                xi = x if k.numel() == 0 else x * k
-                grad_a.append(ad.scale * (ghi.t() @ xi))
+            for sc, k, ghi, a in zip(ctx.scales, keeps, gh, a_w):
+                xi = x if k.numel() == 0 else torch.where(k, x, 0.0)
+                grad_a.append(sc * (ghi.t() @ xi))
                 if grad_x is not None:
                     if k.numel() == 0:
-                        grad_x.addmm_(ghi, a, alpha=ad.scale)
+                        grad_x.addmm_(ghi, a, alpha=sc)
                     else:
-                        grad_x.addcmul_(ghi @ a, k, value=ad.scale)
-        for ad, ga, h in zip(ctx.adapters, grad_a, hs):
-            grads_ab += [ga, ad.scale * (g[:, ad.start:ad.stop].t() @ h)]
+                        grad_x.add_(torch.where(k, ghi @ a, 0.0), alpha=sc)
+        for ad, sc, ga, h in zip(ctx.adapters, ctx.scales, grad_a, hs):
+            grads_ab += [ga, sc * (g[:, ad.start:ad.stop].t() @ h)]
         grads_ab = [gr.to(dt) for gr, dt in zip(grads_ab, ctx.ab_dtypes)]
         return (grad_x, None, None, None, None, *grads_ab)
 
@@ -131,11 +122,6 @@ class pointwise:
             self.failed = True
             warnings.warn(f"ayar: torch.compile failed for {self.fn.__name__} ({type(e).__name__}); using eager torch ops", stacklevel=2)
             return self.fn(*args)
-
-
-@pointwise
-def _keep(bits, threshold: int, scale: float, dtype: torch.dtype):
-    return torch.where(bits >= threshold, scale, 0.0).to(dtype)
 
 
 @pointwise

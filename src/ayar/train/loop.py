@@ -59,12 +59,15 @@ class BatchOrder:
         return self._cache[1][micro * self.bs : (micro + 1) * self.bs]
 
 
-def rows_per_pass(tcfg, device: str) -> int:
-    """`training.rows_per_pass`, with auto (0) resolved: 2 on CPU, where smaller passes of similar-length rows
-    were fastest (benchmarks/README.md), the whole micro-batch on GPUs, where bigger matmuls win."""
+def rows_per_pass(tcfg, device: str, fused: bool = False) -> int:
+    """`training.rows_per_pass`, with auto (0) resolved: on CPU, passes of a few similar-length rows were
+    fastest (benchmarks/README.md): 4 with the fused decoder (its rows share their common opening, and
+    it keeps less per token), else 2; on GPUs the whole micro-batch, where bigger matmuls win."""
     if tcfg.rows_per_pass > 0:
         return tcfg.rows_per_pass
-    return 2 if device == "cpu" else 0
+    if device != "cpu":
+        return 0
+    return 4 if fused else 2
 
 
 def padding_free(model, tcfg, device: str) -> bool:
@@ -82,7 +85,7 @@ def describe_passes(model, tcfg, device: str) -> dict:
     if why_not is None:
         why_not = fused_decoder.reason(model, device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"rows_per_pass": rows_per_pass(tcfg, device), "padding_free": packed, "fused": why_not is None,
+    return {"rows_per_pass": rows_per_pass(tcfg, device, why_not is None), "padding_free": packed, "fused": why_not is None,
             "not_fused_because": why_not, "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False))}
 
 
@@ -168,9 +171,9 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
     if resume_from is not None:
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
     best_adapter = None
-    per_pass = rows_per_pass(tcfg, device)
     packed = padding_free(model, tcfg, device)
     fused = packed and tcfg.fused and fused_decoder.usable(model, device)
+    per_pass = rows_per_pass(tcfg, device, fused)
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
     model.train()
     while state.step < total and not state.stopped_early:
@@ -180,7 +183,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
             if state.micro >= order.per_epoch:
                 state.epoch, state.micro = state.epoch + 1, 0
             examples = [train[i] for i in order.indices(state.epoch, state.micro)]
-            micro_batches += [collate(group, pad_id, packed) for group in length_groups(examples, per_pass)]
+            micro_batches += [collate(group, pad_id, packed, share_prefix=fused) for group in length_groups(examples, per_pass)]
             state.micro += 1
         # Mean over every trained token of the optimizer step, whatever the micro-batch split.
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
@@ -197,7 +200,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         dt = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro_batches)
+        tokens = sum(example_tokens(b) for b in micro_batches)
         state.real_tokens += tokens
         state.train_seconds += dt
         record = {"step": state.step, "epoch": round(state.epoch + state.micro / order.per_epoch, 4), "loss": step_loss,
@@ -230,6 +233,13 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
     if fused:
         fused_decoder.release(model)
     return LoopResult(state, total, best_adapter)
+
+
+def example_tokens(batch: dict) -> int:
+    """The examples' real tokens in a batch (not padding; a shared prefix counts once per example)."""
+    if "example_tokens" in batch:
+        return int(batch["example_tokens"])
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
 def _state_dict(state: LoopState) -> dict:

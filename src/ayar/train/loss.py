@@ -55,7 +55,10 @@ def loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[tor
 def _hidden(model, batch: dict, fused: bool) -> torch.Tensor:
     base = _base(model)
     if fused and "cu_seq_lens" in batch:
-        return fused_decoder.hidden_states(model, batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"])
+        return fused_decoder.hidden_states(model, batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"],
+                                           int(batch.get("shared_prefix", 0)))
+    if "shared_prefix" in batch:
+        raise ValueError("a row with a shared prefix needs the fused decoder (collate share_prefix only with fused)")
     attention, segments = contextlib.nullcontext(), {}
     if "cu_seq_lens" in batch and varlen.supported(base.config, batch["input_ids"].device.type):
         attention, segments = varlen.varlen_attention(base), {"cu_seq_lens_q": batch["cu_seq_lens"]}
