@@ -175,3 +175,29 @@ def test_auto_checkpointing_turns_on_only_when_needed_and_changes_no_loss(tiny_m
     assert not plain.read_meta()["passes"]["gradient_checkpointing"]
     losses = lambda run: [r["loss"] for r in run.read_metrics() if "loss" in r]
     assert losses(auto) == pytest.approx(losses(plain), rel=1e-5)
+
+
+def test_the_allocator_setting_returns_freed_tensors_to_the_system():
+    """After tune_allocator, a freed multi-MB tensor gives its memory back (glibc's default would keep
+    it on the heap once its dynamic threshold rose)."""
+    import platform
+
+    import psutil
+
+    from ayar.perf.allocator import tune_allocator
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert tune_allocator() is None
+        return
+    assert "glibc" in tune_allocator()
+    rss = lambda: psutil.Process().memory_info().rss
+    for _ in range(3):  # what raises glibc's dynamic threshold: freeing large blocks
+        del _
+        big = torch.ones(16 * 2**20 // 4)
+        del big
+    before = rss()
+    blocks = [torch.ones(4 * 2**20 // 4) for _ in range(50)]  # 200 MB of 4 MB tensors
+    during = rss()
+    del blocks
+    after = rss()
+    assert during - before > 150 * 2**20 and after - before < 30 * 2**20

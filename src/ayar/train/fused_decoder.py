@@ -181,10 +181,13 @@ def attention(q, k, v, bounds: list[int], scale: float, prefix: int = 0) -> torc
         ks = torch.cat([k[:p], k[a:b]]) if p else k[a:b]
         vs = torch.cat([v[:p], v[a:b]]) if p else v[a:b]
         if L > varlen.MATMUL_MAX_LEN:  # long segments: torch's kernel, which never holds L x L per head
-            mask = None if not p else _future_bias(L, 1, p, torch.bool, q.device)[None]
-            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                                               attn_mask=mask, is_causal=not p, scale=scale, enable_gqa=groups > 1)
-            outs.append(o[0].transpose(0, 1).reshape(L, H * d))
+            qs = q[a:b]
+            if p:  # p placeholder queries in front make plain causal attention see the whole prefix (their
+                # rows are dropped): an explicit mask would send torch to its kernel that keeps every L x L
+                qs = torch.cat([q.new_zeros(p, H, d), qs])
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                               is_causal=True, scale=scale, enable_gqa=groups > 1)
+            outs.append(o[0, :, p:].transpose(0, 1).reshape(L, H * d))
             continue
         # the query heads sharing a key/value head are stacked along the rows: no repeated K/V copies
         qs = q[a:b].reshape(L, G, groups, d).permute(1, 2, 0, 3).reshape(G, groups * L, d)
@@ -203,17 +206,14 @@ _bias_cache: dict[tuple, torch.Tensor] = {}
 
 def _future_bias(length: int, groups: int, prefix: int, dtype, device) -> torch.Tensor:
     """[groups * length, prefix + length]: -inf where a query (row i, position i % length) would see a later
-    key of its own segment; the prefix's keys are all visible. For torch.bool: True where visible."""
+    key of its own segment; the prefix's keys are all visible."""
     key = (length, groups, prefix, dtype, str(device))
     if key not in _bias_cache:
         if len(_bias_cache) > 512:
             _bias_cache.clear()
         future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
         future = torch.cat([torch.zeros(length, prefix, dtype=torch.bool, device=device), future], dim=1).repeat(groups, 1)
-        if dtype == torch.bool:
-            _bias_cache[key] = ~future
-        else:
-            _bias_cache[key] = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+        _bias_cache[key] = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill(future, float("-inf"))
     return _bias_cache[key]
 
 

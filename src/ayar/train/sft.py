@@ -20,6 +20,7 @@ from ayar.errors import AyarError
 from ayar.fsutil import write_atomic
 from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial, save_trained
 from ayar.models.load import load_model_and_tokenizer
+from ayar.perf.allocator import tune_allocator
 from ayar.train import checkpoint as ckpt
 from ayar.train.loop import LoopState, describe_passes, enable_checkpointing, run_loop, total_steps_for
 from ayar.train.plots import plot_loss
@@ -46,6 +47,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     tcfg = cfg.training
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
+    allocator = tune_allocator()
     torch.manual_seed(tcfg.seed)  # LoRA init; resume overwrites weights and RNG from the checkpoint
 
     # --- load ------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
         + (", gradient checkpointing" if passes["gradient_checkpointing"] else ""))
     if resume_from is None:
         tok.save_pretrained(run.tokenizer)
-        run.update_meta(**start_meta(cfg, model_path, placement, trainable, total, st), passes=passes)
+        run.update_meta(**start_meta(cfg, model_path, placement, trainable, total, st), passes=passes, allocator=allocator)
     else:
         say(f"resume {resume_from.name}")
         run.truncate_metrics(start_step)

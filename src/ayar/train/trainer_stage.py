@@ -22,6 +22,7 @@ from ayar.errors import AyarError, DataError
 from ayar.fsutil import write_atomic
 from ayar.models.adapters import parameter_counts
 from ayar.models.load import load_model_and_tokenizer
+from ayar.perf.allocator import tune_allocator
 from ayar.train.plots import plot_loss
 from ayar.train.rundir import RunDir, peak_rss_mb, start_meta
 from ayar.train.tracking import Tracker
@@ -56,6 +57,7 @@ def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None =
     tcfg = cfg.training
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
+    tune_allocator()
     torch.manual_seed(tcfg.seed)
 
     # --- prepare (data first: a wrong format fails before the model loads) -----------------------
