@@ -8,22 +8,22 @@ pass, when every layer's saved activations are alive):
       path the loop will take (fused decoder or transformers + peft modules); with gradient
       checkpointing, each layer's input plus one layer's activations at a time
     + per-example attention (packed rows on CPU): the attention probabilities of every layer
-    + logits: ayar computes them for trained positions only, in fp32, with their softmax gradient
-    + the runtime itself (Python, torch, transformers).
-The activation terms come from what autograd saves; their coefficients were fitted on measured peaks
-and checked on configurations left out of the fit (benchmarks/README.md).
+    + logits: ayar computes them for trained positions only, a chunk of positions at a time (the full
+      [trained, vocab] fp32 logits and their gradient where a custom loss or a trained head needs them)
+    + the runtime itself (Python, torch, transformers, tokenizer).
+The activation terms count what autograd saves, tensor by tensor (checked against saved-tensor hooks in
+tests/unit/test_perf.py); the measured peaks they were checked against are in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Constants (see benchmarks/README.md, "memory planner"). BASE_ACTIVATION_FACTOR was fitted, with the LoRA
-# term's, on 4 measured configurations and checked on 4 others; the runtime sizes are estimates.
-RUNTIME_BYTES_CPU = 900 * 2**20  # python + torch + transformers + tokenizer, process RSS before the model loads
-RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors
-BASE_ACTIVATION_FACTOR = 1.16  # allocator overhead and small saved tensors over the counted base activations
-FUSED_ACTIVATION_FACTOR = 1.0  # the same for the fused decoder, whose saved tensors are counted one by one
+# Constants (see benchmarks/README.md, "memory planner").
+RUNTIME_BYTES_CPU = 500 * 2**20  # python + torch + transformers + tokenizer: 470 MB RSS measured before the model loads
+RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors (an estimate)
+BF16_MODULES_FACTOR = 1.16  # bf16 modules path: fitted on measured peaks (AVX512-BF16 machine), not counted
+LOGITS_CHUNK = 256  # kernels.linear_cross_entropy's default: positions whose logits exist at once
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -38,9 +38,12 @@ class Shape:
     lora_params: int
     heads: int = 1
     lora_inputs: int = 0  # per layer: summed input features of the LoRA-wrapped projections
+    lora_distinct_inputs: int = 0  # the same, counting once the inputs projections share (q/k/v, gate/up)
+    lora_outputs: int = 0  # per layer: r x wrapped projections (what each adapter's A saves for its B)
     linear_params: int = 0  # weights of the linear layers (not the output head): what QLoRA stores in 4 bits
     plain_attention: bool = False  # packed rows can take per-example attention on CPU (train/varlen.py)
     fused_family: bool = False  # the fused decoder can run this architecture (train/fused_decoder.py)
+    plain_head: bool = True  # no logit soft-capping: the chunked cross-entropy applies (train/loss.py)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class Pass:
         from ayar.train.varlen import MATMUL_MAX_LEN
 
         return sum(n * n for n in self.lengths if n <= MATMUL_MAX_LEN) / max(self.tokens, 1)
+
+    def long_share(self) -> float:
+        """The share of tokens in segments that per-example attention gives to torch's kernel."""
+        from ayar.train.varlen import MATMUL_MAX_LEN
+
+        return sum(n for n in self.lengths if n > MATMUL_MAX_LEN) / max(self.tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,11 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
     wrapped = [m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not output and matches_target(name, target_modules)]
     lora = sum(r * (m.in_features + m.out_features) for m in wrapped)
+    distinct = {}  # q/k/v (and gate/up) read the same tensor: one saved input between them
+    for name, m in model.named_modules():
+        if any(m is w for w in wrapped):
+            parent, _, leaf = name.rpartition(".")
+            distinct[(parent, _SHARED_INPUT.get(leaf, leaf))] = m.in_features
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
     layers = c.num_hidden_layers
@@ -116,40 +130,49 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
     from ayar.train import fused_decoder, varlen
 
     return Shape(params, layers, c.hidden_size, c.intermediate_size, kv, c.vocab_size, lora, heads,
-                 sum(m.in_features for m in wrapped) // layers, linear, varlen.supported(c, "cpu"),
-                 fused_decoder.config_reason(c, "cpu") is None)
+                 sum(m.in_features for m in wrapped) // layers, sum(distinct.values()) // layers, r * len(wrapped) // layers,
+                 linear, varlen.supported(c, "cpu"), fused_decoder.config_reason(c, "cpu") is None,
+                 not getattr(c, "final_logit_softcapping", None))
 
 
-def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False) -> float:
-    """What one decoder layer keeps per token for backward (attention probabilities aside).
-    Modules: attention's q/k/v/output and the MLP's gate/up/activation products in the weights' dtype, and
-    RMSNorm's fp32 copies, times the measured allocator overhead; LoRA: every wrapped projection's input
-    copied to fp32 (peft casts inputs to the adapter's dtype), plus, with dropout, its fp32 output and mask.
+_SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp",
+                 "w1": "mlp", "w3": "mlp"}
+
+
+def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False,
+                          long_share: float = 0.0) -> float:
+    """What one decoder layer keeps per token for backward (attention probabilities aside), tensor by tensor.
     Fused decoder (kernels.py): two norm inputs and outputs, v, rotated q/k, the stacked queries, the
-    attention output, gate/up and their product, plus each adapter's dropout mask (bool)."""
+    attention output, gate/up and their product, each adapter's dropout mask (bool) and A output; tokens
+    in long segments (torch's attention kernel) also keep its query/key/value copies.
+    Modules, fp32: the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
+    SiLU(gate); each adapter's dropped-out input (fp32) and mask (bool), or without dropout the distinct
+    inputs (q/k/v share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR); adapters
+    there run under autocast on the input as it is (train/loss.py)."""
+    lora_out = s.lora_outputs * 4 if lora else 0
     if fused:
         q = s.hidden  # heads * head_dim for the families ayar fuses
-        kept = 4 * s.hidden + 3 * q + 2 * s.kv + 3 * s.intermediate
+        kept = 4 * s.hidden + 3 * q + 2 * s.kv + 3 * s.intermediate + long_share * (q + s.kv)
         masks = s.lora_inputs if lora and dropout else 0  # one bool per element
-        return (kept * dtype_bytes + masks + 8) * FUSED_ACTIVATION_FACTOR
-    base = (2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden
-    per_layer = base * BASE_ACTIVATION_FACTOR
-    if lora and dtype_bytes == 4:
-        per_layer += s.lora_inputs * (4 + (5 if dropout else 0))
-    elif lora:  # bf16/fp16 base: adapters run under autocast on the input as it is (train/loss.py)
-        per_layer += s.lora_inputs * ((dtype_bytes + 1) if dropout else 0)
-    return per_layer
+        return kept * dtype_bytes + masks + lora_out + 8
+    if dtype_bytes == 4:
+        base = (2 * s.hidden + 2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * 4
+        adapters = (s.lora_inputs * 5 if dropout else s.lora_distinct_inputs * 4) if lora else 0
+        return base + adapters + lora_out
+    base = ((2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden) * BF16_MODULES_FACTOR
+    return base + (s.lora_inputs * (dtype_bytes + 1) if lora and dropout else 0)
 
 
 def activation_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False,
-                               attention_keys: float = 0.0, checkpointing: bool = False) -> int:
+                               attention_keys: float = 0.0, checkpointing: bool = False, long_share: float = 0.0) -> int:
     """What training keeps per token at its peak, over all layers. Per-example attention on packed rows
     keeps each layer's probabilities (heads x keys, fp32, plus a copy in a half dtype). With gradient
-    checkpointing, only each layer's input is kept, and one layer's activations live at a time."""
-    per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused)
+    checkpointing, each layer's input is kept, and one layer's activations live at a time, with as much
+    again for their gradients while that layer's backward runs (measured: benchmarks/README.md)."""
+    per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused, long_share)
     per_layer += s.heads * attention_keys * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
     if checkpointing:
-        return int(s.layers * s.hidden * dtype_bytes + per_layer)
+        return int(s.layers * s.hidden * dtype_bytes + 2 * per_layer)
     return int(s.layers * per_layer)
 
 
@@ -160,9 +183,11 @@ def attention_scratch_bytes(s: Shape, rows: int, row_len: int) -> int:
 
 def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, trained: int, method: str = "lora",
                 available: int | None = None, rows: int = 1, dropout: bool = True, fused: bool = False,
-                attention_keys: float = 0.0, checkpointing: bool = False) -> MemoryPlan:
+                attention_keys: float = 0.0, checkpointing: bool = False, long_share: float = 0.0,
+                packed: bool = False, chunked_logits: bool = True) -> MemoryPlan:
     """`tokens` in the largest pass, laid out as `rows` rows of equal length (1 row when packed);
-    `attention_keys`: keys per token of per-example attention (`Pass.attention_keys`, 0 otherwise)."""
+    `attention_keys`: keys per token of per-example attention (`Pass.attention_keys`, 0 otherwise);
+    `long_share`: the share of tokens in segments longer than that (`Pass.long_share`)."""
     wb = _BYTES[weight_dtype]
     parts = {"weights": shape.params * wb}
     if method in ("qlora", "qdora"):  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
@@ -172,10 +197,17 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
         parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
     else:
         parts["grads + AdamW (full)"] = shape.params * (wb + 8)
-    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, adapter, dropout, fused, attention_keys, checkpointing)
-    if device == "cpu" and not attention_keys:
+    if fused:  # q/k/v and gate/up weights restacked into one tensor each: a copy (the loaded ones are file-mapped)
+        q = shape.hidden
+        parts["fused weight stacks"] = shape.layers * shape.hidden * (q + 2 * shape.kv + 2 * shape.intermediate) * wb
+    parts["activations"] = tokens * activation_bytes_per_token(shape, wb, adapter, dropout, fused, attention_keys, checkpointing,
+                                                               long_share)
+    if device == "cpu" and not packed:  # padded rows: one layer's [rows, heads, len, len] attention weights
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
-    parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
+    if chunked_logits:  # one chunk's fp32 logits and softmax, and the gradient for the trained positions' states
+        parts["logits (trained tokens)"] = min(trained, LOGITS_CHUNK) * shape.vocab * 4 * 2 + trained * shape.hidden * 4
+    else:  # fp32 logits, their softmax and its gradient
+        parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
     parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
     return MemoryPlan(parts, available if available is not None else available_memory(device), device, tokens, trained)
 
@@ -235,10 +267,14 @@ def plan_layout(shape: Shape, cfg, examples, weight_dtype: str, device: str, lay
                 batch_size: int | None = None, per_pass: int | None = None) -> MemoryPlan:
     p = largest_pass(examples, batch_size or cfg.training.batch_size, layout.packed,
                      layout.per_pass if per_pass is None else per_pass)
-    keys = p.attention_keys() if layout.packed and device == "cpu" and shape.plain_attention else 0.0
+    varlen = layout.packed and device == "cpu" and shape.plain_attention
+    # the chunked cross-entropy needs a plain frozen head and the built-in loss (train/loss.py)
+    chunked = (shape.plain_head and not cfg.training.loss and cfg.method != "full"
+               and not any("lm_head" in m or "embed" in m for m in (cfg.lora.modules_to_save or [])))
     return plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=p.tokens, trained=p.trained, method=cfg.method,
                        available=available, rows=p.rows, dropout=cfg.lora.dropout > 0, fused=layout.fused,
-                       attention_keys=keys, checkpointing=layout.checkpointing)
+                       attention_keys=p.attention_keys() if varlen else 0.0, checkpointing=layout.checkpointing,
+                       long_share=p.long_share() if varlen else 0.0, packed=layout.packed, chunked_logits=chunked)
 
 
 def suggestions(shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int, layout: Layout | None = None) -> list[str]:

@@ -7,6 +7,7 @@ optimizer, scheduler and RNG state the uninterrupted run would have had.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -87,6 +88,16 @@ def describe_passes(model, tcfg, device: str) -> dict:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {"rows_per_pass": rows_per_pass(tcfg, device, why_not is None), "padding_free": packed, "fused": why_not is None,
             "not_fused_because": why_not, "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False))}
+
+
+def attention_through_backward(model, batch: dict, device: str):
+    """Per-example attention (varlen.py) routed for a pass's forward and its backward: gradient checkpointing
+    recomputes each layer's forward during backward, after the forward has returned, and the
+    recomputation must take the same attention (whole-row causal attention there would mix examples)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "cu_seq_lens" in batch and varlen.supported(base.config, device):
+        return varlen.varlen_attention(base)
+    return contextlib.nullcontext()
 
 
 def enable_checkpointing(model) -> None:
@@ -189,8 +200,9 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         step_loss = 0.0
         for b in micro_batches:
-            s, _ = loss_sum(model, _to(b, device), loss_fn, fused)
-            (s / n_target).backward()
+            with attention_through_backward(model, b, device):
+                s, _ = loss_sum(model, _to(b, device), loss_fn, fused)
+                (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
         if tcfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
