@@ -30,7 +30,8 @@ CONFIGS = {
     "batch 16, max_len 256, fused, dropout 0, 8 rows per pass": ("check", ["training.batch_size=16", "data.max_length=256",
                                                                           "lora.dropout=0", "training.rows_per_pass=8"]),
 }
-COMMON = ["data.val_ratio=0", "training.max_steps=3", "training.tracker=none", "training.warmup_ratio=0",
+# return_memory: the planner predicts what training holds; the default allocator's RSS can run above it
+COMMON = ["training.return_memory=true", "data.val_ratio=0", "training.max_steps=3", "training.tracker=none", "training.warmup_ratio=0",
           "training.batch_size=8", "data.max_length=512", "data.lint=warn"]
 
 

@@ -85,6 +85,10 @@ class TrainingConfig:
     gradient_checkpointing: Optional[bool] = _f(None, "Recompute each layer's forward during backward: a fraction of the "
                                                 "activation memory for ~30% more compute. Unset (auto): on only when the "
                                                 "memory plan does not fit without it.")
+    return_memory: Optional[bool] = _f(None, "On Linux CPUs, hand freed memory back to the system at once (glibc's mmap "
+                                       "threshold held fixed): peak RSS then follows what training holds (it ran up to 2x "
+                                       "above it), at a speed cost (30% measured on a 2-core VM). Unset (auto): on only when "
+                                       "the memory plan leaves less than its own size free.")
     packing: bool = _f(False, "Pack the examples of a micro-batch into one padding-free row; attention never crosses example boundaries.")
     optimizer: str = _f("adamw", "`adamw` (torch), or `adamw_8bit` (bitsandbytes, CUDA; falls back to adamw elsewhere, with a warning).",
                         choices=("adamw", "adamw_8bit"))

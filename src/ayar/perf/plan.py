@@ -6,7 +6,7 @@ pass, when every layer's saved activations are alive):
     weights (by dtype) + adapter (fp32) + its gradients + AdamW's two states
     + activations: tokens x layers x (what one decoder layer saves for backward) x dtype bytes, for the
       path the loop will take (fused decoder or transformers + peft modules); with gradient
-      checkpointing, each layer's input plus one layer's activations at a time
+      checkpointing, each layer's input plus one layer's activations (and their gradients) at a time
     + per-example attention (packed rows on CPU): the attention probabilities of every layer
     + logits: ayar computes them for trained positions only, a chunk of positions at a time (the full
       [trained, vocab] fp32 logits and their gradient where a custom loss or a trained head needs them)
@@ -197,7 +197,8 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
         parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
     else:
         parts["grads + AdamW (full)"] = shape.params * (wb + 8)
-    if fused:  # q/k/v and gate/up weights restacked into one tensor each: a copy (the loaded ones are file-mapped)
+    if fused:  # q/k/v and gate/up weights restacked into one tensor each: a copy while the loaded weights stay
+        # file-mapped (safetensors in the checkpoint's dtype; a converted dtype frees them: then this over-counts)
         q = shape.hidden
         parts["fused weight stacks"] = shape.layers * shape.hidden * (q + 2 * shape.kv + 2 * shape.intermediate) * wb
     parts["activations"] = tokens * activation_bytes_per_token(shape, wb, adapter, dropout, fused, attention_keys, checkpointing,

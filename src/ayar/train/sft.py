@@ -47,7 +47,6 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     tcfg = cfg.training
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    allocator = tune_allocator()
     torch.manual_seed(tcfg.seed)  # LoRA init; resume overwrites weights and RNG from the checkpoint
 
     # --- load ------------------------------------------------------------------------------------
@@ -65,7 +64,8 @@ def train_sft(cfg: TrainConfig | None = None, resume: str | Path | None = None, 
     say(f"data   {st['train_rows']} train rows ({st['train_tokens']:,} tokens, {st['trained_tokens']:,} trained), "
         f"{st['val_rows']} validation rows" + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else "")
         + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in {time.perf_counter() - t0:.1f}s")
-    checkpointing = _check_memory(cfg, model, data.train, placement, say)
+    checkpointing, return_memory = _check_memory(cfg, model, data.train, placement, say)
+    allocator = tune_allocator() if return_memory and placement.device == "cpu" else None
     if run is None:
         run = RunDir.create(cfg.output.dir, cfg.output.name)
         run.write_config(config_to_dict(cfg))
@@ -158,26 +158,31 @@ def quantized(cfg: TrainConfig) -> dict:
     return {"quantization_config": q} if q is not None else {}
 
 
-def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> bool:
+def _check_memory(cfg: TrainConfig, model, examples, placement, say) -> tuple[bool, bool]:
     """Stop before the first step (not by OOM mid-run) when the predicted peak cannot fit. Returns whether
-    to checkpoint activations (`training.gradient_checkpointing`, or auto: when needed to fit)."""
-    choice = cfg.training.gradient_checkpointing
+    to checkpoint activations (`training.gradient_checkpointing`, or auto: when needed to fit) and whether
+    to return freed memory at once (`training.return_memory`, or auto: when the plan is tight, since the
+    default allocator's peak can run up to 2x above what training holds, and returning costs speed)."""
+    choice, release = cfg.training.gradient_checkpointing, cfg.training.return_memory
     if cfg.training.memory_check == "off":
-        return bool(choice)
+        return bool(choice), bool(release)
     from ayar.perf.plan import model_shape, plan_from_examples
 
     plan, fixes, layout = plan_from_examples(model_shape(model.config, cfg.lora.target_modules, cfg.lora.r), cfg, examples, placement)
     gb = lambda b: f"{b / 2**30:.1f} GB"
+    if release is None:
+        release = 2 * plan.total > plan.available
     if plan.fits:
         auto = " (gradient checkpointing on: the run would not fit without it)" if layout.checkpointing and choice is None else ""
-        say(f"memory predicted peak {gb(plan.total)} of {gb(plan.available)} available{auto}")
-        return layout.checkpointing
+        say(f"memory predicted peak {gb(plan.total)} of {gb(plan.available)} available{auto}"
+            + (", freed memory returned at once" if release else ""))
+        return layout.checkpointing, release
     message = (f"predicted peak memory {gb(plan.total)} exceeds the {gb(plan.available)} available ({plan.device}):\n{plan.table()}\n"
                + ("settings that would fit: " + "; ".join(fixes) if fixes else "no single setting change found that fits"))
     if cfg.training.memory_check == "strict":
         raise AyarError(message + "\n(train anyway with training.memory_check=warn)")
     say(f"warning: {message}")
-    return layout.checkpointing
+    return layout.checkpointing, release
 
 
 def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:

@@ -57,7 +57,8 @@ def run_stage(cfg: TrainConfig | None, stage: Stage, resume: str | Path | None =
     tcfg = cfg.training
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    tune_allocator()
+    if tcfg.return_memory:  # no memory plan for these stages: only when asked
+        tune_allocator()
     torch.manual_seed(tcfg.seed)
 
     # --- prepare (data first: a wrong format fails before the model loads) -----------------------
