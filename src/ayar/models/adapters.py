@@ -16,6 +16,11 @@ INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_fast"
 CONVERTED_INITS = ("pissa", "pissa_fast", "olora")
 
 
+def base_model(model):
+    """The transformers model itself, under the peft wrapper `apply_method` may have put around it."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
     """Wrap `model` for training with `method`; returns the trainable model."""
     if method == "full":

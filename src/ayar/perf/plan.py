@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 RUNTIME_BYTES_CPU = 500 * 2**20  # python + torch + transformers + tokenizer: 470 MB RSS measured before the model loads
 RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors (an estimate)
 BF16_MODULES_FACTOR = 1.16  # bf16 modules path: fitted on measured peaks (AVX512-BF16 machine), not counted
-LOGITS_CHUNK = 256  # kernels.linear_cross_entropy's default: positions whose logits exist at once
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -206,7 +205,9 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
     if device == "cpu" and not packed:  # padded rows: one layer's [rows, heads, len, len] attention weights
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
     if chunked_logits:  # one chunk's fp32 logits and softmax, and the gradient for the trained positions' states
-        parts["logits (trained tokens)"] = min(trained, LOGITS_CHUNK) * shape.vocab * 4 * 2 + trained * shape.hidden * 4
+        from ayar.train.kernels import CE_CHUNK
+
+        parts["logits (trained tokens)"] = min(trained, CE_CHUNK) * shape.vocab * 4 * 2 + trained * shape.hidden * 4
     else:  # fp32 logits, their softmax and its gradient
         parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
     parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA

@@ -7,7 +7,8 @@ in place, and norms, rotary embedding and SwiGLU are single autograd nodes. The 
 transformers + peft model: this reads its weights, and saving, eval and export are untouched.
 
 The q/k/v (and gate/up) base weights are restacked once into one tensor each, and the modules'
-weights become views of it, so the fused matmul costs no extra memory.
+weights become views of it, so no second copy stays referenced; the loaded weights' file-mapped pages
+stay resident though, which the memory planner counts ("fused weight stacks").
 
 Applies where every piece is known: model types whose layers are exactly Llama's (RMSNorm, rotary
 attention without sliding windows or soft-capping, SwiGLU MLP), frozen base weights and norms, plain
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ayar.train import varlen
+from ayar.models.adapters import base_model
 from ayar.models.dropout import dropout_keep
+from ayar.train import varlen
 from ayar.train.kernels import Adapter, lora_linear, rms_norm, rope, swiglu
 
 FAMILIES = {"llama", "mistral", "qwen2"}
@@ -90,7 +92,7 @@ def config_reason(config, device: str, method: str = "lora") -> str | None:
 
 def reason(model, device: str) -> str | None:
     """Why the fused path cannot run this model (None: it can)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     why = config_reason(base.config, device)
     if why is not None:
         return why
@@ -104,7 +106,7 @@ def reason(model, device: str) -> str | None:
 
 
 def usable(model, device: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     plan = getattr(base, _PLAN, None)
     if plan is not None and plan.valid():
         return True
@@ -117,7 +119,7 @@ def usable(model, device: str) -> bool:
 def release(model) -> None:
     """Give each restacked module its own weight again (after training): a model whose weights share one
     tensor could not be saved whole (safetensors refuses shared storage) after, say, a merge."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     plan = getattr(base, _PLAN, None)
     if plan is None:
         return
@@ -133,7 +135,7 @@ def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu
                   shared_prefix: int = 0) -> torch.Tensor:
     """The decoder's last hidden states [1, T, hidden] for one packed row; with `shared_prefix` n, its first
     segment is an opening of n tokens that every later segment attends to (collate.py)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if not usable(model, input_ids.device.type):
         raise RuntimeError(f"the fused decoder cannot run this model: {reason(model, input_ids.device.type)}")
     plan: Plan = getattr(base, _PLAN)
@@ -273,7 +275,7 @@ def _group(modules: list, restack: bool, restacked: list) -> Group:
 
 
 def _restack(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """One tensor holding the parameters row after row; each parameter then views its rows (no copy kept)."""
+    """One tensor holding the parameters row after row; each parameter then views its rows."""
     stacked = torch.cat([p.detach() for p in params])
     row = 0
     for p in params:

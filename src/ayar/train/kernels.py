@@ -56,7 +56,6 @@ class LoraLinear(torch.autograd.Function):
             y[:, ad.start:ad.stop].addmm_(h, b.t(), alpha=sc)
         ctx.adapters, ctx.shared, ctx.scales = adapters, shared, scales
         ctx.ab_dtypes = [t.dtype for t in ab]
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *keeps_or_empty(keeps, x), *hs, *ab)
         return y
 
@@ -226,6 +225,9 @@ def swiglu(gate_up):
     return SwiGLU.apply(gate_up)
 
 
+CE_CHUNK = 256  # trained positions whose logits exist at once (the memory planner counts one chunk)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i W^T, t_i) over rows of h, a chunk of rows at a time: the [rows, vocab] fp32 logits are
     never held whole, and each chunk's gradient (softmax - one-hot) @ W is taken while its logits are
@@ -255,6 +257,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * g.to(grad_h.dtype), None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, chunk: int = 256):
+def linear_cross_entropy(h, weight, targets, chunk: int = CE_CHUNK):
     """Summed cross-entropy of the logits h @ weight^T against targets (rows of h: trained positions)."""
     return LinearCrossEntropy.apply(h, weight, targets, chunk)

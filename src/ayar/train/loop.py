@@ -17,6 +17,7 @@ import torch
 
 from ayar.data.collate import collate
 from ayar.data.render import IGNORE, Example
+from ayar.models.adapters import base_model
 from ayar.plugins import load_callable
 from ayar.train import checkpoint as ckpt
 from ayar.train import fused_decoder, varlen
@@ -75,7 +76,7 @@ def padding_free(model, tcfg, device: str) -> bool:
     """Passes as packed rows: when asked (`training.packing`), and always where attention can run per
     example (varlen.py: on CPU, for plain-attention models), since it is then the same computation as
     padding without the padding."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return tcfg.packing or varlen.supported(base.config, device)
 
 
@@ -85,26 +86,24 @@ def describe_passes(model, tcfg, device: str) -> dict:
     why_not = "training.fused is false" if not tcfg.fused else None if packed else "padded rows"
     if why_not is None:
         why_not = fused_decoder.reason(model, device)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return {"rows_per_pass": rows_per_pass(tcfg, device, why_not is None), "padding_free": packed, "fused": why_not is None,
             "not_fused_because": why_not, "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False))}
 
 
-def attention_through_backward(model, batch: dict, device: str):
+def attention_through_backward(model, batch: dict):
     """Per-example attention (varlen.py) routed for a pass's forward and its backward: gradient checkpointing
     recomputes each layer's forward during backward, after the forward has returned, and the
     recomputation must take the same attention (whole-row causal attention there would mix examples)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "cu_seq_lens" in batch and varlen.supported(base.config, device):
-        return varlen.varlen_attention(base)
-    return contextlib.nullcontext()
+    base = base_model(model)
+    return varlen.varlen_attention(base) if varlen.routes(base.config, batch) else contextlib.nullcontext()
 
 
 def enable_checkpointing(model) -> None:
     """Gradient checkpointing: each decoder layer keeps only its input and recomputes its forward in
     backward (non-reentrant, RNG state preserved: the same dropout masks). The fused decoder follows the
     layers' flag too."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -200,8 +199,9 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         step_loss = 0.0
         for b in micro_batches:
-            with attention_through_backward(model, b, device):
-                s, _ = loss_sum(model, _to(b, device), loss_fn, fused)
+            b = _to(b, device)
+            with attention_through_backward(model, b):
+                s, _ = loss_sum(model, b, loss_fn, fused)
                 (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
         if tcfg.max_grad_norm > 0:

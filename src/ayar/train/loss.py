@@ -15,12 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ayar.data.render import IGNORE
+from ayar.models.adapters import base_model
 from ayar.train import fused_decoder, varlen
 from ayar.train.kernels import linear_cross_entropy
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
@@ -28,7 +25,7 @@ def compute_context(model):
     """bf16/fp16 base weights with fp32 adapter weights: run the adapters' matmuls in the base dtype under
     autocast (their fp32 master weights and optimizer stay fp32), instead of peft's default of copying
     every adapter input to fp32 and multiplying in fp32. Measured in benchmarks/README.md."""
-    base = _base(model)
+    base = base_model(model)
     device = next(base.parameters()).device.type
     amp = getattr(base, "ayar_autocast_dtype", None)  # full fine-tuning: fp32 master weights, bf16/fp16 compute
     dtype = next(base.parameters()).dtype
@@ -53,14 +50,14 @@ def loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[tor
 
 
 def _hidden(model, batch: dict, fused: bool) -> torch.Tensor:
-    base = _base(model)
+    base = base_model(model)
     if fused and "cu_seq_lens" in batch:
         return fused_decoder.hidden_states(model, batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"],
                                            int(batch.get("shared_prefix", 0)))
     if "shared_prefix" in batch:
         raise ValueError("a row with a shared prefix needs the fused decoder (collate share_prefix only with fused)")
     attention, segments = contextlib.nullcontext(), {}
-    if "cu_seq_lens" in batch and varlen.supported(base.config, batch["input_ids"].device.type):
+    if varlen.routes(base.config, batch):
         attention, segments = varlen.varlen_attention(base), {"cu_seq_lens_q": batch["cu_seq_lens"]}
     with attention:
         out = base.get_decoder()(
@@ -74,7 +71,7 @@ def _hidden(model, batch: dict, fused: bool) -> torch.Tensor:
 
 
 def _loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[torch.Tensor, int]:
-    base = _base(model)
+    base = base_model(model)
     hidden = _hidden(model, batch, fused)[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE

@@ -45,6 +45,11 @@ def supported(config, device: str) -> bool:
     return not getattr(c, "attn_logit_softcapping", None)
 
 
+def routes(config, batch: dict) -> bool:
+    """Whether this batch's attention goes per example: a packed row (`cu_seq_lens`) of a supported model."""
+    return "cu_seq_lens" in batch and supported(config, batch["input_ids"].device.type)
+
+
 @contextlib.contextmanager
 def varlen_attention(model):
     """Route the model's attention through the per-segment function for the duration of a pass."""
