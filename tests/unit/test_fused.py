@@ -7,7 +7,7 @@ import torch
 from ayar.config import LoraConfig, TrainingConfig
 from ayar.data.collate import collate
 from ayar.models.adapters import apply_method
-from ayar.models.dropout import dropout_keep
+from ayar.models.dropout import FastDropout, draw_seeds, dropped_each, keep_masks, masked_sum
 from ayar.train import fused_decoder, kernels
 from ayar.train.loss import loss_sum
 from tests.conftest import MATH_ROWS, make_model, make_tokenizer
@@ -75,10 +75,12 @@ def test_lora_linear_with_dropout_masks_equals_the_plain_formula():
     w, bias = torch.randn(n1 + n2, K), torch.randn(n1 + n2)
     a1, b1, a2, b2 = (torch.randn(*s, requires_grad=True) for s in ((r, K), (n1, r), (r, K), (n2, r)))
     adapters = (kernels.Adapter(0, n1, 0.5, 0.3), kernels.Adapter(n1, n1 + n2, 2.0, 0.0))
-    keep = dropout_keep((T, K), 0.3, "cpu")
-    y = kernels.lora_linear(x, w, bias, adapters, (keep, None), (a1, b1, a2, b2))
-    dropped = x * keep / 0.7  # inverted dropout
-    ref = x @ w.t() + bias + torch.cat([0.5 * dropped @ a1.t() @ b1.t(), 2.0 * x @ a2.t() @ b2.t()], dim=1)
+    seeds = draw_seeds(2, "cpu")
+    y = kernels.lora_linear(x, w, bias, adapters, seeds, (a1, b1, a2, b2))
+    keep, keep2 = keep_masks(x, seeds, (0.3, 0.0))
+    assert 0 < int((~keep).sum()) < keep.numel() and bool(keep2.all())
+    inverted = x * keep / 0.7
+    ref = x @ w.t() + bias + torch.cat([0.5 * inverted @ a1.t() @ b1.t(), 2.0 * x @ a2.t() @ b2.t()], dim=1)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, a1, b1, a2, b2), g)
     want = torch.autograd.grad(ref, (x, a1, b1, a2, b2), g)
@@ -87,14 +89,39 @@ def test_lora_linear_with_dropout_masks_equals_the_plain_formula():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_keep_drops_p_independently():
+def test_dropout_masks_drop_p_independently():
     torch.manual_seed(0)
-    keep = dropout_keep((400, 500), 0.1, "cpu")
+    x = torch.empty(400, 500)
+    keep, other = keep_masks(x, draw_seeds(2, "cpu"), (0.1, 0.1))
     assert keep.dtype == torch.bool and float((~keep).float().mean()) == pytest.approx(0.1, abs=0.003)
-    neighbours = (~keep[:, :-1] & ~keep[:, 1:]).float().mean()  # four draws share an int64: still independent
-    assert float(neighbours) == pytest.approx(0.01, abs=0.002)
+    for a, b in ((keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:]), (keep, other)):  # row and column neighbours, two masks
+        assert float((~a & ~b).float().mean()) == pytest.approx(0.01, abs=0.002)
+    assert float((~keep_masks(x, draw_seeds(1, "cpu"), (0.1,))[0] & ~keep).float().mean()) == pytest.approx(0.01, abs=0.002)
     torch.manual_seed(0)
-    assert torch.equal(keep, dropout_keep((400, 500), 0.1, "cpu"))  # seeded
+    assert torch.equal(keep, keep_masks(x, draw_seeds(2, "cpu"), (0.1, 0.1))[0])  # seeded
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_dropout_kernels_apply_their_masks_compiled_or_not(compiled, monkeypatch):
+    monkeypatch.setenv("AYAR_COMPILE", "1" if compiled else "0")
+    x, seeds, ps = torch.randn(37, 53), draw_seeds(3, "cpu"), (0.2, 0.5, 0.0)
+    keeps = keep_masks(x, seeds, ps)
+    for got, keep in zip(dropped_each(x, seeds, ps), keeps):
+        torch.testing.assert_close(got, torch.where(keep, x, 0.0))
+    parts = [torch.randn(37, 53) for _ in ps]
+    want = sum(torch.where(k, p * s, 0.0) for k, p, s in zip(keeps, parts, (1.0, 2.0, -0.5)))
+    torch.testing.assert_close(masked_sum(parts, seeds, ps, (1.0, 2.0, -0.5)), want)
+
+
+def test_fast_dropout_backward_uses_the_forward_mask():
+    x = torch.randn(20, 30, requires_grad=True)
+    torch.manual_seed(3)
+    y = FastDropout(0.25).train()(x)
+    torch.manual_seed(3)
+    (keep,) = keep_masks(x, draw_seeds(1, "cpu"), (0.25,))
+    torch.testing.assert_close(y, torch.where(keep, x / 0.75, 0.0))
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.where(keep, g / 0.75, 0.0))
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -231,3 +258,12 @@ def test_a_trained_opening_is_not_shared():
     all_trained = [Example(e.input_ids, e.input_ids, e.where) for e in prompt_only]  # train_on_prompt
     assert shared_prefix_length(all_trained) == 0
     assert shared_prefix_length(prompt_only[:1]) == 0
+
+
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradient():
+    torch.manual_seed(0)
+    h, w, t = torch.randn(23, 16, requires_grad=True), torch.randn(50, 16), torch.randint(0, 50, (23,))
+    got = kernels.linear_cross_entropy(h, w, t, chunk=5)  # 5 chunks, the last one short
+    want = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(2 * got, h)[0], torch.autograd.grad(2 * want, h)[0])

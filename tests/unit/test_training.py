@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ayar.config import LoraConfig, TrainingConfig
 from ayar.data.collate import collate
@@ -136,16 +137,29 @@ def test_run_directory_describes_itself(tiny_model_dir, tmp_path):
     assert any(r.get("eval_loss") is not None for r in run.read_metrics())
 
 
-def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path):
-    # A huge learning rate makes eval loss rise after the first evaluation.
+def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    from ayar.train import loop
+
+    # eval loss made to rise after the first evaluation: the real loss plus 1 per later evaluation
+    real, calls = loop.evaluate, []
+
+    def rising(model, *args):
+        calls.append({k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
+        return real(model, *args) + len(calls) - 1
+
+    monkeypatch.setattr(loop, "evaluate", rising)
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
-    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=40, eval_steps=1, early_stopping_patience=2,
-                            learning_rate=3.0, max_grad_norm=0)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=40, eval_steps=1, early_stopping_patience=2)
     run = train_sft(cfg)
     meta = run.read_meta()
-    assert meta["stopped_early"] and meta["steps"] < 40
+    assert meta["stopped_early"] and meta["steps"] == 3
     evals = [r["eval_loss"] for r in run.read_metrics() if r.get("eval_loss") is not None]
-    assert meta["best_eval_loss"] == min(evals)
+    assert meta["best_eval_loss"] == min(evals) == evals[0] and meta["best_step"] == 1
+    saved = load_file(run.adapter / "adapter_model.safetensors")  # the adapter as it was at step 1
+    assert len(saved) == len(calls[0]) > 0
+    for name, value in calls[0].items():
+        torch.testing.assert_close(saved[name.replace(".default", "")], value)
+    assert any(not torch.equal(calls[0][n], calls[-1][n]) for n in calls[0])  # and training had moved on since
 
 
 def test_grad_accumulation_matches_one_big_batch():

@@ -142,21 +142,20 @@ def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool 
                           long_share: float = 0.0) -> float:
     """What one decoder layer keeps per token for backward (attention probabilities aside), tensor by tensor.
     Fused decoder (kernels.py): two norm inputs and outputs, v, rotated q/k, the stacked queries, the
-    attention output, gate/up and their product, each adapter's dropout mask (bool) and A output; tokens
-    in long segments (torch's attention kernel) also keep its query/key/value copies.
-    Modules, fp32: the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
-    SiLU(gate); each adapter's dropped-out input (fp32) and mask (bool), or without dropout the distinct
-    inputs (q/k/v share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR); adapters
+    attention output, gate/up and their product, each adapter's A output (dropout masks are not kept:
+    models/dropout.py); tokens in long segments (torch's attention kernel) also keep its query/key/value copies.
+    Modules, fp32 (CPU): the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
+    SiLU(gate); each adapter's dropped-out input (fp32), or without dropout the distinct inputs (q/k/v
+    share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR); adapters
     there run under autocast on the input as it is (train/loss.py)."""
     lora_out = s.lora_outputs * 4 if lora else 0
     if fused:
         q = s.hidden  # heads * head_dim for the families ayar fuses
         kept = 4 * s.hidden + 3 * q + 2 * s.kv + 3 * s.intermediate + long_share * (q + s.kv)
-        masks = s.lora_inputs if lora and dropout else 0  # one bool per element
-        return kept * dtype_bytes + masks + lora_out + 8
+        return kept * dtype_bytes + lora_out + 8
     if dtype_bytes == 4:
         base = (2 * s.hidden + 2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * 4
-        adapters = (s.lora_inputs * 5 if dropout else s.lora_distinct_inputs * 4) if lora else 0
+        adapters = (s.lora_inputs if dropout else s.lora_distinct_inputs) * 4 if lora else 0
         return base + adapters + lora_out
     base = ((2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden) * BF16_MODULES_FACTOR
     return base + (s.lora_inputs * (dtype_bytes + 1) if lora and dropout else 0)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ayar.models.adapters import base_model
-from ayar.models.dropout import dropout_keep
+from ayar.models.dropout import draw_seeds
 from ayar.train import varlen
 from ayar.train.kernels import Adapter, lora_linear, rms_norm, rope, swiglu
 
@@ -43,9 +43,9 @@ class Group:
     def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not self.adapters:
             return F.linear(x, self.weight, self.bias)
-        keeps = [dropout_keep(x.shape, ad.dropout, x.device) if training and ad.dropout > 0 else None
-                 for ad in self.adapters]
-        return lora_linear(x, self.weight, self.bias, self.adapters, keeps, self.ab)
+        dropout = training and any(ad.dropout > 0 for ad in self.adapters)
+        seeds = draw_seeds(len(self.adapters), x.device) if dropout else None
+        return lora_linear(x, self.weight, self.bias, self.adapters, seeds, self.ab)
 
 
 @dataclass
