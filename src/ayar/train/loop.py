@@ -80,12 +80,19 @@ def padding_free(model, tcfg, device: str) -> bool:
     return tcfg.packing or varlen.supported(base.config, device)
 
 
+def not_fused_because(model, tcfg, device: str, packed: bool) -> str | None:
+    """Why this run's passes do not take the fused decoder (None: they do, and its layer plan is built)."""
+    if not tcfg.fused:
+        return "training.fused is false"
+    if not packed:
+        return "padded rows"
+    return None if fused_decoder.usable(model, device) else fused_decoder.reason(model, device)
+
+
 def describe_passes(model, tcfg, device: str) -> dict:
     """How this run's forward/backward passes will run (logged and kept in run.json)."""
     packed = padding_free(model, tcfg, device)
-    why_not = "training.fused is false" if not tcfg.fused else None if packed else "padded rows"
-    if why_not is None:
-        why_not = fused_decoder.reason(model, device)
+    why_not = not_fused_because(model, tcfg, device, packed)
     base = base_model(model)
     return {"rows_per_pass": rows_per_pass(tcfg, device, why_not is None), "padding_free": packed, "fused": why_not is None,
             "not_fused_because": why_not, "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False))}
@@ -182,7 +189,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
     best_adapter = None
     packed = padding_free(model, tcfg, device)
-    fused = packed and tcfg.fused and fused_decoder.usable(model, device)
+    fused = not_fused_because(model, tcfg, device, packed) is None
     per_pass = rows_per_pass(tcfg, device, fused)
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
     model.train()
