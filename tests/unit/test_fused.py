@@ -267,3 +267,19 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradient():
     want = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(2 * got, h)[0], torch.autograd.grad(2 * want, h)[0])
+
+
+def test_dropout_kernels_compile_once_for_any_probability_and_scale(monkeypatch):
+    import warnings
+
+    from ayar.models import dropout
+
+    monkeypatch.setenv("AYAR_COMPILE", "1")
+    x, seeds = torch.randn(8, 12), draw_seeds(2, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a compile failure (e.g. torch's recompile limit) warns
+        for k in range(12):
+            p = 0.01 + 0.03 * k
+            masked_sum([x, x], seeds, (p, p / 2), (1 / (1 - p), k))
+            dropped_each(x, seeds, (p, p / 3))
+    assert not dropout._masked_sum.failed and not dropout._dropped_each.failed

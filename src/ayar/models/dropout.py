@@ -3,11 +3,11 @@
 torch's CPU dropout draws one number per element from its Mersenne Twister and keeps a mask for backward:
 on a 135M model with LoRA on all linear layers that was ~20 % of a training step (benchmarks/README.md).
 Here an element's keep/drop is a hash of its index and a 32-bit seed, and the seed is what is drawn from
-torch's generator (so seeded runs repeat and resumed RNG state holds). The hash and the `where` run as one
-compiled loop, several masks of one input in one pass (q, k and v of 871 tokens: 0.65 ms, where drawing
-and applying three masks took 5.2 ms on a 2-core CPU); backward recomputes the masks from the saved seeds, so no mask is kept.
-Meaning kept: each element is zeroed with probability p (to 1/65536), independently, the rest scaled by
-1/(1-p).
+torch's generator (so seeded runs repeat and resumed RNG state holds). The hash and the `where` run as
+one compiled loop, several masks of one input in one pass (q, k and v of 871 tokens: 0.65 ms, where
+drawing and applying three masks took 5.2 ms on a 2-core CPU); backward recomputes the masks from the
+saved seeds, so no mask is kept. Meaning kept: each element is zeroed with probability p (to 1/65536),
+independently of its neighbours and of other masks (tests/unit/test_fused.py), the rest scaled by 1/(1-p).
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ def _hash(i: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     return ((h >> 16) & 0xFFFF) ^ h
 
 
-def _keeps(like: torch.Tensor, seeds: torch.Tensor, thresholds) -> list[torch.Tensor]:
+def _keeps(like: torch.Tensor, seeds: torch.Tensor, thresholds: torch.Tensor) -> list[torch.Tensor]:
     i = torch.arange(like.numel(), device=like.device, dtype=torch.int32).view(like.shape)
-    return [(_hash(i, seeds[j]) & 0xFFFF) >= t for j, t in enumerate(thresholds)]
+    return [(_hash(i, seeds[j]) & 0xFFFF) >= thresholds[j] for j in range(len(seeds))]
 
 
-def _thresholds(ps) -> tuple[int, ...]:
-    return tuple(round(p * 65536) for p in ps)  # the hash's low 16 bits are uniform: drop below this
+# probabilities and scales go in as tensors: one compiled kernel serves any values (as Python numbers,
+# each new value would compile again, up to torch's recompile limit)
+def _thresholds(ps, device) -> torch.Tensor:
+    # the hash's low 16 bits are uniform: drop below this
+    return torch.tensor([round(p * 65536) for p in ps], dtype=torch.int32, device=device)
 
 
 def draw_seeds(n: int, device) -> torch.Tensor:
@@ -51,8 +54,8 @@ def _dropped_each(x, seeds, thresholds):
 @pointwise
 def _masked_sum(parts, seeds, thresholds, scales):
     out = None
-    for keep, part, scale in zip(_keeps(parts[0], seeds, thresholds), parts, scales):
-        term = torch.where(keep, part * scale, 0.0)
+    for j, (keep, part) in enumerate(zip(_keeps(parts[0], seeds, thresholds), parts)):
+        term = torch.where(keep, part * scales[j].to(part.dtype), 0.0)
         out = term if out is None else out + term
     return out
 
@@ -64,20 +67,21 @@ def _check(x: torch.Tensor) -> None:
 
 def keep_masks(x: torch.Tensor, seeds: torch.Tensor, ps) -> list[torch.Tensor]:
     """The bool keep masks the seeds stand for on a tensor shaped like x (for tests and references)."""
-    return _keeps(x, seeds, _thresholds(ps))
+    return _keeps(x, seeds, _thresholds(ps, x.device))
 
 
 def dropped_each(x: torch.Tensor, seeds: torch.Tensor, ps) -> tuple[torch.Tensor, ...]:
     """x with mask j applied (dropped elements 0, the rest unscaled), for each seed j and probability
     ps[j]: one pass over x for all of them."""
     _check(x)
-    return _dropped_each(x, seeds, _thresholds(ps))
+    return _dropped_each(x, seeds, _thresholds(ps, x.device))
 
 
 def masked_sum(parts, seeds: torch.Tensor, ps, scales) -> torch.Tensor:
     """sum_j scales[j] * parts[j] with mask j applied (parts shaped alike): one pass."""
     _check(parts[0])
-    return _masked_sum(list(parts), seeds, _thresholds(ps), tuple(scales))
+    device = parts[0].device
+    return _masked_sum(list(parts), seeds, _thresholds(ps, device), torch.tensor(scales, dtype=torch.float32, device=device))
 
 
 class _HashDropout(torch.autograd.Function):
