@@ -1,6 +1,6 @@
 """Predicted (ayar plan) vs measured (peak RSS of a short ayar train run) peak memory, per configuration.
 
-    python benchmarks/memory_planner.py DATA.jsonl [--columns instruction=question,output=answer] [--only NAME,...]
+    python benchmarks/memory_planner.py DATA.jsonl [--columns instruction=question,output=answer] [--only NAME]...
         [--measured results-memory-planner.json] [--reuse]
 
 prints a markdown table for benchmarks/README.md. Measured peaks are kept in the --measured file; with
@@ -56,7 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("data")
     p.add_argument("--columns", default="", help="e.g. instruction=question,output=answer")
-    p.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
+    p.add_argument("--only", action="append", default=[], help="a configuration's name (repeatable; default: all)")
     p.add_argument("--measured", default=str(Path(__file__).parent / "results-memory-planner.json"))
     p.add_argument("--reuse", action="store_true", help="take measured peaks from --measured where present")
     args = p.parse_args()
@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = longest_rows(args.data, columns, 96, Path(tmp) / "longest.jsonl")
         for name, (kind, overrides) in CONFIGS.items():
-            if args.only and name not in args.only.split(","):
+            if args.only and name not in args.only:  # names hold commas: one --only per name
                 continue
             common = [f"data.train={data}", *COMMON]
             plan = json.loads(ayar("plan", *common, *overrides, "--json").stdout)
