@@ -14,7 +14,6 @@ class pointwise:
 
     def __init__(self, fn):
         self.fn, self._compiled, self.failed = fn, None, False
-        self.__name__ = fn.__name__
 
     def __call__(self, *args):
         if self.failed or os.environ.get("AYAR_COMPILE", "1") == "0":

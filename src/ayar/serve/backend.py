@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ayar.errors import AyarError
+from ayar.models.adapters import base_model
 
 BASE = "base"  # the public name of the base model (adapters off)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -79,7 +80,7 @@ class HFBackend:
         # A fully fine-tuned run is the model itself: served under the run's name, with no separate base.
         self.base_name = name if getattr(engine, "full_finetune", False) else BASE
         self.default_model = name if name in self.adapters else self.base_name
-        self.context_window = int(getattr(self._base().config, "max_position_embeddings", 0) or 2048)
+        self.context_window = int(getattr(base_model(self.model).config, "max_position_embeddings", 0) or 2048)
         self.device = engine.device
         self.batch: _Batch | None = None
 
@@ -231,10 +232,6 @@ class HFBackend:
 
     def _pad_id(self) -> int:
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else min(self.stop_ids)
-
-    def _base(self):
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
 
 def _select(b: _Batch, keep: list[int]) -> _Batch | None:
     """The batch with only the rows `keep`; leading columns that are padding for every row are dropped."""
