@@ -7,7 +7,8 @@ import torch
 from ayar.config import LoraConfig, TrainingConfig
 from ayar.data.collate import collate
 from ayar.models.adapters import apply_method
-from ayar.models.dropout import FastDropout, draw_seeds, dropped_each, keep_masks, masked_sum
+from ayar.models.dropout import (FastDropout, draw_seeds, dropped_each, dropped_each_and_masked_sum, keep_masks,
+                                 masked_sum)
 from ayar.train import fused_decoder, kernels
 from ayar.train.loss import loss_sum
 from tests.conftest import MATH_ROWS, make_model, make_tokenizer
@@ -111,6 +112,13 @@ def test_dropout_kernels_apply_their_masks_compiled_or_not(compiled, monkeypatch
     parts = [torch.randn(37, 53) for _ in ps]
     want = sum(torch.where(k, p * s, 0.0) for k, p, s in zip(keeps, parts, (1.0, 2.0, -0.5)))
     torch.testing.assert_close(masked_sum(parts, seeds, ps, (1.0, 2.0, -0.5)), want)
+    xs, summed = dropped_each_and_masked_sum(x, parts, seeds, ps, (1.0, 2.0, -0.5))  # both from one pass
+    torch.testing.assert_close(summed, want)
+    for got, keep in zip(xs, keeps):
+        torch.testing.assert_close(got, torch.where(keep, x, 0.0))
+    # any rank: the masks follow the elements' order, so a [B, T, K] input gets the masks of its 2-D view
+    x3 = x.view(1, 37, 53)
+    assert all(torch.equal(a.view(37, 53), b) for a, b in zip(dropped_each(x3, seeds, ps), dropped_each(x, seeds, ps)))
 
 
 def test_fast_dropout_backward_uses_the_forward_mask():
@@ -283,3 +291,58 @@ def test_dropout_kernels_compile_once_for_any_probability_and_scale(monkeypatch)
             masked_sum([x, x], seeds, (p, p / 2), (1 / (1 - p), k))
             dropped_each(x, seeds, (p, p / 3))
     assert not dropout._masked_sum.failed and not dropout._dropped_each.failed
+
+
+@pytest.mark.parametrize("dtype,prefix,block", [(torch.float32, 0, 128), (torch.float32, 3, 128), (torch.float32, 3, 2),
+                                                (torch.bfloat16, 3, 3)])
+def test_packed_attention_node_equals_autograd_through_the_segments(dtype, prefix, block, monkeypatch):
+    # the one-node attention (PackedAttention, with rope_split in front; segments' queries in blocks of about
+    # `block` rows) against the per-segment ops run by autograd: outputs and the gradient reaching the q/k/v
+    # projection's output
+    monkeypatch.setattr(fused_decoder, "QUERY_BLOCK", block)
+    torch.manual_seed(0)
+    H, G, d = 4, 2, 8
+    bounds = [0, prefix, prefix + 5, prefix + 12, prefix + 13] if prefix else [0, 5, 12, 13]
+    T = bounds[-1]
+    qkv = torch.randn(T, (H + 2 * G) * d, dtype=dtype)
+    angles = torch.randn(T, 1, d // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    g = torch.randn(T, H * d, dtype=dtype)
+
+    def run(node):
+        x = qkv.clone().requires_grad_()
+        if node:
+            qk, v = kernels.rope_split(x, cos, sin, H + G)
+            out = fused_decoder.PackedAttention.apply(qk, v, H, tuple(bounds), 0.3, prefix)
+        else:
+            qk = kernels.rope(x[:, :(H + G) * d].view(T, H + G, d), cos, sin)
+            v = x[:, (H + G) * d:].reshape(T, G, d)
+            out = fused_decoder.attention(qk[:, :H], qk[:, H:], v, bounds, 0.3, prefix)
+        return out, torch.autograd.grad(out, x, g)[0]
+
+    (out, grad), (ref, ref_grad) = run(True), run(False)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    assert float(grad[:, (H + G) * d:].abs().sum()) > 0 and float(grad[:, H * d:(H + G) * d].abs().sum()) > 0
+
+
+def test_pointwise_kernels_compile_one_variant_whatever_the_grad_mode():
+    # they run inside autograd Functions; a variant per grad mode / requires_grad / rank used to add up to
+    # torch's recompile limit in one process (then eager ops, with a warning)
+    from torch._dynamo.utils import counters
+
+    from ayar.compiled import pointwise
+
+    def twice_plus(a, b):
+        return a * 2 + b
+
+    f = pointwise(twice_plus)
+    x = torch.randn(5, 3)
+    f(x, x)
+    graphs = counters["stats"]["unique_graphs"]
+    out = f(torch.randn(5, 3, requires_grad=True), x)
+    with torch.no_grad():
+        f(x, x)
+    f(torch.randn(7, 3, requires_grad=True), torch.randn(7, 3))
+    assert counters["stats"]["unique_graphs"] == graphs and not f.failed and not out.requires_grad

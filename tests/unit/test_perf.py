@@ -228,6 +228,7 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
 
     if long:  # every segment takes torch's attention kernel (no saved probabilities)
         monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 8)
+    monkeypatch.setattr(fused_decoder, "QUERY_BLOCK", 32)  # the fused decoder's segments in 2-3 query blocks
     tok = make_tokenizer("llama")
     dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
     model = apply_method(make_model("llama", tok, **dims), "lora",
@@ -251,6 +252,6 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
     measured = sum(saved.values())
     p = Pass(220, 220, 1, (90, 70, 60))
     shape = model_shape(model.get_base_model().config, "all-linear", 8)
-    planned = 220 * activation_bytes_per_token(shape, 4, True, dropout > 0, fused, p.attention_keys(),
+    planned = 220 * activation_bytes_per_token(shape, 4, True, dropout > 0, fused, p.attention_keys(blocked=fused),
                                                long_share=p.long_share())
     assert planned == pytest.approx(measured, rel=0.12)

@@ -60,6 +60,16 @@ def _masked_sum(parts, seeds, thresholds, scales):
     return out
 
 
+@pointwise
+def _dropped_each_and_masked_sum(x, parts, seeds, thresholds, scales):
+    keeps = _keeps(x, seeds, thresholds)
+    out = None
+    for j, (keep, part) in enumerate(zip(keeps, parts)):
+        term = torch.where(keep, part * scales[j].to(part.dtype), 0.0)
+        out = term if out is None else out + term
+    return tuple(torch.where(keep, x, 0.0) for keep in keeps), out
+
+
 def _check(x: torch.Tensor) -> None:
     if x.numel() > _MAX_ELEMENTS:
         raise ValueError(f"dropout on a tensor of {x.numel():,} elements: at most 2^31 (use smaller batches)")
@@ -74,14 +84,30 @@ def dropped_each(x: torch.Tensor, seeds: torch.Tensor, ps) -> tuple[torch.Tensor
     """x with mask j applied (dropped elements 0, the rest unscaled), for each seed j and probability
     ps[j]: one pass over x for all of them."""
     _check(x)
-    return _dropped_each(x, seeds, _thresholds(ps, x.device))
+    # as 2-D (the same element order, so the same masks): one compiled kernel serves any rank
+    return tuple(y.view(x.shape) for y in _dropped_each(_as_2d(x), seeds, _thresholds(ps, x.device)))
 
 
 def masked_sum(parts, seeds: torch.Tensor, ps, scales) -> torch.Tensor:
     """sum_j scales[j] * parts[j] with mask j applied (parts shaped alike): one pass."""
     _check(parts[0])
     device = parts[0].device
-    return _masked_sum(list(parts), seeds, _thresholds(ps, device), torch.tensor(scales, dtype=torch.float32, device=device))
+    out = _masked_sum([_as_2d(p) for p in parts], seeds, _thresholds(ps, device), torch.tensor(scales, dtype=torch.float32, device=device))
+    return out.view(parts[0].shape)
+
+
+def dropped_each_and_masked_sum(x: torch.Tensor, parts, seeds: torch.Tensor, ps, scales):
+    """`dropped_each(x, seeds, ps)` and `masked_sum(parts, seeds, ps, scales)` (parts shaped like x) from one
+    pass that hashes each mask once (what a LoRA group's backward needs)."""
+    _check(x)
+    device = x.device
+    xs, out = _dropped_each_and_masked_sum(_as_2d(x), [_as_2d(p) for p in parts], seeds, _thresholds(ps, device),
+                                           torch.tensor(scales, dtype=torch.float32, device=device))
+    return tuple(y.view(x.shape) for y in xs), out.view(x.shape)
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
 
 
 class _HashDropout(torch.autograd.Function):

@@ -53,12 +53,18 @@ class Pass:
     rows: int
     lengths: tuple = ()
 
-    def attention_keys(self) -> float:
+    def attention_keys(self, blocked: bool = False) -> float:
         """Keys per query token of per-example attention with saved probabilities (segments short enough
-        for the matmul path; longer ones run torch's kernel, which keeps none)."""
+        for the matmul path; longer ones run torch's kernel, which keeps none). `blocked`: the fused
+        decoder, whose query blocks see only the keys up to their last query, when no segment is long."""
         from ayar.train.varlen import MATMUL_MAX_LEN
 
-        return sum(n * n for n in self.lengths if n <= MATMUL_MAX_LEN) / max(self.tokens, 1)
+        short = [n for n in self.lengths if n <= MATMUL_MAX_LEN]
+        if blocked and len(short) == len(self.lengths):
+            from ayar.train.fused_decoder import query_blocks
+
+            return sum((b - a) * b for n in short for a, b in query_blocks(n)) / max(self.tokens, 1)
+        return sum(n * n for n in short) / max(self.tokens, 1)
 
     def long_share(self) -> float:
         """The share of tokens in segments that per-example attention gives to torch's kernel."""
@@ -141,9 +147,10 @@ _SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_pro
 def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False,
                           long_share: float = 0.0) -> float:
     """What one decoder layer keeps per token for backward (attention probabilities aside), tensor by tensor.
-    Fused decoder (kernels.py): two norm inputs and outputs, v, rotated q/k, the stacked queries, the
-    attention output, gate/up and their product, each adapter's A output (dropout masks are not kept:
-    models/dropout.py); tokens in long segments (torch's attention kernel) also keep its query/key/value copies.
+    Fused decoder (kernels.py): two norm inputs and outputs, v, rotated q/k, the attention output, gate/up
+    and their product, each adapter's A output (dropout masks are not kept: models/dropout.py); a pass with
+    long segments (autograd through torch's attention kernel) also keeps the stacked queries, and its long
+    segments' query/key/value copies.
     Modules, fp32 (CPU): the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
     SiLU(gate); each adapter's dropped-out input (fp32), or without dropout the distinct inputs (q/k/v
     share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR); adapters
@@ -151,7 +158,7 @@ def layer_bytes_per_token(s: Shape, dtype_bytes: int, lora: bool, dropout: bool 
     lora_out = s.lora_outputs * 4 if lora else 0
     if fused:
         q = s.hidden  # heads * head_dim for the families ayar fuses
-        kept = 4 * s.hidden + 3 * q + 2 * s.kv + 3 * s.intermediate + long_share * (q + s.kv)
+        kept = 4 * s.hidden + (3 if long_share else 2) * q + 2 * s.kv + 3 * s.intermediate + long_share * (q + s.kv)
         return kept * dtype_bytes + lora_out + 8
     if dtype_bytes == 4:
         base = (2 * s.hidden + 2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * 4
@@ -274,7 +281,7 @@ def plan_layout(shape: Shape, cfg, examples, weight_dtype: str, device: str, lay
                and not any("lm_head" in m or "embed" in m for m in (cfg.lora.modules_to_save or [])))
     return plan_memory(shape, weight_dtype=weight_dtype, device=device, tokens=p.tokens, trained=p.trained, method=cfg.method,
                        available=available, rows=p.rows, dropout=cfg.lora.dropout > 0, fused=layout.fused,
-                       attention_keys=p.attention_keys() if varlen else 0.0, checkpointing=layout.checkpointing,
+                       attention_keys=p.attention_keys(layout.fused) if varlen else 0.0, checkpointing=layout.checkpointing,
                        long_share=p.long_share() if varlen else 0.0, packed=layout.packed, chunked_logits=chunked)
 
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ayar.models.adapters import base_model
 from ayar.models.dropout import draw_seeds
 from ayar.train import varlen
-from ayar.train.kernels import Adapter, lora_linear, rms_norm, rope, swiglu
+from ayar.train.kernels import Adapter, lora_linear, rms_norm, rope_split, swiglu
 
 FAMILIES = {"llama", "mistral", "qwen2"}
 _PLAN = "_ayar_fused_plan"
@@ -160,17 +160,121 @@ def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu
 def _layer(x, lp: LayerPlan, plan: Plan, cos, sin, bounds, training: bool, prefix: int = 0):
     T, H, G, d = x.shape[0], plan.heads, plan.kv_heads, plan.head_dim
     qkv = lp.qkv(rms_norm(x, lp.in_norm, lp.eps), training)
-    qk = rope(qkv[:, :(H + G) * d].view(T, H + G, d), cos, sin)  # q and k heads rotated together
-    v = qkv[:, (H + G) * d:].reshape(T, G, d).contiguous()  # its own copy: qkv itself need not be kept
-    attn = attention(qk[:, :H], qk[:, H:], v, bounds, plan.scaling, prefix)
+    qk, v = rope_split(qkv, cos, sin, H + G)  # q and k heads rotated together; v its own copy (qkv need not be kept)
+    if any(b - a > varlen.MATMUL_MAX_LEN for a, b in zip(bounds[:-1], bounds[1:])):
+        attn = attention(qk[:, :H], qk[:, H:], v, bounds, plan.scaling, prefix)
+    else:
+        attn = PackedAttention.apply(qk, v, H, tuple(bounds), plan.scaling, prefix)
     x = x + lp.o(attn, training)
     x = x + lp.down(swiglu(lp.gate_up(rms_norm(x, lp.post_norm, lp.eps), training)), training)
     return x
 
 
+def _segments(bounds, prefix: int) -> list[tuple[int, int, int]]:
+    """(a, b, p) per non-empty segment: its rows [a, b), and p, the prefix keys [0, p) it sees first."""
+    return [(a, b, prefix if a > 0 else 0) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _stacked(x, kv_heads: int) -> torch.Tensor:
+    """Query heads [L, H, d] as [G, H/G * L, d]: the heads sharing a key/value head stacked along the rows
+    (one matmul per key head, no repeated K/V copies)."""
+    L, H, d = x.shape
+    return x.reshape(L, kv_heads, H // kv_heads, d).permute(1, 2, 0, 3).reshape(kv_heads, H // kv_heads * L, d)
+
+
+def _unstack_into(dst, o) -> None:
+    """Write o [G, H/G * L, d] (stacked as `_stacked` does) into dst [L, H, d] (a view)."""
+    L, H, d = dst.shape
+    G = o.shape[0]
+    dst.unflatten(1, (G, H // G)).copy_(o.view(G, H // G, L, d).permute(2, 0, 1, 3))
+
+
+def _with_prefix(k, a: int, b: int, p: int) -> torch.Tensor:
+    return torch.cat([k[:p], k[a:b]]) if p else k[a:b]
+
+
+# Queries of a segment go through attention in blocks of about this many rows: a block's scores need only
+# the keys up to its last query, which skips most of the causal mask's wasted half (measured: benchmarks/README.md).
+QUERY_BLOCK = 128
+
+
+def query_blocks(length: int) -> list[tuple[int, int]]:
+    """A segment's query rows [a, b) per block; the block sees keys up to b (and the prefix)."""
+    n = max(1, round(length / QUERY_BLOCK))
+    cuts = [length * i // n for i in range(n + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+class PackedAttention(torch.autograd.Function):
+    """`attention` for rows whose segments are all short (matmul attention), as one autograd node: q/k
+    come as the rotated [T, H + G, d] heads, v as [T, G, d], and backward writes each segment's
+    gradients straight into whole-row tensors, where per-segment slicing made autograd zero-fill a
+    whole-row tensor and add it back for every segment's q, k and v. Each segment's queries run in
+    blocks (QUERY_BLOCK) against the keys they can see. Keeps the probabilities (as autograd did) and
+    recomputes the stacked query copies in backward instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, qk, v, heads: int, bounds: tuple, scale: float, prefix: int):
+        T, _, d = qk.shape
+        G = v.shape[1]
+        q, k = qk[:, :heads], qk[:, heads:]
+        covered = bounds[0] == 0 and bounds[-1] == T
+        out = qk.new_empty(T, heads, d) if covered else qk.new_zeros(T, heads, d)
+        saved = []
+        for a, b, p in _segments(bounds, prefix):
+            ks, vs = _with_prefix(k, a, b, p).permute(1, 2, 0), _with_prefix(v, a, b, p).transpose(0, 1)  # [G, d, keys], [G, keys, d]
+            for qa, qb in query_blocks(b - a):
+                scores = torch.baddbmm(_future_bias(qb - qa, qa, heads // G, p, qk.dtype, qk.device),
+                                       _stacked(q[a + qa:a + qb], G), ks[:, :, :p + qb], alpha=scale)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+                low = probs.to(qk.dtype) if qk.dtype != torch.float32 else None  # as the bmm takes them
+                _unstack_into(out[a + qa:a + qb], torch.bmm(probs if low is None else low, vs[:, :p + qb]))
+                saved += [probs] if low is None else [probs, low]
+        ctx.heads, ctx.bounds, ctx.scale, ctx.prefix = heads, bounds, scale, prefix
+        ctx.save_for_backward(qk, v, *saved)
+        return out.view(T, heads * d)
+
+    @staticmethod
+    def backward(ctx, g):
+        qk, v, *saved = ctx.saved_tensors
+        H, scale = ctx.heads, ctx.scale
+        T, _, d = qk.shape
+        G = v.shape[1]
+        q, k = qk[:, :H], qk[:, H:]
+        grad_qk = torch.empty_like(qk)
+        grad_q, grad_k = grad_qk[:, :H], grad_qk[:, H:]
+        if not (ctx.bounds[0] == 0 and ctx.bounds[-1] == T):
+            grad_q.zero_()
+        grad_k.zero_()  # keys gather from every query block (the prefix's from every segment)
+        grad_v = torch.zeros_like(v)
+        g = g.reshape(T, H, d)
+        per = 1 if qk.dtype == torch.float32 else 2
+        i = 0
+        for a, b, p in _segments(ctx.bounds, ctx.prefix):
+            ks, vs = _with_prefix(k, a, b, p).transpose(0, 1), _with_prefix(v, a, b, p).transpose(0, 1)  # [G, p + L, d]
+            for qa, qb in query_blocks(b - a):
+                probs, low = saved[i], saved[i + per - 1]
+                i += per
+                n = p + qb  # keys this block sees
+                go = _stacked(g[a + qa:a + qb], G)  # [G, H/G * rows, d]
+                dv = torch.bmm(low.transpose(1, 2), go)  # [G, n, d]
+                dp = torch.bmm(go, vs[:, :n].transpose(1, 2))  # [G, H/G * rows, n]
+                ds = torch._softmax_backward_data(dp.float(), probs, -1, torch.float32).to(qk.dtype)
+                dq = torch.baddbmm(go.new_empty(go.shape), ds, ks[:, :n], beta=0, alpha=scale)
+                dk = torch.baddbmm(dv.new_empty(dv.shape), ds.transpose(1, 2), _stacked(q[a + qa:a + qb], G), beta=0, alpha=scale)
+                _unstack_into(grad_q[a + qa:a + qb], dq)
+                grad_k[a:a + qb] += dk[:, p:].transpose(0, 1)
+                grad_v[a:a + qb] += dv[:, p:].transpose(0, 1)
+                if p:
+                    grad_k[:p] += dk[:, :p].transpose(0, 1)
+                    grad_v[:p] += dv[:, :p].transpose(0, 1)
+        return grad_qk, grad_v, None, None, None, None
+
+
 def attention(q, k, v, bounds: list[int], scale: float, prefix: int = 0) -> torch.Tensor:
     """Causal attention within each segment [a, b) of a packed row; with `prefix` n, segment 0 is the
-    shared opening [0, n) and every later segment also sees all of it. q [T, H, d], k/v [T, G, d] -> [T, H*d]."""
+    shared opening [0, n) and every later segment also sees all of it. q [T, H, d], k/v [T, G, d] -> [T, H*d].
+    Per-segment ops through autograd: the path for rows with long segments (others: PackedAttention)."""
     T, H, d = q.shape
     G = k.shape[1]
     groups = H // G
@@ -180,8 +284,7 @@ def attention(q, k, v, bounds: list[int], scale: float, prefix: int = 0) -> torc
         if L <= 0:
             continue
         p = prefix if a > 0 else 0  # keys [0, p) before the segment's own
-        ks = torch.cat([k[:p], k[a:b]]) if p else k[a:b]
-        vs = torch.cat([v[:p], v[a:b]]) if p else v[a:b]
+        ks, vs = _with_prefix(k, a, b, p), _with_prefix(v, a, b, p)
         if L > varlen.MATMUL_MAX_LEN:  # long segments: torch's kernel, which never holds L x L per head
             qs = q[a:b]
             if p:  # p placeholder queries in front make plain causal attention see the whole prefix (their
@@ -191,9 +294,8 @@ def attention(q, k, v, bounds: list[int], scale: float, prefix: int = 0) -> torc
                                                is_causal=True, scale=scale, enable_gqa=groups > 1)
             outs.append(o[0, :, p:].transpose(0, 1).reshape(L, H * d))
             continue
-        # the query heads sharing a key/value head are stacked along the rows: no repeated K/V copies
-        qs = q[a:b].reshape(L, G, groups, d).permute(1, 2, 0, 3).reshape(G, groups * L, d)
-        scores = torch.baddbmm(_future_bias(L, groups, p, q.dtype, q.device), qs, ks.permute(1, 2, 0), alpha=scale)
+        scores = torch.baddbmm(_future_bias(L, 0, groups, p, q.dtype, q.device), _stacked(q[a:b], G), ks.permute(1, 2, 0),
+                               alpha=scale)
         if q.dtype == torch.float32:
             probs = torch.softmax(scores, dim=-1)
         else:
@@ -206,15 +308,16 @@ def attention(q, k, v, bounds: list[int], scale: float, prefix: int = 0) -> torc
 _bias_cache: dict[tuple, torch.Tensor] = {}
 
 
-def _future_bias(length: int, groups: int, prefix: int, dtype, device) -> torch.Tensor:
-    """[groups * length, prefix + length]: -inf where a query (row i, position i % length) would see a later
-    key of its own segment; the prefix's keys are all visible."""
-    key = (length, groups, prefix, dtype, str(device))
+def _future_bias(rows: int, start: int, groups: int, prefix: int, dtype, device) -> torch.Tensor:
+    """[groups * rows, prefix + start + rows] for queries at positions start.. start + rows - 1 of their
+    segment (row i: position start + i % rows) over the prefix's keys and the segment's first start + rows:
+    -inf where a key lies after its query; the prefix's keys are all visible."""
+    key = (rows, start, groups, prefix, dtype, str(device))
     if key not in _bias_cache:
-        if len(_bias_cache) > 512:
+        if len(_bias_cache) > 1024:
             _bias_cache.clear()
-        future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-        future = torch.cat([torch.zeros(length, prefix, dtype=torch.bool, device=device), future], dim=1).repeat(groups, 1)
+        future = torch.ones(rows, start + rows, dtype=torch.bool, device=device).triu(start + 1)
+        future = torch.cat([torch.zeros(rows, prefix, dtype=torch.bool, device=device), future], dim=1).repeat(groups, 1)
         _bias_cache[key] = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill(future, float("-inf"))
     return _bias_cache[key]
 

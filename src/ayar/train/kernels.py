@@ -5,7 +5,9 @@ SwiGLU MLP, peft's LoRA linear), with a hand-written backward that saves and rec
 save over the module-by-module path, measured on a 2-core CPU (benchmarks/README.md):
 - LoRA: projections that read the same input (q/k/v, gate/up) share one base matmul, forward and
   backward, and adapters are added into the output by `addmm_` (no separate scale, add or copy passes);
-- RMSNorm, RoPE and SwiGLU: one node each instead of 5-10 autograd nodes, no gradient computed for
+  in backward the base matmul accumulates onto the adapters' input gradient, and one pass redraws the
+  dropout masks for both the A gradients and the input gradient;
+- RMSNorm, RoPE (with v split off in the same pass) and SwiGLU: one node each instead of 5-10 autograd nodes, no gradient computed for
   frozen weights, and their elementwise math compiled by torch.compile into one loop per direction
   (`pointwise`: ~10 s once per machine, cached by torch; eager torch ops where compiling fails).
 Base weights are frozen here (gradients only for the input and the LoRA A/B matrices).
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ayar.compiled import pointwise
-from ayar.models.dropout import dropped_each, masked_sum
+from ayar.models.dropout import dropped_each, dropped_each_and_masked_sum
 
 
 @dataclass(frozen=True)
@@ -70,19 +72,22 @@ class LoraLinear(torch.autograd.Function):
         a_w = [t.to(x.dtype) for t in ab[0::2]]
         b_w = [t.to(x.dtype) for t in ab[1::2]]
         g = g.contiguous()
-        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        grad_x = None
         gh = [g[:, ad.start:ad.stop] @ b for ad, b in zip(ctx.adapters, b_w)]  # [T, r] each
         grads_ab = []
         if ctx.shared:
             gh_all = torch.cat([h * sc for h, sc in zip(gh, ctx.scales)], dim=1)
-            if grad_x is not None:
-                grad_x.addmm_(gh_all, torch.cat(a_w))
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ weight).addmm_(gh_all, torch.cat(a_w))
             grad_a = (gh_all.t() @ x).split([a.shape[0] for a in a_w], dim=0)
         else:
             ps = [ad.dropout for ad in ctx.adapters]
-            grad_a = [sc * (ghi.t() @ xi) for sc, ghi, xi in zip(ctx.scales, gh, dropped_each(x, seeds, ps))]
-            if grad_x is not None:
-                grad_x.add_(masked_sum([ghi @ a for ghi, a in zip(gh, a_w)], seeds, ps, ctx.scales))
+            if ctx.needs_input_grad[0]:
+                xs, masked = dropped_each_and_masked_sum(x, [ghi @ a for ghi, a in zip(gh, a_w)], seeds, ps, ctx.scales)
+                grad_x = masked.addmm_(g, weight)  # the base matmul accumulates onto the adapters' part
+            else:
+                xs = dropped_each(x, seeds, ps)
+            grad_a = [sc * (ghi.t() @ xi) for sc, ghi, xi in zip(ctx.scales, gh, xs)]
         for ad, sc, ga, h in zip(ctx.adapters, ctx.scales, grad_a, hs):
             grads_ab += [ga, sc * (g[:, ad.start:ad.stop].t() @ h)]
         grads_ab = [gr.to(dt) for gr, dt in zip(grads_ab, ctx.ab_dtypes)]
@@ -110,20 +115,33 @@ def _rms_backward(g, x, weight, rstd):
     return (rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))).to(x.dtype)
 
 
-@pointwise
-def _rope_forward(x, cos, sin):
+def _rotate(x, cos, sin):
     # HF: x * cos + rotate_half(x) * sin, rotate_half([a, b]) = [-b, a]
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]], dim=-1)
 
 
-@pointwise
-def _rope_backward(g, cos, sin):
+def _rotate_back(g, cos, sin):
     # the transpose of rotate_half: [a, b] -> [b, -a]
     half = g.shape[-1] // 2
     g1, g2 = g[..., :half], g[..., half:]
     return torch.cat([g1 * cos[..., :half] + g2 * sin[..., half:], g2 * cos[..., half:] - g1 * sin[..., :half]], dim=-1)
+
+
+_rope_forward = pointwise(_rotate)
+_rope_backward = pointwise(_rotate_back)
+
+
+@pointwise
+def _rope_split_forward(qk, v, cos, sin):
+    return _rotate(qk, cos, sin), v.clone(memory_format=torch.contiguous_format)
+
+
+@pointwise
+def _rope_split_backward(g_qk, g_v, cos, sin):
+    T = g_qk.shape[0]
+    return torch.cat([_rotate_back(g_qk, cos, sin).reshape(T, -1), g_v.reshape(T, -1)], dim=1)
 
 
 @pointwise
@@ -178,6 +196,28 @@ class Rope(torch.autograd.Function):
 
 def rope(x, cos, sin):
     return Rope.apply(x, cos, sin)
+
+
+class RopeSplit(torch.autograd.Function):
+    """A q/k/v projection's output [T, (H + 2G) * d] as rotated q/k heads [T, H + G, d] and a copy of v
+    [T, G, d], in one pass each way: the gradient comes back as one [T, (H + 2G) * d] tensor (slicing
+    q/k and v off would zero-fill and add two such tensors in backward)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, rotated: int):
+        ctx.save_for_backward(cos, sin)
+        T, d = qkv.shape[0], cos.shape[-1]
+        return _rope_split_forward(qkv[:, :rotated * d].view(T, rotated, d), qkv[:, rotated * d:].view(T, -1, d), cos, sin)
+
+    @staticmethod
+    def backward(ctx, g_qk, g_v):
+        cos, sin = ctx.saved_tensors
+        return _rope_split_backward(g_qk.contiguous(), g_v.contiguous(), cos, sin), None, None, None
+
+
+def rope_split(qkv, cos, sin, rotated: int):
+    """(rotated first `rotated` heads, copy of the rest) of qkv viewed as heads of cos's width."""
+    return RopeSplit.apply(qkv, cos, sin, rotated)
 
 
 class SwiGLU(torch.autograd.Function):
