@@ -148,6 +148,10 @@ def test_bench_train_runs_both_sides_on_the_same_batches(tiny_model_dir, tmp_pat
     assert len(a["losses"]) == len(t["losses"]) == 3
     assert a["losses"][0] == pytest.approx(t["losses"][0], rel=0.05)  # same batch, same masking, before any update
     assert set(result["ratios"]) == {"tokens_per_s", "peak_rss", "median_step", "final_loss"}
+    # in turns after the first step: no timed step of one side overlaps one of the other's
+    assert result["lockstep"] and len(a["step_spans"]) == len(t["step_spans"]) == 3
+    spans = sorted(a["step_spans"][1:] + t["step_spans"][1:])
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "modules"])

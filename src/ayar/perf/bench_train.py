@@ -5,6 +5,11 @@ same order (TRL's sampler is replaced by ayar's seeded order), the same LoRA con
 max_length, learning rate and schedule, steps and seed, and the same loss masking (loss on the answer
 only: TRL's prompt/completion mode). Each side runs in a fresh subprocess, so peak RSS is its own.
 
+On CPU the two processes take their steps in turns (`lockstep`): after its first step each side waits
+for the parent's go before each next step, and the sides alternate which goes first. A shared machine's
+speed drifts over minutes (one side's steps measured 30 % faster in one run than in the run before it),
+and run one after the other, whichever side met the faster stretch came out ahead.
+
     python -m ayar.perf.bench_train SIDE SPEC.json     (the worker; prints one JSON line)
 """
 
@@ -52,21 +57,21 @@ def run_bench(cfg, steps: int = 8, warmup: int = 2, rows: int = 512, sides=SIDES
         if spec["trl_bf16"]:
             peak["bf16"] = matmul_gflops(torch.bfloat16)
         log("matmul peak on this machine: " + ", ".join(f"{v:.0f} GFLOP/s {k}" for k, v in peak.items()))
-        results = {}
-        for side in sides:
-            log(f"running {side}: {steps} steps ({warmup} warm-up), batch {cfg.training.batch_size} x {cfg.training.grad_accum}, "
-                f"max_length {cfg.data.max_length}, {len(records)} rows ...")
-            t = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "ayar.perf.bench_train", side, str(spec_path)],
-                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if proc.returncode != 0:
-                raise AyarError(f"the {side} benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[side]["wall_seconds"] = round(time.perf_counter() - t, 1)
+        what = f"{steps} steps ({warmup} warm-up), batch {cfg.training.batch_size} x {cfg.training.grad_accum}, " \
+               f"max_length {cfg.data.max_length}, {len(records)} rows"
+        lockstep = len(sides) > 1 and not torch.cuda.is_available()  # on a GPU both would have to fit at once
+        if lockstep:
+            log(f"running {' and '.join(sides)} in turns, a step each: {what} ...")
+            results = _run_lockstep(list(sides), spec_path, steps, Path(tmp))
+        else:
+            results = {}
+            for side in sides:
+                log(f"running {side}: {what} ...")
+                results.update(_run_lockstep([side], spec_path, steps, Path(tmp)))
     for r in results.values():
         r["gflops"] = 4 * r["params"] * r["tokens_per_s"] / 1e9
         r["pct_peak"] = 100 * r["gflops"] / peak["bf16" if "bf" in r["dtype"] else "fp32"]
-    out = {"sides": results, "peak_gflops": peak, "steps": steps, "warmup": warmup, "rows": len(records),
+    out = {"sides": results, "peak_gflops": peak, "steps": steps, "warmup": warmup, "rows": len(records), "lockstep": lockstep,
            "batch_size": cfg.training.batch_size, "grad_accum": cfg.training.grad_accum, "max_length": cfg.data.max_length,
            "model": cfg.model.name}
     if "ayar" in results and "trl" in results:
@@ -75,6 +80,65 @@ def run_bench(cfg, steps: int = 8, warmup: int = 2, rows: int = 512, sides=SIDES
                          "median_step": a["median_step_s"] / t["median_step_s"],
                          "final_loss": a["final_loss"] / t["final_loss"]}
     return out
+
+
+def _run_lockstep(sides: list[str], spec_path: Path, steps: int, tmp: Path) -> dict:
+    """Start a worker per side; let each take its first step freely, then release one step at a time,
+    alternating sides (and which side goes first), so no two timed steps overlap. One side: plain run."""
+    from ayar.errors import AyarError
+
+    procs, to_child, from_child, logs = {}, {}, {}, {}
+    started = time.perf_counter()
+    for side in sides:
+        go_r, go_w = os.pipe()  # parent -> worker: one byte per step it may take
+        done_r, done_w = os.pipe()  # worker -> parent: one byte per step it finished
+        logs[side] = (open(tmp / f"{side}.out", "w+"), open(tmp / f"{side}.err", "w+"))
+        procs[side] = subprocess.Popen([sys.executable, "-m", "ayar.perf.bench_train", side, str(spec_path)],
+                                       stdout=logs[side][0], stderr=logs[side][1], pass_fds=(go_r, done_w),
+                                       env={**os.environ, "TQDM_DISABLE": "1", _SYNC_ENV: f"{go_r},{done_w}"})
+        os.close(go_r)
+        os.close(done_w)
+        to_child[side], from_child[side] = go_w, done_r
+
+    def failed(side: str) -> AyarError:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        code = procs[side].wait()
+        err = logs[side][1]
+        err.seek(0)
+        return AyarError(f"the {side} benchmark failed (exit {code}):\n{err.read()[-3000:]}")
+
+    def finished_step(side: str) -> None:
+        if os.read(from_child[side], 1) != b"s":
+            raise failed(side)
+
+    try:
+        for side in sides:  # first steps (warm-up, compiling) run side by side
+            finished_step(side)
+        for step in range(2, steps + 1):
+            for side in sides if step % 2 == 0 else sides[::-1]:
+                os.write(to_child[side], b"g")
+                finished_step(side)
+        results = {}
+        for side in sides:
+            os.write(to_child[side], b"g")  # past the last step: finish and report
+            if procs[side].wait() != 0:
+                raise failed(side)
+            out = logs[side][0]
+            out.seek(0)
+            results[side] = json.loads(out.read().strip().splitlines()[-1])
+            results[side]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        return results
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        for fd in (*to_child.values(), *from_child.values()):
+            os.close(fd)
+        for files in logs.values():
+            for f in files:
+                f.close()
 
 
 def trl_bf16(cfg) -> bool:
@@ -90,6 +154,27 @@ def trl_bf16(cfg) -> bool:
 
 
 # --- the worker: one side, in its own process ----------------------------------------------------
+
+_SYNC_ENV = "AYAR_BENCH_SYNC"
+
+
+class _Turns:
+    """The worker's half of lockstep: after each step, say so and wait for the parent's go. Records each
+    step's span (wall clock: from the go, or the start, to its end) for the results."""
+
+    def __init__(self):
+        fds = os.environ.get(_SYNC_ENV)
+        self.go, self.done = (int(x) for x in fds.split(",")) if fds else (None, None)
+        self.since, self.spans = time.time(), []
+
+    def step_done(self) -> None:
+        self.spans.append((self.since, time.time()))
+        if self.done is not None:
+            os.write(self.done, b"s")
+            if os.read(self.go, 1) != b"g":
+                raise SystemExit("the bench parent went away")
+        self.since = time.time()
+
 
 def _summary(step_seconds: list[float], tokens: list[int], losses: list[float], warmup: int, params: int) -> dict:
     timed_s, timed_tok = step_seconds[warmup:], tokens[warmup:]
@@ -116,13 +201,15 @@ def _ayar(spec: dict) -> dict:
     cfg.output.dir, cfg.output.name = spec["tmp"], "bench-ayar"
     from rich.console import Console
 
-    run = train_sft(cfg, console=Console(stderr=True, quiet=True))
+    turns = _Turns()
+    run = train_sft(cfg, console=Console(stderr=True, quiet=True), callbacks=[lambda state: turns.step_done()])
     recs = [r for r in run.read_metrics() if "loss" in r]
     meta = run.read_meta()
     tokens = [round(r["tokens_per_s"] * r["step_seconds"]) for r in recs]
     out = _summary([r["step_seconds"] for r in recs], tokens, [r["loss"] for r in recs], spec["warmup"], meta["params"]["total"] - meta["params"]["trainable"])
     out["dtype"] = meta["dtype"]
     out["passes"] = meta.get("passes")
+    out["step_spans"] = turns.spans
     return out
 
 
@@ -166,6 +253,7 @@ def _trl(spec: dict) -> dict:
                      bf16=spec["trl_bf16"])
 
     times, tokens = [], []
+    turns = _Turns()
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -173,6 +261,7 @@ def _trl(spec: dict) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            turns.step_done()
 
     class Trainer(SFTTrainer):
         def _get_train_sampler(self, *a, **kw):
@@ -194,6 +283,7 @@ def _trl(spec: dict) -> dict:
     out = _summary(times, per_step, losses, spec["warmup"], params)
     out["dtype"] = "bf16 autocast" if args.bf16 else "float32"
     out["gradient_checkpointing"] = args.gradient_checkpointing
+    out["step_spans"] = turns.spans
     return out
 
 
