@@ -146,15 +146,17 @@ def test_pointwise_kernels_match_their_modules(compiled, monkeypatch):
     got = torch.autograd.grad(kernels.rms_norm(x, norm.weight.detach(), 1e-5), x, g)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-    q = torch.randn(9, 3, 8, requires_grad=True)  # [T, heads, d]
+    qkv = torch.randn(9, 4 * 8, requires_grad=True)  # [T, (3 rotated + 1 copied heads) * d]
+    q = qkv[:, :24].view(9, 3, 8)
     angles = torch.randn(9, 1, 4)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     ref, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos.transpose(0, 1), sin.transpose(0, 1))
-    gq = torch.randn(9, 3, 8)
-    want = torch.autograd.grad(ref[0].transpose(0, 1), q, gq)[0]
-    out = kernels.rope(q, cos, sin)
+    gq, gv = torch.randn(9, 3, 8), torch.randn(9, 1, 8)
+    want = torch.autograd.grad(ref[0].transpose(0, 1), qkv, gq)[0] + torch.cat([torch.zeros(9, 24), gv.view(9, 8)], 1)
+    out, v = kernels.rope_split(qkv, cos, sin, 3)
     torch.testing.assert_close(out, ref[0].transpose(0, 1))
-    torch.testing.assert_close(torch.autograd.grad(out, q, gq)[0], want)
+    torch.testing.assert_close(v, qkv[:, 24:].view(9, 1, 8))
+    torch.testing.assert_close(torch.autograd.grad((out, v), qkv, (gq, gv))[0], want)
 
     gu = torch.randn(9, 2 * 16, requires_grad=True)
     gate, up = gu[:, :16], gu[:, 16:]
@@ -296,9 +298,8 @@ def test_dropout_kernels_compile_once_for_any_probability_and_scale(monkeypatch)
 @pytest.mark.parametrize("dtype,prefix,block", [(torch.float32, 0, 128), (torch.float32, 3, 128), (torch.float32, 3, 2),
                                                 (torch.bfloat16, 3, 3)])
 def test_packed_attention_node_equals_autograd_through_the_segments(dtype, prefix, block, monkeypatch):
-    # the one-node attention (PackedAttention, with rope_split in front; segments' queries in blocks of about
-    # `block` rows) against the per-segment ops run by autograd: outputs and the gradient reaching the q/k/v
-    # projection's output
+    # the one-node attention (PackedAttention; segments' queries in blocks of about `block` rows) against the
+    # per-segment ops run by autograd: outputs and the gradient reaching the q/k/v projection's output
     monkeypatch.setattr(fused_decoder, "QUERY_BLOCK", block)
     torch.manual_seed(0)
     H, G, d = 4, 2, 8
@@ -311,12 +312,10 @@ def test_packed_attention_node_equals_autograd_through_the_segments(dtype, prefi
 
     def run(node):
         x = qkv.clone().requires_grad_()
+        qk, v = kernels.rope_split(x, cos, sin, H + G)
         if node:
-            qk, v = kernels.rope_split(x, cos, sin, H + G)
             out = fused_decoder.PackedAttention.apply(qk, v, H, tuple(bounds), 0.3, prefix)
         else:
-            qk = kernels.rope(x[:, :(H + G) * d].view(T, H + G, d), cos, sin)
-            v = x[:, (H + G) * d:].reshape(T, G, d)
             out = fused_decoder.attention(qk[:, :H], qk[:, H:], v, bounds, 0.3, prefix)
         return out, torch.autograd.grad(out, x, g)[0]
 

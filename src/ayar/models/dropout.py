@@ -51,23 +51,23 @@ def _dropped_each(x, seeds, thresholds):
     return tuple(torch.where(keep, x, 0.0) for keep in _keeps(x, seeds, thresholds))
 
 
-@pointwise
-def _masked_sum(parts, seeds, thresholds, scales):
+def _sum_masked(keeps, parts, scales):
     out = None
-    for j, (keep, part) in enumerate(zip(_keeps(parts[0], seeds, thresholds), parts)):
+    for j, (keep, part) in enumerate(zip(keeps, parts)):
         term = torch.where(keep, part * scales[j].to(part.dtype), 0.0)
         out = term if out is None else out + term
     return out
 
 
 @pointwise
+def _masked_sum(parts, seeds, thresholds, scales):
+    return _sum_masked(_keeps(parts[0], seeds, thresholds), parts, scales)
+
+
+@pointwise
 def _dropped_each_and_masked_sum(x, parts, seeds, thresholds, scales):
     keeps = _keeps(x, seeds, thresholds)
-    out = None
-    for j, (keep, part) in enumerate(zip(keeps, parts)):
-        term = torch.where(keep, part * scales[j].to(part.dtype), 0.0)
-        out = term if out is None else out + term
-    return tuple(torch.where(keep, x, 0.0) for keep in keeps), out
+    return tuple(torch.where(keep, x, 0.0) for keep in keeps), _sum_masked(keeps, parts, scales)
 
 
 def _check(x: torch.Tensor) -> None:

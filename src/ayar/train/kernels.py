@@ -7,9 +7,10 @@ save over the module-by-module path, measured on a 2-core CPU (benchmarks/README
   backward, and adapters are added into the output by `addmm_` (no separate scale, add or copy passes);
   in backward the base matmul accumulates onto the adapters' input gradient, and one pass redraws the
   dropout masks for both the A gradients and the input gradient;
-- RMSNorm, RoPE (with v split off in the same pass) and SwiGLU: one node each instead of 5-10 autograd nodes, no gradient computed for
-  frozen weights, and their elementwise math compiled by torch.compile into one loop per direction
-  (`pointwise`: ~10 s once per machine, cached by torch; eager torch ops where compiling fails).
+- RMSNorm, RoPE (with v split off in the same pass) and SwiGLU: one node each instead of 5-10 autograd
+  nodes, no gradient computed for frozen weights, and their elementwise math compiled by torch.compile
+  into one loop per direction (`pointwise`: ~10 s once per machine, cached by torch; eager torch ops
+  where compiling fails).
 Base weights are frozen here (gradients only for the input and the LoRA A/B matrices).
 """
 
@@ -129,10 +130,6 @@ def _rotate_back(g, cos, sin):
     return torch.cat([g1 * cos[..., :half] + g2 * sin[..., half:], g2 * cos[..., half:] - g1 * sin[..., :half]], dim=-1)
 
 
-_rope_forward = pointwise(_rotate)
-_rope_backward = pointwise(_rotate_back)
-
-
 @pointwise
 def _rope_split_forward(qk, v, cos, sin):
     return _rotate(qk, cos, sin), v.clone(memory_format=torch.contiguous_format)
@@ -178,24 +175,6 @@ class RMSNorm(torch.autograd.Function):
 
 def rms_norm(x, weight, eps: float):
     return RMSNorm.apply(x, weight, eps)
-
-
-class Rope(torch.autograd.Function):
-    """Rotary embedding on heads [T, heads, d] (HF's formula); cos/sin [T, 1, d]."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rope_forward(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return _rope_backward(g, cos, sin), None, None
-
-
-def rope(x, cos, sin):
-    return Rope.apply(x, cos, sin)
 
 
 class RopeSplit(torch.autograd.Function):
