@@ -25,17 +25,15 @@ class pointwise:
     def __init__(self, fn):
         self.fn, self._compiled, self.failed = fn, None, False
 
+    @torch.no_grad()
     def __call__(self, *args):
         if self.failed or os.environ.get("AYAR_COMPILE", "1") == "0":
-            with torch.no_grad():
-                return self.fn(*args)
+            return self.fn(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
-            with torch.no_grad():
-                return self._compiled(*_detached(args))
+            return self._compiled(*_detached(args))
         except Exception as e:  # no C++ compiler, unsupported platform...: same math, uncompiled
             self.failed = True
             warnings.warn(f"ayar: torch.compile failed for {self.fn.__name__} ({type(e).__name__}); using eager torch ops", stacklevel=2)
-            with torch.no_grad():
-                return self.fn(*args)
+            return self.fn(*args)

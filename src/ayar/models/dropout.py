@@ -46,9 +46,13 @@ def draw_seeds(n: int, device) -> torch.Tensor:
     return torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device=device)
 
 
+def _dropped(keeps, x):
+    return tuple(torch.where(keep, x, 0.0) for keep in keeps)
+
+
 @pointwise
 def _dropped_each(x, seeds, thresholds):
-    return tuple(torch.where(keep, x, 0.0) for keep in _keeps(x, seeds, thresholds))
+    return _dropped(_keeps(x, seeds, thresholds), x)
 
 
 def _sum_masked(keeps, parts, scales):
@@ -67,7 +71,7 @@ def _masked_sum(parts, seeds, thresholds, scales):
 @pointwise
 def _dropped_each_and_masked_sum(x, parts, seeds, thresholds, scales):
     keeps = _keeps(x, seeds, thresholds)
-    return tuple(torch.where(keep, x, 0.0) for keep in keeps), _sum_masked(keeps, parts, scales)
+    return _dropped(keeps, x), _sum_masked(keeps, parts, scales)
 
 
 def _check(x: torch.Tensor) -> None:

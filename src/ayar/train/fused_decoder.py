@@ -218,7 +218,7 @@ class PackedAttention(torch.autograd.Function):
         T, _, d = qk.shape
         G = v.shape[1]
         q, k = qk[:, :heads], qk[:, heads:]
-        covered = bounds[0] == 0 and bounds[-1] == T
+        covered = bounds[0] == 0 and bounds[-1] == T  # rows outside every segment get zeros
         out = qk.new_empty(T, heads, d) if covered else qk.new_zeros(T, heads, d)
         saved = []
         for a, b, p in _segments(bounds, prefix):
@@ -227,10 +227,10 @@ class PackedAttention(torch.autograd.Function):
                 scores = torch.baddbmm(_future_bias(qb - qa, qa, heads // G, p, qk.dtype, qk.device),
                                        _stacked(q[a + qa:a + qb], G), ks[:, :, :p + qb], alpha=scale)
                 probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-                low = probs.to(qk.dtype) if qk.dtype != torch.float32 else None  # as the bmm takes them
-                _unstack_into(out[a + qa:a + qb], torch.bmm(probs if low is None else low, vs[:, :p + qb]))
-                saved += [probs] if low is None else [probs, low]
-        ctx.heads, ctx.bounds, ctx.scale, ctx.prefix = heads, bounds, scale, prefix
+                low = probs.to(qk.dtype)  # as the bmm takes them (probs itself in fp32)
+                _unstack_into(out[a + qa:a + qb], torch.bmm(low, vs[:, :p + qb]))
+                saved += [probs] if low is probs else [probs, low]
+        ctx.heads, ctx.bounds, ctx.scale, ctx.prefix, ctx.covered = heads, bounds, scale, prefix, covered
         ctx.save_for_backward(qk, v, *saved)
         return out.view(T, heads * d)
 
@@ -243,7 +243,7 @@ class PackedAttention(torch.autograd.Function):
         q, k = qk[:, :H], qk[:, H:]
         grad_qk = torch.empty_like(qk)
         grad_q, grad_k = grad_qk[:, :H], grad_qk[:, H:]
-        if not (ctx.bounds[0] == 0 and ctx.bounds[-1] == T):
+        if not ctx.covered:
             grad_q.zero_()
         grad_k.zero_()  # keys gather from every query block (the prefix's from every segment)
         grad_v = torch.zeros_like(v)
