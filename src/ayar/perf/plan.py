@@ -210,10 +210,12 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
                                                                long_share)
     if device == "cpu" and not packed:  # padded rows: one layer's [rows, heads, len, len] attention weights
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
-    if chunked_logits:  # one chunk's fp32 logits and softmax, and the gradient for the trained positions' states
-        from ayar.train.kernels import CE_CHUNK
+    if chunked_logits:  # one chunk's fp32 logits (on CPU one vocabulary block of them) and softmax, and the
+        # gradient for the trained positions' states
+        from ayar.train.kernels import CE_CHUNK, VOCAB_BLOCK
 
-        parts["logits (trained tokens)"] = min(trained, CE_CHUNK) * shape.vocab * 4 * 2 + trained * shape.hidden * 4
+        vocab = min(shape.vocab, VOCAB_BLOCK) if device == "cpu" else shape.vocab
+        parts["logits (trained tokens)"] = min(trained, CE_CHUNK) * vocab * 4 * 2 + trained * shape.hidden * 4
     else:  # fp32 logits, their softmax and its gradient
         parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
     parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
