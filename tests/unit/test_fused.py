@@ -273,7 +273,7 @@ def test_a_trained_opening_is_not_shared():
 @pytest.mark.parametrize("block", [7, 50, 1024])  # online softmax over 8 blocks (the last one short), one, the default
 def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradient(block, monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(kernels._chunk_online, "__defaults__", (block,))
+    monkeypatch.setattr(kernels, "VOCAB_BLOCK", block)
     h, w, t = torch.randn(23, 16, requires_grad=True), 3 * torch.randn(50, 16), torch.randint(0, 50, (23,))
     t[:4] = torch.tensor([0, 6, 7, 49])  # targets at the blocks' edges
     got = kernels.linear_cross_entropy(h, w, t, chunk=5)  # 5 chunks, the last one short

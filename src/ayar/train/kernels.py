@@ -263,9 +263,10 @@ def _chunk_whole(h, weight, t, grad_out):
     return loss
 
 
-def _chunk_online(h, weight, t, grad_out, block: int = VOCAB_BLOCK):
+def _chunk_online(h, weight, t, grad_out, block: int | None = None):
     """`_chunk_whole` a vocabulary block at a time: running max m and sum s of exp(logit - m) per row, and
     acc = sum_v exp(logit_v - m) W_v, all rescaled when m grows; softmax @ W is then acc / s."""
+    block = block or VOCAB_BLOCK
     rows = h.shape[0]
     ht = h.t().contiguous()
     m = torch.full((rows,), -torch.inf, device=h.device)
