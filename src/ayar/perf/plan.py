@@ -212,9 +212,9 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
     if chunked_logits:  # one chunk's fp32 logits (on CPU one vocabulary block of them) and softmax, and the
         # gradient for the trained positions' states
-        from ayar.train.kernels import CE_CHUNK, VOCAB_BLOCK
+        from ayar.train.kernels import CE_CHUNK, VOCAB_BLOCK, online_softmax
 
-        vocab = min(shape.vocab, VOCAB_BLOCK) if device == "cpu" else shape.vocab
+        vocab = min(shape.vocab, VOCAB_BLOCK) if online_softmax(device) else shape.vocab
         parts["logits (trained tokens)"] = min(trained, CE_CHUNK) * vocab * 4 * 2 + trained * shape.hidden * 4
     else:  # fp32 logits, their softmax and its gradient
         parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
