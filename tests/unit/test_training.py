@@ -273,6 +273,7 @@ def test_loraplus_puts_b_matrices_in_a_faster_group(tiny_model_dir):
     opt = build_optimizer(model, SimpleNamespace(optimizer="adamw", learning_rate=1e-4, weight_decay=0.0, loraplus_lr_ratio=16))
     rates = sorted({g["lr"] for g in opt.param_groups if g["params"]})
     assert rates[0] == 1e-4 and rates[-1] == 16e-4
+    assert opt.defaults["fused"]  # CPU parameters: torch's fused AdamW (loop.fused_adamw)
 
 
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
