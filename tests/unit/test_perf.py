@@ -1,6 +1,7 @@
 """Memory planner (shape arithmetic, fit/suggestions, the CLI) and the bench harness's pieces."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -259,3 +260,26 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
     planned = 220 * activation_bytes_per_token(shape, 4, True, dropout > 0, fused, p.attention_keys(blocked=fused),
                                                long_share=p.long_share())
     assert planned == pytest.approx(measured, rel=0.12)
+
+
+def test_importing_ayar_bounds_onednn_caches_of_new_matmul_shapes():
+    # bf16 matmuls on CPU go through oneDNN, which caches a compiled primitive per shape; padding-free
+    # training meets new shapes every pass, and with torch's default (1,024 per cache) a run's memory grew
+    # ~36 MB a pass. ayar caps the caches at 128 (ayar/__init__.py): 500 shapes later, memory is flat.
+
+    from ayar.models.device import cpu_supports_bf16
+
+    if not (cpu_supports_bf16() and torch.backends.mkldnn.is_available()):
+        pytest.skip("bf16 matmuls do not run through oneDNN on this CPU")
+    script = """
+import ayar, torch
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = torch.randn(64, 64, dtype=torch.bfloat16)
+for n in range(1, 501):
+    torch.mm(torch.randn(n, 64, dtype=torch.bfloat16), w)
+    if n == 300: at300 = rss()
+print(rss() - at300)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    grew = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout)
+    assert grew < 20, f"{grew:.0f} MB more after 200 more matmul shapes"  # uncapped: ~125 MB

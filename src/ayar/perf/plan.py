@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 # Constants (see benchmarks/README.md, "memory planner").
 RUNTIME_BYTES_CPU = 500 * 2**20  # python + torch + transformers + tokenizer: 470 MB RSS measured before the model loads
 RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors (an estimate)
+# bf16/fp16 matmuls on CPU: oneDNN's two primitive caches, held at 128 shapes each (ayar/__init__.py):
+# 133 MB measured after 400 new shapes
+ONEDNN_CACHE_BYTES = 133 * 2**20
 BF16_MODULES_FACTOR = 1.16  # bf16 modules path: fitted on measured peaks (AVX512-BF16 machine), not counted
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -219,6 +222,8 @@ def plan_memory(shape: Shape, *, weight_dtype: str, device: str, tokens: int, tr
     else:  # fp32 logits, their softmax and its gradient
         parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
     parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
+    if device == "cpu" and wb < 4:
+        parts["runtime"] += ONEDNN_CACHE_BYTES
     return MemoryPlan(parts, available if available is not None else available_memory(device), device, tokens, trained)
 
 
