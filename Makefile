@@ -9,7 +9,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all clean-venv
+.PHONY: install demo lint format test test-slow test-all clean-venv
 
 install: $(STAMP)
 
@@ -36,8 +36,17 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/python -m ayar.demo
 
+# ruff: the code is formatted and lint-clean (settings in pyproject.toml); a failure fails `make test`.
+lint: install
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts
+
+format: install
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+
 # A throwaway PostgreSQL on 127.0.0.1 for the shared-profiles test (skipped, with the reason, where it can't run).
-test: install
+test: install lint
 	@eval "$$(scripts/test-postgres.sh start)"; $(BIN)/python -m pytest tests -q; rc=$$?; scripts/test-postgres.sh stop; exit $$rc
 
 test-slow: install

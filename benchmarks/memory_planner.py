@@ -24,15 +24,30 @@ CONFIGS = {
     "batch 8, max_len 512 (fused, 4 rows per pass)": ("check", []),
     "batch 8, max_len 512, modules (training.fused=false, 2 rows per pass)": ("check", ["training.fused=false"]),
     "batch 8, max_len 512, fused, whole micro-batch in one pass": ("check", ["training.rows_per_pass=8"]),
-    "batch 8, max_len 512, fused, gradient checkpointing": ("sets the checkpointing term", ["training.gradient_checkpointing=true"]),
-    "batch 8, max_len 512, modules, gradient checkpointing": ("check", ["training.fused=false",
-                                                                      "training.gradient_checkpointing=true"]),
-    "batch 16, max_len 256, fused, dropout 0, 8 rows per pass": ("check", ["training.batch_size=16", "data.max_length=256",
-                                                                          "lora.dropout=0", "training.rows_per_pass=8"]),
+    "batch 8, max_len 512, fused, gradient checkpointing": (
+        "sets the checkpointing term",
+        ["training.gradient_checkpointing=true"],
+    ),
+    "batch 8, max_len 512, modules, gradient checkpointing": (
+        "check",
+        ["training.fused=false", "training.gradient_checkpointing=true"],
+    ),
+    "batch 16, max_len 256, fused, dropout 0, 8 rows per pass": (
+        "check",
+        ["training.batch_size=16", "data.max_length=256", "lora.dropout=0", "training.rows_per_pass=8"],
+    ),
 }
 # return_memory: the planner predicts what training holds; the default allocator's RSS can run above it
-COMMON = ["training.return_memory=true", "data.val_ratio=0", "training.max_steps=3", "training.tracker=none", "training.warmup_ratio=0",
-          "training.batch_size=8", "data.max_length=512", "data.lint=warn"]
+COMMON = [
+    "training.return_memory=true",
+    "data.val_ratio=0",
+    "training.max_steps=3",
+    "training.tracker=none",
+    "training.warmup_ratio=0",
+    "training.batch_size=8",
+    "data.max_length=512",
+    "data.lint=warn",
+]
 
 
 def ayar(*args: str) -> subprocess.CompletedProcess:
@@ -40,11 +55,10 @@ def ayar(*args: str) -> subprocess.CompletedProcess:
 
 
 def longest_rows(path: str, columns: dict, n: int, out: Path) -> Path:
-    from ayar.data.dataset import load_records
+    from ayar.data.dataset import load_records, parse_sources
     from ayar.data.render import Renderer
     from ayar.data.writers import write_records
     from ayar.models.load import load_tokenizer, resolve_model_path
-    from ayar.data.dataset import parse_sources
 
     records = [r for src in parse_sources(path, "auto", columns) for r in load_records(src)][:4000]
     renderer = Renderer(load_tokenizer(resolve_model_path("default", log=lambda m: None)), max_length=100_000)
@@ -80,8 +94,11 @@ def main() -> None:
             run = measured_runs[name]
             predicted, measured = plan["total"] / 2**20, run["peak_rss_mb"]
             rows.append((name, kind, plan["tokens"], predicted, measured))
-            print(f"{name}: predicted {predicted:.0f} MB, measured {measured:.0f} MB ({100 * (predicted / measured - 1):+.1f}%), "
-                  f"{run['tokens_per_s']} tokens/s, passes {run['passes']}; plan {plan['parts']}", file=sys.stderr)
+            print(
+                f"{name}: predicted {predicted:.0f} MB, measured {measured:.0f} MB ({100 * (predicted / measured - 1):+.1f}%), "
+                f"{run['tokens_per_s']} tokens/s, passes {run['passes']}; plan {plan['parts']}",
+                file=sys.stderr,
+            )
     print("| configuration | role | tokens in largest pass | predicted MB | measured MB | error |")
     print("|---|---|---|---|---|---|")
     for name, kind, tokens, p_mb, m_mb in rows:

@@ -42,9 +42,11 @@ def main() -> None:
             warm.append(time.perf_counter() - t)
             assert hit
     med = lambda xs: sorted(xs)[len(xs) // 2]
-    print(f"{len(records)} rows; read+convert {read_s:.2f}s; tokenize cold {med(cold):.2f}s, "
-          f"from cache {med(warm):.2f}s (median of {args.repeats}); saved {med(cold) - med(warm):.2f}s "
-          f"({med(cold) / med(warm):.1f}x)")
+    print(
+        f"{len(records)} rows; read+convert {read_s:.2f}s; tokenize cold {med(cold):.2f}s, "
+        f"from cache {med(warm):.2f}s (median of {args.repeats}); saved {med(cold) - med(warm):.2f}s "
+        f"({med(cold) / med(warm):.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import os as _os
 
-__version__ = "0.1.0"
+from ayar.version import __version__
 
 # torch's CPU matmuls in bf16/fp16 run through oneDNN, which keeps a compiled primitive per matmul shape in
 # two caches of up to 1,024 entries each (~0.5 MB an entry). Padding-free training meets new shapes every
@@ -17,9 +17,9 @@ __all__ = ["__version__", "load"]
 def load(source, **kwargs):
     """A model ready to answer: a run directory, a merged export, a local model directory or `default`.
 
-        >>> import ayar
-        >>> ayar.load("runs/quickstart-20261125-101500").generate("What is 12 * 7?").text
+    >>> import ayar
+    >>> ayar.load("runs/quickstart-20261125-101500").generate("What is 12 * 7?").text
     """
-    from ayar.infer.engine import load_engine
+    from ayar.infer.load import load_engine
 
     return load_engine(source, **kwargs)

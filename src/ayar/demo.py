@@ -17,14 +17,24 @@ from rich.panel import Panel
 from ayar.config import load_config
 
 DEMO_OVERRIDES = [
-    "model.name=default", "data.train=sample:gsm8k", "data.max_length=256", "data.val_ratio=0.05",
-    "lora.r=16", "lora.alpha=32", "training.learning_rate=1e-3", "training.batch_size=8", "training.max_steps=24",
-    "training.packing=true", "training.eval_steps=12", "training.save_steps=12", "output.name=demo",
+    "model.name=default",
+    "data.train=sample:gsm8k",
+    "data.max_length=256",
+    "data.val_ratio=0.05",
+    "lora.r=16",
+    "lora.alpha=32",
+    "training.learning_rate=1e-3",
+    "training.batch_size=8",
+    "training.max_steps=24",
+    "training.packing=true",
+    "training.eval_steps=12",
+    "training.save_steps=12",
+    "output.name=demo",
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ayar.infer.engine import load_engine
+    from ayar.infer.load import load_engine
     from ayar.quiet import quiet_libraries
     from ayar.train.sft import train_sft
 
@@ -52,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = run.read_meta()
     fmt = lambda r: "ends with a '#### N' answer line" if "####" in r.text else "free-form (no '#### N' line)"
-    console.print(f"base:  {fmt(base_reply)};  tuned: {fmt(tuned_reply)}" + ("" if tuned_reply.stopped else "  (tuned answer hit the token budget)"))
-    console.print(f"training: {meta['steps']} steps, {meta['train_seconds']:.0f} s, {meta['tokens_per_s']:.0f} tokens/s, "
-                  f"peak RSS {meta['peak_rss_mb']:.0f} MB; demo wall time {time.time() - t0:.0f} s")
+    console.print(
+        f"base:  {fmt(base_reply)};  tuned: {fmt(tuned_reply)}"
+        + ("" if tuned_reply.stopped else "  (tuned answer hit the token budget)")
+    )
+    console.print(
+        f"training: {meta['steps']} steps, {meta['train_seconds']:.0f} s, {meta['tokens_per_s']:.0f} tokens/s, "
+        f"peak RSS {meta['peak_rss_mb']:.0f} MB; demo wall time {time.time() - t0:.0f} s"
+    )
     console.print(f"run directory: {run.path}\n  try: .venv/bin/ayar chat {run.path}")
     return 0
 

@@ -30,12 +30,17 @@ def load_callable(spec: str, field: str):
     except ConfigError:
         raise
     except ImportError as e:
-        raise ConfigError(f"{field}: cannot import {module_name!r} ({e}); run from the folder that holds it, "
-                          "or give a file path: path/to/file.py:function") from None
+        raise ConfigError(
+            f"{field}: cannot import {module_name!r} ({e}); run from the folder that holds it, "
+            "or give a file path: path/to/file.py:function"
+        ) from None
     except Exception as e:  # the user's module failed while importing
         raise ConfigError(f"{field}: importing {module_name!r} failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ConfigError(f"{field}: {module_name!r} has no function {attr!r}" + (f"; it has: {', '.join(names[:10])}" if names else ""))
+        raise ConfigError(
+            f"{field}: {module_name!r} has no function {attr!r}"
+            + (f"; it has: {', '.join(names[:10])}" if names else "")
+        )
     return fn

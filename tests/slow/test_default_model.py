@@ -25,7 +25,9 @@ def test_conversion_is_done_once_and_loads(real_home):
 
     path = ensure_default_model()
     stamp = (path / "model.safetensors").stat().st_mtime
-    assert ensure_default_model() == path and (path / "model.safetensors").stat().st_mtime == stamp  # cached, not redone
+    assert (
+        ensure_default_model() == path and (path / "model.safetensors").stat().st_mtime == stamp
+    )  # cached, not redone
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
     tok = load_tokenizer(str(path))
@@ -33,14 +35,27 @@ def test_conversion_is_done_once_and_loads(real_home):
 
 
 def test_twenty_lora_steps_then_chat(real_home, tmp_path):
-    from ayar.infer.engine import load_engine
+    from ayar.infer.load import load_engine
     from ayar.train.sft import train_sft
 
-    cfg = load_config(None, ["data.train=sample:gsm8k", "data.max_length=256", "training.batch_size=4", "training.max_steps=20",
-                             "training.learning_rate=1e-3", "training.packing=true", "training.tracker=none", f"output.dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "data.train=sample:gsm8k",
+            "data.max_length=256",
+            "training.batch_size=4",
+            "training.max_steps=20",
+            "training.learning_rate=1e-3",
+            "training.packing=true",
+            "training.tracker=none",
+            f"output.dir={tmp_path}",
+        ],
+    )
     run = train_sft(cfg)
     losses = [r["loss"] for r in run.read_metrics() if "loss" in r]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     engine = load_engine(run.path, GenerationConfig(max_new_tokens=120))
-    reply = engine.generate([{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}])
+    reply = engine.generate(
+        [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]
+    )
     assert reply.text and reply.new_tokens > 0

@@ -19,11 +19,23 @@ def test_tuned_model_beats_its_base_on_held_out_gsm8k(monkeypatch, tmp_path):
     from ayar.train.sft import train_sft
 
     monkeypatch.setenv("AYAR_HOME", USER_HOME)
-    cfg = load_config(None, [f"data.train={GSM8K}", "data.columns={instruction: question, output: answer}",
-                             "data.test_ratio=0.3334", "data.val_ratio=0.05", "data.max_length=512",
-                             "training.max_steps=24", "training.batch_size=8", "training.packing=true",
-                             "training.learning_rate=4e-4", "training.eval_steps=8", "training.tracker=none",
-                             f"output.dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.train={GSM8K}",
+            "data.columns={instruction: question, output: answer}",
+            "data.test_ratio=0.3334",
+            "data.val_ratio=0.05",
+            "data.max_length=512",
+            "training.max_steps=24",
+            "training.batch_size=8",
+            "training.packing=true",
+            "training.learning_rate=4e-4",
+            "training.eval_steps=8",
+            "training.tracker=none",
+            f"output.dir={tmp_path}",
+        ],
+    )
     run = train_sft(cfg)
     result = evaluate_run(EvalConfig(run=str(run.path), max_rows=100, max_new_tokens=200, batch_size=10))
     assert result.info["rows"] == 100 and result.info["data"] == "the run's test split"

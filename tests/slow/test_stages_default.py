@@ -22,26 +22,68 @@ def test_sft_then_dpo_moves_held_out_pairs_toward_the_chosen_answer(real_home, t
     """SFT on the chosen answers of the bundled HH-RLHF pairs, then DPO from that run; on 40 pairs held out
     from both, the DPO model prefers the chosen answer more than the SFT model it started from."""
     from ayar.eval.runner import evaluate_run
-    from ayar.train.stages import train
+    from ayar.train.dispatch import train
 
-    common = ["data.train=sample:hh", "data.max_length=256", "data.val_ratio=0.1", "training.tracker=none", f"output.dir={tmp_path}"]
-    sft = train(load_config(None, [*common, "training.max_steps=10", "training.batch_size=8", "training.learning_rate=2e-4",
-                                   "output.name=sft"]))
-    dpo = train(load_config(None, [*common, "stage=dpo", f"model.name={sft.path}", "training.max_steps=20", "training.batch_size=4",
-                                   "training.learning_rate=5e-4", "output.name=dpo"]))
+    common = [
+        "data.train=sample:hh",
+        "data.max_length=256",
+        "data.val_ratio=0.1",
+        "training.tracker=none",
+        f"output.dir={tmp_path}",
+    ]
+    sft = train(
+        load_config(
+            None,
+            [
+                *common,
+                "training.max_steps=10",
+                "training.batch_size=8",
+                "training.learning_rate=2e-4",
+                "output.name=sft",
+            ],
+        )
+    )
+    dpo = train(
+        load_config(
+            None,
+            [
+                *common,
+                "stage=dpo",
+                f"model.name={sft.path}",
+                "training.max_steps=20",
+                "training.batch_size=4",
+                "training.learning_rate=5e-4",
+                "output.name=dpo",
+            ],
+        )
+    )
     meta = json.loads(dpo.meta.read_text())
     assert meta["merged_adapters"] == [str((sft.path / "adapter").resolve())]
-    result = evaluate_run(EvalConfig(run=str(dpo.path), data="sample:hh-heldout", anchor=None, out=str(tmp_path / "eval")))
+    result = evaluate_run(
+        EvalConfig(run=str(dpo.path), data="sample:hh-heldout", anchor=None, out=str(tmp_path / "eval"))
+    )
     shift = result.checks["preference_shift"]
     assert shift["implicit_accuracy"] > 0.5 and shift["implicit_margin"] > 0, shift
 
 
 def test_qlora_on_the_default_model_trains_on_cpu(real_home, tmp_path):
-    from ayar.train.stages import train
+    from ayar.train.dispatch import train
 
-    run = train(load_config(None, ["method=qlora", "data.train=sample:gsm8k", "data.max_length=256", "training.max_steps=6",
-                                   "training.batch_size=4", "training.learning_rate=1e-3", "training.tracker=none",
-                                   f"output.dir={tmp_path}"]))
+    run = train(
+        load_config(
+            None,
+            [
+                "method=qlora",
+                "data.train=sample:gsm8k",
+                "data.max_length=256",
+                "training.max_steps=6",
+                "training.batch_size=4",
+                "training.learning_rate=1e-3",
+                "training.tracker=none",
+                f"output.dir={tmp_path}",
+            ],
+        )
+    )
     losses = [r["loss"] for r in run.read_metrics() if "loss" in r]
     assert losses[-1] < losses[0], losses
     assert (run.adapter / "adapter_model.safetensors").is_file()

@@ -10,11 +10,14 @@ import argparse
 import importlib
 import sys
 
-from ayar import __version__
+from ayar.version import __version__
 
 # name -> (module, one-line help). The one list of commands.
 COMMANDS = {
-    "train": ("ayar.cli.train", "Fine-tune a model from a YAML config (SFT, DPO family, reward, GRPO, classification); resume a run."),
+    "train": (
+        "ayar.cli.train",
+        "Fine-tune a model from a YAML config (SFT, DPO family, reward, GRPO, classification); resume a run.",
+    ),
     "compare": ("ayar.cli.compare", "Train one config with several methods (LoRA, DoRA, ...) and compare them."),
     "hpo": ("ayar.cli.hpo", "Search hyperparameters (optuna): trials as training runs, best config written out."),
     "data": ("ayar.cli.data", "Inspect, lint, preview, clean and convert training data."),
@@ -41,8 +44,10 @@ def config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str 
 def _top_help() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
-    return (f"usage: ayar <command> [options]\n\nayar {__version__}: fine-tune language models on your data.\n\n"
-            f"commands:\n{rows}\n\nRun `ayar <command> --help` for a command's options.")
+    return (
+        f"usage: ayar <command> [options]\n\nayar {__version__}: fine-tune language models on your data.\n\n"
+        f"commands:\n{rows}\n\nRun `ayar <command> --help` for a command's options."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_top_help(), file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"ayar {name}", description=module.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"ayar {name}", description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     from ayar.errors import AyarError
@@ -78,4 +84,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-

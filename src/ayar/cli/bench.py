@@ -11,7 +11,9 @@ examples:
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
-    t = sub.add_parser("train", help="ayar's training vs plain TRL SFTTrainer + peft (same data, batches, LoRA, steps, seed)")
+    t = sub.add_parser(
+        "train", help="ayar's training vs plain TRL SFTTrainer + peft (same data, batches, LoRA, steps, seed)"
+    )
     t.add_argument("config", nargs="?", help="training YAML (default: the built-in benchmark settings)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.batch_size=4")
     t.add_argument("--steps", type=int, default=8, help="optimizer steps per side (default 8)")
@@ -19,10 +21,15 @@ def add_arguments(p) -> None:
     t.add_argument("--rows", type=int, default=512, help="use the first N rows of the data (default 512)")
     t.add_argument("--sides", default="ayar,trl", help="which sides to run (default ayar,trl)")
     t.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
-    i = sub.add_parser("infer", help="a run's exports (merged, ONNX, GGUF) side by side: tokens/s and perplexity vs fp32")
+    i = sub.add_parser(
+        "infer", help="a run's exports (merged, ONNX, GGUF) side by side: tokens/s and perplexity vs fp32"
+    )
     i.add_argument("run", help="a finished run directory (missing exports are made in RUN/export)")
-    i.add_argument("--formats", default="merged-fp32,merged-bf16,onnx-fp32,onnx-int8,gguf-f16,gguf-q8_0",
-                   help="comma-separated, from: merged-fp32, merged-bf16, onnx-fp32, onnx-int8, onnx-int4, gguf-f16, gguf-q8_0, gguf-q4_k_m")
+    i.add_argument(
+        "--formats",
+        default="merged-fp32,merged-bf16,onnx-fp32,onnx-int8,gguf-f16,gguf-q8_0",
+        help="comma-separated, from: merged-fp32, merged-bf16, onnx-fp32, onnx-int8, onnx-int4, gguf-f16, gguf-q8_0, gguf-q4_k_m",
+    )
     i.add_argument("--rows", type=int, default=10, help="held-out GSM8K questions (bundled) to generate and score")
     i.add_argument("--max-new-tokens", type=int, default=64)
     i.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
@@ -37,8 +44,17 @@ def add_arguments(p) -> None:
 
 
 # The reference setting: LoRA r16/alpha 32 all-linear, batch 8, max_length 512, lr 2e-4, no warm-up.
-DEFAULTS = ["data.train=sample:gsm8k", "data.max_length=512", "training.batch_size=8", "training.learning_rate=2e-4",
-            "training.warmup_ratio=0", "training.packing=false", "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear"]
+DEFAULTS = [
+    "data.train=sample:gsm8k",
+    "data.max_length=512",
+    "training.batch_size=8",
+    "training.learning_rate=2e-4",
+    "training.warmup_ratio=0",
+    "training.packing=false",
+    "lora.r=16",
+    "lora.alpha=32",
+    "lora.target_modules=all-linear",
+]
 
 
 def run(args) -> int:
@@ -55,12 +71,27 @@ def run_infer(args) -> int:
     from ayar.perf.bench_infer import run_bench
 
     console = Console(stderr=True, highlight=False)
-    result = run_bench(args.run, tuple(args.formats.split(",")), args.rows, args.max_new_tokens, log=lambda m: console.print(m))
-    table = Table("format", "size MB", "tokens/s", "speed-up vs fp32", "perplexity", "vs fp32",
-                  title=f"bench infer: {result['rows']} held-out GSM8K questions, up to {result['max_new_tokens']} new tokens")
+    result = run_bench(
+        args.run, tuple(args.formats.split(",")), args.rows, args.max_new_tokens, log=lambda m: console.print(m)
+    )
+    table = Table(
+        "format",
+        "size MB",
+        "tokens/s",
+        "speed-up vs fp32",
+        "perplexity",
+        "vs fp32",
+        title=f"bench infer: {result['rows']} held-out GSM8K questions, up to {result['max_new_tokens']} new tokens",
+    )
     for fmt, m in result["formats"].items():
-        table.add_row(fmt, f"{m['size_mb']:.0f}", f"{m['tokens_per_s']:.1f}", f"{m.get('speedup', float('nan')):.2f}x",
-                      f"{m['perplexity']:.4f}", f"{m.get('perplexity_delta_pct', float('nan')):+.2f}%")
+        table.add_row(
+            fmt,
+            f"{m['size_mb']:.0f}",
+            f"{m['tokens_per_s']:.1f}",
+            f"{m.get('speedup', float('nan')):.2f}x",
+            f"{m['perplexity']:.4f}",
+            f"{m.get('perplexity_delta_pct', float('nan')):+.2f}%",
+        )
     Console(highlight=False).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -78,14 +109,38 @@ def run_serve(args) -> int:
 
     console = Console(stderr=True, highlight=False)
     levels = [int(c) for c in args.concurrency.split(",")]
-    result = run_bench(args.source, levels, args.requests_per_client, args.max_tokens, args.max_batch,
-                       tuple(args.sides.split(",")), log=lambda m: console.print(m))
-    table = Table("side", "clients", "tokens/s", "TTFT p50 s", "TTFT p99 s", "latency p50 s", "latency p99 s", "errors",
-                  title=f"bench serve: {args.source}, max_tokens {args.max_tokens}, {args.requests_per_client} requests per client")
+    result = run_bench(
+        args.source,
+        levels,
+        args.requests_per_client,
+        args.max_tokens,
+        args.max_batch,
+        tuple(args.sides.split(",")),
+        log=lambda m: console.print(m),
+    )
+    table = Table(
+        "side",
+        "clients",
+        "tokens/s",
+        "TTFT p50 s",
+        "TTFT p99 s",
+        "latency p50 s",
+        "latency p99 s",
+        "errors",
+        title=f"bench serve: {args.source}, max_tokens {args.max_tokens}, {args.requests_per_client} requests per client",
+    )
     for side, by_level in result["sides"].items():
         for c, m in by_level.items():
-            table.add_row(side, str(c), f"{m['tokens_per_s']:.1f}", f"{m['ttft_p50']:.2f}", f"{m['ttft_p99']:.2f}",
-                          f"{m['latency_p50']:.2f}", f"{m['latency_p99']:.2f}", str(m["errors"]))
+            table.add_row(
+                side,
+                str(c),
+                f"{m['tokens_per_s']:.1f}",
+                f"{m['ttft_p50']:.2f}",
+                f"{m['ttft_p99']:.2f}",
+                f"{m['latency_p50']:.2f}",
+                f"{m['latency_p99']:.2f}",
+                str(m["errors"]),
+            )
     out = Console(highlight=False)
     out.print(table)
     for c, ratio in result.get("ratios", {}).items():
@@ -109,22 +164,40 @@ def run_train(args) -> int:
     config, overrides = config_and_overrides(args.config, args.overrides)
     cfg = load_config(config, overrides if config else DEFAULTS + overrides)
     console = Console(stderr=True, highlight=False)
-    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rows=args.rows, sides=tuple(args.sides.split(",")),
-                       log=lambda m: console.print(m))
+    result = run_bench(
+        cfg,
+        steps=args.steps,
+        warmup=args.warmup,
+        rows=args.rows,
+        sides=tuple(args.sides.split(",")),
+        log=lambda m: console.print(m),
+    )
     out = Console(highlight=False)
-    table = Table("", *result["sides"], title=f"bench train: {result['rows']} rows, batch {result['batch_size']}x{result['grad_accum']}, "
-                                              f"max_length {result['max_length']}, {result['steps']} steps ({result['warmup']} warm-up)")
-    rows = [("real tokens/s", "tokens_per_s", "{:.1f}"), ("median step s", "median_step_s", "{:.2f}"),
-            ("real tokens/step", "real_tokens_per_step", "{:.0f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
-            ("final loss (last 1/4)", "final_loss", "{:.4f}"), ("GFLOP/s (4N/token)", "gflops", "{:.1f}"),
-            ("% of matmul peak (its dtype)", "pct_peak", "{:.0f}%"), ("dtype", "dtype", "{}")]
+    table = Table(
+        "",
+        *result["sides"],
+        title=f"bench train: {result['rows']} rows, batch {result['batch_size']}x{result['grad_accum']}, "
+        f"max_length {result['max_length']}, {result['steps']} steps ({result['warmup']} warm-up)",
+    )
+    rows = [
+        ("real tokens/s", "tokens_per_s", "{:.1f}"),
+        ("median step s", "median_step_s", "{:.2f}"),
+        ("real tokens/step", "real_tokens_per_step", "{:.0f}"),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+        ("final loss (last 1/4)", "final_loss", "{:.4f}"),
+        ("GFLOP/s (4N/token)", "gflops", "{:.1f}"),
+        ("% of matmul peak (its dtype)", "pct_peak", "{:.0f}%"),
+        ("dtype", "dtype", "{}"),
+    ]
     for label, key, fmt in rows:
         table.add_row(label, *[fmt.format(r[key]) for r in result["sides"].values()])
     out.print(table)
     if "ratios" in result:
         r = result["ratios"]
-        out.print(f"ayar/TRL: {r['tokens_per_s']:.2f}x real tokens/s, {r['peak_rss']:.2f}x peak RSS, "
-                  f"final loss {100 * (r['final_loss'] - 1):+.1f}%")
+        out.print(
+            f"ayar/TRL: {r['tokens_per_s']:.2f}x real tokens/s, {r['peak_rss']:.2f}x peak RSS, "
+            f"final loss {100 * (r['final_loss'] - 1):+.1f}%"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

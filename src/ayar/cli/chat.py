@@ -9,7 +9,6 @@ In the REPL: /reset clears the history, /system TEXT sets the system message, /e
 """
 
 
-
 def add_arguments(p) -> None:
     p.add_argument("source", help="run directory, local model directory, or `default`")
     p.add_argument("--prompt", help="ask one question, print the answer, exit")
@@ -27,24 +26,34 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from ayar.infer.engine import load_engine
+    from ayar.infer.load import load_engine
 
     console = Console(stderr=True)
     engine = load_engine(args.source, log=console.print)
-    overrides = {"preset": args.preset, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                 "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    overrides = {
+        "preset": args.preset,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+    }
     system = args.system
     history: list[dict] = []
 
     def ask(text: str) -> None:
-        messages = ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": text}]
+        messages = (
+            ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": text}]
+        )
         for piece in engine.stream(messages, **overrides):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         reply = engine.last
         if not reply.stopped:
-            console.print(f"[yellow](no end-of-turn token within {reply.new_tokens} new tokens: the answer was cut at the budget)[/]")
+            console.print(
+                f"[yellow](no end-of-turn token within {reply.new_tokens} new tokens: the answer was cut at the budget)[/]"
+            )
         history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}])
 
     if args.prompt is not None:

@@ -50,8 +50,17 @@ def run(args) -> int:
     for method in methods:
         print(f"== {method} ==", flush=True)
         before = set(out.glob(f"{method}-*"))
-        cmd = [sys.executable, "-m", "ayar", "train", *([config] if config else []), *overrides, *METHODS[method],
-               f"output.dir={out}", f"output.name={method}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ayar",
+            "train",
+            *([config] if config else []),
+            *overrides,
+            *METHODS[method],
+            f"output.dir={out}",
+            f"output.name={method}",
+        ]
         if subprocess.run(cmd).returncode != 0:
             raise AyarError(f"training with method {method} failed (its error is above); command: {' '.join(cmd)}")
         (run_dir,) = set(out.glob(f"{method}-*")) - before
@@ -67,10 +76,16 @@ def _summary(run_dir) -> dict:
 
     meta = json.loads((run_dir / "run.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"run": str(run_dir), "final_eval_loss": meta.get("final_eval_loss"), "final_loss": meta.get("final_loss"),
-            "train_seconds": meta.get("train_seconds"), "tokens_per_s": meta.get("tokens_per_s"),
-            "peak_rss_mb": meta.get("peak_rss_mb"), "trainable_params": meta["params"]["trainable"],
-            "eval_curve": [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]}
+    return {
+        "run": str(run_dir),
+        "final_eval_loss": meta.get("final_eval_loss"),
+        "final_loss": meta.get("final_loss"),
+        "train_seconds": meta.get("train_seconds"),
+        "tokens_per_s": meta.get("tokens_per_s"),
+        "peak_rss_mb": meta.get("peak_rss_mb"),
+        "trainable_params": meta["params"]["trainable"],
+        "eval_curve": [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m],
+    }
 
 
 def write_comparison(out, rows: dict) -> None:
@@ -83,9 +98,11 @@ def write_comparison(out, rows: dict) -> None:
 
     (out / "compare.json").write_text(json.dumps(rows, indent=1))
     head = "| method | eval loss | train loss | train s | tokens/s | peak RAM MB | trainable params |\n|---|---|---|---|---|---|---|\n"
-    body = "".join(f"| {m} | {_num(r['final_eval_loss'], 4)} | {_num(r['final_loss'], 4)} | {_num(r['train_seconds'], 1)} | "
-                   f"{_num(r['tokens_per_s'], 1)} | {_num(r['peak_rss_mb'], 0)} | {r['trainable_params']:,} |\n"
-                   for m, r in rows.items())
+    body = "".join(
+        f"| {m} | {_num(r['final_eval_loss'], 4)} | {_num(r['final_loss'], 4)} | {_num(r['train_seconds'], 1)} | "
+        f"{_num(r['tokens_per_s'], 1)} | {_num(r['peak_rss_mb'], 0)} | {r['trainable_params']:,} |\n"
+        for m, r in rows.items()
+    )
     (out / "compare.md").write_text(head + body)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for method, r in rows.items():
@@ -94,8 +111,11 @@ def write_comparison(out, rows: dict) -> None:
             axes[0].plot(steps, losses, marker="o", label=method)
     axes[0].set(title="eval loss", xlabel="step")
     axes[0].legend()
-    for ax, key, title in zip(axes[1:], ("tokens_per_s", "peak_rss_mb", "trainable_params"),
-                              ("tokens/s", "peak RAM (MB)", "trainable parameters")):
+    for ax, key, title in zip(
+        axes[1:],
+        ("tokens_per_s", "peak_rss_mb", "trainable_params"),
+        ("tokens/s", "peak RAM (MB)", "trainable parameters"),
+    ):
         ax.bar(list(rows), [rows[m][key] or 0 for m in rows])
         ax.set_title(title)
     fig.tight_layout()

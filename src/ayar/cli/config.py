@@ -7,7 +7,6 @@ examples:
 """
 
 
-
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     v = sub.add_parser("validate", help="check a config (and overrides); prints the resolved config")

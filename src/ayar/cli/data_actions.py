@@ -15,6 +15,7 @@ out = Console(highlight=False, soft_wrap=True)
 
 # --- inputs -----------------------------------------------------------------------------------------
 
+
 def _data_config(args):
     """A DataConfig (and model name) from --config, or from the sources and flags; flags override the config."""
     from ayar.config import TrainConfig, load_config
@@ -28,7 +29,10 @@ def _data_config(args):
     else:
         if not args.sources:
             raise DataError("give data files (or --config with a training YAML); e.g. ayar data lint train.jsonl")
-        data, model = DataConfig(train=args.sources if len(args.sources) > 1 else args.sources[0], val_ratio=0.0), TrainConfig().model.name
+        data, model = (
+            DataConfig(train=args.sources if len(args.sources) > 1 else args.sources[0], val_ratio=0.0),
+            TrainConfig().model.name,
+        )
     if args.format:
         data.format = args.format
     if args.columns:
@@ -45,7 +49,9 @@ def _parse_columns(text: str) -> dict:
     pairs = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in pairs if p.count("=") != 1]
     if bad:
-        raise DataError(f"--columns takes ours=theirs pairs separated by commas, e.g. instruction=question,output=answer; got {bad}")
+        raise DataError(
+            f"--columns takes ours=theirs pairs separated by commas, e.g. instruction=question,output=answer; got {bad}"
+        )
     return dict(p.split("=") for p in pairs)
 
 
@@ -78,6 +84,7 @@ def _encode(records, renderer, data):
 
 # --- actions ----------------------------------------------------------------------------------------
 
+
 def inspect(args) -> int:
     from ayar.data.render import stop_token_ids
     from ayar.data.stats import describe, histogram_png
@@ -106,10 +113,17 @@ def inspect(args) -> int:
 
 def _print_stats(name: str, st: dict) -> None:
     t = st["tokens"]
-    table = Table(title=f"{name}: {st['rows']} rows ({', '.join(f'{n} {k}' for k, n in st['kinds'].items())})", show_header=False)
-    table.add_row("tokens per row", f"min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}  mean {t['mean']}")
+    table = Table(
+        title=f"{name}: {st['rows']} rows ({', '.join(f'{n} {k}' for k, n in st['kinds'].items())})", show_header=False
+    )
+    table.add_row(
+        "tokens per row",
+        f"min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}  mean {t['mean']}",
+    )
     table.add_row("total tokens", f"{t['total']:,} ({t['trained']:,} trained)")
-    over = f"{t['over_max_length']} rows" + (f", by {t['over_by_mean']} tokens on average (max {t['over_by_max']})" if t["over_max_length"] else "")
+    over = f"{t['over_max_length']} rows" + (
+        f", by {t['over_by_mean']} tokens on average (max {t['over_by_max']})" if t["over_max_length"] else ""
+    )
     table.add_row(f"over max_length {t['max_length']}", over)
     if t["eos_share"] is not None:
         table.add_row("ends with EOS/end-of-turn", f"{100 * t['eos_share']:.1f}% of rows")
@@ -124,7 +138,9 @@ def _diversity_rows(table: Table, st: dict) -> None:
     table.add_row("distinct-1 / distinct-2", f"{d['distinct_1']} / {d['distinct_2']} (answers)")
     table.add_row("leading verbs", ", ".join(f"{w} ({n})" for w, n in d["leading_verbs"]) or "-")
     table.add_row("topic words", ", ".join(f"{w} ({n})" for w, n in d["top_topic_words"][:10]) or "-")
-    table.add_row("topic spread", f"{d['topic_spread']} (normalized entropy of the 50 commonest prompt words; 1 = even)")
+    table.add_row(
+        "topic spread", f"{d['topic_spread']} (normalized entropy of the 50 commonest prompt words; 1 = even)"
+    )
 
 
 def stats(args) -> int:
@@ -133,7 +149,9 @@ def stats(args) -> int:
     data, _ = _data_config(args)
     for name, records in _splits(data).as_dict().items():
         st = {"rows": len(records), "languages": languages(records), "diversity": diversity(records)}
-        table = Table(title=f"{name}: {len(records)} rows; empty fields: {empty_fields(records) or 'none'}", show_header=False)
+        table = Table(
+            title=f"{name}: {len(records)} rows; empty fields: {empty_fields(records) or 'none'}", show_header=False
+        )
         _diversity_rows(table, st)
         out.print(table)
     return 0
@@ -155,11 +173,13 @@ def preview(args) -> int:
     from ayar.data.preview import boundary_lines, rich_text, write_html
 
     data, model = _data_config(args)
-    records = _splits(data).train[args.start:args.start + args.n]
+    records = _splits(data).train[args.start : args.start + args.n]
     renderer = _renderer(data, model)
     examples = [renderer.encode(r) for r in records]
     for ex in examples:
-        out.rule(f"{ex.where}  ({len(ex.input_ids)} tokens, {ex.n_trained} trained{', truncated' if ex.truncated else ''})")
+        out.rule(
+            f"{ex.where}  ({len(ex.input_ids)} tokens, {ex.n_trained} trained{', truncated' if ex.truncated else ''})"
+        )
         out.print(rich_text(renderer.tok, ex))
         for line in boundary_lines(renderer.tok, ex):
             out.print(line)
@@ -170,7 +190,8 @@ def preview(args) -> int:
 
 
 def clean(args) -> int:
-    from ayar.data.clean import CleanOptions, clean as run_clean
+    from ayar.data.clean import CleanOptions
+    from ayar.data.clean import clean as run_clean
     from ayar.data.dataset import load_records
     from ayar.data.writers import write_records
 
@@ -178,14 +199,24 @@ def clean(args) -> int:
     _refuse_overwrite(args)
     records = _all_rows(data)
     against = [r for f in args.against for r in load_records(f, data.format, data.columns)]
-    opts = CleanOptions(dedup=not args.no_dedup, near_dup=not args.no_near_dup, near_threshold=args.threshold,
-                        pii=not args.no_pii, pii_names=args.pii_names, min_chars=args.min_chars, max_chars=args.max_chars,
-                        drop_empty=not args.keep_empty, against=against)
+    opts = CleanOptions(
+        dedup=not args.no_dedup,
+        near_dup=not args.no_near_dup,
+        near_threshold=args.threshold,
+        pii=not args.no_pii,
+        pii_names=args.pii_names,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        drop_empty=not args.keep_empty,
+        against=against,
+    )
     cleaned, report = run_clean(records, opts)
     fmt = args.to_format or _input_format(data)
     path = write_records(cleaned, fmt, args.out)
     report_path = path.with_name(path.name + ".report.json")
-    report_path.write_text(json.dumps({"input": data.train, "output": str(path), "format": fmt, **report.to_dict()}, indent=1))
+    report_path.write_text(
+        json.dumps({"input": data.train, "output": str(path), "format": fmt, **report.to_dict()}, indent=1)
+    )
     out.print(report.format())
     out.print(f"wrote {path} ({fmt}) and {report_path}")
     return 0
@@ -208,7 +239,9 @@ def _refuse_overwrite(args) -> None:
     target = Path(args.out).resolve()
     for src in args.sources + list(getattr(args, "against", [])):
         if Path(src).exists() and Path(src).resolve() == target:
-            raise DataError(f"--out {args.out} is an input file; the original data is never modified, write to a new file")
+            raise DataError(
+                f"--out {args.out} is an input file; the original data is never modified, write to a new file"
+            )
 
 
 def _input_format(data) -> str:

@@ -19,8 +19,12 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer token budget (default 256)")
     p.add_argument("--extract", default="auto", help="answer extraction: auto, gsm8k, last_number, none, regex:PATTERN")
-    p.add_argument("--anchor", default="sample:anchor", help="forgetting-check data ('none' disables; default: bundled sample)")
-    p.add_argument("--forgetting-threshold", type=float, default=0.05, help="relative anchor-loss increase flagged (default 0.05)")
+    p.add_argument(
+        "--anchor", default="sample:anchor", help="forgetting-check data ('none' disables; default: bundled sample)"
+    )
+    p.add_argument(
+        "--forgetting-threshold", type=float, default=0.05, help="relative anchor-loss increase flagged (default 0.05)"
+    )
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (.../v1) for an LLM-as-judge comparison")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="model name for the judge")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the judge's API key")
@@ -38,11 +42,25 @@ def run(args) -> int:
     from ayar.eval.runner import evaluate_run
 
     columns = dict(kv.split("=", 1) for kv in (args.columns or "").split(",") if "=" in kv)
-    cfg = EvalConfig(run=args.run, baseline=args.baseline, base=args.base, data=args.data, format=args.format, columns=columns,
-                     max_rows=args.max_rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, extract=args.extract,
-                     anchor=None if args.anchor in ("none", "") else args.anchor, forgetting_threshold=args.forgetting_threshold,
-                     judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
-                     examples=args.examples, out=args.out)
+    cfg = EvalConfig(
+        run=args.run,
+        baseline=args.baseline,
+        base=args.base,
+        data=args.data,
+        format=args.format,
+        columns=columns,
+        max_rows=args.max_rows,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        extract=args.extract,
+        anchor=None if args.anchor in ("none", "") else args.anchor,
+        forgetting_threshold=args.forgetting_threshold,
+        judge_url=args.judge_url,
+        judge_model=args.judge_model,
+        judge_key_env=args.judge_key_env,
+        examples=args.examples,
+        out=args.out,
+    )
     result = evaluate_run(cfg)
     if args.json:
         print((result.out / "metrics.json").read_text())
@@ -55,8 +73,10 @@ def run(args) -> int:
     out.print(table)
     for name, check in result.checks.items():
         if name == "judge":
-            out.print(f"judge: tuned wins {100 * check['win_rate']:.0f}%, base wins {100 * check['loss_rate']:.0f}%, "
-                      f"ties {100 * check['tie_rate']:.0f}% (both answer orders)")
+            out.print(
+                f"judge: tuned wins {100 * check['win_rate']:.0f}%, base wins {100 * check['loss_rate']:.0f}%, "
+                f"ties {100 * check['tie_rate']:.0f}% (both answer orders)"
+            )
         else:
             out.print(f"{name}: {check['message']}")
     if result.verdict:

@@ -15,9 +15,16 @@ or AYAR_API_KEYS=k1,k2; admin keys (adapter load/unload): --admin-keys FILE or A
 def add_arguments(p) -> None:
     p.add_argument("source", help="run directory, local model directory, or `default`")
     p.add_argument("--name", help="public model name of the source's adapter (default: the run directory's name)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="serve another LoRA adapter (run directory or adapter folder) as model NAME; repeatable")
-    p.add_argument("--adapter-root", help="folder that admin-loaded adapters must live in (enables POST /admin/adapters)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve another LoRA adapter (run directory or adapter folder) as model NAME; repeatable",
+    )
+    p.add_argument(
+        "--adapter-root", help="folder that admin-loaded adapters must live in (enables POST /admin/adapters)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-keys", metavar="FILE", help="API keys, one per line (also AYAR_API_KEYS=k1,k2)")
@@ -30,13 +37,25 @@ def add_arguments(p) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--cache-size", type=int, default=512, help="cached deterministic responses (0: no cache)")
     p.add_argument("--cache-ttl", type=float, default=600, help="seconds a cached response lives")
-    p.add_argument("--db", help="profiles/history database URL (default: sqlite file in $AYAR_HOME); "
-                                "postgresql+psycopg://user:pw@host/db for several replicas")
+    p.add_argument(
+        "--db",
+        help="profiles/history database URL (default: sqlite file in $AYAR_HOME); "
+        "postgresql+psycopg://user:pw@host/db for several replicas",
+    )
     p.add_argument("--history-turns", type=int, default=5, help="stored exchanges put before a request with `user`")
-    p.add_argument("--alias", action="append", default=[], metavar="ALIAS=M1:W1,M2:W2",
-                   help="A/B split: requests for ALIAS go to M1 or M2 by weight, sticky per user")
-    p.add_argument("--engine", choices=("ayar", "vllm"), default="ayar",
-                   help="vllm: print the equivalent vLLM command (same adapters) for GPU scale-out, and exit")
+    p.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="ALIAS=M1:W1,M2:W2",
+        help="A/B split: requests for ALIAS go to M1 or M2 by weight, sticky per user",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("ayar", "vllm"),
+        default="ayar",
+        help="vllm: print the equivalent vLLM command (same adapters) for GPU scale-out, and exit",
+    )
 
 
 def run(args) -> int:
@@ -56,8 +75,11 @@ def run(args) -> int:
     from ayar.serve.app import create_app
 
     if not settings.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host} without API keys: anyone who reaches this port can use it "
-              "(pass --api-keys FILE)", file=sys.stderr)
+        print(
+            f"warning: serving on {args.host} without API keys: anyone who reaches this port can use it "
+            "(pass --api-keys FILE)",
+            file=sys.stderr,
+        )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -79,11 +101,24 @@ def settings_from_args(args):
         adapters[name] = path
     aliases = dict(parse_alias(a) for a in args.alias)
     return ServeSettings(
-        source=args.source, name=args.name, adapters=adapters, adapter_root=args.adapter_root,
-        api_keys=read_keys(args.api_keys, "AYAR_API_KEYS"), admin_keys=read_keys(args.admin_keys, "AYAR_ADMIN_KEYS"),
-        rate_per_minute=args.rate_limit, rate_burst=args.rate_burst, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens, cache_size=args.cache_size,
-        cache_ttl=args.cache_ttl, db=args.db, history_turns=args.history_turns, aliases=aliases)
+        source=args.source,
+        name=args.name,
+        adapters=adapters,
+        adapter_root=args.adapter_root,
+        api_keys=read_keys(args.api_keys, "AYAR_API_KEYS"),
+        admin_keys=read_keys(args.admin_keys, "AYAR_ADMIN_KEYS"),
+        rate_per_minute=args.rate_limit,
+        rate_burst=args.rate_burst,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+        cache_size=args.cache_size,
+        cache_ttl=args.cache_ttl,
+        db=args.db,
+        history_turns=args.history_turns,
+        aliases=aliases,
+    )
 
 
 def vllm_command(settings) -> str:

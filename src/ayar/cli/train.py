@@ -11,7 +11,6 @@ examples:
 """
 
 
-
 def add_arguments(p) -> None:
     p.add_argument("config", nargs="?", help="YAML config file (see examples/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=32 training.max_steps=50")
@@ -31,8 +30,10 @@ def run(args) -> int:
         if config or overrides:
             from ayar.errors import ConfigError
 
-            raise ConfigError("--resume continues a run with its saved config; do not pass a config or overrides with it")
-        from ayar.train.stages import train
+            raise ConfigError(
+                "--resume continues a run with its saved config; do not pass a config or overrides with it"
+            )
+        from ayar.train.dispatch import train
 
         train(resume=args.resume)
         return 0
@@ -40,7 +41,7 @@ def run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    from ayar.train.stages import train
+    from ayar.train.dispatch import train
 
     train(cfg)
     return 0

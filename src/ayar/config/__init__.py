@@ -1,6 +1,6 @@
 """Typed configs: dataclasses per stage, loaded from YAML with dotted overrides, validated strictly."""
 
-from ayar.config.loader import load_config, config_to_dict, apply_overrides
+from ayar.config.loader import apply_overrides, config_to_dict, load_config
 from ayar.config.schema import (
     DataConfig,
     EvalConfig,

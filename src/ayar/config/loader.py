@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,10 +20,22 @@ from ayar.errors import ConfigError
 
 _MISSING = object()
 # Names users bring from HF TrainingArguments / peft / other tools -> ours, for the did-you-mean.
-_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
-            "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
-            "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length", "max_seq_len": "max_length",
-            "lr_scheduler_type": "lr_scheduler", "optim": "optimizer", "model_name_or_path": "name"}
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "lr_scheduler_type": "lr_scheduler",
+    "optim": "optimizer",
+    "model_name_or_path": "name",
+}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = None):
@@ -46,7 +59,9 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -72,8 +87,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def from_dict(cls: type, raw: dict, where: str = "config"):
+    """Build and validate a config: field types, choices and bounds, then the rules across fields
+    (config/validate.py). Every problem is reported at once."""
+    from ayar.config.validate import cross_field_errors
+
     errors: list[str] = []
     obj = _build(cls, raw, prefix="", errors=errors)
+    if not errors:
+        errors = cross_field_errors(obj)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config ({where}):\n{lines}")
@@ -107,7 +128,9 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
             continue
         choices = fields[key].metadata.get("choices")
         if isinstance(value, bool) and choices:  # YAML 1.1 reads off/on/no/yes as booleans: `memory_check: off`
-            value = next((c for c in (("off", "no", "false") if not value else ("on", "yes", "true")) if c in choices), value)
+            value = next(
+                (c for c in (("off", "no", "false") if not value else ("on", "yes", "true")) if c in choices), value
+            )
         coerced = _coerce(value, typ)
         if coerced is _MISSING:
             errors.append(f"{prefix}{key}: expected {_type_name(typ)}, got {value!r} ({type(value).__name__})")
@@ -117,8 +140,31 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
             hint = f"; did you mean {guess[0]!r}?" if guess else ""
             errors.append(f"{prefix}{key}: {coerced!r} is not one of {', '.join(choices)}{hint}")
             continue
+        problem = _out_of_bounds(coerced, fields[key].metadata)
+        if problem:
+            errors.append(f"{prefix}{key}: {coerced!r} {problem}")
+            continue
         kwargs[key] = coerced
     return cls(**kwargs)
+
+
+def _out_of_bounds(value: Any, meta) -> str | None:
+    """Why a number breaks its field's bounds (`ge`, `gt`, `lt`, `le` in the schema), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite number"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    rules = (
+        ("ge", lambda b: value >= b, ">="),
+        ("gt", lambda b: value > b, ">"),
+        ("lt", lambda b: value < b, "<"),
+        ("le", lambda b: value <= b, "<="),
+    )
+    broken = [f"{sign} {meta[k]}" for k, ok, sign in rules if k in meta and not ok(meta[k])]
+    if not broken:
+        return None
+    wanted = " and ".join(f"{sign} {meta[k]}" for k, _, sign in rules if k in meta)
+    return f"is out of range: it must be {wanted}"
 
 
 def _coerce(value: Any, typ: Any):
@@ -165,7 +211,14 @@ def _type_name(typ: Any) -> str:
         names = [_type_name(a) for a in typing.get_args(typ) if a is not type(None)]
         optional = type(None) in typing.get_args(typ)
         return " or ".join(names) + (" or null" if optional else "")
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(typ, str(typ))
+    return {
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(typ, str(typ))
 
 
 def _deepcopy(d: Any) -> Any:

@@ -28,7 +28,12 @@ def config_reference(cls: type | None = None) -> str:
         sub = hints[f.name]
         if not dataclasses.is_dataclass(sub):
             continue
-        lines += [f"**`{f.name}:`** {f.metadata.get('help', '')}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"**`{f.name}:`** {f.metadata.get('help', '')}",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         sub_hints = typing.get_type_hints(sub)
         lines += [_row(g, sub_hints[g.name], f"{f.name}.") for g in dataclasses.fields(sub)]
         lines.append("")
@@ -40,7 +45,15 @@ def _row(f: dataclasses.Field, typ, prefix: str) -> str:
         default = f.default
     else:
         default = f.default_factory()
-    default_s = "null" if default is None else repr(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else str(default)
+    default_s = (
+        "null"
+        if default is None
+        else repr(default)
+        if isinstance(default, str)
+        else str(default).lower()
+        if isinstance(default, bool)
+        else str(default)
+    )
     help_ = f.metadata.get("help", "")
     choices = f.metadata.get("choices")
     if choices:

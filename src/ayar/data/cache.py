@@ -32,8 +32,14 @@ def tokenizer_fingerprint(tok) -> str:
         h.update(backend.to_str().encode())
     else:  # slow tokenizer: its vocabulary stands in for the model files
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
-    extra = [type(tok).__name__, tok.chat_template or "", tok.eos_token, tok.bos_token, str(tok.all_special_tokens),
-             str(getattr(tok, "add_bos_token", None))]
+    extra = [
+        type(tok).__name__,
+        tok.chat_template or "",
+        tok.eos_token,
+        tok.bos_token,
+        str(tok.all_special_tokens),
+        str(getattr(tok, "add_bos_token", None)),
+    ]
     h.update(json.dumps(extra).encode())
     return h.hexdigest()
 
@@ -42,14 +48,18 @@ def cache_key(records: list[Record], renderer: Renderer) -> str:
     parts = {
         "data": content_hash(records),
         "tokenizer": tokenizer_fingerprint(renderer.tok),
-        "template": renderer.template, "max_length": renderer.max_length,
-        "train_on_prompt": renderer.train_on_prompt, "system_prompt": renderer.system_prompt,
+        "template": renderer.template,
+        "max_length": renderer.max_length,
+        "train_on_prompt": renderer.train_on_prompt,
+        "system_prompt": renderer.system_prompt,
         "version": RENDER_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def encode_cached(records: list[Record], renderer: Renderer, enabled: bool = True, root: Path | None = None) -> tuple[list[Example], bool]:
+def encode_cached(
+    records: list[Record], renderer: Renderer, enabled: bool = True, root: Path | None = None
+) -> tuple[list[Example], bool]:
     """Examples for `records` (locations taken from the records), and whether they came from the cache."""
     if not enabled or not records:
         return [renderer.encode(r) for r in records], False
@@ -88,6 +98,6 @@ def _load(path: Path, records: list[Record]) -> list[Example]:
         raise ValueError("cache entry does not match the records")
     out, start = [], 0
     for rec, n, fl, tr in zip(records, lengths, full, truncated):
-        out.append(Example(ids[start:start + n], labels[start:start + n], rec.where, bool(tr), fl))
+        out.append(Example(ids[start : start + n], labels[start : start + n], rec.where, bool(tr), fl))
         start += n
     return out

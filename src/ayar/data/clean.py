@@ -43,8 +43,14 @@ class CleanReport:
             self.examples.append({"rule": rule, "where": where, "detail": detail})
 
     def to_dict(self) -> dict:
-        return {"input_rows": self.input_rows, "output_rows": self.output_rows, "removed": dict(self.removed),
-                "pii_replaced": dict(self.replaced), "rows_changed_by_pii_scrub": self.changed_rows, "examples": self.examples}
+        return {
+            "input_rows": self.input_rows,
+            "output_rows": self.output_rows,
+            "removed": dict(self.removed),
+            "pii_replaced": dict(self.replaced),
+            "rows_changed_by_pii_scrub": self.changed_rows,
+            "examples": self.examples,
+        }
 
     def format(self) -> str:
         lines = [f"{self.input_rows} rows in, {self.output_rows} rows out"]
@@ -63,6 +69,7 @@ def clean(records: list[Record], opts: CleanOptions = CleanOptions()) -> tuple[l
     if opts.drop_empty:
         out = _drop(out, report, "empty", lambda r: "the answer or text is empty" if _empty(r) else None)
     if opts.min_chars or opts.max_chars:
+
         def bad_length(r: Record):
             n = sum(len(s) for s in r.strings())
             if opts.min_chars and n < opts.min_chars:
@@ -70,10 +77,16 @@ def clean(records: list[Record], opts: CleanOptions = CleanOptions()) -> tuple[l
             if opts.max_chars and n > opts.max_chars:
                 return f"{n} chars > {opts.max_chars}"
             return None
+
         out = _drop(out, report, "length", bad_length)
     if opts.against:
         other = {normalized_hash(r): r.where for r in opts.against}
-        out = _drop(out, report, "in_other_split", lambda r: f"equals {other[h]}" if (h := normalized_hash(r)) in other else None)
+        out = _drop(
+            out,
+            report,
+            "in_other_split",
+            lambda r: f"equals {other[h]}" if (h := normalized_hash(r)) in other else None,
+        )
     if opts.dedup:
         first: dict[str, str] = {}
 
@@ -83,6 +96,7 @@ def clean(records: list[Record], opts: CleanOptions = CleanOptions()) -> tuple[l
                 return f"same as {first[h]}"
             first[h] = r.where
             return None
+
         out = _drop(out, report, "exact_duplicate", exact)
     if opts.near_dup:
         out = _near_dedup(out, report, opts.near_threshold)
@@ -124,11 +138,12 @@ def _empty(r: Record) -> bool:
 
 # --- near duplicates ------------------------------------------------------------------------------
 
+
 def shingles(text: str, n: int = 3) -> set[str]:
     words = re.findall(r"\w+", text.lower())
     if len(words) < n:
         return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def _near_dedup(records: list[Record], report: CleanReport, threshold: float, num_perm: int = 256) -> list[Record]:
@@ -174,7 +189,9 @@ _PHONE = re.compile(
     r"|0\d{3} \d{3} \d{2} \d{2}"
     r")" + _NOT_MATH_AFTER
 )
-_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)")
+_IPV4 = re.compile(
+    r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)"
+)
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 
 
@@ -213,11 +230,14 @@ class PiiScrubber:
                     return m.group(0)
                 counts[label] += 1
                 return f"[{label}]"
+
             return pattern.sub(repl, text)
 
         text = sub(_EMAIL, "EMAIL")
         text = sub(_IBAN, "IBAN", iban_ok)
-        text = sub(_CARD, "CREDIT_CARD", lambda s: (d := re.sub(r"\D", "", s))[0] in "3456" and luhn_ok(d) and len(set(d)) > 1)
+        text = sub(
+            _CARD, "CREDIT_CARD", lambda s: (d := re.sub(r"\D", "", s))[0] in "3456" and luhn_ok(d) and len(set(d)) > 1
+        )
         text = sub(_IPV4, "IP_ADDRESS")
         text = sub(_IPV6, "IP_ADDRESS", _ipv6_ok)
         text = sub(_PHONE, "PHONE", lambda s: 9 <= len(re.sub(r"\D", "", s)) <= 15)
@@ -229,7 +249,7 @@ class PiiScrubber:
         results = self.analyzer.analyze(text=text, entities=["PERSON", "LOCATION"], language="en")
         for res in sorted(results, key=lambda r: r.start, reverse=True):
             counts[res.entity_type] += 1
-            text = text[: res.start] + f"[{res.entity_type}]" + text[res.end:]
+            text = text[: res.start] + f"[{res.entity_type}]" + text[res.end :]
         return text
 
 
@@ -247,8 +267,12 @@ def _presidio():
     try:
         from presidio_analyzer import AnalyzerEngine
     except ImportError:
-        raise DataError("name/address scrubbing needs presidio: pip install 'ayar[pii]' (and a spaCy English model)") from None
+        raise DataError(
+            "name/address scrubbing needs presidio: pip install 'ayar[pii]' (and a spaCy English model)"
+        ) from None
     try:
         return AnalyzerEngine()
     except Exception as e:  # missing spaCy model, most often
-        raise DataError(f"presidio could not start ({e}); install a spaCy model: python -m spacy download en_core_web_lg") from None
+        raise DataError(
+            f"presidio could not start ({e}); install a spaCy model: python -m spacy download en_core_web_lg"
+        ) from None

@@ -12,7 +12,6 @@ import torch
 
 from ayar.data.render import IGNORE, Example
 
-
 MIN_SHARED_PREFIX = 8  # below this, sharing saves less than it costs
 
 
@@ -74,7 +73,7 @@ def _packed_shared(examples: list[Example], n: int) -> dict:
     for e in examples:
         starts.append(len(ids))
         ids += e.input_ids[n:]
-        labels += [IGNORE] + e.labels[n + 1:]  # labels[n] is untrained (shared_prefix_length)
+        labels += [IGNORE] + e.labels[n + 1 :]  # labels[n] is untrained (shared_prefix_length)
         pos += list(range(n, len(e.input_ids)))
     return {
         "input_ids": torch.tensor([ids]),

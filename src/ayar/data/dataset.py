@@ -36,7 +36,9 @@ class Splits:
     test: list[Record] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[Record]]:
-        return {name: recs for name, recs in (("train", self.train), ("validation", self.val), ("test", self.test)) if recs}
+        return {
+            name: recs for name, recs in (("train", self.train), ("validation", self.val), ("test", self.test)) if recs
+        }
 
 
 @dataclass
@@ -57,7 +59,9 @@ def parse_sources(value, fmt: str = "auto", columns: dict | None = None) -> list
             out.append(Source(item, None, fmt, columns or None))
             continue
         if not isinstance(item, dict) or "path" not in item:
-            raise DataError(f"data.train[{i}]: expected a path string or a mapping with 'path' (and optional weight, format, columns)")
+            raise DataError(
+                f"data.train[{i}]: expected a path string or a mapping with 'path' (and optional weight, format, columns)"
+            )
         unknown = sorted(set(item) - set(_SOURCE_KEYS))
         if unknown:
             raise DataError(f"data.train[{i}]: unknown key(s) {unknown}; allowed: {', '.join(_SOURCE_KEYS)}")
@@ -71,7 +75,9 @@ def parse_sources(value, fmt: str = "auto", columns: dict | None = None) -> list
     return out
 
 
-def load_records(source: Source | str, fmt: str = "auto", columns: dict | None = None, max_rows: int | None = None) -> list[Record]:
+def load_records(
+    source: Source | str, fmt: str = "auto", columns: dict | None = None, max_rows: int | None = None
+) -> list[Record]:
     if isinstance(source, str):
         source = Source(source, None, fmt, columns)
     rows = read_rows(source.path)
@@ -100,7 +106,9 @@ def load_splits(data_cfg, seed: int = 42) -> Splits:
     if data_cfg.test:
         test = load_records(data_cfg.test, data_cfg.format, data_cfg.columns)
     if not train:
-        raise DataError("no training rows left after holding out validation/test rows; lower data.val_ratio / data.test_ratio")
+        raise DataError(
+            "no training rows left after holding out validation/test rows; lower data.val_ratio / data.test_ratio"
+        )
     return Splits(train, val, test)
 
 
@@ -109,14 +117,18 @@ def prepare_data(data_cfg, tokenizer, seed: int = 42, log=None) -> PreparedData:
     unless data.lint is `warn` or `off`."""
     renderer = Renderer.from_config(tokenizer, data_cfg)
     splits = load_splits(data_cfg, seed)
-    train, val, report, train_cached = encode_and_lint(splits, renderer, data_cfg.cache, run_lint=data_cfg.lint != "off")
+    train, val, report, train_cached = encode_and_lint(
+        splits, renderer, data_cfg.cache, run_lint=data_cfg.lint != "off"
+    )
     if report is not None:
         enforce_lint(report, data_cfg.lint, log)
     dropped = sum(1 for e in train + val if e.n_trained == 0)
     train = [e for e in train if e.n_trained]
     val = [e for e in val if e.n_trained]
     if not train:
-        raise DataError("no training row has a token to train (all prompts fill data.max_length, or the answers are empty)")
+        raise DataError(
+            "no training row has a token to train (all prompts fill data.max_length, or the answers are empty)"
+        )
     stats = {
         "train_rows": len(train),
         "val_rows": len(val),
@@ -134,8 +146,10 @@ def prepare_data(data_cfg, tokenizer, seed: int = 42, log=None) -> PreparedData:
 def enforce_lint(report, mode: str, log=None) -> None:
     """`data.lint`: `strict` refuses to train on lint errors; otherwise the issues are reported."""
     if report.errors and mode == "strict":
-        raise DataError(f"the data has problems that would spoil training:\n{report.format()}\n"
-                        "Fix them (see `ayar data lint`), or train anyway with data.lint=warn.")
+        raise DataError(
+            f"the data has problems that would spoil training:\n{report.format()}\n"
+            "Fix them (see `ayar data lint`), or train anyway with data.lint=warn."
+        )
     if log and report.issues:
         log(report.format(per_code=3))
 
@@ -147,7 +161,9 @@ def encode_and_lint(splits: Splits, renderer: Renderer, cache: bool = True, run_
     val, _ = encode_cached(splits.val, renderer, cache)
     report = None
     if run_lint:
-        report = lint(splits.as_dict(), {"train": train, "validation": val}, renderer.max_length, stop_token_ids(renderer.tok))
+        report = lint(
+            splits.as_dict(), {"train": train, "validation": val}, renderer.max_length, stop_token_ids(renderer.tok)
+        )
     return train, val, report, train_cached
 
 

@@ -19,8 +19,15 @@ from ayar.data.sources import Row
 from ayar.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "bot": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
 FORMATS = ("alpaca", "messages", "sharegpt", "preference", "hh", "text", "classification")
 _MAX_LISTED = 8  # row problems listed in one error message
 
@@ -42,8 +49,10 @@ def to_records(rows: list[Row], fmt: str = "auto", columns: dict | None = None) 
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise DataError(f"{len(problems)} of {len(rows)} rows are not valid {fmt!r} rows:\n{listed}{more}\n"
-                        "Fix these rows, set data.format to the right format, or rename fields with data.columns.")
+        raise DataError(
+            f"{len(problems)} of {len(rows)} rows are not valid {fmt!r} rows:\n{listed}{more}\n"
+            "Fix these rows, set data.format to the right format, or rename fields with data.columns."
+        )
     return records
 
 
@@ -52,8 +61,10 @@ def map_columns(rows: list[Row], columns: dict) -> list[Row]:
     present = set().union(*(r.data for r in rows[:100]))
     missing = [src for src in columns.values() if src not in present]
     if missing:
-        raise DataError(f"{_file(rows)}: data.columns names field(s) {missing} that the rows do not have; "
-                        f"they have {sorted(present)}")
+        raise DataError(
+            f"{_file(rows)}: data.columns names field(s) {missing} that the rows do not have; "
+            f"they have {sorted(present)}"
+        )
     out = []
     for r in rows:
         data = {k: v for k, v in r.data.items() if k not in columns.values()}
@@ -92,6 +103,7 @@ def _columns_hint(keys: list[str]) -> str:
 
 
 # --- converters: Row -> list[Record] (one row may hold several examples, e.g. alpaca instances) ---------
+
 
 def _alpaca(row: Row) -> list[Record]:
     d = row.data
@@ -140,7 +152,9 @@ def _sharegpt(row: Row) -> list[Record]:
             raise DataError(f"{row.where}: conversations[{i}] must be an object with 'from' and 'value'")
         role = SHAREGPT_ROLES.get(str(t["from"]).lower())
         if role is None:
-            raise DataError(f"{row.where}: conversations[{i}].from is {t['from']!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+            raise DataError(
+                f"{row.where}: conversations[{i}].from is {t['from']!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
+            )
         messages.append({"role": role, "content": _string(row, f"conversations[{i}].value", t["value"])})
     return [_chat(Record(messages, row.where))]
 
@@ -191,9 +205,13 @@ def _parse_hh(row: Row, name: str, text) -> list[dict]:
     _string(row, name, text)
     parts = re.split(r"\n\n(Human|Assistant): ?", text)
     if len(parts) < 3 or parts[0].strip():
-        raise DataError(f"{row.where}: {name!r} is not an hh transcript: it must start with '\\n\\nHuman: ' "
-                        "and alternate '\\n\\nHuman: ' / '\\n\\nAssistant: ' turns")
-    return [{"role": _HH_TURN[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])]
+        raise DataError(
+            f"{row.where}: {name!r} is not an hh transcript: it must start with '\\n\\nHuman: ' "
+            "and alternate '\\n\\nHuman: ' / '\\n\\nAssistant: ' turns"
+        )
+    return [
+        {"role": _HH_TURN[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def _split_common(row: Row, chosen: list[dict], rejected: list[dict]):
@@ -276,5 +294,12 @@ _DETECT = {
     "text": lambda d: "text" in d and "label" not in d,
     "classification": lambda d: "text" in d and "label" in d,
 }
-_CONVERTERS = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt, "preference": _preference,
-               "hh": _hh, "text": _text, "classification": _classification}
+_CONVERTERS = {
+    "alpaca": _alpaca,
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "preference": _preference,
+    "hh": _hh,
+    "text": _text,
+    "classification": _classification,
+}

@@ -15,22 +15,54 @@ from ayar.data.render import IGNORE, Example
 
 # code -> (level, what it means, how to fix it)
 RULES = {
-    "empty_response": ("error", "the answer to train on is empty", "fill in or drop the row (ayar data clean drops them)"),
+    "empty_response": (
+        "error",
+        "the answer to train on is empty",
+        "fill in or drop the row (ayar data clean drops them)",
+    ),
     "empty_text": ("error", "the text is empty", "drop the row"),
-    "nothing_trained": ("error", "no token of the row is trained (all labels masked)", "check the row's roles and template"),
-    "prompt_too_long": ("error", "the prompt fills data.max_length, so no answer token is left to train",
-                        "raise data.max_length or shorten the prompt"),
-    "roles": ("error", "turns do not alternate user/assistant (the chat template may reject or misrender it)",
-              "merge or drop the out-of-order turns"),
+    "nothing_trained": (
+        "error",
+        "no token of the row is trained (all labels masked)",
+        "check the row's roles and template",
+    ),
+    "prompt_too_long": (
+        "error",
+        "the prompt fills data.max_length, so no answer token is left to train",
+        "raise data.max_length or shorten the prompt",
+    ),
+    "roles": (
+        "error",
+        "turns do not alternate user/assistant (the chat template may reject or misrender it)",
+        "merge or drop the out-of-order turns",
+    ),
     "same_pair": ("error", "chosen and rejected are the same, so there is no preference to learn", "drop the pair"),
-    "leakage": ("error", "the row also appears in another split, so its evaluation is not held out",
-                "remove it from one split (`ayar data clean TRAIN --against VAL` drops them from TRAIN)"),
-    "truncated": ("warning", "the row is longer than data.max_length and is cut", "raise data.max_length or filter long rows"),
-    "no_eos": ("warning", "truncation cut the end-of-turn token, so this row does not teach the model to stop",
-               "raise data.max_length"),
-    "duplicate": ("warning", "the row duplicates an earlier row of the same split", "ayar data clean removes duplicates"),
+    "leakage": (
+        "error",
+        "the row also appears in another split, so its evaluation is not held out",
+        "remove it from one split (`ayar data clean TRAIN --against VAL` drops them from TRAIN)",
+    ),
+    "truncated": (
+        "warning",
+        "the row is longer than data.max_length and is cut",
+        "raise data.max_length or filter long rows",
+    ),
+    "no_eos": (
+        "warning",
+        "truncation cut the end-of-turn token, so this row does not teach the model to stop",
+        "raise data.max_length",
+    ),
+    "duplicate": (
+        "warning",
+        "the row duplicates an earlier row of the same split",
+        "ayar data clean removes duplicates",
+    ),
     "empty_field": ("warning", "a prompt or system turn is empty", "fill it in or drop the turn"),
-    "ends_with_user": ("warning", "the conversation ends with a user turn, which is never trained", "drop the last turn"),
+    "ends_with_user": (
+        "warning",
+        "the conversation ends with a user turn, which is never trained",
+        "drop the last turn",
+    ),
 }
 
 
@@ -81,12 +113,21 @@ class LintReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "errors": len(self.errors), "warnings": len(self.warnings), "counts": self.counts(),
-                "issues": [{"level": i.level, "code": i.code, "where": i.where, "detail": i.detail} for i in self.issues]}
+        return {
+            "rows": self.rows,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "counts": self.counts(),
+            "issues": [{"level": i.level, "code": i.code, "where": i.where, "detail": i.detail} for i in self.issues],
+        }
 
 
-def lint(splits: dict[str, list[Record]], examples: dict[str, list[Example]] | None = None,
-         max_length: int | None = None, stop_ids: list[int] = ()) -> LintReport:
+def lint(
+    splits: dict[str, list[Record]],
+    examples: dict[str, list[Example]] | None = None,
+    max_length: int | None = None,
+    stop_ids: list[int] = (),
+) -> LintReport:
     """Check records (and, when given, their encoded examples) of every split; duplicates across splits are leakage."""
     report = LintReport(rows={name: len(recs) for name, recs in splits.items()})
     seen: dict[str, tuple[str, str]] = {}  # normalized hash -> (split, where) of its first occurrence
@@ -102,7 +143,9 @@ def lint(splits: dict[str, list[Record]], examples: dict[str, list[Example]] | N
                 if first_split == split:
                     report.issues.append(Issue("duplicate", rec.where, f"same as {first_where}"))
                 else:
-                    report.issues.append(Issue("leakage", rec.where, f"{split} row equals {first_split} row {first_where}"))
+                    report.issues.append(
+                        Issue("leakage", rec.where, f"{split} row equals {first_split} row {first_where}")
+                    )
             else:
                 seen[key] = (split, rec.where)
     return report
@@ -153,7 +196,13 @@ def _example_issues(ex: Example, max_length: int | None, stop_ids: set) -> list[
         return [Issue("nothing_trained", ex.where)]
     out = []
     if ex.truncated:
-        out.append(Issue("truncated", ex.where, f"{ex.full_length} tokens, {ex.full_length - len(ex.input_ids)} over max_length {max_length}"))
+        out.append(
+            Issue(
+                "truncated",
+                ex.where,
+                f"{ex.full_length} tokens, {ex.full_length - len(ex.input_ids)} over max_length {max_length}",
+            )
+        )
         if stop_ids and trained[-1] not in stop_ids:
             out.append(Issue("no_eos", ex.where))
     return out

@@ -22,8 +22,14 @@ def boundaries(ex: Example, context: int = 3) -> list[dict]:
     trained = [label != IGNORE for label in ex.labels]
     for i in range(1, len(trained)):
         if trained[i] != trained[i - 1]:
-            out.append({"position": i, "kind": "answer starts" if trained[i] else "answer ends",
-                        "before": ex.input_ids[max(0, i - context):i], "after": ex.input_ids[i:i + context]})
+            out.append(
+                {
+                    "position": i,
+                    "kind": "answer starts" if trained[i] else "answer ends",
+                    "before": ex.input_ids[max(0, i - context) : i],
+                    "after": ex.input_ids[i : i + context],
+                }
+            )
     return out
 
 
@@ -36,7 +42,9 @@ def rich_text(tok, ex: Example) -> Text:
 
 def boundary_lines(tok, ex: Example) -> list[str]:
     show = lambda ids: " ".join(f"{i}:{tok.decode([i])!r}" for i in ids)
-    return [f"  {b['kind']} at token {b['position']}:  {show(b['before'])}  |  {show(b['after'])}" for b in boundaries(ex)]
+    return [
+        f"  {b['kind']} at token {b['position']}:  {show(b['before'])}  |  {show(b['after'])}" for b in boundaries(ex)
+    ]
 
 
 def html_page(tok, examples: list[Example], title: str = "ayar data preview") -> str:
@@ -44,16 +52,19 @@ def html_page(tok, examples: list[Example], title: str = "ayar data preview") ->
     for ex in examples:
         spans = "".join(
             f'<span class="{"t" if trained else "p"}" title="{tid}">{html.escape(piece)}</span>'
-            for tid, piece, trained in token_pieces(tok, ex))
+            for tid, piece, trained in token_pieces(tok, ex)
+        )
         bounds = "<br>".join(html.escape(line.strip()) for line in boundary_lines(tok, ex))
         n_trained = ex.n_trained
-        blocks.append(f"<section><h3>{html.escape(ex.where)}</h3><p class=meta>{len(ex.input_ids)} tokens, {n_trained} trained"
-                      f"{' (truncated)' if ex.truncated else ''}</p><pre>{spans}</pre><p class=meta>{bounds}</p></section>")
+        blocks.append(
+            f"<section><h3>{html.escape(ex.where)}</h3><p class=meta>{len(ex.input_ids)} tokens, {n_trained} trained"
+            f"{' (truncated)' if ex.truncated else ''}</p><pre>{spans}</pre><p class=meta>{bounds}</p></section>"
+        )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}} pre{{white-space:pre-wrap;border:1px solid #ccc;padding:.6rem}}
 .t{{background:#b6e3b6}} .p{{color:#777}} .meta{{color:#555;font-size:.85rem}}</style></head><body>
 <h1>{html.escape(title)}</h1><p>Green: tokens the loss is computed on. Grey: context only (masked, label -100).
-Hover a token for its id.</p>{''.join(blocks)}</body></html>"""
+Hover a token for its id.</p>{"".join(blocks)}</body></html>"""
 
 
 def write_html(tok, examples: list[Example], path: str | Path) -> Path:

@@ -43,8 +43,17 @@ class Record:
 
     def payload(self) -> dict:
         """The content without the location: what dedup, leakage checks and the tokenization cache compare."""
-        return {k: v for k, v in (("messages", self.messages), ("chosen", self.chosen), ("rejected", self.rejected),
-                                  ("text", self.text), ("label", self.label)) if v not in (None, [])}
+        return {
+            k: v
+            for k, v in (
+                ("messages", self.messages),
+                ("chosen", self.chosen),
+                ("rejected", self.rejected),
+                ("text", self.text),
+                ("label", self.label),
+            )
+            if v not in (None, [])
+        }
 
     def strings(self) -> list[str]:
         """Every free-text field, in order (for PII scrubbing, stats and language detection)."""
@@ -58,8 +67,14 @@ class Record:
     def map_strings(self, fn) -> Record:
         """A copy with `fn` applied to every free-text field (labels and roles untouched)."""
         turns = lambda ms: None if ms is None else [{**m, "content": fn(m["content"])} for m in ms]
-        return Record(turns(self.messages), self.where, turns(self.chosen), turns(self.rejected),
-                      None if self.text is None else fn(self.text), self.label)
+        return Record(
+            turns(self.messages),
+            self.where,
+            turns(self.chosen),
+            turns(self.rejected),
+            None if self.text is None else fn(self.text),
+            self.label,
+        )
 
 
 def content_hash(items) -> str:

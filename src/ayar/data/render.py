@@ -37,15 +37,23 @@ class Example:
 class Renderer:
     """Renders conversations for one tokenizer and data config."""
 
-    def __init__(self, tokenizer, template: str = "chat", max_length: int = 1024, train_on_prompt: bool = False,
-                 system_prompt: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template: str = "chat",
+        max_length: int = 1024,
+        train_on_prompt: bool = False,
+        system_prompt: str | None = None,
+    ):
         self.tok = tokenizer
         self.template = template
         self.max_length = max_length
         self.train_on_prompt = train_on_prompt
         self.system_prompt = system_prompt
         if tokenizer.eos_token is None:
-            raise DataError("the tokenizer has no EOS token, so the model could not learn to stop; set one on the tokenizer")
+            raise DataError(
+                "the tokenizer has no EOS token, so the model could not learn to stop; set one on the tokenizer"
+            )
         if template == "chat" and not tokenizer.chat_template:
             raise DataError(
                 "this model's tokenizer has no chat template (a base model?): set data.template: alpaca, "
@@ -103,8 +111,14 @@ class Renderer:
         ex = self.encode(rec)
         truncated = ex.truncated
         if ex.n_trained == 0:
-            why = (f"after truncation to data.max_length={self.max_length} (the row has more tokens than that); "
-                   "raise data.max_length or shorten the prompt") if truncated else "the assistant answer is empty"
+            why = (
+                (
+                    f"after truncation to data.max_length={self.max_length} (the row has more tokens than that); "
+                    "raise data.max_length or shorten the prompt"
+                )
+                if truncated
+                else "the assistant answer is empty"
+            )
             raise DataError(f"{rec.where}: no token of this row would be trained: {why}")
         return ex
 
@@ -144,7 +158,7 @@ class Renderer:
             span[0] += shift
             span[1] += shift
             if not any(full[: span[1]].endswith(s) for s in self.stop_strings):
-                full = full[: span[1]] + self.tok.eos_token + full[span[1]:]
+                full = full[: span[1]] + self.tok.eos_token + full[span[1] :]
                 span[1] += len(self.tok.eos_token)
                 shift += len(self.tok.eos_token)
         return full
@@ -161,7 +175,9 @@ def _label(ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[
 def _alpaca_instruction(messages: list[dict], where: str) -> str:
     users = [m for m in messages if m["role"] == "user"]
     if len(users) != 1 or any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: the alpaca template supports single-turn rows only; use data.template: chat for multi-turn data")
+        raise DataError(
+            f"{where}: the alpaca template supports single-turn rows only; use data.template: chat for multi-turn data"
+        )
     system = [m["content"] for m in messages if m["role"] == "system"]
     return "\n\n".join(system + [users[0]["content"]])
 

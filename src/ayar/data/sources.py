@@ -13,8 +13,13 @@ from typing import Iterator
 
 from ayar.errors import DataError
 
-SAMPLES = {"gsm8k": "gsm8k_sample.jsonl", "gsm8k-heldout": "gsm8k_heldout.jsonl", "anchor": "anchor_alpaca_seed.jsonl",
-           "hh": "hh_harmless_sample.jsonl", "hh-heldout": "hh_harmless_heldout.jsonl"}
+SAMPLES = {
+    "gsm8k": "gsm8k_sample.jsonl",
+    "gsm8k-heldout": "gsm8k_heldout.jsonl",
+    "anchor": "anchor_alpaca_seed.jsonl",
+    "hh": "hh_harmless_sample.jsonl",
+    "hh-heldout": "hh_harmless_heldout.jsonl",
+}
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -93,8 +98,12 @@ def _read_jsonl(path: Path, text: str) -> Iterator[Row]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            hint = " (a .json file with one list? rename it to .json)" if n == 1 and line.lstrip().startswith("[") else ""
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object{hint}") from None
+            hint = (
+                " (a .json file with one list? rename it to .json)" if n == 1 and line.lstrip().startswith("[") else ""
+            )
+            raise DataError(
+                f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object{hint}"
+            ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
         yield Row(obj, f"{path}:{n}")
@@ -120,8 +129,10 @@ def _read_csv(path: Path, text: str) -> Iterator[Row]:
     reader = csv.DictReader(text.splitlines())
     for rec in reader:
         if None in rec:
-            raise DataError(f"{path}:{reader.line_num}: this row has more values than the header has columns "
-                            f"({reader.fieldnames}); quote values that contain commas")
+            raise DataError(
+                f"{path}:{reader.line_num}: this row has more values than the header has columns "
+                f"({reader.fieldnames}); quote values that contain commas"
+            )
         yield Row(dict(rec), f"{path}:{reader.line_num}")
 
 
@@ -152,8 +163,10 @@ def _read_saved(path: Path) -> list[Row]:
         raise DataError(f"{path}: cannot read this saved dataset: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise DataError(f"{path}: a saved DatasetDict with splits {list(ds)} and no 'train'; point at one split's folder, "
-                            f"e.g. {path / next(iter(ds))}")
+            raise DataError(
+                f"{path}: a saved DatasetDict with splits {list(ds)} and no 'train'; point at one split's folder, "
+                f"e.g. {path / next(iter(ds))}"
+            )
         path, ds = path / "train", ds["train"]
     rows = [Row(rec, f"{path}[{i}]") for i, rec in enumerate(ds)]
     if not rows:
@@ -163,15 +176,19 @@ def _read_saved(path: Path) -> list[Row]:
 
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and Path(spec).suffix.lower() not in SUFFIXES
+    return (
+        len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and Path(spec).suffix.lower() not in SUFFIXES
+    )
 
 
 def _read_hub(name: str) -> list[Row]:
     from ayar.hub import hub_reachable
 
     if not hub_reachable():
-        raise DataError(f"{name} is not a local file or folder, and as a hub dataset it needs network, which this machine "
-                        "does not have. Download it elsewhere (datasets.load_dataset(...).save_to_disk(DIR)) and pass DIR.")
+        raise DataError(
+            f"{name} is not a local file or folder, and as a hub dataset it needs network, which this machine "
+            "does not have. Download it elsewhere (datasets.load_dataset(...).save_to_disk(DIR)) and pass DIR."
+        )
     import datasets
 
     try:

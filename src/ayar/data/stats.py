@@ -11,16 +11,25 @@ from ayar.data.records import Record
 from ayar.data.render import IGNORE, Example
 
 # Openers that are not verbs (questions, articles, pronouns), skipped when counting leading verbs.
-_NOT_VERBS = set("""what how why who whom whose which when where is are was were do does did can could would should will
+_NOT_VERBS = set(
+    """what how why who whom whose which when where is are was were do does did can could would should will
 shall may might the a an this that these those there here i you he she it we they my your his her its our their if in on
-at for of to and or but as with by from please imagine suppose given let""".split())
-_STOPWORDS = _NOT_VERBS | set("""be been being have has had not no so than then them him me us all any some each every
+at for of to and or but as with by from please imagine suppose given let""".split()
+)
+_STOPWORDS = _NOT_VERBS | set(
+    """be been being have has had not no so than then them him me us all any some each every
 more most other into about over after before up down out off also just only very can't don't it's i'm one two three
-much many how""".split())
+much many how""".split()
+)
 
 
-def describe(records: list[Record], examples: list[Example] | None = None, max_length: int | None = None,
-             stop_ids=(), lang_sample: int = 500) -> dict:
+def describe(
+    records: list[Record],
+    examples: list[Example] | None = None,
+    max_length: int | None = None,
+    stop_ids=(),
+    lang_sample: int = 500,
+) -> dict:
     out = {"rows": len(records), "kinds": dict(Counter(r.kind for r in records)), "empty_fields": empty_fields(records)}
     if examples is not None:
         out["tokens"] = token_stats(examples, max_length, stop_ids)
@@ -36,10 +45,18 @@ def token_stats(examples: list[Example], max_length: int | None, stop_ids=()) ->
     ends = [next((t for t in reversed(e.labels) if t != IGNORE), None) for e in examples]
     pct = lambda p: lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] if lengths else 0
     return {
-        "total": sum(lengths), "trained": sum(e.n_trained for e in examples),
-        "min": lengths[0] if lengths else 0, "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": lengths[-1] if lengths else 0,
-        "mean": round(sum(lengths) / max(len(lengths), 1), 1), "max_length": max_length,
-        "over_max_length": len(over), "over_by_mean": round(sum(over) / len(over), 1) if over else 0, "over_by_max": max(over, default=0),
+        "total": sum(lengths),
+        "trained": sum(e.n_trained for e in examples),
+        "min": lengths[0] if lengths else 0,
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "max": lengths[-1] if lengths else 0,
+        "mean": round(sum(lengths) / max(len(lengths), 1), 1),
+        "max_length": max_length,
+        "over_max_length": len(over),
+        "over_by_mean": round(sum(over) / len(over), 1) if over else 0,
+        "over_by_max": max(over, default=0),
         "eos_share": round(sum(1 for t in ends if t in stops) / max(len(ends), 1), 4) if stops else None,
         "lengths": lengths,
     }

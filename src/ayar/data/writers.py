@@ -36,7 +36,9 @@ def _alpaca(rec: Record) -> dict:
     rest = [m for m in turns if m["role"] != "system"]
     pairs = list(zip(rest[0::2], rest[1::2]))
     if len(rest) % 2 or any(u["role"] != "user" or a["role"] != "assistant" for u, a in pairs) or len(system) > 1:
-        raise DataError(f"{rec.where}: alpaca needs alternating user/assistant turns (and at most one system turn); write it as messages")
+        raise DataError(
+            f"{rec.where}: alpaca needs alternating user/assistant turns (and at most one system turn); write it as messages"
+        )
     row = {"instruction": pairs[-1][0]["content"], "input": "", "output": pairs[-1][1]["content"]}
     if system:
         row["system"] = system[0]
@@ -49,7 +51,11 @@ def _preference(rec: Record) -> dict:
     _need(rec, ("preference",), "preference")
     single = lambda turns, role: len(turns) == 1 and turns[0]["role"] == role
     if single(rec.messages, "user") and single(rec.chosen, "assistant") and single(rec.rejected, "assistant"):
-        return {"prompt": rec.messages[0]["content"], "chosen": rec.chosen[0]["content"], "rejected": rec.rejected[0]["content"]}
+        return {
+            "prompt": rec.messages[0]["content"],
+            "chosen": rec.chosen[0]["content"],
+            "rejected": rec.rejected[0]["content"],
+        }
     return {"prompt": rec.messages, "chosen": rec.chosen, "rejected": rec.rejected}
 
 
@@ -74,14 +80,29 @@ def _classification(rec: Record) -> dict:
 def _need(rec: Record, kinds: tuple, fmt: str) -> None:
     if rec.kind not in kinds:
         fits = [f for f, k in _ACCEPTS.items() if rec.kind in k]
-        raise DataError(f"{rec.where}: a {rec.kind} row cannot be written as {fmt!r}; it can be written as {', '.join(fits)}")
+        raise DataError(
+            f"{rec.where}: a {rec.kind} row cannot be written as {fmt!r}; it can be written as {', '.join(fits)}"
+        )
 
 
-_WRITERS = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca, "preference": _preference, "hh": _hh,
-            "text": _text, "classification": _classification}
-_ACCEPTS = {"messages": ("chat", "preference", "classification"), "sharegpt": ("chat", "preference", "classification"),
-            "alpaca": ("chat", "preference", "classification"), "preference": ("preference",), "hh": ("preference",),
-            "text": ("text", "classification"), "classification": ("classification",)}
+_WRITERS = {
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "alpaca": _alpaca,
+    "preference": _preference,
+    "hh": _hh,
+    "text": _text,
+    "classification": _classification,
+}
+_ACCEPTS = {
+    "messages": ("chat", "preference", "classification"),
+    "sharegpt": ("chat", "preference", "classification"),
+    "alpaca": ("chat", "preference", "classification"),
+    "preference": ("preference",),
+    "hh": ("preference",),
+    "text": ("text", "classification"),
+    "classification": ("classification",),
+}
 
 
 def write_rows(rows: list[dict], out: str | Path) -> Path:

@@ -29,8 +29,9 @@ Reply with exactly one word: A, B, or TIE."""
 
 
 def ask(url: str, model: str, content: str, api_key: str | None = None, timeout: float = 60) -> str:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
-                       "max_tokens": 5}).encode()
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 5}
+    ).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -39,7 +40,9 @@ def ask(url: str, model: str, content: str, api_key: str | None = None, timeout:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())["choices"][0]["message"]["content"]
     except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
-        raise AyarError(f"judge endpoint {url} failed: {e}; check --judge-url (an OpenAI-compatible base URL ending in /v1)") from None
+        raise AyarError(
+            f"judge endpoint {url} failed: {e}; check --judge-url (an OpenAI-compatible base URL ending in /v1)"
+        ) from None
 
 
 def verdict(text: str) -> str:
@@ -47,13 +50,14 @@ def verdict(text: str) -> str:
     return m.group(1) if m else "TIE"
 
 
-def pairwise(questions: list[str], tuned: list[str], base: list[str], url: str, model: str,
-             api_key_env: str = "OPENAI_API_KEY") -> dict:
+def pairwise(
+    questions: list[str], tuned: list[str], base: list[str], url: str, model: str, api_key_env: str = "OPENAI_API_KEY"
+) -> dict:
     api_key = os.environ.get(api_key_env)
     wins = losses = ties = 0
     rows = []
     for q, t, b in zip(questions, tuned, base):
-        first = verdict(ask(url, model, PROMPT.format(question=q, a=t, b=b), api_key))   # tuned is A
+        first = verdict(ask(url, model, PROMPT.format(question=q, a=t, b=b), api_key))  # tuned is A
         second = verdict(ask(url, model, PROMPT.format(question=q, a=b, b=t), api_key))  # tuned is B
         if first == "A" and second == "B":
             outcome, wins = "tuned", wins + 1

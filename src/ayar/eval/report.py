@@ -11,12 +11,27 @@ from ayar.fsutil import write_atomic
 
 SAME = 0.01  # relative difference under which two values count as the same
 
-LABELS = {"exact_match": "exact match", "extracted": "answer extracted", "rouge_l": "ROUGE-L F1", "bleu": "BLEU",
-          "accuracy": "accuracy", "precision_macro": "precision (macro)", "recall_macro": "recall (macro)",
-          "f1_macro": "F1 (macro)", "perplexity": "perplexity", "mean_loss": "mean loss", "stop_rate": "stop rate",
-          "mean_new_tokens": "mean answer tokens", "tokens_per_s": "tokens/s", "generation_seconds": "generation s",
-          "preference_accuracy": "preference accuracy", "reward_margin": "reward margin (log-prob)",
-          "anchor_perplexity": "anchor perplexity", "peak_rss_mb": "peak RSS MB (process)", "peak_gpu_mb": "peak GPU MB"}
+LABELS = {
+    "exact_match": "exact match",
+    "extracted": "answer extracted",
+    "rouge_l": "ROUGE-L F1",
+    "bleu": "BLEU",
+    "accuracy": "accuracy",
+    "precision_macro": "precision (macro)",
+    "recall_macro": "recall (macro)",
+    "f1_macro": "F1 (macro)",
+    "perplexity": "perplexity",
+    "mean_loss": "mean loss",
+    "stop_rate": "stop rate",
+    "mean_new_tokens": "mean answer tokens",
+    "tokens_per_s": "tokens/s",
+    "generation_seconds": "generation s",
+    "preference_accuracy": "preference accuracy",
+    "reward_margin": "reward margin (log-prob)",
+    "anchor_perplexity": "anchor perplexity",
+    "peak_rss_mb": "peak RSS MB (process)",
+    "peak_gpu_mb": "peak GPU MB",
+}
 
 
 def verdicts(tuned: dict, base: dict, direction: dict) -> dict:
@@ -76,8 +91,11 @@ def _html_table(header, rows) -> str:
 
 
 def _bar_chart(result, path: Path) -> Path | None:
-    keys = [k for k in ("exact_match", "rouge_l", "stop_rate", "accuracy", "f1_macro", "preference_accuracy")
-            if any(m.get(k) is not None for m in result.models.values())]
+    keys = [
+        k
+        for k in ("exact_match", "rouge_l", "stop_rate", "accuracy", "f1_macro", "preference_accuracy")
+        if any(m.get(k) is not None for m in result.models.values())
+    ]
     if not keys:
         return None
     import matplotlib
@@ -113,21 +131,36 @@ def write_report(result, out: Path, run=None) -> Path:
         loss_png = out / "loss.png"
         plot_loss(run.read_metrics(), loss_png, mark_step=mark, mark_label="eval loss turned up")
     bars = _bar_chart(result, out / "metrics.png")
-    payload = {"info": result.info, "models": result.models, "verdict": result.verdict, "checks": checks, "samples": result.samples}
+    payload = {
+        "info": result.info,
+        "models": result.models,
+        "verdict": result.verdict,
+        "checks": checks,
+        "samples": result.samples,
+    }
     write_atomic(out / "metrics.json", json.dumps(payload, indent=2, default=str))
 
     title = f"Evaluation of {result.info.get('run') or result.info.get('model')}"
     check_lines = [f"- **{name}**: {c.get('message', '')}" for name, c in checks.items() if name != "judge"]
     if "judge" in checks:
         j = checks["judge"]
-        check_lines.append(f"- **judge** ({j['judge']}, both answer orders): tuned wins {100 * j['win_rate']:.0f}%, "
-                           f"base wins {100 * j['loss_rate']:.0f}%, ties {100 * j['tie_rate']:.0f}%")
+        check_lines.append(
+            f"- **judge** ({j['judge']}, both answer orders): tuned wins {100 * j['win_rate']:.0f}%, "
+            f"base wins {100 * j['loss_rate']:.0f}%, ties {100 * j['tie_rate']:.0f}%"
+        )
     names = list(result.models)
     sample_md = "\n\n".join(
-        f"**Prompt:** {s['prompt']}\n\n**Reference:** {s['reference']}\n\n" + "\n\n".join(f"**{n}:** {s.get(n, '')}" for n in names)
-        for s in result.samples)
-    md = [f"# {title}", "", f"Data: {result.info['data']} ({result.info['rows']} rows), greedy decoding, "
-          f"max {result.info['max_new_tokens']} new tokens, batch {result.info['batch_size']}.", ""]
+        f"**Prompt:** {s['prompt']}\n\n**Reference:** {s['reference']}\n\n"
+        + "\n\n".join(f"**{n}:** {s.get(n, '')}" for n in names)
+        for s in result.samples
+    )
+    md = [
+        f"# {title}",
+        "",
+        f"Data: {result.info['data']} ({result.info['rows']} rows), greedy decoding, "
+        f"max {result.info['max_new_tokens']} new tokens, batch {result.info['batch_size']}.",
+        "",
+    ]
     if result.verdict:
         md += [verdict_line(result.verdict), ""]
     md += [_md_table(header, rows), ""]
@@ -142,15 +175,18 @@ def write_report(result, out: Path, run=None) -> Path:
     write_atomic(out / "report.md", "\n".join(md))
 
     samples_html = "".join(
-        "<div class=ex>" + f"<p><b>Prompt</b><pre>{html.escape(s['prompt'])}</pre></p><p><b>Reference</b><pre>{html.escape(s['reference'])}</pre></p>"
-        + "".join(f"<p><b>{html.escape(n)}</b><pre>{html.escape(s.get(n, ''))}</pre></p>" for n in names) + "</div>"
-        for s in result.samples)
+        "<div class=ex>"
+        + f"<p><b>Prompt</b><pre>{html.escape(s['prompt'])}</pre></p><p><b>Reference</b><pre>{html.escape(s['reference'])}</pre></p>"
+        + "".join(f"<p><b>{html.escape(n)}</b><pre>{html.escape(s.get(n, ''))}</pre></p>" for n in names)
+        + "</div>"
+        for s in result.samples
+    )
     checks_html = "".join(f"<li>{html.escape(line[2:].replace('**', ''))}</li>" for line in check_lines)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font-family:sans-serif;max-width:62rem;margin:2rem auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}} pre{{white-space:pre-wrap;background:#f6f6f6;padding:.4rem}}
 .ex{{border-top:1px solid #ddd;margin-top:1rem}}</style></head><body><h1>{html.escape(title)}</h1>
-<p>Data: {html.escape(str(result.info['data']))} ({result.info['rows']} rows), greedy decoding.</p>
+<p>Data: {html.escape(str(result.info["data"]))} ({result.info["rows"]} rows), greedy decoding.</p>
 {f"<p><b>{html.escape(verdict_line(result.verdict))}</b></p>" if result.verdict else ""}
 {_html_table(header, rows)}{f"<h2>Checks</h2><ul>{checks_html}</ul>" if checks_html else ""}
 {'<img src="loss.png" alt="loss curves">' if loss_png else ""}{'<img src="metrics.png" alt="metrics">' if bars else ""}

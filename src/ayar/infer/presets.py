@@ -21,3 +21,13 @@ def generation_kwargs(gen_cfg) -> dict:
     if gen_cfg.repetition_penalty is not None:
         kw["repetition_penalty"] = gen_cfg.repetition_penalty
     return kw
+
+
+def default_sampling(gen_cfg) -> tuple[float, float]:
+    """(temperature, top_p) of a generation config, for runtimes that take the two numbers rather than
+    `generate` kwargs (the server's rows, llama.cpp, onnxruntime-genai, an Ollama Modelfile): set values win,
+    else the preset's; 0 means greedy."""
+    preset = PRESETS[gen_cfg.preset]
+    temperature = gen_cfg.temperature if gen_cfg.temperature is not None else preset.get("temperature", 0.0)
+    top_p = gen_cfg.top_p if gen_cfg.top_p is not None else preset.get("top_p", 1.0)
+    return float(temperature), float(top_p)

@@ -6,7 +6,6 @@ import re
 
 from ayar.errors import ConfigError
 
-
 METHODS = ("lora", "dora", "full", "qlora", "qdora")
 
 # lora.init -> peft's init_lora_weights
@@ -14,11 +13,6 @@ INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_fast"
 # PiSSA/OLoRA move the adapter's initial part out of the base weights: the trained adapter only fits that
 # changed base, so it is saved converted against its initial copy (then it applies to the original base).
 CONVERTED_INITS = ("pissa", "pissa_fast", "olora")
-
-
-def base_model(model):
-    """The transformers model itself, under the peft wrapper `apply_method` may have put around it."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
@@ -48,7 +42,7 @@ def peft_config(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
 def _get_peft_model(model, config):
     from peft import get_peft_model
 
-    from ayar.models.dropout import use_fast_dropout
+    from ayar.kernels.dropout import use_fast_dropout
 
     # peft keeps adapter weights in fp32 when the base is bf16/fp16 (autocast_adapter_dtype): stable updates.
     peft_model = get_peft_model(model, config)
@@ -83,9 +77,11 @@ def _require_4bit(method: str) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError(f"method: {method} loads the base in 4-bit NF4 with bitsandbytes, which is not installed: "
-                          f"pip install 'ayar[qlora]' (or use method: {'dora' if method == 'qdora' else 'lora'} with "
-                          "model.dtype: bfloat16, half the memory of float32)") from None
+        raise ConfigError(
+            f"method: {method} loads the base in 4-bit NF4 with bitsandbytes, which is not installed: "
+            f"pip install 'ayar[qlora]' (or use method: {'dora' if method == 'qdora' else 'lora'} with "
+            "model.dtype: bfloat16, half the memory of float32)"
+        ) from None
 
 
 def quantization_config(method: str, compute_dtype):
@@ -96,8 +92,12 @@ def quantization_config(method: str, compute_dtype):
     _require_4bit(method)
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def _lora_config(model, lora_cfg, dora: bool = False, task_type: str = "CAUSAL_LM"):
@@ -109,16 +109,25 @@ def _lora_config(model, lora_cfg, dora: bool = False, task_type: str = "CAUSAL_L
     if lora_cfg.freeze_first_layers:
         n = model.config.num_hidden_layers
         if not 0 < lora_cfg.freeze_first_layers < n:
-            raise ConfigError(f"lora.freeze_first_layers={lora_cfg.freeze_first_layers}: this model has {n} layers; "
-                              f"freeze between 1 and {n - 1}")
+            raise ConfigError(
+                f"lora.freeze_first_layers={lora_cfg.freeze_first_layers}: this model has {n} layers; "
+                f"freeze between 1 and {n - 1}"
+            )
         layers = list(range(lora_cfg.freeze_first_layers, n))
         if targets == "all-linear":  # peft takes layer indices only with a list of module names
             import torch
 
-            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                              if isinstance(m, torch.nn.Linear) and re.search(r"\.layers?\.\d+\.", name)})
+            targets = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and re.search(r"\.layers?\.\d+\.", name)
+                }
+            )
         elif isinstance(targets, str):
-            raise ConfigError("lora.freeze_first_layers works with target_modules: all-linear or a list of names, not a regex")
+            raise ConfigError(
+                "lora.freeze_first_layers works with target_modules: all-linear or a list of names, not a regex"
+            )
     config = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
@@ -144,11 +153,15 @@ def _check_targets(model, targets) -> None:
     if isinstance(targets, str):
         full = [name for name, _ in model.named_modules()]
         if not any(re.fullmatch(targets, n) for n in full):
-            raise ConfigError(f"lora.target_modules regex {targets!r} matches no module; linear layers here: {', '.join(linear)}")
+            raise ConfigError(
+                f"lora.target_modules regex {targets!r} matches no module; linear layers here: {', '.join(linear)}"
+            )
         return
     missing = [t for t in targets if t not in linear]
     if missing:
-        raise ConfigError(f"lora.target_modules {missing} not found in the model; linear layers here: {', '.join(linear)} (or use all-linear)")
+        raise ConfigError(
+            f"lora.target_modules {missing} not found in the model; linear layers here: {', '.join(linear)} (or use all-linear)"
+        )
 
 
 def matches_target(module_name: str, targets) -> bool:
@@ -168,7 +181,9 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
 
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    count = lambda p: p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()  # 4-bit: packed 2 per byte
+    count = lambda p: (
+        p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+    )  # 4-bit: packed 2 per byte
     trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
     total = sum(count(p) for p in model.parameters())
     return trainable, total

@@ -18,7 +18,9 @@ def resolve_model_path(name: str, log=print) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is a directory but has no config.json: point model.name at a Hugging Face model directory")
+            raise ModelError(
+                f"{path} is a directory but has no config.json: point model.name at a Hugging Face model directory"
+            )
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model directory not found: {name}")
@@ -55,13 +57,23 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, placement: Placement, attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-               auto_class=None, **kwargs):
+def load_model(
+    path: str,
+    placement: Placement,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    auto_class=None,
+    **kwargs,
+):
     from transformers import AutoModelForCausalLM
 
     try:
         model = (auto_class or AutoModelForCausalLM).from_pretrained(
-            path, dtype=placement.dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, **kwargs
+            path,
+            dtype=placement.dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
         )
     except (OSError, ValueError) as e:
         raise _load_error(path, "model", e) from None
@@ -92,15 +104,18 @@ def merge_adapters(model, adapters: list[str], log=print):
     return model
 
 
-def load_model_and_tokenizer(model_cfg, log=print, auto_class=None, **model_kwargs):
-    """Returns (model, tokenizer, placement, resolved_path). `auto_class`: the transformers Auto class
+def load_model_and_tokenizer(model_cfg, placement: Placement | None = None, log=print, auto_class=None, **model_kwargs):
+    """Returns (model, tokenizer, placement, resolved_path). `placement`: where and in which dtype (a run
+    plan's decision); default: chosen from the config's device and dtype. `auto_class`: the transformers Auto class
     (default AutoModelForCausalLM; AutoModelForSequenceClassification for classifiers and reward models),
     `model_kwargs` go to its from_pretrained (num_labels, id2label)."""
     base, adapters = starting_point(model_cfg.name)
     path = resolve_model_path(base, log=log)
-    placement = choose_placement(model_cfg.device, model_cfg.dtype)
+    placement = placement or choose_placement(model_cfg.device, model_cfg.dtype)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
-    model = load_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs)
+    model = load_model(
+        path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs
+    )
     return merge_adapters(model, adapters, log), tok, placement, path
 
 

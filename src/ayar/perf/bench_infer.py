@@ -16,29 +16,19 @@ FORMATS = ("merged-fp32", "merged-bf16", "onnx-fp32", "onnx-int8", "onnx-int4", 
 
 
 def artifact(run_dir: Path, fmt: str, log=print):
-    """Load (exporting first if it is not there yet) one format of the run."""
-    kind, _, quant = fmt.partition("-")
+    """Load (exporting first if it is not there yet) one format of the run, in its own runtime."""
+    from ayar.export.workflow import FORMATS as WRITERS
+
+    to, _, quant = fmt.partition("-")
     folder = run_dir / "export" / fmt
-    if kind == "merged":
-        from ayar.export.gate import MergedArtifact
-        from ayar.export.merged import export_merged
-
-        if not (folder / "config.json").is_file():
-            export_merged(run_dir, folder, quant, log=log)
-        return MergedArtifact(folder)
-    if kind == "onnx":
-        from ayar.export.onnx import OnnxArtifact, export_onnx
-
-        if not (folder / "genai_config.json").is_file():
-            export_onnx(run_dir, folder, quant, log=log)
-        return OnnxArtifact(folder)
-    if kind == "gguf":
-        from ayar.export.gguf import GgufArtifact, export_gguf
-
-        path = folder / f"model-{quant}.gguf"
-        if not path.is_file():
-            export_gguf(run_dir, folder, quant, log=log)
-        return GgufArtifact(path)
+    if fmt in FORMATS:
+        done = {
+            "merged": folder / "config.json",
+            "onnx": folder / "genai_config.json",
+            "gguf": folder / f"model-{quant}.gguf",
+        }[to]
+        path = done if done.is_file() else Path(WRITERS[to].write(run_dir, folder, quant, log))
+        return WRITERS[to].load(path if to == "gguf" else folder)
     from ayar.errors import AyarError
 
     raise AyarError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -54,7 +44,9 @@ def run_bench(run_dir: str | Path, formats=FORMATS, rows: int = 10, max_new_toke
     cases = []
     for rec in records:
         prompt = [m for m in rec.messages if m["role"] != "assistant"]
-        ids = engine.tok(engine.renderer.prompt_text(prompt), add_special_tokens=engine.renderer.template == "alpaca")["input_ids"]
+        ids = engine.tok(engine.renderer.prompt_text(prompt), add_special_tokens=engine.renderer.template == "alpaca")[
+            "input_ids"
+        ]
         answer = engine.tok(rec.messages[-1]["content"], add_special_tokens=False)["input_ids"]
         cases.append((ids, answer))
     results = {}
@@ -71,7 +63,11 @@ def run_bench(run_dir: str | Path, formats=FORMATS, rows: int = 10, max_new_toke
             for i, token in enumerate(answer):
                 nll -= float(lp[len(ids) - 1 + i, token])
             scored += len(answer)
-        results[fmt] = {"tokens_per_s": tokens / seconds, "perplexity": math.exp(nll / scored), "size_mb": _size(run_dir / "export" / fmt)}
+        results[fmt] = {
+            "tokens_per_s": tokens / seconds,
+            "perplexity": math.exp(nll / scored),
+            "size_mb": _size(run_dir / "export" / fmt),
+        }
         log(f"[{fmt}] {results[fmt]['tokens_per_s']:.1f} tokens/s, perplexity {results[fmt]['perplexity']:.4f}")
         del art
     ref = results.get("merged-fp32")
@@ -83,4 +79,7 @@ def run_bench(run_dir: str | Path, formats=FORMATS, rows: int = 10, max_new_toke
 
 
 def _size(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".onnx", ".data", ".gguf")) / 1e6
+    return (
+        sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in (".safetensors", ".onnx", ".data", ".gguf"))
+        / 1e6
+    )

@@ -23,8 +23,15 @@ import time
 SIDES = ("ayar", "naive")
 
 
-def run_bench(source: str, concurrency=(1, 8, 32), requests_per_client: int = 2, max_tokens: int = 48,
-              max_batch: int = 8, sides=SIDES, log=print) -> dict:
+def run_bench(
+    source: str,
+    concurrency=(1, 8, 32),
+    requests_per_client: int = 2,
+    max_tokens: int = 48,
+    max_batch: int = 8,
+    sides=SIDES,
+    log=print,
+) -> dict:
     from ayar.data.sources import _sample
 
     questions = [json.loads(line)["instruction"] for line in _sample("gsm8k").read_text().splitlines() if line.strip()]
@@ -32,22 +39,33 @@ def run_bench(source: str, concurrency=(1, 8, 32), requests_per_client: int = 2,
     for side in sides:
         port = _free_port()
         log(f"[{side}] starting its server on 127.0.0.1:{port}")
-        proc = subprocess.Popen([sys.executable, "-m", "ayar.perf.bench_serve", side, source, str(port), str(max_batch)],
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ayar.perf.bench_serve", side, source, str(port), str(max_batch)],
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
         try:
             _wait_ready(port, proc, side)
             levels = {}
             for c in concurrency:
                 levels[c] = asyncio.run(_drive(port, side, questions, c, c * requests_per_client, max_tokens))
-                log(f"[{side}] {c:>2} clients: {levels[c]['tokens_per_s']:.1f} tok/s, TTFT p50 {levels[c]['ttft_p50']:.2f} s")
+                log(
+                    f"[{side}] {c:>2} clients: {levels[c]['tokens_per_s']:.1f} tok/s, TTFT p50 {levels[c]['ttft_p50']:.2f} s"
+                )
             results[side] = levels
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    out = {"source": source, "max_tokens": max_tokens, "max_batch": max_batch, "requests_per_client": requests_per_client,
-           "sides": results}
+    out = {
+        "source": source,
+        "max_tokens": max_tokens,
+        "max_batch": max_batch,
+        "requests_per_client": requests_per_client,
+        "sides": results,
+    }
     if set(SIDES) <= set(results):
-        out["ratios"] = {c: results["ayar"][c]["tokens_per_s"] / results["naive"][c]["tokens_per_s"] for c in concurrency}
+        out["ratios"] = {
+            c: results["ayar"][c]["tokens_per_s"] / results["naive"][c]["tokens_per_s"] for c in concurrency
+        }
     return out
 
 
@@ -59,8 +77,12 @@ async def _drive(port: int, side: str, questions: list[str], clients: int, total
 
     async def one(client: httpx.AsyncClient, i: int):
         nonlocal tokens, errors
-        body = {"model": model, "messages": [{"role": "user", "content": questions[i % len(questions)]}],
-                "max_tokens": max_tokens, "temperature": 0}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         start = time.perf_counter()
         if side == "naive":
             r = await client.post("/v1/chat/completions", json=body)
@@ -97,9 +119,18 @@ async def _drive(port: int, side: str, questions: list[str], clients: int, total
             model = (await client.get("/v1/models")).json()["data"][-1]["id"]
         await asyncio.gather(*(worker(client) for _ in range(clients)))
     wall = time.perf_counter() - started
-    return {"clients": clients, "requests": total, "errors": errors, "wall_s": wall, "completion_tokens": tokens,
-            "tokens_per_s": tokens / wall, "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
-            "latency_p50": _pct(latency, 50), "latency_p99": _pct(latency, 99)}
+    return {
+        "clients": clients,
+        "requests": total,
+        "errors": errors,
+        "wall_s": wall,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50": _pct(ttft, 50),
+        "ttft_p99": _pct(ttft, 99),
+        "latency_p50": _pct(latency, 50),
+        "latency_p99": _pct(latency, 99),
+    }
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -150,8 +181,10 @@ def _naive_app(engine):
     def chat(body: dict):
         with lock:
             reply = engine.generate(body["messages"], max_new_tokens=body["max_tokens"], preset="deterministic")
-        return {"choices": [{"message": {"role": "assistant", "content": reply.text}}],
-                "usage": {"completion_tokens": reply.new_tokens}}
+        return {
+            "choices": [{"message": {"role": "assistant", "content": reply.text}}],
+            "usage": {"completion_tokens": reply.new_tokens},
+        }
 
     return app
 
@@ -159,7 +192,7 @@ def _naive_app(engine):
 def _serve(side: str, source: str, port: int, max_batch: int) -> None:
     import uvicorn
 
-    from ayar.infer.engine import load_engine
+    from ayar.infer.load import load_engine
     from ayar.serve.app import create_app
     from ayar.serve.settings import ServeSettings
     from ayar.serve.state import backend_for

@@ -30,25 +30,34 @@ SIDES = ("ayar", "trl")
 
 def run_bench(cfg, steps: int = 8, warmup: int = 2, rows: int = 512, sides=SIDES, log=print) -> dict:
     """Run each side in its own process and return their measurements and the ayar/TRL ratios."""
+    import torch
+
     from ayar.config import config_to_dict
     from ayar.data.dataset import load_records, parse_sources
     from ayar.data.writers import write_records
     from ayar.errors import AyarError
-    from ayar.perf.peak import matmul_gflops
     from ayar.models.load import resolve_model_path
-
-    import torch
+    from ayar.perf.peak import matmul_gflops
 
     if steps <= warmup:
         raise AyarError(f"--steps ({steps}) must be larger than --warmup ({warmup}): warm-up steps are not timed")
-    records = [r for src in parse_sources(cfg.data.train, cfg.data.format, cfg.data.columns) for r in load_records(src)][:rows]
+    records = [
+        r for src in parse_sources(cfg.data.train, cfg.data.format, cfg.data.columns) for r in load_records(src)
+    ][:rows]
     records = [r for r in records if r.kind == "chat" and r.messages[-1]["role"] == "assistant"]
     if len(records) < cfg.training.batch_size * cfg.training.grad_accum:
         raise AyarError(f"only {len(records)} usable chat rows in {cfg.data.train}; need at least one batch")
     with tempfile.TemporaryDirectory(prefix="ayar-bench-") as tmp:
         data = write_records(records, "messages", Path(tmp) / "rows.jsonl")
-        spec = {"config": config_to_dict(cfg), "model_path": resolve_model_path(cfg.model.name, log=log), "data": str(data),
-                "steps": steps, "warmup": warmup, "tmp": tmp, "trl_bf16": trl_bf16(cfg)}
+        spec = {
+            "config": config_to_dict(cfg),
+            "model_path": resolve_model_path(cfg.model.name, log=log),
+            "data": str(data),
+            "steps": steps,
+            "warmup": warmup,
+            "tmp": tmp,
+            "trl_bf16": trl_bf16(cfg),
+        }
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         # bf16 only where something computes in it: emulated bf16 matmuls (CPUs without AVX512-BF16/AMX)
@@ -57,8 +66,10 @@ def run_bench(cfg, steps: int = 8, warmup: int = 2, rows: int = 512, sides=SIDES
         if spec["trl_bf16"]:
             peak["bf16"] = matmul_gflops(torch.bfloat16)
         log("matmul peak on this machine: " + ", ".join(f"{v:.0f} GFLOP/s {k}" for k, v in peak.items()))
-        what = f"{steps} steps ({warmup} warm-up), batch {cfg.training.batch_size} x {cfg.training.grad_accum}, " \
-               f"max_length {cfg.data.max_length}, {len(records)} rows"
+        what = (
+            f"{steps} steps ({warmup} warm-up), batch {cfg.training.batch_size} x {cfg.training.grad_accum}, "
+            f"max_length {cfg.data.max_length}, {len(records)} rows"
+        )
         lockstep = len(sides) > 1 and not torch.cuda.is_available()  # on a GPU both would have to fit at once
         if lockstep:
             log(f"running {' and '.join(sides)} in turns, a step each: {what} ...")
@@ -71,14 +82,26 @@ def run_bench(cfg, steps: int = 8, warmup: int = 2, rows: int = 512, sides=SIDES
     for r in results.values():
         r["gflops"] = 4 * r["params"] * r["tokens_per_s"] / 1e9
         r["pct_peak"] = 100 * r["gflops"] / peak["bf16" if "bf" in r["dtype"] else "fp32"]
-    out = {"sides": results, "peak_gflops": peak, "steps": steps, "warmup": warmup, "rows": len(records), "lockstep": lockstep,
-           "batch_size": cfg.training.batch_size, "grad_accum": cfg.training.grad_accum, "max_length": cfg.data.max_length,
-           "model": cfg.model.name}
+    out = {
+        "sides": results,
+        "peak_gflops": peak,
+        "steps": steps,
+        "warmup": warmup,
+        "rows": len(records),
+        "lockstep": lockstep,
+        "batch_size": cfg.training.batch_size,
+        "grad_accum": cfg.training.grad_accum,
+        "max_length": cfg.data.max_length,
+        "model": cfg.model.name,
+    }
     if "ayar" in results and "trl" in results:
         a, t = results["ayar"], results["trl"]
-        out["ratios"] = {"tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"], "peak_rss": a["peak_rss_mb"] / t["peak_rss_mb"],
-                         "median_step": a["median_step_s"] / t["median_step_s"],
-                         "final_loss": a["final_loss"] / t["final_loss"]}
+        out["ratios"] = {
+            "tokens_per_s": a["tokens_per_s"] / t["tokens_per_s"],
+            "peak_rss": a["peak_rss_mb"] / t["peak_rss_mb"],
+            "median_step": a["median_step_s"] / t["median_step_s"],
+            "final_loss": a["final_loss"] / t["final_loss"],
+        }
     return out
 
 
@@ -93,9 +116,13 @@ def _run_lockstep(sides: list[str], spec_path: Path, steps: int, tmp: Path) -> d
         go_r, go_w = os.pipe()  # parent -> worker: one byte per step it may take
         done_r, done_w = os.pipe()  # worker -> parent: one byte per step it finished
         logs[side] = (open(tmp / f"{side}.out", "w+"), open(tmp / f"{side}.err", "w+"))
-        procs[side] = subprocess.Popen([sys.executable, "-m", "ayar.perf.bench_train", side, str(spec_path)],
-                                       stdout=logs[side][0], stderr=logs[side][1], pass_fds=(go_r, done_w),
-                                       env={**os.environ, "TQDM_DISABLE": "1", _SYNC_ENV: f"{go_r},{done_w}"})
+        procs[side] = subprocess.Popen(
+            [sys.executable, "-m", "ayar.perf.bench_train", side, str(spec_path)],
+            stdout=logs[side][0],
+            stderr=logs[side][1],
+            pass_fds=(go_r, done_w),
+            env={**os.environ, "TQDM_DISABLE": "1", _SYNC_ENV: f"{go_r},{done_w}"},
+        )
         os.close(go_r)
         os.close(done_w)
         to_child[side], from_child[side] = go_w, done_r
@@ -146,11 +173,12 @@ def trl_bf16(cfg) -> bool:
     elsewhere. On a CPU without native bf16 its default would emulate every matmul, hundreds of times
     slower than fp32 (0.3 vs 72 GFLOP/s measured on an AVX2 CPU): no user would keep it, so the baseline
     uses the precision ayar picks for the same hardware."""
-    from ayar.models.device import choose_placement
-
     import torch
 
-    return choose_placement(cfg.model.device, cfg.model.dtype).dtype != torch.float32
+    from ayar.train.plan import decide
+
+    plan = decide(cfg)  # the run plan ayar's side makes: its compute dtype is the autocast one, if any
+    return (plan.autocast or plan.placement.dtype) != torch.float32
 
 
 # --- the worker: one side, in its own process ----------------------------------------------------
@@ -178,11 +206,17 @@ class _Turns:
 
 def _summary(step_seconds: list[float], tokens: list[int], losses: list[float], warmup: int, params: int) -> dict:
     timed_s, timed_tok = step_seconds[warmup:], tokens[warmup:]
-    tail = losses[-max(1, len(losses) // 4):]
-    return {"median_step_s": statistics.median(timed_s), "tokens_per_s": sum(timed_tok) / sum(timed_s),
-            "real_tokens_per_step": sum(tokens) / len(tokens), "final_loss": sum(tail) / len(tail), "losses": losses,
-            "step_seconds": step_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "params": params}
+    tail = losses[-max(1, len(losses) // 4) :]
+    return {
+        "median_step_s": statistics.median(timed_s),
+        "tokens_per_s": sum(timed_tok) / sum(timed_s),
+        "real_tokens_per_step": sum(tokens) / len(tokens),
+        "final_loss": sum(tail) / len(tail),
+        "losses": losses,
+        "step_seconds": step_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params": params,
+    }
 
 
 def _ayar(spec: dict) -> dict:
@@ -206,7 +240,13 @@ def _ayar(spec: dict) -> dict:
     recs = [r for r in run.read_metrics() if "loss" in r]
     meta = run.read_meta()
     tokens = [round(r["tokens_per_s"] * r["step_seconds"]) for r in recs]
-    out = _summary([r["step_seconds"] for r in recs], tokens, [r["loss"] for r in recs], spec["warmup"], meta["params"]["total"] - meta["params"]["trainable"])
+    out = _summary(
+        [r["step_seconds"] for r in recs],
+        tokens,
+        [r["loss"] for r in recs],
+        spec["warmup"],
+        meta["params"]["total"] - meta["params"]["trainable"],
+    )
     out["dtype"] = meta["dtype"]
     out["passes"] = meta.get("passes")
     out["step_spans"] = turns.spans
@@ -242,15 +282,29 @@ def _trl(spec: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     targets = lc["target_modules"]
-    peft_config = LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"], task_type="CAUSAL_LM",
-                             target_modules=targets)
-    args = SFTConfig(output_dir=str(Path(spec["tmp"]) / "trl"), per_device_train_batch_size=tc["batch_size"],
-                     gradient_accumulation_steps=tc["grad_accum"], max_length=c["data"]["max_length"],
-                     learning_rate=tc["learning_rate"], lr_scheduler_type=tc["lr_scheduler"],
-                     warmup_steps=round(tc["warmup_ratio"] * spec["steps"]), max_steps=spec["steps"], weight_decay=tc["weight_decay"],
-                     max_grad_norm=tc["max_grad_norm"], logging_steps=1, save_strategy="no", report_to="none", seed=tc["seed"],
-                     dataloader_num_workers=0, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-                     bf16=spec["trl_bf16"])
+    peft_config = LoraConfig(
+        r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"], task_type="CAUSAL_LM", target_modules=targets
+    )
+    args = SFTConfig(
+        output_dir=str(Path(spec["tmp"]) / "trl"),
+        per_device_train_batch_size=tc["batch_size"],
+        gradient_accumulation_steps=tc["grad_accum"],
+        max_length=c["data"]["max_length"],
+        learning_rate=tc["learning_rate"],
+        lr_scheduler_type=tc["lr_scheduler"],
+        warmup_steps=round(tc["warmup_ratio"] * spec["steps"]),
+        max_steps=spec["steps"],
+        weight_decay=tc["weight_decay"],
+        max_grad_norm=tc["max_grad_norm"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=tc["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=spec["trl_bf16"],
+    )
 
     times, tokens = [], []
     turns = _Turns()
@@ -267,18 +321,22 @@ def _trl(spec: dict) -> dict:
         def _get_train_sampler(self, *a, **kw):
             return SequentialSampler(self.train_dataset)
 
-    trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=[Timer()])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=[Timer()]
+    )
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
-        tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
+        tokens.append(
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        )
         return batch
 
     trainer.data_collator = counting
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    per_step = [sum(tokens[i * tc["grad_accum"]:(i + 1) * tc["grad_accum"]]) for i in range(len(times))]
+    per_step = [sum(tokens[i * tc["grad_accum"] : (i + 1) * tc["grad_accum"]]) for i in range(len(times))]
     params = sum(p.numel() for n, p in trainer.model.named_parameters() if not p.requires_grad)
     out = _summary(times, per_step, losses, spec["warmup"], params)
     out["dtype"] = "bf16 autocast" if args.bf16 else "float32"

@@ -7,7 +7,9 @@ import time
 import torch
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> float:
+def matmul_gflops(
+    dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0, device: str = "cpu"
+) -> float:
     """Sustained GFLOP/s of an n x n matmul (2 n^3 flops each), best of the runs that fit in `seconds`."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)

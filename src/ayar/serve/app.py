@@ -18,8 +18,8 @@ PUBLIC = ("/health", "/ready")  # everything else needs an API key when keys are
 
 def create_app(settings: ServeSettings | None = None, backend=None) -> FastAPI:
     """`backend`: an already loaded backend (tests, embedding); else the settings' source loads at startup."""
-    from ayar import __version__
     from ayar.serve import routes_admin, routes_generate, routes_users
+    from ayar.version import __version__
 
     state = ServerState(settings or ServeSettings(), backend)
 
@@ -29,8 +29,12 @@ def create_app(settings: ServeSettings | None = None, backend=None) -> FastAPI:
         yield
         state.stop()
 
-    app = FastAPI(title="ayar", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible API for models fine-tuned with ayar.")
+    app = FastAPI(
+        title="ayar",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible API for models fine-tuned with ayar.",
+    )
     app.state.ayar = state
     app.add_middleware(_Observe, state=state)
     _error_handlers(app)
@@ -72,13 +76,19 @@ async def authorize(request: Request) -> str:
     if state.keys:
         client = state.keys.check(_presented_key(request))
         if client is None:
-            raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+            raise APIError(
+                401, "missing or invalid API key: send `Authorization: Bearer <key>`", code="invalid_api_key"
+            )
     else:
         client = request.client.host if request.client else "local"
     wait = state.limiter.take(client)
     if wait > 0:
-        raise APIError(429, f"rate limit of {state.settings.rate_per_minute:g} requests/minute reached; retry in {wait:.1f} s",
-                       code="rate_limit_exceeded", headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+        raise APIError(
+            429,
+            f"rate limit of {state.settings.rate_per_minute:g} requests/minute reached; retry in {wait:.1f} s",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+        )
     request.state.client = client
     return client
 
@@ -125,8 +135,10 @@ class _Observe:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.state.settings.max_body_bytes:
-            response = error_response(413, f"request body of {int(length)} bytes is over the limit of "
-                                      f"{self.state.settings.max_body_bytes} bytes")
+            response = error_response(
+                413,
+                f"request body of {int(length)} bytes is over the limit of {self.state.settings.max_body_bytes} bytes",
+            )
             return await response(scope, receive, send)
         started, status = time.perf_counter(), {"code": 500}
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ayar.errors import AyarError
-from ayar.models.adapters import base_model
+from ayar.kernels import base_model
 
 BASE = "base"  # the public name of the base model (adapters off)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -37,6 +37,7 @@ class Sampling:
 @dataclass
 class Row:
     """One sequence to generate. `on_delta(text)` gets new text; `on_finish(reason, n_tokens)` is called once."""
+
     prompt_ids: list[int]
     max_tokens: int
     model: str = BASE
@@ -56,6 +57,7 @@ class Row:
 @dataclass
 class _Batch:
     """The running batch: rows, their KV cache and attention mask (left-padded), next tokens and positions."""
+
     rows: list[Row]
     cache: object  # DynamicCache
     mask: torch.Tensor  # [rows, columns]
@@ -139,15 +141,18 @@ class HFBackend:
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
-                ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-                mask[i, width - len(r.prompt_ids):] = 1
+                ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+                mask[i, width - len(r.prompt_ids) :] = 1
                 if r.sampling.temperature > 0:
-                    r.generator = torch.Generator().manual_seed(r.sampling.seed if r.sampling.seed is not None
-                                                                else int(torch.randint(0, 2**62, (1,))))
+                    r.generator = torch.Generator().manual_seed(
+                        r.sampling.seed if r.sampling.seed is not None else int(torch.randint(0, 2**62, (1,)))
+                    )
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache()
             logits = self._forward(rows, ids, mask, positions, cache)
-            new = self._accept_tokens(_Batch(rows, cache, mask, self._sample(logits[:, -1], rows), positions[:, -1] + 1))
+            new = self._accept_tokens(
+                _Batch(rows, cache, mask, self._sample(logits[:, -1], rows), positions[:, -1] + 1)
+            )
             if new is not None:
                 self.batch = new if self.batch is None else _merge(self.batch, new)
 
@@ -177,9 +182,15 @@ class HFBackend:
 
     def _forward(self, rows, ids, mask, positions, cache):
         with self._adapters_for(rows) as extra:
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                             logits_to_keep=1, **extra)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
         return out.logits.float()
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
@@ -187,7 +198,10 @@ class HFBackend:
         for i, r in enumerate(rows):
             s = r.sampling
             if s.temperature > 0:
-                probs = torch.softmax(logits[i].cpu() / s.temperature, -1)
+                row = logits[i].cpu()
+                # the largest logit subtracted first: a tiny temperature (1e-38) then sends the others to -inf,
+                # not every logit to +/-inf (whose softmax is NaN), i.e. greedy, as the limit says
+                probs = torch.softmax((row - row.max()) / s.temperature, -1)
                 if s.top_p < 1:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
                     sorted_p, order = probs.sort(descending=True)
                     cut = (sorted_p.cumsum(-1) - sorted_p) >= s.top_p
@@ -233,6 +247,7 @@ class HFBackend:
     def _pad_id(self) -> int:
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else min(self.stop_ids)
 
+
 def _select(b: _Batch, keep: list[int]) -> _Batch | None:
     """The batch with only the rows `keep`; leading columns that are padding for every row are dropped."""
     if len(keep) == len(b.rows):
@@ -266,8 +281,13 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
     for la, lb in zip(a.cache.layers, b.cache.layers):
         la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)])
         la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)])
-    return _Batch(a.rows + b.rows, a.cache, torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
-                  torch.cat([a.tokens, b.tokens]), torch.cat([a.positions, b.positions]))
+    return _Batch(
+        a.rows + b.rows,
+        a.cache,
+        torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
+        torch.cat([a.tokens, b.tokens]),
+        torch.cat([a.positions, b.positions]),
+    )
 
 
 def _accept(backend: HFBackend, r: Row, token: int) -> None:
@@ -287,7 +307,7 @@ def _accept(backend: HFBackend, r: Row, token: int) -> None:
     if not text.endswith("\ufffd"):
         safe = len(text) - _stop_prefix(text, r.stop)
         if safe > r.emitted:
-            r.on_delta(text[r.emitted:safe])
+            r.on_delta(text[r.emitted : safe])
             r.emitted = safe
     if len(r.ids) >= r.max_tokens:
         _close(r, "length")
@@ -302,7 +322,7 @@ def fail_rows(rows: list[Row], message: str) -> None:
 
 def _close(row: Row, reason: str) -> None:
     if len(row.text) > row.emitted and reason != "cancelled":  # text held back (a partial character, a stop cut)
-        row.on_delta(row.text[row.emitted:])
+        row.on_delta(row.text[row.emitted :])
         row.emitted = len(row.text)
     row.finish = reason
     row.on_finish(reason, len(row.ids))
@@ -325,6 +345,8 @@ def adapter_folder(path: str | Path) -> Path:
     if not (folder / "adapter_config.json").is_file():
         raise AyarError(f"{path} is not a LoRA adapter folder or ayar run directory (no adapter_config.json)")
     if not (folder / "adapter_model.safetensors").is_file():
-        raise AyarError(f"{folder} has no adapter_model.safetensors: only safetensors adapters are loaded "
-                        "(pickle files can run code); convert it with peft's save_pretrained(safe_serialization=True)")
+        raise AyarError(
+            f"{folder} has no adapter_model.safetensors: only safetensors adapters are loaded "
+            "(pickle files can run code); convert it with peft's save_pretrained(safe_serialization=True)"
+        )
     return folder

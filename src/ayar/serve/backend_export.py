@@ -24,14 +24,16 @@ class ExportBackend:
         return [self.default_model]
 
     def load_adapter(self, name, path) -> None:
-        raise AyarError(f"this model is an export ({self.kind}) with its adapter merged in: serve a run directory "
-                        "(transformers backend) for adapters chosen per request")
+        raise AyarError(
+            f"this model is an export ({self.kind}) with its adapter merged in: serve a run directory "
+            "(transformers backend) for adapters chosen per request"
+        )
 
     def unload_adapter(self, name) -> None:
         raise KeyError(name)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.engine.encode(messages)
+        return self.engine.prompt_ids(messages)
 
     @property
     def active(self) -> list[Row]:

@@ -11,11 +11,13 @@ class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("ayar_requests", "HTTP requests", ["route", "code"], registry=r)
-        self.generations = Counter("ayar_generations", "Generation requests by model and A/B variant",
-                                   ["model", "variant"], registry=r)
+        self.generations = Counter(
+            "ayar_generations", "Generation requests by model and A/B variant", ["model", "variant"], registry=r
+        )
         self.latency = Histogram("ayar_request_seconds", "Request latency", ["route"], buckets=_LATENCY, registry=r)
-        self.ttft = Histogram("ayar_time_to_first_token_seconds", "Time to first token", ["model"],
-                              buckets=_LATENCY, registry=r)
+        self.ttft = Histogram(
+            "ayar_time_to_first_token_seconds", "Time to first token", ["model"], buckets=_LATENCY, registry=r
+        )
         self.tokens = Counter("ayar_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter("ayar_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.queue = Gauge("ayar_queue_depth", "Rows waiting for a batch", registry=r)

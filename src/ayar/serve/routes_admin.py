@@ -35,7 +35,11 @@ def load_adapter(body: AdapterLoad, request: Request):
     try:
         backend.load_adapter(body.name, path)
     except AyarError as e:
-        raise APIError(409 if "already loaded" in str(e) else 400, str(e).replace(str(Path(root).resolve()), "<root>"), param="path")
+        raise APIError(
+            409 if "already loaded" in str(e) else 400,
+            str(e).replace(str(Path(root).resolve()), "<root>"),
+            param="path",
+        )
     return {"loaded": body.name, "adapters": list(backend.adapters)}
 
 

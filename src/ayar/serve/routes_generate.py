@@ -26,8 +26,10 @@ router = APIRouter()
 async def list_models(request: Request):
     state = request.app.state.ayar
     now = int(time.time())
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "ayar"}
-                                       for m in state.model_names()]}
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": now, "owned_by": "ayar"} for m in state.model_names()],
+    }
 
 
 @router.post("/v1/chat/completions", tags=["openai"])
@@ -46,7 +48,9 @@ async def chat_completions(body: ChatRequest, request: Request):
 @router.post("/v1/completions", tags=["openai"])
 async def completions(body: CompletionRequest, request: Request):
     if body.echo or body.logprobs:
-        raise APIError(400, "echo and logprobs are not supported by this server", param="echo" if body.echo else "logprobs")
+        raise APIError(
+            400, "echo and logprobs are not supported by this server", param="echo" if body.echo else "logprobs"
+        )
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or len(prompts) * body.n > 32:
         raise APIError(400, "prompt: give 1 to 32 prompts (times n)", param="prompt")
@@ -59,15 +63,26 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/generate", tags=["simple"])
 async def generate(body: GenerateRequest, request: Request):
     """A prompt in, the reply out (the chat template is applied)."""
-    chat = ChatRequest(model=body.model or request.app.state.ayar.require_ready().default_model,
-                       messages=[{"role": "user", "content": body.prompt}], max_tokens=body.max_tokens,
-                       temperature=body.temperature, user=body.user)
+    chat = ChatRequest(
+        model=body.model or request.app.state.ayar.require_ready().default_model,
+        messages=[{"role": "user", "content": body.prompt}],
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        user=body.user,
+    )
     response = await chat_completions(chat, request)
     reply = json.loads(response.body)
-    return JSONResponse({"status": "success", "prompt": body.prompt, "model": reply["model"],
-                         "response": reply["choices"][0]["message"]["content"],
-                         "finish_reason": reply["choices"][0]["finish_reason"],
-                         "tokens_generated": reply["usage"]["completion_tokens"]}, headers=dict(response.headers))
+    return JSONResponse(
+        {
+            "status": "success",
+            "prompt": body.prompt,
+            "model": reply["model"],
+            "response": reply["choices"][0]["message"]["content"],
+            "finish_reason": reply["choices"][0]["finish_reason"],
+            "tokens_generated": reply["usage"]["completion_tokens"],
+        },
+        headers=dict(response.headers),
+    )
 
 
 def _personalized(call: "_Call", messages: list[dict]) -> list[dict]:
@@ -79,6 +94,7 @@ def _personalized(call: "_Call", messages: list[dict]) -> list[dict]:
 @dataclass
 class _Call:
     """One generation request on its way through: resolved model, sampling, and the response it builds."""
+
     request: Request
     body: object
     kind: str  # "chat.completion" or "text_completion"
@@ -93,13 +109,17 @@ class _Call:
         call = cls(request, body, kind)
         state = call.state
         if body.presence_penalty or body.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported: leave them at 0",
-                           param="presence_penalty" if body.presence_penalty else "frequency_penalty")
+            raise APIError(
+                400,
+                "presence_penalty and frequency_penalty are not supported: leave them at 0",
+                param="presence_penalty" if body.presence_penalty else "frequency_penalty",
+            )
         call.model, call.variant = state.resolve(body.model, sticky=body.user or getattr(request.state, "client", None))
         base = state.default_sampling()
         temperature = base.temperature if body.temperature is None else body.temperature
-        call.sampling = Sampling(temperature, body.top_p if body.top_p is not None else base.top_p,
-                                 body.seed if temperature > 0 else None)
+        call.sampling = Sampling(
+            temperature, body.top_p if body.top_p is not None else base.top_p, body.seed if temperature > 0 else None
+        )
         if len(body.stops()) > 4:
             raise APIError(400, "stop: at most 4 stop sequences", param="stop")
         return call
@@ -124,24 +144,41 @@ class _Call:
             h["x-ayar-cache"] = cache
         return h
 
-    async def run(self, prompts: list[list[int]], max_tokens: int | None, shown: dict, new_user_turn: dict | None = None):
+    async def run(
+        self, prompts: list[list[int]], max_tokens: int | None, shown: dict, new_user_turn: dict | None = None
+    ):
         state, body = self.state, self.body
         limit, window = state.settings.max_tokens_limit, self.backend.context_window
         longest = max(map(len, prompts))
         if max_tokens is None and longest >= window:
-            raise APIError(400, f"the prompt has {longest} tokens: the model's context window of {window} tokens leaves "
-                           "no room for an answer; shorten the prompt", param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens: the model's context window of {window} tokens leaves "
+                "no room for an answer; shorten the prompt",
+                param="messages",
+                code="context_length_exceeded",
+            )
         max_tokens = max_tokens or min(state.settings.default_max_tokens, window - longest)
         if max_tokens > limit:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limit}", param="max_tokens")
         if longest + max_tokens > window:
-            raise APIError(400, f"the prompt has {longest} tokens and max_tokens is {max_tokens}: {longest + max_tokens} "
-                           f"is over the model's context window of {window} tokens; shorten the prompt or lower max_tokens",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens and max_tokens is {max_tokens}: {longest + max_tokens} "
+                f"is over the model's context window of {window} tokens; shorten the prompt or lower max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         cache_key = None
         if not body.stream and (self.sampling.temperature == 0 or self.sampling.seed is not None):
-            params = {"model": self.model, "max_tokens": max_tokens, "sampling": self.sampling.__dict__,
-                      "stop": body.stops(), "n": body.n, **shown}
+            params = {
+                "model": self.model,
+                "max_tokens": max_tokens,
+                "sampling": self.sampling.__dict__,
+                "stop": body.stops(),
+                "n": body.n,
+                **shown,
+            }
             cache_key = state.cache.key(self.kind, params)
             hit = state.cache.get(cache_key)
             state.metrics.cache.labels("hit" if hit else "miss").inc()
@@ -157,20 +194,33 @@ class _Call:
         except QueueFull as e:
             raise APIError(429, str(e), code="server_busy", headers={"Retry-After": str(e.retry_after)})
         state.metrics.generations.labels(self.model, self.variant or "").inc()
-        prompt_tokens = sum(map(len, prompts[::body.n]))  # rows are each prompt n times
+        prompt_tokens = sum(map(len, prompts[:: body.n]))  # rows are each prompt n times
         if body.stream:
-            return StreamingResponse(self._stream(job, prompt_tokens, new_user_turn), media_type="text/event-stream",
-                                     headers={**self.headers(), "Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._stream(job, prompt_tokens, new_user_turn),
+                media_type="text/event-stream",
+                headers={**self.headers(), "Cache-Control": "no-cache"},
+            )
         texts, reasons, tokens, ttft = await self._collect(job)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(tokens), "total_tokens": prompt_tokens + sum(tokens)}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(tokens),
+            "total_tokens": prompt_tokens + sum(tokens),
+        }
         self._count(usage, ttft)
-        result = {"object": self.kind, "model": self.model, "choices": [self._choice(i, texts[i], reasons[i]) for i in
-                                                                      range(len(texts))], "usage": usage}
+        result = {
+            "object": self.kind,
+            "model": self.model,
+            "choices": [self._choice(i, texts[i], reasons[i]) for i in range(len(texts))],
+            "usage": usage,
+        }
         if cache_key:
             state.cache.put(cache_key, result)
         if new_user_turn is not None and body.user:
             await run_in_threadpool(self._remember, new_user_turn, texts[0])
-        return JSONResponse({**result, "id": self._id(), "created": self.created}, headers=self.headers("miss" if cache_key else None))
+        return JSONResponse(
+            {**result, "id": self._id(), "created": self.created}, headers=self.headers("miss" if cache_key else None)
+        )
 
     async def _collect(self, job: Job):
         n = len(job.rows)
@@ -191,7 +241,9 @@ class _Call:
                     texts[i] += event[2]
                 elif kind == "finish":
                     if event[2] == "unloaded":
-                        raise APIError(404, f"model {self.model!r} was unloaded while the request waited", param="model")
+                        raise APIError(
+                            404, f"model {self.model!r} was unloaded while the request waited", param="model"
+                        )
                     reasons[i], tokens[i], left = event[2], event[3], left - 1
                 else:
                     raise APIError(500, event[2])
@@ -206,7 +258,9 @@ class _Call:
         try:
             if chat:
                 for i in range(len(job.rows)):
-                    yield self._sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                    yield self._sse(
+                        [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+                    )
             while left:
                 event = await job.events.get()
                 kind, i = event[0], event[1]
@@ -235,15 +289,25 @@ class _Call:
                 job.cancelled = True  # the client went away mid-stream
 
     def _sse(self, choices: list[dict], usage: dict | None = None) -> str:
-        chunk = {"id": self._id(), "object": f"{self.kind}.chunk" if self.kind == "chat.completion" else self.kind,
-                 "created": self.created, "model": self.model, "choices": choices}
+        chunk = {
+            "id": self._id(),
+            "object": f"{self.kind}.chunk" if self.kind == "chat.completion" else self.kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if usage is not None:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     def _choice(self, i: int, text: str, reason: str) -> dict:
         if self.kind == "chat.completion":
-            return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+            return {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+                "logprobs": None,
+            }
         return {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
 
     def _id(self) -> str:

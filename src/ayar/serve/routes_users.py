@@ -38,8 +38,11 @@ def delete_profile(request: Request, user_id: str = UserId):
 def get_history(request: Request, user_id: str = UserId, model: str | None = None, limit: int = 50):
     state = request.app.state.ayar
     model = model or state.require_ready().default_model
-    return {"user": user_id, "model": model,
-            "messages": state.store.history(_key(request, user_id), model, max(1, min(limit, 1000)))}
+    return {
+        "user": user_id,
+        "model": model,
+        "messages": state.store.history(_key(request, user_id), model, max(1, min(limit, 1000))),
+    }
 
 
 @router.delete("/{user_id}/history")

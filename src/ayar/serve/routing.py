@@ -27,5 +27,7 @@ def parse_alias(text: str) -> tuple[str, list[tuple[str, float]]]:
     except ValueError:
         variants = []
     if not alias or not variants or any(w <= 0 or not n for n, w in variants):
-        raise AyarError(f"--alias {text!r}: write ALIAS=MODEL:WEIGHT,MODEL:WEIGHT (weights > 0), e.g. assistant=v1:0.9,v2:0.1")
+        raise AyarError(
+            f"--alias {text!r}: write ALIAS=MODEL:WEIGHT,MODEL:WEIGHT (weights > 0), e.g. assistant=v1:0.9,v2:0.1"
+        )
     return alias, variants

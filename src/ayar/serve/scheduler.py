@@ -27,6 +27,7 @@ class QueueFull(Exception):
 class Job:
     """One request's rows. Events on `events`: ("delta", row, text), ("finish", row, reason, n_tokens) and
     ("error", row, message)."""
+
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -44,9 +45,16 @@ class Job:
             else:
                 put(self.events.put_nowait, ("finish", i, reason, n))
 
-        row = Row(prompt_ids, max_tokens, model, stop, sampling=self.sampling,
-                  on_delta=lambda text: put(self.events.put_nowait, ("delta", i, text)),
-                  on_finish=finished, cancelled=lambda: self.cancelled)
+        row = Row(
+            prompt_ids,
+            max_tokens,
+            model,
+            stop,
+            sampling=self.sampling,
+            on_delta=lambda text: put(self.events.put_nowait, ("delta", i, text)),
+            on_finish=finished,
+            cancelled=lambda: self.cancelled,
+        )
         self.rows.append(row)
         return row
 
@@ -112,7 +120,9 @@ class Scheduler:
             if not self.running:
                 return None
             new, room = [], self.max_batch - len(self.backend.active)
-            while self.pending and (len(self.pending[0].rows) <= room - len(new) or (not new and not self.backend.active)):
+            while self.pending and (
+                len(self.pending[0].rows) <= room - len(new) or (not new and not self.backend.active)
+            ):
                 job = self.pending.popleft()
                 if job.cancelled:
                     job.fail("cancelled")

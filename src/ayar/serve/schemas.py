@@ -63,6 +63,7 @@ class CompletionRequest(_Sampling):
 
 class GenerateRequest(BaseModel):
     """The seed's simple endpoint: a prompt in, a reply out (chat template applied)."""
+
     prompt: str = Field(min_length=1, max_length=_TEXT)
     max_tokens: int = Field(100, ge=1, le=1_000_000)
     temperature: float = Field(0.7, ge=0, le=2)

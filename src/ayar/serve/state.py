@@ -19,14 +19,15 @@ from ayar.serve.store import Store
 
 def build_backend(settings: ServeSettings, log=print) -> HFBackend:
     """Load the source (run directory or model) and the extra adapters named in the settings."""
-    from ayar.infer.engine import load_engine
+    from ayar.infer.exported import ExportedEngine
+    from ayar.infer.load import load_engine
 
     engine = load_engine(settings.source, log=log)
     path = Path(settings.source)
-    onnx = getattr(engine, "kind", None) in ("onnxruntime-genai", "llama.cpp")
-    if onnx and settings.adapters:
+    exported = isinstance(engine, ExportedEngine)
+    if exported and settings.adapters:
         raise AyarError("--adapter needs the transformers backend: an ONNX or GGUF export has its adapter merged in")
-    name = settings.name or (path.resolve().name if (path / "run.json").is_file() or onnx else "model")
+    name = settings.name or (path.resolve().name if (path / "run.json").is_file() or exported else "model")
     backend = backend_for(engine, name)
     for adapter, where in settings.adapters.items():
         if not valid_name(adapter):
@@ -36,16 +37,16 @@ def build_backend(settings: ServeSettings, log=print) -> HFBackend:
 
 
 def backend_for(engine, name: str):
-    """The serving backend of a loaded engine: transformers (adapters per row) or onnxruntime-genai."""
-    kind = getattr(engine, "kind", None)
-    if kind == "onnxruntime-genai":
-        from ayar.serve.backend_onnx import OnnxBackend
+    """The serving backend of a loaded engine, by the engine's type: transformers (adapters per row),
+    onnxruntime-genai or llama.cpp."""
+    from ayar.infer.gguf_engine import GgufEngine
+    from ayar.infer.onnx_engine import OnnxEngine
+    from ayar.serve.backend_gguf import GgufBackend
+    from ayar.serve.backend_onnx import OnnxBackend
 
-        return OnnxBackend(engine, name)
-    if kind == "llama.cpp":
-        from ayar.serve.backend_gguf import GgufBackend
-
-        return GgufBackend(engine, name)
+    for engine_type, backend_type in ((OnnxEngine, OnnxBackend), (GgufEngine, GgufBackend)):
+        if isinstance(engine, engine_type):
+            return backend_type(engine, name)
     return HFBackend(engine, name)
 
 
@@ -116,16 +117,19 @@ class ServerState:
         if requested in self.settings.aliases:
             variant = requested = choose(self.settings.aliases[requested], sticky)
         if requested not in backend.model_names():
-            raise APIError(404, f"model {requested!r} is not served here; available: {', '.join(self.model_names())}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {requested!r} is not served here; available: {', '.join(self.model_names())}",
+                param="model",
+                code="model_not_found",
+            )
         return requested, variant
 
     def default_sampling(self) -> Sampling:
         """The run's own generation settings, for requests that don't set temperature/top_p."""
-        gen = self.backend.engine.generation
-        temperature = gen.temperature if gen.temperature is not None else (0.8 if gen.preset == "creative" else 0.0)
-        top_p = gen.top_p if gen.top_p is not None else (0.95 if gen.preset == "creative" else 1.0)
-        return Sampling(temperature, top_p)
+        from ayar.infer.presets import default_sampling
+
+        return Sampling(*default_sampling(self.backend.engine.generation))
 
 
 __all__ = ["BASE", "ServerState", "build_backend"]

@@ -39,7 +39,9 @@ class Store:
     cap: int = 200  # messages kept per user and model
 
     def __post_init__(self):
-        kw = {"connect_args": {"check_same_thread": False}} if self.url.startswith("sqlite") else {"pool_pre_ping": True}
+        kw = (
+            {"connect_args": {"check_same_thread": False}} if self.url.startswith("sqlite") else {"pool_pre_ping": True}
+        )
         self.engine = create_engine(self.url, **kw)
         _Base.metadata.create_all(self.engine)
 
@@ -74,15 +76,21 @@ class Store:
     def history(self, user_id: str, model: str, limit: int) -> list[dict]:
         """The last `limit` messages of this user with this model, oldest first."""
         with Session(self.engine) as s:
-            rows = s.scalars(select(TurnRow).where(TurnRow.user_id == user_id, TurnRow.model == model)
-                             .order_by(TurnRow.id.desc()).limit(limit)).all()
+            rows = s.scalars(
+                select(TurnRow)
+                .where(TurnRow.user_id == user_id, TurnRow.model == model)
+                .order_by(TurnRow.id.desc())
+                .limit(limit)
+            ).all()
         return [{"role": r.role, "content": r.content} for r in reversed(rows)]
 
     def append(self, user_id: str, model: str, messages: list[dict]) -> None:
         now = time.time()
         with Session(self.engine) as s, s.begin():
-            s.add_all(TurnRow(user_id=user_id, model=model, role=m["role"], content=m["content"], created=now)
-                      for m in messages)
+            s.add_all(
+                TurnRow(user_id=user_id, model=model, role=m["role"], content=m["content"], created=now)
+                for m in messages
+            )
             s.flush()
             where = (TurnRow.user_id == user_id, TurnRow.model == model)
             count = s.scalar(select(func.count()).select_from(TurnRow).where(*where))

@@ -34,7 +34,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint; temp directories of interrupted saves are ignored."""
     if not ckpt_root.is_dir():
         return None
-    done = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    done = sorted(
+        p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+    )
     return done[-1] if done else None
 
 

@@ -5,9 +5,9 @@ class) on the validation rows are logged at each evaluation and measured before 
 from __future__ import annotations
 
 from ayar.errors import DataError
-from ayar.eval.metrics import classification as classification_metrics
+from ayar.metrics.scores import classification as classification_metrics
 from ayar.models.adapters import apply_method
-from ayar.train.trainer_stage import Stage
+from ayar.train.trl_stage import Stage
 
 
 def labels_of(cfg, splits) -> list[str]:
@@ -22,7 +22,11 @@ def labels_of(cfg, splits) -> list[str]:
 
 def model_kwargs(cfg, splits) -> dict:
     labels = labels_of(cfg, splits)
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {l: i for i, l in enumerate(labels)},
+    }
 
 
 def metrics_fn(labels: list[str]):
@@ -33,6 +37,7 @@ def metrics_fn(labels: list[str]):
         flat = {k: m[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
         flat.update({f"f1_{c}": v["f1"] for c, v in m["per_class"].items()})
         return flat
+
     return compute
 
 
@@ -51,18 +56,36 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
 
     model = apply_method(model, cfg.method, cfg.lora, task_type="SEQ_CLS")  # peft also trains and saves the head
     val = data(splits.val)
-    return Trainer(model, args=TrainingArguments(**{**args, **({} if val else {"eval_strategy": "no"})}),
-                   train_dataset=data(splits.train), eval_dataset=val, processing_class=tok,
-                   data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics_fn(labels), callbacks=callbacks)
+    return Trainer(
+        model,
+        args=TrainingArguments(**{**args, **({} if val else {"eval_strategy": "no"})}),
+        train_dataset=data(splits.train),
+        eval_dataset=val,
+        processing_class=tok,
+        data_collator=DataCollatorWithPadding(tok),
+        compute_metrics=metrics_fn(labels),
+        callbacks=callbacks,
+    )
 
 
 def held_out(cfg, trainer, splits) -> dict:
     if trainer.eval_dataset is None:
         return {}
     m = trainer.evaluate()
-    return {k.removeprefix("eval_"): v for k, v in m.items()
-            if k.removeprefix("eval_") in ("accuracy", "precision_macro", "recall_macro", "f1_macro") or k.startswith("eval_f1_")}
+    return {
+        k.removeprefix("eval_"): v
+        for k, v in m.items()
+        if k.removeprefix("eval_") in ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+        or k.startswith("eval_f1_")
+    }
 
 
-STAGE = Stage(name="classification", kinds=("classification",), build=build, auto_class="AutoModelForSequenceClassification",
-              model_kwargs=model_kwargs, before=held_out, after=held_out)
+STAGE = Stage(
+    name="classification",
+    kinds=("classification",),
+    build=build,
+    auto_class="AutoModelForSequenceClassification",
+    model_kwargs=model_kwargs,
+    before=held_out,
+    after=held_out,
+)

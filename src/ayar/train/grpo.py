@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ayar.data.render import Renderer
 from ayar.models.adapters import peft_config
-from ayar.train.rewards import reward_functions
-from ayar.train.trainer_stage import Stage
+from ayar.train.grpo_rewards import reward_functions
+from ayar.train.trl_stage import Stage
 
 RENAMES = {"reward": "mean_reward", "eval_reward": "eval_mean_reward"}
 
@@ -33,12 +33,25 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     # evaluation batches hold whole groups: keep a multiple of the prompts one batch holds
     per_batch = max(1, cfg.training.batch_size // g.num_generations)
     val = data(splits.val[: len(splits.val) - len(splits.val) % per_batch])
-    config = GRPOConfig(**{**args, **({} if val else {"eval_strategy": "no"})}, num_generations=g.num_generations,
-                        num_generations_eval=g.num_generations, max_completion_length=g.max_completion_length,
-                        temperature=g.temperature, beta=g.beta, log_completions=False)
-    return GRPOTrainer(model, reward_funcs=reward_functions(g.rewards, g.target_length), args=config,
-                       train_dataset=data(splits.train), eval_dataset=val, processing_class=tok, callbacks=callbacks,
-                       peft_config=peft_config(model, cfg.method, cfg.lora))
+    config = GRPOConfig(
+        **{**args, **({} if val else {"eval_strategy": "no"})},
+        num_generations=g.num_generations,
+        num_generations_eval=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        beta=g.beta,
+        log_completions=False,
+    )
+    return GRPOTrainer(
+        model,
+        reward_funcs=reward_functions(g.rewards, g.target_length),
+        args=config,
+        train_dataset=data(splits.train),
+        eval_dataset=val,
+        processing_class=tok,
+        callbacks=callbacks,
+        peft_config=peft_config(model, cfg.method, cfg.lora),
+    )
 
 
 def held_out(cfg, trainer, splits) -> dict:
@@ -49,5 +62,11 @@ def held_out(cfg, trainer, splits) -> dict:
     return {"mean_reward": m.get("eval_reward")}
 
 
-STAGE = Stage(name="grpo", kinds=("chat", "preference", "classification"), build=build, before=held_out, after=held_out,
-              renames=RENAMES)
+STAGE = Stage(
+    name="grpo",
+    kinds=("chat", "preference", "classification"),
+    build=build,
+    before=held_out,
+    after=held_out,
+    renames=RENAMES,
+)

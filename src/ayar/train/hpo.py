@@ -60,7 +60,9 @@ class Param:
 def parse_space(space: dict, base: dict) -> list[Param]:
     """hpo.space -> Params, each key checked against the training config (did-you-mean on typos)."""
     if not space:
-        raise ConfigError("hpo.space is empty: declare what to search, e.g. `training.learning_rate: {low: 1e-5, high: 1e-3, log: true}`")
+        raise ConfigError(
+            "hpo.space is empty: declare what to search, e.g. `training.learning_rate: {low: 1e-5, high: 1e-3, log: true}`"
+        )
     params = []
     for key, spec in space.items():
         where = f"hpo.space.{key}"
@@ -92,7 +94,6 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
     import optuna
 
     from ayar.train.sft import train_sft
-    from ayar.train.stages import check_combination
 
     params = parse_space(hcfg.space, base)
     cfg0 = from_dict(TrainConfig, base, where="config")
@@ -103,10 +104,24 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
     out = Path(hcfg.out)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=hcfg.seed) if hcfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=hcfg.seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if hcfg.pruner == "median" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=hcfg.study, storage=f"sqlite:///{(out / 'study.db').resolve()}", direction="minimize",
-                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    sampler = (
+        optuna.samplers.TPESampler(seed=hcfg.seed)
+        if hcfg.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=hcfg.seed)
+    )
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        if hcfg.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        study_name=hcfg.study,
+        storage=f"sqlite:///{(out / 'study.db').resolve()}",
+        direction="minimize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
     _requeue_interrupted(study, log)
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     todo = max(0, hcfg.trials - len(done))
@@ -115,7 +130,10 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
     def objective(trial) -> float:
         values = {p.key: p.suggest(trial) for p in params}
         log(f"trial  {trial.number}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-        overrides = [f"{k}={_yaml(v)}" for k, v in values.items()] + [f"output.dir={out / 'trials'}", f"output.name=trial-{trial.number:03d}"]
+        overrides = [f"{k}={_yaml(v)}" for k, v in values.items()] + [
+            f"output.dir={out / 'trials'}",
+            f"output.name=trial-{trial.number:03d}",
+        ]
         cfg = from_dict(TrainConfig, apply_overrides(base, overrides), where=f"trial {trial.number}")
 
         def report(state) -> None:  # after every step: report a fresh eval loss, stop the trial if it lags
@@ -124,7 +142,6 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"eval loss {state.last_eval:.4f} at step {state.step}")
 
-        check_combination(cfg)
         run = train_sft(cfg, callbacks=[report])
         trial.set_user_attr("run", str(run.path))
         meta = run.read_meta()
@@ -137,7 +154,9 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
         study.optimize(objective, n_trials=todo, catch=())
     summary = write_results(study, params, base, out)
     log((out / "trials.md").read_text())
-    log(f"best   trial {summary['best_trial']}: eval loss {summary['best_value']:.4f} -> {out / 'best.yaml'}  (ayar train {out / 'best.yaml'})")
+    log(
+        f"best   trial {summary['best_trial']}: eval loss {summary['best_value']:.4f} -> {out / 'best.yaml'}  (ayar train {out / 'best.yaml'})"
+    )
     return summary
 
 
@@ -156,22 +175,38 @@ def write_results(study, params: list[Param], base: dict, out: Path) -> dict:
     import optuna
 
     trials = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]
-    rows = [{"trial": t.number, "state": t.state.name.lower(), "eval_loss": t.value, **t.params,
-             "steps": max(t.intermediate_values, default=None) if t.state == optuna.trial.TrialState.PRUNED else None,
-             "run": t.user_attrs.get("run")} for t in trials]
+    rows = [
+        {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "eval_loss": t.value,
+            **t.params,
+            "steps": max(t.intermediate_values, default=None) if t.state == optuna.trial.TrialState.PRUNED else None,
+            "run": t.user_attrs.get("run"),
+        }
+        for t in trials
+    ]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise ConfigError("no trial completed (all pruned or failed); widen hpo.space or use hpo.pruner: none")
     best = study.best_trial
     keys = [p.key for p in params]
     head = "| trial | state | eval loss | " + " | ".join(keys) + " |\n|" + "---|" * (3 + len(keys)) + "\n"
-    body = "".join(f"| {r['trial']}{' (best)' if r['trial'] == best.number else ''} | {r['state']} | "
-                   f"{'n/a' if r['eval_loss'] is None else format(r['eval_loss'], '.4f')} | "
-                   + " | ".join(_short(r.get(k)) for k in keys) + " |\n" for r in rows)
+    body = "".join(
+        f"| {r['trial']}{' (best)' if r['trial'] == best.number else ''} | {r['state']} | "
+        f"{'n/a' if r['eval_loss'] is None else format(r['eval_loss'], '.4f')} | "
+        + " | ".join(_short(r.get(k)) for k in keys)
+        + " |\n"
+        for r in rows
+    )
     (out / "trials.md").write_text(head + body)
-    best_cfg = from_dict(TrainConfig, apply_overrides(base, [f"{k}={_yaml(v)}" for k, v in best.params.items()]), where="best")
-    (out / "best.yaml").write_text(f"# ayar hpo: best of {len(trials)} trials (trial {best.number}, eval loss {best.value:.4f})\n"
-                                   + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
+    best_cfg = from_dict(
+        TrainConfig, apply_overrides(base, [f"{k}={_yaml(v)}" for k, v in best.params.items()]), where="best"
+    )
+    (out / "best.yaml").write_text(
+        f"# ayar hpo: best of {len(trials)} trials (trial {best.number}, eval loss {best.value:.4f})\n"
+        + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False)
+    )
     summary = {"best_trial": best.number, "best_value": best.value, "best_params": best.params, "trials": rows}
     (out / "trials.json").write_text(json.dumps(summary, indent=1, default=str))
     summary["plots"] = _plots(study, out / "plots", len(keys))

@@ -17,11 +17,11 @@ import torch
 
 from ayar.data.collate import collate
 from ayar.data.render import IGNORE, Example
-from ayar.models.adapters import base_model
+from ayar.kernels import base_model, fused_decoder, varlen
 from ayar.plugins import load_callable
 from ayar.train import checkpoint as ckpt
-from ayar.train import fused_decoder, varlen
 from ayar.train.loss import loss_sum
+from ayar.train.optim import build_optimizer, build_scheduler
 
 
 @dataclass
@@ -61,45 +61,8 @@ class BatchOrder:
         return self._cache[1][micro * self.bs : (micro + 1) * self.bs]
 
 
-def rows_per_pass(tcfg, device: str, fused: bool = False) -> int:
-    """`training.rows_per_pass`, with auto (0) resolved: on CPU, passes of a few similar-length rows were
-    fastest (benchmarks/README.md): 4 with the fused decoder (its rows share their common opening, and
-    it keeps less per token), else 2; on GPUs the whole micro-batch, where bigger matmuls win."""
-    if tcfg.rows_per_pass > 0:
-        return tcfg.rows_per_pass
-    if device != "cpu":
-        return 0
-    return 4 if fused else 2
-
-
-def padding_free(model, tcfg, device: str) -> bool:
-    """Passes as packed rows: when asked (`training.packing`), and always where attention can run per
-    example (varlen.py: on CPU, for plain-attention models), since it is then the same computation as
-    padding without the padding."""
-    base = base_model(model)
-    return tcfg.packing or varlen.supported(base.config, device)
-
-
-def not_fused_because(model, tcfg, device: str, packed: bool) -> str | None:
-    """Why this run's passes do not take the fused decoder (None: they do, and its layer plan is built)."""
-    if not tcfg.fused:
-        return "training.fused is false"
-    if not packed:
-        return "padded rows"
-    return None if fused_decoder.usable(model, device) else fused_decoder.reason(model, device)
-
-
-def describe_passes(model, tcfg, device: str) -> dict:
-    """How this run's forward/backward passes will run (logged and kept in run.json)."""
-    packed = padding_free(model, tcfg, device)
-    why_not = not_fused_because(model, tcfg, device, packed)
-    base = base_model(model)
-    return {"rows_per_pass": rows_per_pass(tcfg, device, why_not is None), "padding_free": packed, "fused": why_not is None,
-            "not_fused_because": why_not, "gradient_checkpointing": bool(getattr(base, "is_activation_checkpointing", False))}
-
-
 def attention_through_backward(model, batch: dict):
-    """Per-example attention (varlen.py) routed for a pass's forward and its backward: gradient checkpointing
+    """Per-example attention (kernels/varlen.py) routed for a pass's forward and its backward: gradient checkpointing
     recomputes each layer's forward during backward, after the forward has returned, and the
     recomputation must take the same attention (whole-row causal attention there would mix examples)."""
     base = base_model(model)
@@ -121,7 +84,7 @@ def length_groups(examples: list[Example], rows_per_pass: int) -> list[list[Exam
     if rows_per_pass <= 0 or rows_per_pass >= len(examples):
         return [examples]
     ordered = sorted(examples, key=lambda e: len(e.input_ids))
-    return [ordered[i:i + rows_per_pass] for i in range(0, len(ordered), rows_per_pass)]
+    return [ordered[i : i + rows_per_pass] for i in range(0, len(ordered), rows_per_pass)]
 
 
 def total_steps_for(n_examples: int, tcfg) -> int:
@@ -131,50 +94,8 @@ def total_steps_for(n_examples: int, tcfg) -> int:
     return max(1, math.ceil(per_epoch * tcfg.epochs))
 
 
-def build_optimizer(model, tcfg, warn=print):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = None
-    if tcfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-
-            if torch.cuda.is_available():
-                opt = bnb.optim.AdamW8bit(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-        except ImportError:
-            pass
-        if opt is None:
-            warn("training.optimizer: adamw_8bit needs bitsandbytes on CUDA; using torch AdamW instead")
-    fused = fused_adamw(params)
-    if opt is None and tcfg.loraplus_lr_ratio:
-        from peft.optimizers import create_loraplus_optimizer
-
-        # LoRA+: the same AdamW, with the B matrices in a group whose learning rate is `ratio` times higher
-        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=tcfg.learning_rate,
-                                        loraplus_lr_ratio=tcfg.loraplus_lr_ratio, weight_decay=tcfg.weight_decay, fused=fused)
-    if opt is None:
-        opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay, fused=fused)
-    return opt
-
-
-def fused_adamw(params) -> bool | None:
-    """torch's fused AdamW (one kernel over all parameters) where it runs: CPU and CUDA floating-point
-    parameters. On a LoRA of a 135M model it took 8 ms a step against 25 ms for the default (foreach)
-    implementation on a 2-core CPU; the same update, rounded in a different order."""
-    ok = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    # None, not False, where it does not run: torch reads fused=False as a choice and then turns off its
-    # foreach default too, leaving the slowest (per-tensor) loop
-    return True if ok and params else None
-
-
-def build_scheduler(optimizer, tcfg, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = int(round(tcfg.warmup_ratio * total_steps))
-    return get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
 @torch.no_grad()
-def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device: str) -> float | None:
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device: str, autocast=None) -> float | None:
     if not examples:
         return None
     was_training = model.training
@@ -182,15 +103,28 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = _to(collate(examples[i : i + batch_size], pad_id), device)
-        s, n = loss_sum(model, batch)
+        s, n = loss_sum(model, batch, autocast=autocast)
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
 
 
-def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: int, device: str, ckpt_root,
-             on_log: Callable[[dict], None], on_progress: Callable[[LoopState, dict], None] | None = None,
-             resume_from=None, callbacks: list[Callable[[LoopState], None]] = (), warn=print) -> LoopResult:
+def run_loop(
+    model,
+    train: list[Example],
+    val: list[Example],
+    tcfg,
+    *,
+    plan,
+    pad_id: int,
+    ckpt_root,
+    on_log: Callable[[dict], None],
+    on_progress: Callable[[LoopState, dict], None] | None = None,
+    resume_from=None,
+    callbacks: list[Callable[[LoopState], None]] = (),
+    warn=print,
+) -> LoopResult:
+    """Train `model` on `train` as `plan` (train/plan.py: RunPlan with its layout) says."""
     total = total_steps_for(len(train), tcfg)
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)
@@ -199,9 +133,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
     if resume_from is not None:
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
     best_adapter = None
-    packed = padding_free(model, tcfg, device)
-    fused = not_fused_because(model, tcfg, device, packed) is None
-    per_pass = rows_per_pass(tcfg, device, fused)
+    device, packed, fused, per_pass = plan.device, plan.layout.packed, plan.layout.fused, plan.layout.per_pass
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
     model.train()
     while state.step < total and not state.stopped_early:
@@ -211,7 +143,9 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
             if state.micro >= order.per_epoch:
                 state.epoch, state.micro = state.epoch + 1, 0
             examples = [train[i] for i in order.indices(state.epoch, state.micro)]
-            micro_batches += [collate(group, pad_id, packed, share_prefix=fused) for group in length_groups(examples, per_pass)]
+            micro_batches += [
+                collate(group, pad_id, packed, share_prefix=fused) for group in length_groups(examples, per_pass)
+            ]
             state.micro += 1
         # Mean over every trained token of the optimizer step, whatever the micro-batch split.
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
@@ -219,7 +153,7 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         for b in micro_batches:
             b = _to(b, device)
             with attention_through_backward(model, b):
-                s, _ = loss_sum(model, b, loss_fn, fused)
+                s, _ = loss_sum(model, b, loss_fn, fused, plan.autocast)
                 (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
         if tcfg.max_grad_norm > 0:
@@ -233,15 +167,21 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
         tokens = sum(example_tokens(b) for b in micro_batches)
         state.real_tokens += tokens
         state.train_seconds += dt
-        record = {"step": state.step, "epoch": round(state.epoch + state.micro / order.per_epoch, 4), "loss": step_loss,
-                  "lr": lr, "tokens_per_s": tokens / dt, "step_seconds": dt}
+        record = {
+            "step": state.step,
+            "epoch": round(state.epoch + state.micro / order.per_epoch, 4),
+            "loss": step_loss,
+            "lr": lr,
+            "tokens_per_s": tokens / dt,
+            "step_seconds": dt,
+        }
         if state.step % tcfg.logging_steps == 0 or state.step == total:
             on_log(record)
         if on_progress:
             on_progress(state, record)
 
         if val and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or state.step == total):
-            eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device)
+            eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device, plan.autocast)
             on_log({"step": state.step, "eval_loss": eval_loss})
             state.last_eval, state.last_eval_step = eval_loss, state.step
             if state.best_eval is None or eval_loss < state.best_eval:
@@ -252,11 +192,15 @@ def run_loop(model, train: list[Example], val: list[Example], tcfg, *, pad_id: i
                 state.bad_evals += 1
                 if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:
                     state.stopped_early = True
-                    warn(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evaluations "
-                         f"(best {state.best_eval:.4f} at step {state.best_step})")
+                    warn(
+                        f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evaluations "
+                        f"(best {state.best_eval:.4f} at step {state.best_step})"
+                    )
 
         if tcfg.save_steps and state.step % tcfg.save_steps == 0 and state.step < total:
-            ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit)
+            ckpt.save_checkpoint(
+                ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit
+            )
         for cb in callbacks:
             cb(state)
     ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit)

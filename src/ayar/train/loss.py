@@ -2,9 +2,9 @@
 
 The LM head runs only on positions whose next token is trained, so the full-vocabulary logits of
 prompt and padding positions (most of a chat batch) are never materialised, and those of trained
-positions are taken a chunk at a time (kernels.linear_cross_entropy). Packed rows carrying
-`cu_seq_lens` get per-example attention where the model allows it (varlen.py), and with `fused` run
-through ayar's fused decoder (fused_decoder.py).
+positions are taken a chunk at a time (kernels/ops.linear_cross_entropy). Packed rows carrying
+`cu_seq_lens` get per-example attention where the model allows it (kernels/varlen.py), and with `fused` run
+through ayar's fused decoder (kernels/fused_decoder.py).
 """
 
 from __future__ import annotations
@@ -15,22 +15,21 @@ import torch
 import torch.nn.functional as F
 
 from ayar.data.render import IGNORE
-from ayar.models.adapters import base_model
-from ayar.train import fused_decoder, varlen
-from ayar.train.kernels import linear_cross_entropy
+from ayar.kernels import base_model, fused_decoder, varlen
+from ayar.kernels.ops import linear_cross_entropy
 
 
 @contextlib.contextmanager
-def compute_context(model):
-    """bf16/fp16 base weights with fp32 adapter weights: run the adapters' matmuls in the base dtype under
+def compute_context(model, autocast=None):
+    """`autocast` (the run plan's, for full fine-tuning: fp32 master weights, bf16/fp16 compute): run under it.
+    bf16/fp16 base weights with fp32 adapter weights: run the adapters' matmuls in the base dtype under
     autocast (their fp32 master weights and optimizer stay fp32), instead of peft's default of copying
     every adapter input to fp32 and multiplying in fp32. Measured in benchmarks/README.md."""
     base = base_model(model)
     device = next(base.parameters()).device.type
-    amp = getattr(base, "ayar_autocast_dtype", None)  # full fine-tuning: fp32 master weights, bf16/fp16 compute
     dtype = next(base.parameters()).dtype
-    if amp is not None:
-        with torch.autocast(device, dtype=amp):
+    if autocast is not None:
+        with torch.autocast(device, dtype=autocast):
             yield
     elif dtype in (torch.bfloat16, torch.float16) and hasattr(model, "peft_config"):
         from peft.helpers import disable_input_dtype_casting
@@ -41,19 +40,20 @@ def compute_context(model):
         yield
 
 
-def loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[torch.Tensor, int]:
+def loss_sum(model, batch: dict, loss_fn=None, fused: bool = False, autocast=None) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over trained positions, and how many there are. `loss_fn(logits, targets)`
     -> per-position losses replaces cross-entropy (`training.loss`). `fused`: packed rows go through the
     fused decoder (the caller checked `fused_decoder.usable`)."""
-    with compute_context(model):
+    with compute_context(model, autocast):
         return _loss_sum(model, batch, loss_fn, fused)
 
 
 def _hidden(model, batch: dict, fused: bool) -> torch.Tensor:
     base = base_model(model)
     if fused and "cu_seq_lens" in batch:
-        return fused_decoder.hidden_states(model, batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"],
-                                           int(batch.get("shared_prefix", 0)))
+        return fused_decoder.hidden_states(
+            model, batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"], int(batch.get("shared_prefix", 0))
+        )
     if "shared_prefix" in batch:
         raise ValueError("a row with a shared prefix needs the fused decoder (collate share_prefix only with fused)")
     attention, segments = contextlib.nullcontext(), {}
@@ -77,8 +77,14 @@ def _loss_sum(model, batch: dict, loss_fn=None, fused: bool = False) -> tuple[to
     keep = targets != IGNORE
     head = base.get_output_embeddings()
     cap = getattr(base.config, "final_logit_softcapping", None)
-    if loss_fn is None and not cap and type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
-        # the usual case: chunked, never holding [trained positions, vocab] logits (kernels.py)
+    if (
+        loss_fn is None
+        and not cap
+        and type(head) is torch.nn.Linear
+        and head.bias is None
+        and not head.weight.requires_grad
+    ):
+        # the usual case: chunked, never holding [trained positions, vocab] logits (kernels/ops.py)
         h = hidden[keep]
         if torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))
@@ -98,13 +104,18 @@ def custom_loss(loss_fn, logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     losses = loss_fn(logits, targets)
     if not isinstance(losses, torch.Tensor) or losses.shape != targets.shape:
         got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise AyarError(f"training.loss must return one loss per trained position, a tensor of shape {tuple(targets.shape)}; "
-                        f"got {got}")
+        raise AyarError(
+            f"training.loss must return one loss per trained position, a tensor of shape {tuple(targets.shape)}; "
+            f"got {got}"
+        )
     return losses
 
 
 def reference_loss(model, batch: dict) -> torch.Tensor:
     """The plain way (full logits, mean over trained tokens): what loss_sum must agree with."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids")).logits.float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids")
+    ).logits.float()
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE
+    )

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from ayar.data.render import Renderer
 from ayar.models.adapters import peft_config
-from ayar.train.trainer_stage import Stage
+from ayar.train.trl_stage import Stage
 
 # TRL logs -> metrics.jsonl names (eval_ variants are renamed the same way)
-RENAMES = {"rewards/margins": "reward_margin", "rewards/accuracies": "preference_accuracy",
-           "eval_rewards/margins": "eval_reward_margin", "eval_rewards/accuracies": "eval_preference_accuracy"}
+RENAMES = {
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "preference_accuracy",
+    "eval_rewards/margins": "eval_reward_margin",
+    "eval_rewards/accuracies": "eval_preference_accuracy",
+}
 
 
 def preference_rows(records, renderer: Renderer, kto: bool = False) -> list[dict]:
@@ -28,8 +32,10 @@ def preference_rows(records, renderer: Renderer, kto: bool = False) -> list[dict
         else:
             chosen, rejected = rec.chosen, rec.rejected
         if kto:
-            rows += [{"prompt": prompt, "completion": chosen, "label": True},
-                     {"prompt": prompt, "completion": rejected, "label": False}]
+            rows += [
+                {"prompt": prompt, "completion": chosen, "label": True},
+                {"prompt": prompt, "completion": rejected, "label": False},
+            ]
         else:
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
@@ -47,7 +53,9 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     if not val:
         common["eval_strategy"] = "no"
     lora = peft_config(model, cfg.method, cfg.lora)
-    kw = dict(args=None, train_dataset=train, eval_dataset=val, processing_class=tok, callbacks=callbacks, peft_config=lora)
+    kw = dict(
+        args=None, train_dataset=train, eval_dataset=val, processing_class=tok, callbacks=callbacks, peft_config=lora
+    )
     if pref.loss in ("dpo", "ipo"):
         from trl import DPOConfig, DPOTrainer
 

@@ -46,7 +46,9 @@ def _require(name: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise ConfigError(f"training.tracker: {name} is not installed: `pip install {name}`, or use tracker: tensorboard") from None
+        raise ConfigError(
+            f"training.tracker: {name} is not installed: `pip install {name}`, or use tracker: tensorboard"
+        ) from None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

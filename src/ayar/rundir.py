@@ -1,0 +1,94 @@
+"""The run directory: the contract between `train` and everything after it (chat, eval, export, serve).
+
+runs/<name>-<timestamp>/
+  config.yaml      resolved config            run.json      base model, dtype, versions, results
+  tokenizer/       tokenizer + chat template  adapter/      final adapter (safetensors)
+                                              model/        the whole model instead (method: full)
+  checkpoints/     resumable checkpoints      metrics.jsonl one JSON object per log/eval event
+  loss.png         loss curves                README.md     what this run is and how to use it
+  tb/              TensorBoard events
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ayar.errors import AyarError
+from ayar.fsutil import write_atomic
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    config = property(lambda self: self.path / "config.yaml")
+    meta = property(lambda self: self.path / "run.json")
+    tokenizer = property(lambda self: self.path / "tokenizer")
+    adapter = property(lambda self: self.path / "adapter")
+    full_model = property(lambda self: self.path / "model")  # method: full, the whole fine-tuned model
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    loss_plot = property(lambda self: self.path / "loss.png")
+    readme = property(lambda self: self.path / "README.md")
+    tensorboard = property(lambda self: self.path / "tb")
+
+    @classmethod
+    def create(cls, parent: str, name: str) -> "RunDir":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(parent) / f"{name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(parent) / f"{name}-{stamp}-{n}"
+        path.mkdir(parents=True)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        run = cls(Path(path))
+        if not run.meta.is_file() or not run.config.is_file():
+            raise AyarError(
+                f"{path} is not an ayar run directory (no run.json/config.yaml): pass the directory `ayar train` printed"
+            )
+        return run
+
+    def read_meta(self) -> dict:
+        return json.loads(self.meta.read_text())
+
+    def update_meta(self, **fields) -> dict:
+        meta = self.read_meta() if self.meta.is_file() else {}
+        meta.update(fields)
+        write_atomic(self.meta, json.dumps(meta, indent=2, default=str))
+        return meta
+
+    def write_config(self, cfg_dict: dict) -> None:
+        write_atomic(self.config, yaml.safe_dump(cfg_dict, sort_keys=False))
+
+    def read_config_dict(self) -> dict:
+        return yaml.safe_load(self.config.read_text())
+
+    def read_config(self):
+        """The run's resolved TrainConfig (config.yaml), validated like any config."""
+        from ayar.config import TrainConfig
+        from ayar.config.loader import from_dict
+
+        return from_dict(TrainConfig, self.read_config_dict(), where=str(self.config))
+
+    def append_metrics(self, record: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop records past `after_step` (a resumed run re-logs them)."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))

@@ -1,0 +1,409 @@
+"""Memory planner: predict a training run's peak memory before it starts, say whether it fits, and if
+not, which settings would.
+
+The prediction adds up what training holds at its peak (the end of the forward pass of the largest
+pass, when every layer's saved activations are alive):
+    weights (by dtype) + adapter (fp32) + its gradients + AdamW's two states
+    + activations: tokens x layers x (what one decoder layer saves for backward) x dtype bytes, for the
+      path the loop will take (fused decoder or transformers + peft modules); with gradient
+      checkpointing, each layer's input plus one layer's activations (and their gradients) at a time
+    + per-example attention (packed rows on CPU): the attention probabilities of every layer
+    + logits: ayar computes them for trained positions only, a chunk of positions at a time (the full
+      [trained, vocab] fp32 logits and their gradient where a custom loss or a trained head needs them)
+    + the runtime itself (Python, torch, transformers, tokenizer).
+The activation terms count what autograd saves, tensor by tensor (checked against saved-tensor hooks in
+tests/unit/test_perf.py); the measured peaks they were checked against are in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Constants (see benchmarks/README.md, "memory planner").
+RUNTIME_BYTES_CPU = 500 * 2**20  # python + torch + transformers + tokenizer: 470 MB RSS measured before the model loads
+RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors (an estimate)
+# bf16/fp16 matmuls on CPU: oneDNN's two primitive caches, held at 128 shapes each (ayar/__init__.py):
+# 133 MB measured after 400 new shapes
+ONEDNN_CACHE_BYTES = 133 * 2**20
+BF16_MODULES_FACTOR = 1.16  # bf16 modules path: fitted on measured peaks (AVX512-BF16 machine), not counted
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Shape:
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv: int  # n_kv_heads * head_dim
+    vocab: int
+    lora_params: int
+    heads: int = 1
+    lora_inputs: int = 0  # per layer: summed input features of the LoRA-wrapped projections
+    lora_distinct_inputs: int = 0  # the same, counting once the inputs projections share (q/k/v, gate/up)
+    lora_outputs: int = 0  # per layer: r x wrapped projections (what each adapter's A saves for its B)
+    linear_params: int = 0  # weights of the linear layers (not the output head): what QLoRA stores in 4 bits
+    plain_attention: bool = False  # packed rows can take per-example attention on CPU (kernels/varlen.py)
+    fused_family: bool = False  # the fused decoder can run this architecture (kernels/fused_decoder.py)
+    plain_head: bool = True  # no logit soft-capping: the chunked cross-entropy applies (train/loss.py)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """The largest forward/backward pass of a run: tokens, trained tokens, rows, and example lengths."""
+
+    tokens: int
+    trained: int
+    rows: int
+    lengths: tuple = ()
+
+    def attention_keys(self, blocked: bool = False) -> float:
+        """Keys per query token of per-example attention with saved probabilities (segments short enough
+        for the matmul path; longer ones run torch's kernel, which keeps none). `blocked`: the fused
+        decoder, whose query blocks see only the keys up to their last query, when no segment is long."""
+        from ayar.kernels.varlen import MATMUL_MAX_LEN
+
+        short = [n for n in self.lengths if n <= MATMUL_MAX_LEN]
+        if blocked and len(short) == len(self.lengths):
+            from ayar.kernels.fused_decoder import query_blocks
+
+            return sum((b - a) * b for n in short for a, b in query_blocks(n)) / max(self.tokens, 1)
+        return sum(n * n for n in short) / max(self.tokens, 1)
+
+    def long_share(self) -> float:
+        """The share of tokens in segments that per-example attention gives to torch's kernel."""
+        from ayar.kernels.varlen import MATMUL_MAX_LEN
+
+        return sum(n for n in self.lengths if n > MATMUL_MAX_LEN) / max(self.tokens, 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the training loop runs passes (decided in train/plan.py): rows per pass, padding-free or padded
+    rows, fused decoder or modules, gradient checkpointing."""
+
+    per_pass: int
+    packed: bool
+    fused: bool = False
+    checkpointing: bool = False
+
+
+@dataclass
+class MemoryPlan:
+    parts: dict = field(default_factory=dict)  # name -> bytes
+    available: int = 0
+    device: str = "cpu"
+    tokens: int = 0  # tokens in the largest micro-batch
+    trained: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.available
+
+    def table(self) -> str:
+        gb = lambda b: f"{b / 2**30:6.2f} GB"
+        lines = [f"  {name:<24}{gb(b)}" for name, b in self.parts.items()]
+        lines.append(
+            f"  {'predicted peak':<24}{gb(self.total)}   (largest micro-batch: {self.tokens} tokens, {self.trained} trained)"
+        )
+        lines.append(f"  {'available':<24}{gb(self.available)}   ({self.device})")
+        return "\n".join(lines)
+
+
+def model_shape(hf_config, target_modules, r: int) -> Shape:
+    """Sizes from the model's config: the model is built on the meta device (no memory), so parameter and
+    LoRA counts are exact for any architecture, fused projections included."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ayar.models.adapters import matches_target
+
+    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    params = sum(p.numel() for p in model.parameters())
+    output = model.get_output_embeddings()
+    wrapped = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not output and matches_target(name, target_modules)
+    ]
+    lora = sum(r * (m.in_features + m.out_features) for m in wrapped)
+    distinct = {}  # q/k/v (and gate/up) read the same tensor: one saved input between them
+    for name, m in model.named_modules():
+        if any(m is w for w in wrapped):
+            parent, _, leaf = name.rpartition(".")
+            distinct[(parent, _SHARED_INPUT.get(leaf, leaf))] = m.in_features
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
+    layers = c.num_hidden_layers
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output)
+    from ayar.kernels import fused_decoder, varlen
+
+    return Shape(
+        params,
+        layers,
+        c.hidden_size,
+        c.intermediate_size,
+        kv,
+        c.vocab_size,
+        lora,
+        heads,
+        sum(m.in_features for m in wrapped) // layers,
+        sum(distinct.values()) // layers,
+        r * len(wrapped) // layers,
+        linear,
+        varlen.supported(c, "cpu"),
+        fused_decoder.config_reason(c, "cpu") is None,
+        not getattr(c, "final_logit_softcapping", None),
+    )
+
+
+_SHARED_INPUT = {
+    "q_proj": "attn",
+    "k_proj": "attn",
+    "v_proj": "attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "w1": "mlp",
+    "w3": "mlp",
+}
+
+
+def layer_bytes_per_token(
+    s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False, long_share: float = 0.0
+) -> float:
+    """What one decoder layer keeps per token for backward (attention probabilities aside), tensor by tensor.
+    Fused decoder (kernels/ops.py): two norm inputs and outputs, v, rotated q/k, the attention output, gate/up
+    and their product, each adapter's A output (dropout masks are not kept: kernels/dropout.py); a pass with
+    long segments (autograd through torch's attention kernel) also keeps the stacked queries, and its long
+    segments' query/key/value copies.
+    Modules, fp32 (CPU): the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
+    SiLU(gate); each adapter's dropped-out input (fp32), or without dropout the distinct inputs (q/k/v
+    share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR); adapters
+    there run under autocast on the input as it is (train/loss.py)."""
+    lora_out = s.lora_outputs * 4 if lora else 0
+    if fused:
+        q = s.hidden  # heads * head_dim for the families ayar fuses
+        kept = 4 * s.hidden + (3 if long_share else 2) * q + 2 * s.kv + 3 * s.intermediate + long_share * (q + s.kv)
+        return kept * dtype_bytes + lora_out + 8
+    if dtype_bytes == 4:
+        base = (2 * s.hidden + 2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * 4
+        adapters = (s.lora_inputs if dropout else s.lora_distinct_inputs) * 4 if lora else 0
+        return base + adapters + lora_out
+    base = ((2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden) * BF16_MODULES_FACTOR
+    return base + (s.lora_inputs * (dtype_bytes + 1) if lora and dropout else 0)
+
+
+def activation_bytes_per_token(
+    s: Shape,
+    dtype_bytes: int,
+    lora: bool,
+    dropout: bool = True,
+    fused: bool = False,
+    attention_keys: float = 0.0,
+    checkpointing: bool = False,
+    long_share: float = 0.0,
+) -> int:
+    """What training keeps per token at its peak, over all layers. Per-example attention on packed rows
+    keeps each layer's probabilities (heads x keys, fp32, plus a copy in a half dtype). With gradient
+    checkpointing, each layer's input is kept, and one layer's activations live at a time, with as much
+    again for their gradients while that layer's backward runs (measured: benchmarks/README.md)."""
+    per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused, long_share)
+    per_layer += s.heads * attention_keys * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
+    if checkpointing:
+        return int(s.layers * s.hidden * dtype_bytes + 2 * per_layer)
+    return int(s.layers * per_layer)
+
+
+def attention_scratch_bytes(s: Shape, rows: int, row_len: int) -> int:
+    """The attention weights one layer materializes at a time (heads x len x len, fp32 softmax) on CPU."""
+    return rows * s.heads * row_len**2 * 4
+
+
+def plan_memory(
+    shape: Shape,
+    *,
+    weight_dtype: str,
+    device: str,
+    tokens: int,
+    trained: int,
+    method: str = "lora",
+    available: int | None = None,
+    rows: int = 1,
+    dropout: bool = True,
+    fused: bool = False,
+    attention_keys: float = 0.0,
+    checkpointing: bool = False,
+    long_share: float = 0.0,
+    packed: bool = False,
+    chunked_logits: bool = True,
+) -> MemoryPlan:
+    """`tokens` in the largest pass, laid out as `rows` rows of equal length (1 row when packed);
+    `attention_keys`: keys per token of per-example attention (`Pass.attention_keys`, 0 otherwise);
+    `long_share`: the share of tokens in segments longer than that (`Pass.long_share`)."""
+    wb = _BYTES[weight_dtype]
+    parts = {"weights": shape.params * wb}
+    if method in (
+        "qlora",
+        "qdora",
+    ):  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
+        parts["weights"] = int(shape.linear_params * 0.516) + (shape.params - shape.linear_params) * 4
+    adapter = method in ("lora", "dora", "qlora", "qdora")
+    if adapter:
+        parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
+    else:
+        parts["grads + AdamW (full)"] = shape.params * (wb + 8)
+    if fused:  # q/k/v and gate/up weights restacked into one tensor each: a copy while the loaded weights stay
+        # file-mapped (safetensors in the checkpoint's dtype; a converted dtype frees them: then this over-counts)
+        q = shape.hidden
+        parts["fused weight stacks"] = shape.layers * shape.hidden * (q + 2 * shape.kv + 2 * shape.intermediate) * wb
+    parts["activations"] = tokens * activation_bytes_per_token(
+        shape, wb, adapter, dropout, fused, attention_keys, checkpointing, long_share
+    )
+    if device == "cpu" and not packed:  # padded rows: one layer's [rows, heads, len, len] attention weights
+        parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
+    if chunked_logits:  # one chunk's fp32 logits (on CPU one vocabulary block of them) and softmax, and the
+        # gradient for the trained positions' states
+        from ayar.kernels.ops import CE_CHUNK, VOCAB_BLOCK, online_softmax
+
+        vocab = min(shape.vocab, VOCAB_BLOCK) if online_softmax(device) else shape.vocab
+        parts["logits (trained tokens)"] = min(trained, CE_CHUNK) * vocab * 4 * 2 + trained * shape.hidden * 4
+    else:  # fp32 logits, their softmax and its gradient
+        parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
+    parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
+    if device == "cpu" and wb < 4:
+        parts["runtime"] += ONEDNN_CACHE_BYTES
+    return MemoryPlan(parts, available if available is not None else available_memory(device), device, tokens, trained)
+
+
+def available_memory(device: str) -> int:
+    """Free memory for a new run: $AYAR_MEMORY_LIMIT_MB when set; on CUDA the device's free memory; on CPU
+    the system's available RAM, capped by the container's cgroup limit when there is one."""
+    import os
+
+    if os.environ.get("AYAR_MEMORY_LIMIT_MB"):
+        return int(float(os.environ["AYAR_MEMORY_LIMIT_MB"]) * 2**20)
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def largest_pass(examples, batch_size: int, packed: bool, per_pass: int = 0) -> Pass:
+    """The worst forward/backward pass: the longest examples together (batch_size of them, or per_pass when
+    a micro-batch runs in passes), in one padding-free row or padded to the longest."""
+    n = per_pass if 0 < per_pass < batch_size else batch_size
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:n]
+    if not longest:
+        return Pass(0, 0, 1)
+    lengths = tuple(len(e.input_ids) for e in longest)
+    trained = sum(e.n_trained for e in longest)
+    if packed:
+        return Pass(sum(lengths), trained, 1, lengths)
+    return Pass(lengths[0] * len(longest), trained, len(longest), lengths)
+
+
+def plan_layout(
+    shape: Shape,
+    cfg,
+    examples,
+    weight_dtype: str,
+    device: str,
+    layout: Layout,
+    available: int | None = None,
+    batch_size: int | None = None,
+    per_pass: int | None = None,
+) -> MemoryPlan:
+    p = largest_pass(
+        examples,
+        batch_size or cfg.training.batch_size,
+        layout.packed,
+        layout.per_pass if per_pass is None else per_pass,
+    )
+    varlen = layout.packed and device == "cpu" and shape.plain_attention
+    # the chunked cross-entropy needs a plain frozen head and the built-in loss (train/loss.py)
+    chunked = (
+        shape.plain_head
+        and not cfg.training.loss
+        and cfg.method != "full"
+        and not any("lm_head" in m or "embed" in m for m in (cfg.lora.modules_to_save or []))
+    )
+    return plan_memory(
+        shape,
+        weight_dtype=weight_dtype,
+        device=device,
+        tokens=p.tokens,
+        trained=p.trained,
+        method=cfg.method,
+        available=available,
+        rows=p.rows,
+        dropout=cfg.lora.dropout > 0,
+        fused=layout.fused,
+        attention_keys=p.attention_keys(layout.fused) if varlen else 0.0,
+        checkpointing=layout.checkpointing,
+        long_share=p.long_share() if varlen else 0.0,
+        packed=layout.packed,
+        chunked_logits=chunked,
+    )
+
+
+def suggestions(
+    shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int, layout: Layout
+) -> list[str]:
+    """Settings that would fit, each changing one thing (the effective batch is kept where possible)."""
+    import dataclasses
+
+    fits = lambda **kw: (
+        plan_layout(shape, cfg, examples, weight_dtype, device, kw.pop("layout", layout), available, **kw).fits
+    )
+    out = []
+    if not layout.checkpointing and fits(layout=dataclasses.replace(layout, checkpointing=True)):
+        out.append("training.gradient_checkpointing=true (recomputes each layer's forward in backward: ~30% slower)")
+    for rpp in (2, 1):
+        if layout.per_pass and layout.per_pass <= rpp or cfg.training.batch_size <= rpp:
+            continue
+        if fits(per_pass=rpp):
+            out.append(f"training.rows_per_pass={rpp} (same batches and gradient, in smaller passes)")
+            break
+    bs, ga = cfg.training.batch_size, cfg.training.grad_accum
+    b = bs
+    while b > 1:
+        b //= 2
+        if fits(batch_size=b):
+            out.append(f"training.batch_size={b} training.grad_accum={ga * bs // b} (same effective batch)")
+            break
+    for max_len in (cfg.data.max_length // 2, cfg.data.max_length // 4):
+        if (
+            max_len >= 64
+            and plan_layout(
+                shape, cfg, [_Clip(e, max_len) for e in examples], weight_dtype, device, layout, available
+            ).fits
+        ):
+            out.append(f"data.max_length={max_len} (longer rows are truncated)")
+            break
+    if weight_dtype == "float32":
+        out.append("model.dtype=bfloat16 (halves weights and activations; on CPU only fast with AVX512-BF16/AMX)")
+    return out
+
+
+class _Clip:
+    def __init__(self, e, n):
+        self.input_ids = e.input_ids[:n]
+        self.n_trained = min(e.n_trained, n)

@@ -1,0 +1,237 @@
+"""The run plan: how a training run executes, decided once at setup and handed down.
+
+`decide(cfg)` makes the decisions that come before the model loads (device, weights dtype, autocast,
+4-bit loading, processes); `RunPlan.with_passes(...)` adds those that need the loaded model and the
+tokenized data (padding-free passes, the fused decoder, rows per pass, gradient checkpointing, memory
+release, the memory plan). The plan is printed, recorded in run.json (`plan`), and read by the loop,
+the loss and the memory planner; nothing below re-decides it.
+
+`world_size` and `rank` come from the launcher's environment (WORLD_SIZE, RANK: torchrun, accelerate):
+1 and 0 for a plain process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ayar.errors import AyarError
+from ayar.models.device import Placement, choose_placement
+from ayar.train.memory import Layout, MemoryPlan, Shape
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    placement: Placement  # where and in which dtype the weights are loaded
+    autocast: torch.dtype | None = None  # full fine-tuning in half precision: fp32 master weights, this compute dtype
+    quantized: bool = False  # QLoRA/QDoRA: the base loaded in 4-bit NF4
+    world_size: int = 1
+    rank: int = 0
+    layout: Layout | None = None  # the passes, once the model and data are known (SFT's own loop)
+    not_fused_because: str | None = None
+    return_memory: bool = False  # hand freed memory back at once (train/allocator.py)
+    memory: MemoryPlan | None = None
+
+    @property
+    def device(self) -> str:
+        return self.placement.device
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes the run directory, logs and trackers."""
+        return self.rank == 0
+
+    def with_passes(self, cfg, model, examples, say=print) -> RunPlan:
+        """The pass layout of this model on these examples, gradient checkpointing (as configured, or on
+        when the run would not fit without it), memory release, and the memory plan; stops here, before
+        the first step, when the predicted peak cannot fit (`training.memory_check`)."""
+        tcfg = cfg.training
+        packed = padding_free(model, tcfg, self.device)
+        why_not = not_fused_because(model, tcfg, self.device, packed)
+        checkpointing, release, memory = bool(tcfg.gradient_checkpointing), bool(tcfg.return_memory), None
+        if tcfg.memory_check != "off":
+            from ayar.train.memory import model_shape
+
+            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
+            memory, checkpointing, release = _check_memory(cfg, shape, examples, self.placement, packed, why_not, say)
+        layout = Layout(rows_per_pass(tcfg, self.device, why_not is None), packed, why_not is None, checkpointing)
+        return dataclasses.replace(self, layout=layout, not_fused_because=why_not, return_memory=release, memory=memory)
+
+    def summary(self) -> dict:
+        """What run.json records of the plan."""
+        out = {
+            "device": self.device,
+            "dtype": self.placement.dtype_name,
+            "dtype_reason": self.placement.reason,
+            "autocast": _name(self.autocast),
+            "quantized": self.quantized,
+            "world_size": self.world_size,
+        }
+        if self.layout is not None:
+            out["return_memory"] = self.return_memory
+        if self.memory is not None:
+            out.update(predicted_peak_bytes=self.memory.total, available_bytes=self.memory.available)
+        return out
+
+    def passes(self) -> dict | None:
+        """The pass layout as run.json records it (`passes`)."""
+        lay = self.layout
+        if lay is None:
+            return None
+        return {
+            "rows_per_pass": lay.per_pass,
+            "padding_free": lay.packed,
+            "fused": lay.fused,
+            "not_fused_because": self.not_fused_because,
+            "gradient_checkpointing": lay.checkpointing,
+        }
+
+    def passes_line(self) -> str:
+        lay = self.layout
+        return (
+            f"passes {lay.per_pass or 'all'} rows each, {'padding-free' if lay.packed else 'padded'}, "
+            + ("fused decoder" if lay.fused else f"transformers + peft modules ({self.not_fused_because})")
+            + (", gradient checkpointing" if lay.checkpointing else "")
+        )
+
+
+def decide(cfg) -> RunPlan:
+    """The decisions made before the model loads. Full fine-tuning keeps fp32 master weights and computes
+    in the half dtype the placement picks (autocast); adapters train in fp32 over a half-precision base
+    anyway; QLoRA loads the base in 4-bit and computes in the placement's dtype."""
+    placement = choose_placement(cfg.model.device, cfg.model.dtype)
+    autocast = None
+    if cfg.method == "full" and placement.dtype != torch.float32:
+        autocast = placement.dtype
+        placement = dataclasses.replace(placement, dtype=torch.float32)
+    return RunPlan(placement, autocast, cfg.method in ("qlora", "qdora"), *launcher_world())
+
+
+def launcher_world() -> tuple[int, int]:
+    """(world size, rank) as set by torchrun / accelerate launch; (1, 0) in a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+# --- the pass layout: one set of rules, for a loaded model (training) and for a config alone (`ayar plan`) ---
+
+
+def rows_per_pass(tcfg, device: str, fused: bool = False) -> int:
+    """`training.rows_per_pass`, with auto (0) resolved: on CPU, passes of a few similar-length rows were
+    fastest (benchmarks/README.md): 4 with the fused decoder (its rows share their common opening, and
+    it keeps less per token), else 2; on GPUs the whole micro-batch, where bigger matmuls win."""
+    if tcfg.rows_per_pass > 0:
+        return tcfg.rows_per_pass
+    if device != "cpu":
+        return 0
+    return 4 if fused else 2
+
+
+def padding_free(model, tcfg, device: str) -> bool:
+    """Passes as packed rows: when asked (`training.packing`), and always where attention can run per
+    example (kernels/varlen.py: on CPU, for plain-attention models), since it is then the same computation
+    as padding without the padding."""
+    from ayar.kernels import base_model, varlen
+
+    return tcfg.packing or varlen.supported(base_model(model).config, device)
+
+
+def not_fused_because(model, tcfg, device: str, packed: bool) -> str | None:
+    """Why this run's passes do not take the fused decoder (None: they do, and its layer plan is built)."""
+    from ayar.kernels import fused_decoder
+
+    if not tcfg.fused:
+        return "training.fused is false"
+    if not packed:
+        return "padded rows"
+    return None if fused_decoder.usable(model, device) else fused_decoder.reason(model, device)
+
+
+def predicted_layout(shape: Shape, cfg, device: str, checkpointing: bool = False) -> Layout:
+    """The layout `with_passes` will pick, predicted from the config and the model's shape alone (no
+    weights): padding-free where attention can run per example or packing is asked for; the fused
+    decoder where it applies (`training.fused`, LoRA on a supported family, nothing else trainable)."""
+    packed = cfg.training.packing or (device == "cpu" and shape.plain_attention)
+    fused = (
+        packed
+        and cfg.training.fused
+        and device == "cpu"
+        and cfg.method == "lora"
+        and shape.fused_family
+        and not cfg.lora.modules_to_save
+    )
+    return Layout(rows_per_pass(cfg.training, device, fused), packed, fused, checkpointing)
+
+
+# --- memory -----------------------------------------------------------------------------------------------
+
+
+def plan_memory_for(shape: Shape, cfg, examples, placement: Placement, layout: Layout | None = None):
+    """(memory plan, settings that would fit, layout): the plan for `layout` (default: the predicted one)
+    with gradient checkpointing as configured, or, left to auto, on only when the run cannot fit without
+    it."""
+    from ayar.train.memory import plan_layout, suggestions
+
+    dtype, device = placement.dtype_name, placement.device
+    choice = cfg.training.gradient_checkpointing
+    layout = dataclasses.replace(layout or predicted_layout(shape, cfg, device), checkpointing=bool(choice))
+    plan = plan_layout(shape, cfg, examples, dtype, device, layout)
+    if choice is None and not plan.fits:
+        with_checkpointing = dataclasses.replace(layout, checkpointing=True)
+        plan_ckpt = plan_layout(shape, cfg, examples, dtype, device, with_checkpointing, plan.available)
+        if plan_ckpt.fits:
+            return plan_ckpt, [], with_checkpointing
+    fixes = [] if plan.fits else suggestions(shape, cfg, examples, dtype, device, plan.available, layout)
+    return plan, fixes, layout
+
+
+def plan_for_config(cfg, log=print):
+    """Plan a TrainConfig without loading the weights: model config, tokenizer and (cached) tokenized data."""
+    from transformers import AutoConfig
+
+    from ayar.data.dataset import prepare_data
+    from ayar.models.load import load_tokenizer, resolve_model_path
+    from ayar.train.memory import model_shape
+
+    path = resolve_model_path(cfg.model.name, log=log)
+    shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r)
+    data = prepare_data(dataclasses.replace(cfg.data, lint="off"), load_tokenizer(path), seed=cfg.training.seed)
+    return plan_memory_for(shape, cfg, data.train, decide(cfg).placement)
+
+
+def _check_memory(cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say):
+    """(memory plan, gradient checkpointing, return memory). Checkpointing: `training.gradient_checkpointing`,
+    or auto: when needed to fit. Return memory: `training.return_memory`, or auto: when the plan is tight,
+    since the default allocator's peak can run up to 2x above what training holds, and returning costs speed."""
+    layout = Layout(rows_per_pass(cfg.training, placement.device, why_not is None), packed, why_not is None)
+    plan, fixes, layout = plan_memory_for(shape, cfg, examples, placement, layout)
+    release = cfg.training.return_memory
+    if release is None:
+        release = 2 * plan.total > plan.available
+    gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
+    if plan.fits:
+        auto = (
+            " (gradient checkpointing on: the run would not fit without it)"
+            if layout.checkpointing and cfg.training.gradient_checkpointing is None
+            else ""
+        )
+        say(
+            f"memory predicted peak {gb(plan.total)} of {gb(plan.available)} available{auto}"
+            + (", freed memory returned at once" if release else "")
+        )
+        return plan, layout.checkpointing, release
+    message = (
+        f"predicted peak memory {gb(plan.total)} exceeds the {gb(plan.available)} available ({plan.device}):\n"
+        f"{plan.table()}\n"
+        + ("settings that would fit: " + "; ".join(fixes) if fixes else "no single setting change found that fits")
+    )
+    if cfg.training.memory_check == "strict":
+        raise AyarError(message + "\n(train anyway with training.memory_check=warn)")
+    say(f"warning: {message}")
+    return plan, layout.checkpointing, release
+
+
+def _name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")

@@ -1,0 +1,257 @@
+"""The recipe shared by stages that run on a transformers/TRL Trainer (DPO family, reward model, GRPO,
+classification): load -> prepare -> train -> save, into the same self-describing run directory as SFT.
+
+A stage module supplies a `Stage`: how to load its model, which records it accepts, and how to build its
+trainer; everything else (run directory, arguments, metrics, resume, saving) is here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+
+from ayar.config import TrainConfig
+from ayar.data.dataset import Splits, enforce_lint, load_splits
+from ayar.errors import DataError
+from ayar.models.adapters import parameter_counts
+from ayar.models.load import load_model_and_tokenizer
+from ayar.rundir import RunDir
+from ayar.train.allocator import tune_allocator
+from ayar.train.optim import trainer_optimizer_args
+from ayar.train.plan import decide
+from ayar.train.recipe import Recipe
+
+
+@dataclass
+class Stage:
+    name: str
+    kinds: tuple[str, ...]  # record kinds the stage trains on (data/records.py)
+    # (cfg, model, tokenizer, splits, training-argument kwargs, callbacks) -> a transformers Trainer
+    build: Callable
+    auto_class: str | None = None  # transformers Auto class name; None: causal LM
+    model_kwargs: Callable[[TrainConfig, Splits], dict] = lambda cfg, splits: {}
+    # (cfg, trainer, splits) -> results measured after training (held-out accuracy, ...), put in run.json
+    after: Callable | None = None
+    before: Callable | None = None  # the same measurement before training, for before/after numbers
+    renames: dict = field(default_factory=dict)  # Trainer log keys -> metrics.jsonl keys
+
+
+def run_stage(
+    cfg: TrainConfig | None, stage: Stage, resume: str | Path | None = None, console: Console | None = None
+) -> RunDir:
+    r = Recipe.open(cfg, resume, console)
+    cfg, tcfg, say = r.cfg, r.cfg.training, r.say
+    if r.resuming and not any(r.run.checkpoints.glob("checkpoint-*")):
+        raise r.no_checkpoint()
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if tcfg.return_memory:  # no memory plan for these stages: only when asked
+        tune_allocator()
+    torch.manual_seed(tcfg.seed)
+
+    # --- setup: plan, data (first: a wrong format fails before the model loads), model, trainer -------
+    plan = decide(cfg)
+    splits = load_splits(cfg.data, seed=tcfg.seed)
+    check_kinds(splits, stage)
+    _lint(cfg, splits, say)
+    say(f"data   {len(splits.train)} train rows, {len(splits.val)} validation rows ({stage.name})")
+    auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
+    model, tok, _, model_path = load_model_and_tokenizer(
+        cfg.model, plan.placement, log=say, auto_class=auto, **stage.model_kwargs(cfg, splits)
+    )
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find each row's last token by it
+    say(f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})")
+    run = r.create()
+    logger = _MetricsLog(r, stage.renames)
+    r.open_tracker()
+    trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, plan), [logger.callback()])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for noisy in (PrinterCallback, ProgressCallback):  # our progress line replaces the raw log dicts
+        trainer.remove_callback(noisy)
+    rows = {"train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test)}
+    r.record_start(tok, model_path, plan, *parameter_counts(trainer.model), rows)
+    if r.resuming:
+        say(f"resume {run.path}")
+        run.truncate_metrics(_last_checkpoint_step(run))
+    elif stage.before is not None:
+        run.update_meta(before=stage.before(cfg, trainer, splits))
+
+    # --- fit ------------------------------------------------------------------------------------------
+    wall = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=True if r.resuming else None)
+    seconds = time.perf_counter() - wall
+    # a final evaluation, as SFT runs one (logged through the callback); `after` runs it with its measurement
+    after = stage.after(cfg, trainer, splits) if stage.after is not None else {}
+    if stage.after is None and trainer.eval_dataset is not None:
+        trainer.evaluate()
+
+    # --- save -----------------------------------------------------------------------------------------
+    trainer.model.save_pretrained(str(run.adapter))  # safetensors
+    meta = r.finish(
+        _readme,
+        steps=trainer.state.global_step,
+        total_steps=trainer.state.max_steps,
+        train_seconds=round(seconds, 2),
+        after=after,
+        fallback_loss=output.training_loss,
+    )
+    summary = ", ".join(f"{k} {_fmt(meta.get('before', {}).get(k))} -> {_fmt(v)}" for k, v in after.items())
+    say(
+        f"done   {meta['steps']} steps in {seconds:.0f}s, final loss {_fmt(meta['final_loss'])}"
+        + (f"; {summary}" if summary else "")
+    )
+    say(f"run    {run.path}")
+    return run
+
+
+def check_kinds(splits: Splits, stage: Stage) -> None:
+    """Every row must be of a kind the stage trains on: say which row is not, and what the stage needs."""
+    for rec in splits.train + splits.val:
+        if rec.kind not in stage.kinds:
+            need = {
+                "preference": "preference pairs (prompt, chosen, rejected; data.format: preference or hh)",
+                "chat": "conversations ending with an assistant answer (or prompts)",
+                "classification": "labelled texts (text, label; data.format: classification)",
+            }
+            raise DataError(
+                f"{rec.where}: a {rec.kind} row, but `stage: {stage.name}` trains on "
+                f"{' or '.join(need[k] for k in stage.kinds)}"
+            )
+
+
+def _lint(cfg: TrainConfig, splits: Splits, say) -> None:
+    """The record-level data lint SFT runs (empty fields, duplicates, leakage between splits)."""
+    if cfg.data.lint == "off":
+        return
+    from ayar.data.lint import lint
+
+    enforce_lint(lint(splits.as_dict()), cfg.data.lint, say)
+
+
+def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
+    """Our TrainingConfig as transformers TrainingArguments fields (shared by every Trainer-based stage); the
+    optimizer's part comes from train/optim.py, as our own loop's does."""
+    t = cfg.training
+    has_val = cfg.data.validation or cfg.data.val_ratio > 0
+    return dict(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        eval_strategy="steps" if t.eval_steps and has_val else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        use_cpu=plan.device == "cpu",
+        bf16=plan.placement.dtype == torch.bfloat16,
+        fp16=plan.placement.dtype == torch.float16,
+        activation_checkpointing=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **trainer_optimizer_args(t),
+    )
+
+
+# the stage metric shown beside the loss in the progress line, when the stage logs it
+_HEADLINE = ("preference_accuracy", "reward_margin", "mean_reward", "accuracy", "f1_macro")
+
+
+class _MetricsLog:
+    """Trainer logs -> metrics.jsonl (our key names), the tracker and the progress line."""
+
+    def __init__(self, recipe: Recipe, renames: dict):
+        self.recipe, self.renames, self.console = recipe, renames, recipe.console
+        self.progress, self.started, self.first_step = None, 0.0, 0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        log = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                from ayar.train.progress import TrainProgress
+
+                log.progress = TrainProgress(state.max_steps, state.global_step, log.console).__enter__()
+                log.started, log.first_step = time.perf_counter(), state.global_step
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                log.write(state.global_step, logs or {})
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if log.progress is not None:
+                    log.progress.__exit__(None, None, None)
+                    log.progress = None
+
+        return Callback()
+
+    def write(self, step: int, logs: dict) -> None:
+        record = {"step": step}
+        for key, value in logs.items():
+            if not isinstance(value, (int, float)) or key in ("total_flos", "epoch_time"):
+                continue
+            name = self.renames.get(key, key)
+            record[{"learning_rate": "lr", "train_loss": "mean_train_loss"}.get(name, name)] = float(value)
+        if len(record) > 1:
+            self.recipe.log(record)
+        if self.progress is not None and "loss" in record:
+            seconds = max(time.perf_counter() - self.started, 1e-9)
+            done = max(step - self.first_step, 1)
+            rate = record.get("num_tokens", 0.0) / seconds if "num_tokens" in record and not self.first_step else 0.0
+            extra = "  ".join(f"{k.replace('_', ' ')} {record[k]:.3f}" for k in _HEADLINE if k in record)
+            self.progress.update(
+                step, record["loss"], record.get("lr", 0.0), rate, (self.progress.total - step) * seconds / done, extra
+            )
+
+
+def _last_checkpoint_step(run: RunDir) -> int:
+    steps = [
+        int(p.name.rsplit("-", 1)[-1])
+        for p in run.checkpoints.glob("checkpoint-*")
+        if p.name.rsplit("-", 1)[-1].isdigit()
+    ]
+    return max(steps, default=0)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
+    rows = "".join(
+        f"| {k} | {_fmt(meta.get('before', {}).get(k))} | {_fmt(v)} |\n" for k, v in meta.get("after", {}).items()
+    )
+    results = f"\n| held-out metric | before | after |\n|---|---|---|\n{rows}" if rows else ""
+    use = {
+        "reward": "Score texts with it: `AutoModelForSequenceClassification` + this adapter (higher = preferred).",
+        "classification": "Classify texts with it: `AutoModelForSequenceClassification` + this adapter; labels in run.json.",
+    }
+    how = use.get(
+        "classification" if cfg.task == "classification" else cfg.stage,
+        f"    ayar chat {run.path}\n    ayar eval {run.path}",
+    )
+    return f"""# {run.path.name}
+
+`stage: {cfg.stage}`{f" ({cfg.preference.loss})" if cfg.stage == "dpo" else ""}, `task: {cfg.task}`, {cfg.method} adapter on
+`{meta["base_model"]}`{" (starting from " + str(cfg.model.name) + ")" if meta.get("merged_adapters") else ""}, made by ayar
+{meta["ayar_version"]} on {meta["created"]}: {meta["steps"]} steps, {meta["train_seconds"]} s, final loss {_fmt(meta["final_loss"])}.
+{results}
+Files: `config.yaml`, `adapter/`, `tokenizer/`, `checkpoints/` (resumable: `ayar train --resume {run.path}`),
+`metrics.jsonl`, `loss.png`.
+
+{how}
+"""

