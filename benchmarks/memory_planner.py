@@ -95,7 +95,8 @@ def main() -> None:
             predicted, measured = plan["total"] / 2**20, run["peak_rss_mb"]
             rows.append((name, kind, plan["tokens"], predicted, measured))
             print(
-                f"{name}: predicted {predicted:.0f} MB, measured {measured:.0f} MB ({100 * (predicted / measured - 1):+.1f}%), "
+                f"{name}: predicted {predicted:.0f} MB, measured {measured:.0f} MB "
+                f"({100 * (predicted / measured - 1):+.1f}%), "
                 f"{run['tokens_per_s']} tokens/s, passes {run['passes']}; plan {plan['parts']}",
                 file=sys.stderr,
             )

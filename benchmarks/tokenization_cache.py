@@ -1,6 +1,7 @@
 """Tokenization time, cold vs cached, on a data file with the default model's tokenizer and chat template.
 
-    python benchmarks/tokenization_cache.py ../shared/data/gsm8k/train.jsonl --columns instruction=question,output=answer
+    python benchmarks/tokenization_cache.py ../shared/data/gsm8k/train.jsonl \
+        --columns instruction=question,output=answer
 
 Each measurement uses a fresh, empty cache directory for the cold run, then repeats with the entry in place.
 """

@@ -35,14 +35,16 @@ FAMILIES = {
     "mistral": {
         "special": {"bos_token": "<s>", "eos_token": "</s>"},
         "extra": ["[INST]", "[/INST]"],
-        "template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+        "[/INST]"
         "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
     },
     "gemma": {
         # Like Gemma: EOS is <eos>, but an assistant turn ends with <end_of_turn>.
         "special": {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
         "extra": ["<start_of_turn>", "<end_of_turn>"],
-        "template": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "template": "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+        "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
         "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
     },
     "phi3": {

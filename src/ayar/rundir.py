@@ -53,7 +53,8 @@ class RunDir:
         run = cls(Path(path))
         if not run.meta.is_file() or not run.config.is_file():
             raise AyarError(
-                f"{path} is not an ayar run directory (no run.json/config.yaml): pass the directory `ayar train` printed"
+                f"{path} is not an ayar run directory (no run.json/config.yaml): pass the directory `ayar train` "
+                "printed"
             )
         return run
 

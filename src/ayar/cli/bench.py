@@ -5,7 +5,8 @@ examples:
   ayar bench serve runs/quickstart-20261125-101500    ayar serve vs one-at-a-time HF generate, 1/8/32 clients
   ayar bench train                                   default model, bundled GSM8K sample, batch 8, max_length 512
   ayar bench train examples/quickstart.yaml --steps 10
-  ayar bench train data.train=gsm8k.jsonl data.columns='{instruction: question, output: answer}' --rows 512 --json out.json
+  ayar bench train data.train=gsm8k.jsonl data.columns='{instruction: question, output: answer}' \
+      --rows 512 --json out.json
 """
 
 
@@ -28,7 +29,10 @@ def add_arguments(p) -> None:
     i.add_argument(
         "--formats",
         default="merged-fp32,merged-bf16,onnx-fp32,onnx-int8,gguf-f16,gguf-q8_0",
-        help="comma-separated, from: merged-fp32, merged-bf16, onnx-fp32, onnx-int8, onnx-int4, gguf-f16, gguf-q8_0, gguf-q4_k_m",
+        help=(
+            "comma-separated, from: merged-fp32, merged-bf16, onnx-fp32, onnx-int8, onnx-int4, gguf-f16, "
+            "gguf-q8_0, gguf-q4_k_m"
+        ),
     )
     i.add_argument("--rows", type=int, default=10, help="held-out GSM8K questions (bundled) to generate and score")
     i.add_argument("--max-new-tokens", type=int, default=64)
@@ -127,7 +131,9 @@ def run_serve(args) -> int:
         "latency p50 s",
         "latency p99 s",
         "errors",
-        title=f"bench serve: {args.source}, max_tokens {args.max_tokens}, {args.requests_per_client} requests per client",
+        title=(
+            f"bench serve: {args.source}, max_tokens {args.max_tokens}, {args.requests_per_client} requests per client"
+        ),
     )
     for side, by_level in result["sides"].items():
         for c, m in by_level.items():

@@ -52,7 +52,8 @@ def run(args) -> int:
         reply = engine.last
         if not reply.stopped:
             console.print(
-                f"[yellow](no end-of-turn token within {reply.new_tokens} new tokens: the answer was cut at the budget)[/]"
+                f"[yellow](no end-of-turn token within {reply.new_tokens} new tokens: the answer was cut at the "
+                "budget)[/]"
             )
         history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}])
 

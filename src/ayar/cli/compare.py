@@ -97,7 +97,10 @@ def write_comparison(out, rows: dict) -> None:
     import matplotlib.pyplot as plt
 
     (out / "compare.json").write_text(json.dumps(rows, indent=1))
-    head = "| method | eval loss | train loss | train s | tokens/s | peak RAM MB | trainable params |\n|---|---|---|---|---|---|---|\n"
+    head = (
+        "| method | eval loss | train loss | train s | tokens/s | peak RAM MB | trainable params "
+        "|\n|---|---|---|---|---|---|---|\n"
+    )
     body = "".join(
         f"| {m} | {_num(r['final_eval_loss'], 4)} | {_num(r['final_loss'], 4)} | {_num(r['train_seconds'], 1)} | "
         f"{_num(r['tokens_per_s'], 1)} | {_num(r['peak_rss_mb'], 0)} | {r['trainable_params']:,} |\n"

@@ -1,10 +1,12 @@
 """Look at, check, clean and convert training data before training on it.
 
 examples:
-  ayar data inspect train.jsonl                          rows, token lengths (PNG), EOS, empty fields, languages, diversity
+  ayar data inspect train.jsonl                          rows, token lengths (PNG), EOS, empty fields,
+                                                         languages, diversity
   ayar data lint train.jsonl --val val.jsonl             errors and warnings with row numbers; exit 1 on errors
   ayar data lint --config examples/quickstart.yaml       the same check `ayar train` runs, on the config's data
-  ayar data preview train.jsonl -n 3                     rows as the model sees them, trained tokens highlighted (+ HTML)
+  ayar data preview train.jsonl -n 3                     rows as the model sees them, trained tokens
+                                                         highlighted (+ HTML)
   ayar data clean train.jsonl --out clean.jsonl          dedup (exact + MinHash), PII scrub, length filters, report
   ayar data convert hh.jsonl --to preference --out pairs.jsonl
   ayar data convert gsm8k.jsonl --columns instruction=question,output=answer --to messages --out gsm8k-chat.jsonl

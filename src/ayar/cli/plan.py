@@ -43,7 +43,8 @@ def run(args) -> int:
     passes = f"passes of {layout.per_pass} rows" if layout.per_pass else "one pass per micro-batch"
     print(
         f"memory plan for batch {cfg.training.batch_size}, max_length {cfg.data.max_length}, {passes}, "
-        f"{'padding-free' if layout.packed else 'padded'}, {'fused decoder' if layout.fused else 'transformers + peft modules'}, "
+        f"{'padding-free' if layout.packed else 'padded'}, "
+        f"{'fused decoder' if layout.fused else 'transformers + peft modules'}, "
         f"gradient checkpointing {'on' if layout.checkpointing else 'off'}, {cfg.method} r={cfg.lora.r}:"
     )
     print(plan.table())

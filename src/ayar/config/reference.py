@@ -13,7 +13,8 @@ def config_reference(cls: type | None = None) -> str:
     if cls is None:
         from ayar.config.schema import HpoConfig, TrainConfig
 
-        hpo = [f"**`hpo:`** {HpoConfig.__doc__.strip()}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        doc = " ".join(HpoConfig.__doc__.split())  # one line in the table, however the docstring is wrapped
+        hpo = [f"**`hpo:`** {doc}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         hints = typing.get_type_hints(HpoConfig)
         hpo += [_row(f, hints[f.name], "hpo.") for f in dataclasses.fields(HpoConfig)]
         return config_reference(TrainConfig) + "\n" + "\n".join(hpo) + "\n"

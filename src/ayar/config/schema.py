@@ -30,7 +30,8 @@ class ModelConfig:
     )
     dtype: str = _f(
         "auto",
-        "Weights/compute dtype. `auto`: bf16 on GPUs and CPUs that support it (AVX512-BF16/AMX), else fp16 on GPU, fp32 on CPU.",
+        "Weights/compute dtype. `auto`: bf16 on GPUs and CPUs that support it (AVX512-BF16/AMX), else fp16 on GPU, "
+        "fp32 on CPU.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     device: str = _f("auto", "`auto` picks cuda, then mps, then cpu.", choices=("auto", "cpu", "cuda", "mps"))
@@ -103,7 +104,8 @@ class LoraConfig:
     rslora: bool = _f(False, "Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r (helps at large r).")
     modules_to_save: Optional[list] = _f(
         None,
-        "Modules trained in full and saved with the adapter (e.g. [lm_head] for new tokens, [score] for a classifier head).",
+        "Modules trained in full and saved with the adapter (e.g. [lm_head] for new tokens, [score] for a "
+        "classifier head).",
     )
     freeze_first_layers: int = _f(
         0, "Leave the first N transformer layers without adapters (frozen); adapters go to the layers above.", ge=0
@@ -309,7 +311,8 @@ class EvalConfig:
 
 @dataclass
 class HpoConfig:
-    """`ayar hpo`: the `hpo:` section of a training YAML (the rest of the file is the training config searched around)."""
+    """`ayar hpo`: the `hpo:` section of a training YAML (the rest of the file is the training config searched
+    around)."""
 
     trials: int = _f(8, "Trials to run in total; a study that already has some (same `out`) runs only the rest.", ge=1)
     space: dict = _f(

@@ -60,7 +60,8 @@ def parse_sources(value, fmt: str = "auto", columns: dict | None = None) -> list
             continue
         if not isinstance(item, dict) or "path" not in item:
             raise DataError(
-                f"data.train[{i}]: expected a path string or a mapping with 'path' (and optional weight, format, columns)"
+                f"data.train[{i}]: expected a path string or a mapping with 'path' (and optional weight, format, "
+                "columns)"
             )
         unknown = sorted(set(item) - set(_SOURCE_KEYS))
         if unknown:

@@ -61,7 +61,8 @@ def html_page(tok, examples: list[Example], title: str = "ayar data preview") ->
             f"{' (truncated)' if ex.truncated else ''}</p><pre>{spans}</pre><p class=meta>{bounds}</p></section>"
         )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
-body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}} pre{{white-space:pre-wrap;border:1px solid #ccc;padding:.6rem}}
+body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}
+pre{{white-space:pre-wrap;border:1px solid #ccc;padding:.6rem}}
 .t{{background:#b6e3b6}} .p{{color:#777}} .meta{{color:#555;font-size:.85rem}}</style></head><body>
 <h1>{html.escape(title)}</h1><p>Green: tokens the loss is computed on. Grey: context only (masked, label -100).
 Hover a token for its id.</p>{"".join(blocks)}</body></html>"""

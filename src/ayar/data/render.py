@@ -3,7 +3,8 @@
 Chat records: the conversation is rendered once with the model's own chat template and tokenized once;
 the character spans of assistant turns are found by rendering growing prefixes of the conversation, and
 a token is trained iff it overlaps an assistant span. Every assistant span ends with an end-of-turn /
-EOS token (added when the template does not), so the tuned model learns to stop. Text records (continued pretraining) train on every token.
+EOS token (added when the template does not), so the tuned model learns to stop. Text records (continued
+pretraining) train on every token.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Renderer:
             if not (full.startswith(before) and full.startswith(upto) and upto.startswith(before)):
                 raise DataError(
                     f"{rec.where}: the chat template renders turn {i} differently depending on what follows "
-                    "(not prefix-stable), so assistant tokens cannot be located; use data.template: alpaca or another template"
+                    "(not prefix-stable), so assistant tokens cannot be located; use data.template: alpaca or "
+                    "another template"
                 )
             end = len(upto.rstrip())
             spans.append([len(before), end])
@@ -98,7 +100,8 @@ class Renderer:
         """Tokens and labels, truncated to max_length; rows with nothing to train are returned, not refused
         (lint reports them with their reason)."""
         text, spans = self.text_and_spans(rec)
-        # Chat templates write their own special tokens; for text templates the tokenizer adds BOS as it does at inference.
+        # Chat templates write their own special tokens; for text templates the tokenizer adds BOS as it does at
+        # inference.
         plain = self.template == "alpaca" or rec.kind == "text"
         enc = self.tok(text, add_special_tokens=plain, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]

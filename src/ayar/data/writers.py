@@ -37,7 +37,8 @@ def _alpaca(rec: Record) -> dict:
     pairs = list(zip(rest[0::2], rest[1::2]))
     if len(rest) % 2 or any(u["role"] != "user" or a["role"] != "assistant" for u, a in pairs) or len(system) > 1:
         raise DataError(
-            f"{rec.where}: alpaca needs alternating user/assistant turns (and at most one system turn); write it as messages"
+            f"{rec.where}: alpaca needs alternating user/assistant turns (and at most one system turn); write it "
+            "as messages"
         )
     row = {"instruction": pairs[-1][0]["content"], "input": "", "output": pairs[-1][1]["content"]}
     if system:

@@ -176,7 +176,8 @@ def write_report(result, out: Path, run=None) -> Path:
 
     samples_html = "".join(
         "<div class=ex>"
-        + f"<p><b>Prompt</b><pre>{html.escape(s['prompt'])}</pre></p><p><b>Reference</b><pre>{html.escape(s['reference'])}</pre></p>"
+        + f"<p><b>Prompt</b><pre>{html.escape(s['prompt'])}</pre></p>"
+        + f"<p><b>Reference</b><pre>{html.escape(s['reference'])}</pre></p>"
         + "".join(f"<p><b>{html.escape(n)}</b><pre>{html.escape(s.get(n, ''))}</pre></p>" for n in names)
         + "</div>"
         for s in result.samples
@@ -184,7 +185,8 @@ def write_report(result, out: Path, run=None) -> Path:
     checks_html = "".join(f"<li>{html.escape(line[2:].replace('**', ''))}</li>" for line in check_lines)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font-family:sans-serif;max-width:62rem;margin:2rem auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}} pre{{white-space:pre-wrap;background:#f6f6f6;padding:.4rem}}
+td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}}
+pre{{white-space:pre-wrap;background:#f6f6f6;padding:.4rem}}
 .ex{{border-top:1px solid #ddd;margin-top:1rem}}</style></head><body><h1>{html.escape(title)}</h1>
 <p>Data: {html.escape(str(result.info["data"]))} ({result.info["rows"]} rows), greedy decoding.</p>
 {f"<p><b>{html.escape(verdict_line(result.verdict))}</b></p>" if result.verdict else ""}

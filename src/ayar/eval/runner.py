@@ -147,7 +147,8 @@ def evaluate_run(cfg: EvalConfig, console: Console | None = None) -> EvalResult:
                 **shift,
                 "message": (
                     f"relative to the base, the tuned model raised the chosen answer over the rejected one on "
-                    f"{100 * shift['implicit_accuracy']:.0f}% of {len(prefs)} pairs (DPO's implicit-reward accuracy; 50% = no "
+                    f"{100 * shift['implicit_accuracy']:.0f}% of {len(prefs)} pairs (DPO's implicit-reward "
+                    "accuracy; 50% = no "
                     f"preference learned), mean log-ratio margin {shift['implicit_margin']:+.3f}"
                 ),
             }

@@ -173,7 +173,8 @@ def verify(engine, artifact, kind: str, where: str, max_new_tokens: int = 48, pr
         Check(
             "top-1 agreement",
             mean >= tolerance,
-            f"mean {mean:.3f} (per prompt {', '.join(f'{a:.2f}' for a in agreements)}); needs >= {tolerance} for {kind}",
+            f"mean {mean:.3f} (per prompt {', '.join(f'{a:.2f}' for a in agreements)}); needs >= {tolerance} for "
+            f"{kind}",
         )
     )
     return report

@@ -125,7 +125,8 @@ _OLLAMA_TEMPLATES = {  # `.System` carries the system message; the range skips s
     "<|start_header_id|>": (
         "<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
         '{{ end }}{{- range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
-        "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
     "<start_of_turn>": (
         '{{- range .Messages }}{{ if ne .Role "system" }}<start_of_turn>'

@@ -160,7 +160,8 @@ def _check_targets(model, targets) -> None:
     missing = [t for t in targets if t not in linear]
     if missing:
         raise ConfigError(
-            f"lora.target_modules {missing} not found in the model; linear layers here: {', '.join(linear)} (or use all-linear)"
+            f"lora.target_modules {missing} not found in the model; linear layers here: {', '.join(linear)} (or "
+            "use all-linear)"
         )
 
 

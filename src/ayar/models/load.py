@@ -123,6 +123,7 @@ def _load_error(path: str, what: str, e: Exception) -> ModelError:
     if not Path(path).exists():
         return ModelError(
             f"could not load {what} {path!r} from the model hub (no network here?): "
-            f"pass a local model directory or `model.name: default`. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"pass a local model directory or `model.name: default`. ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]})"
         )
     return ModelError(f"could not load {what} from {path}: {str(e).splitlines()[0][:300]}")

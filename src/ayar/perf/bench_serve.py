@@ -49,7 +49,8 @@ def run_bench(
             for c in concurrency:
                 levels[c] = asyncio.run(_drive(port, side, questions, c, c * requests_per_client, max_tokens))
                 log(
-                    f"[{side}] {c:>2} clients: {levels[c]['tokens_per_s']:.1f} tok/s, TTFT p50 {levels[c]['ttft_p50']:.2f} s"
+                    f"[{side}] {c:>2} clients: {levels[c]['tokens_per_s']:.1f} tok/s, TTFT p50 "
+                    f"{levels[c]['ttft_p50']:.2f} s"
                 )
             results[side] = levels
         finally:

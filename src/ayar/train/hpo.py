@@ -61,7 +61,8 @@ def parse_space(space: dict, base: dict) -> list[Param]:
     """hpo.space -> Params, each key checked against the training config (did-you-mean on typos)."""
     if not space:
         raise ConfigError(
-            "hpo.space is empty: declare what to search, e.g. `training.learning_rate: {low: 1e-5, high: 1e-3, log: true}`"
+            "hpo.space is empty: declare what to search, e.g. `training.learning_rate: "
+            "{low: 1e-5, high: 1e-3, log: true}`"
         )
     params = []
     for key, spec in space.items():
@@ -155,7 +156,8 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
     summary = write_results(study, params, base, out)
     log((out / "trials.md").read_text())
     log(
-        f"best   trial {summary['best_trial']}: eval loss {summary['best_value']:.4f} -> {out / 'best.yaml'}  (ayar train {out / 'best.yaml'})"
+        f"best   trial {summary['best_trial']}: eval loss {summary['best_value']:.4f} -> {out / 'best.yaml'}  "
+        f"(ayar train {out / 'best.yaml'})"
     )
     return summary
 

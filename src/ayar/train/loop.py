@@ -193,7 +193,8 @@ def run_loop(
                 if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:
                     state.stopped_early = True
                     warn(
-                        f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evaluations "
+                        f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} "
+                        "evaluations "
                         f"(best {state.best_eval:.4f} at step {state.best_step})"
                     )
 

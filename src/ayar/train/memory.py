@@ -108,7 +108,8 @@ class MemoryPlan:
         gb = lambda b: f"{b / 2**30:6.2f} GB"
         lines = [f"  {name:<24}{gb(b)}" for name, b in self.parts.items()]
         lines.append(
-            f"  {'predicted peak':<24}{gb(self.total)}   (largest micro-batch: {self.tokens} tokens, {self.trained} trained)"
+            f"  {'predicted peak':<24}{gb(self.total)}   (largest micro-batch: {self.tokens} tokens, "
+            f"{self.trained} trained)"
         )
         lines.append(f"  {'available':<24}{gb(self.available)}   ({self.device})")
         return "\n".join(lines)

@@ -60,7 +60,8 @@ def train_sft(
         f"data   {st['train_rows']} train rows ({st['train_tokens']:,} tokens, {st['trained_tokens']:,} trained), "
         f"{st['val_rows']} validation rows"
         + (f", {st['truncated_rows']} truncated to {st['max_length']}" if st["truncated_rows"] else "")
-        + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in {time.perf_counter() - t0:.1f}s"
+        + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in "
+        f"{time.perf_counter() - t0:.1f}s"
     )
     model = apply_method(model, cfg.method, cfg.lora)
     plan = plan.with_passes(cfg, model, data.train, say)
@@ -111,7 +112,8 @@ def train_sft(
     if result.best_adapter is not None and s.best_step != s.step:
         ckpt.load_trained_state(model, result.best_adapter)
         say(
-            f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {s.best_step}, eval loss {s.best_eval:.4f})"
+            f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {s.best_step}, eval loss "
+            f"{s.best_eval:.4f})"
         )
     save_trained(model, run.full_model if cfg.method == "full" else run.adapter, init_dir)  # safetensors
     meta = r.finish(
@@ -138,7 +140,8 @@ def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
     ev = meta.get("final_eval_loss")
     return f"""# {run.path.name}
 
-{"Full" if cfg.method == "full" else cfg.method.upper()} fine-tune of `{meta["base_model"]}` made by ayar {meta["ayar_version"]} on {meta["created"]}.
+{"Full" if cfg.method == "full" else cfg.method.upper()} fine-tune of `{meta["base_model"]}` made by ayar
+{meta["ayar_version"]} on {meta["created"]}.
 
 | | |
 |---|---|
@@ -150,7 +153,8 @@ def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
 | device / dtype | {meta["device"]} / {meta["dtype"]} |
 | speed | {meta["tokens_per_s"]} tokens/s, {meta["train_seconds"]} s training, peak RSS {meta["peak_rss_mb"]} MB |
 
-Files: `config.yaml` (resolved config), `{"model/` (the whole model" if cfg.method == "full" else "adapter/` (adapter weights"}, safetensors), `tokenizer/`,
+Files: `config.yaml` (resolved config),
+`{"model/` (the whole model" if cfg.method == "full" else "adapter/` (adapter weights"}, safetensors), `tokenizer/`,
 `checkpoints/` (resumable), `metrics.jsonl`, `loss.png`, `tb/` (TensorBoard: `tensorboard --logdir {run.path}/tb`).
 
     ayar chat {run.path}

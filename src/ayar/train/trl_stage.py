@@ -236,9 +236,11 @@ def _readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
         f"| {k} | {_fmt(meta.get('before', {}).get(k))} | {_fmt(v)} |\n" for k, v in meta.get("after", {}).items()
     )
     results = f"\n| held-out metric | before | after |\n|---|---|---|\n{rows}" if rows else ""
+    start = f" (starting from {cfg.model.name})" if meta.get("merged_adapters") else ""
     use = {
         "reward": "Score texts with it: `AutoModelForSequenceClassification` + this adapter (higher = preferred).",
-        "classification": "Classify texts with it: `AutoModelForSequenceClassification` + this adapter; labels in run.json.",
+        "classification": "Classify texts with it: `AutoModelForSequenceClassification` + this adapter; labels in "
+        "run.json.",
     }
     how = use.get(
         "classification" if cfg.task == "classification" else cfg.stage,
@@ -246,9 +248,9 @@ def _readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
     )
     return f"""# {run.path.name}
 
-`stage: {cfg.stage}`{f" ({cfg.preference.loss})" if cfg.stage == "dpo" else ""}, `task: {cfg.task}`, {cfg.method} adapter on
-`{meta["base_model"]}`{" (starting from " + str(cfg.model.name) + ")" if meta.get("merged_adapters") else ""}, made by ayar
-{meta["ayar_version"]} on {meta["created"]}: {meta["steps"]} steps, {meta["train_seconds"]} s, final loss {_fmt(meta["final_loss"])}.
+`stage: {cfg.stage}`{f" ({cfg.preference.loss})" if cfg.stage == "dpo" else ""}, `task: {cfg.task}`,
+{cfg.method} adapter on `{meta["base_model"]}`{start}, made by ayar {meta["ayar_version"]} on {meta["created"]}:
+{meta["steps"]} steps, {meta["train_seconds"]} s, final loss {_fmt(meta["final_loss"])}.
 {results}
 Files: `config.yaml`, `adapter/`, `tokenizer/`, `checkpoints/` (resumable: `ayar train --resume {run.path}`),
 `metrics.jsonl`, `loss.png`.

@@ -23,7 +23,10 @@ def test_help_does_not_import_torch():
 def test_command_help(cmd):
     r = run_cli(cmd, "--help")
     assert r.returncode == 0 and f"ayar {cmd}" in r.stdout
-    code = f"import sys\ntry:\n    from ayar.cli import main; main(['{cmd}', '--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    code = (
+        f"import sys\ntry:\n    from ayar.cli import main; main(['{cmd}', '--help'])\nexcept SystemExit: "
+        "pass\nprint('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip().endswith("False")
 
 

@@ -25,7 +25,8 @@ CASES = {
     "missing_output.jsonl": (
         "auto",
         None,
-        r"1 of 3 rows .*:2: missing field\(s\) \['output'\] for format 'alpaca'; this row has \['instruction', 'response'\]",
+        r"1 of 3 rows .*:2: missing field\(s\) \['output'\] for format 'alpaca'; this row has \['instruction', "
+        r"'response'\]",
     ),
     "output_not_string.jsonl": ("auto", None, r":1: field 'output' must be a string, got int"),
     "unknown_fields.jsonl": (

@@ -164,7 +164,10 @@ def test_incompatible_conversion_names_the_row_and_what_fits():
     rec = load_records(GSM8K, columns=GSM8K_COLUMNS)[0]
     with pytest.raises(
         DataError,
-        match=r"gsm8k_train.jsonl:1: a chat row cannot be written as 'preference'; it can be written as messages, sharegpt, alpaca",
+        match=(
+            r"gsm8k_train.jsonl:1: a chat row cannot be written as 'preference'; it can be written as messages, "
+            r"sharegpt, alpaca"
+        ),
     ):
         to_row(rec, "preference")
 

@@ -75,7 +75,10 @@ def test_train_on_prompt_trains_everything_but_nothing_is_padding():
 
 def test_eos_appended_when_template_has_no_end_token():
     tok = make_tokenizer("qwen2")
-    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     ex = Renderer(tok).render(CONV)
     assert trained_text(tok, ex).endswith("The answer is 42.<|im_end|>")
 

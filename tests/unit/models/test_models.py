@@ -15,7 +15,10 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(
         ModelError,
-        match=r"no network to reach the model hub and no cached copy. Pass a local model directory, or `model.name: default`",
+        match=(
+            r"no network to reach the model hub and no cached copy. Pass a local model directory, or "
+            r"`model.name: default`"
+        ),
     ):
         load_model_and_tokenizer(ModelConfig(name="some-org/some-model"))
 
