@@ -9,7 +9,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint format test test-slow test-all clean-venv
+.PHONY: install demo lint format test test-slow test-reliability test-all clean-venv
 
 install: $(STAMP)
 
@@ -51,6 +51,13 @@ test: install lint
 
 test-slow: install
 	$(BIN)/python -m pytest tests -q -m slow
+
+# Reliability figures: fuzzing and round trips with thousands of examples each, 20 SIGKILL-and-resume runs, the
+# live server; the figures are printed at the end and written to reliability-report.json.
+test-reliability: install
+	AYAR_FUZZ_EXAMPLES=3000 AYAR_RELIABILITY_REPORT=reliability-report.json $(BIN)/python -m pytest -q -m "slow or not slow" \
+		tests/reliability tests/unit/data/test_roundtrip.py tests/unit/data/test_reader_fuzz.py \
+		tests/unit/config/test_config_fuzz.py tests/unit/serve/test_live.py tests/unit/serve/test_serve_schema.py
 
 test-all: install
 	$(BIN)/python -m pytest tests -q -m "slow or not slow"

@@ -37,3 +37,22 @@ def _ayar_home(tmp_path_factory, monkeypatch):
     # Tests never write to the user's cache, except the slow tier, which sets its own.
     if "AYAR_TEST_HOME" not in os.environ:
         monkeypatch.setenv("AYAR_HOME", str(tmp_path_factory.getbasetemp() / "ayar-home"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures of this run (tests/reliability/__init__.py)."""
+    import json
+
+    from tests.reliability import COUNTS, FIGURES
+
+    if not COUNTS and not FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for what, n in sorted(COUNTS.items()):
+        terminalreporter.write_line(f"{what}: {n:,}")
+    for what, figure in FIGURES:
+        terminalreporter.write_line(f"{what}: {figure}")
+    if os.environ.get("AYAR_RELIABILITY_REPORT"):
+        Path(os.environ["AYAR_RELIABILITY_REPORT"]).write_text(
+            json.dumps({"counts": dict(COUNTS), "figures": dict(FIGURES)}, indent=1) + "\n"
+        )

@@ -71,7 +71,9 @@ class RunDir:
         write_atomic(self.config, yaml.safe_dump(cfg_dict, sort_keys=False))
 
     def read_config_dict(self) -> dict:
-        return yaml.safe_load(self.config.read_text())
+        from ayar.config.loader import safe_yaml
+
+        return safe_yaml(self.config.read_text(), str(self.config))
 
     def read_config(self):
         """The run's resolved TrainConfig (config.yaml), validated like any config."""
@@ -85,9 +87,23 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """The records of metrics.jsonl. A last line cut short (the process was killed while appending it) is
+        dropped: it was never a complete record."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = [
+            line for line in self.metrics.read_text(encoding="utf-8", errors="replace").split("\n") if line.strip()
+        ]
+        out = []
+        for n, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                if n < len(lines) - 1:
+                    raise AyarError(
+                        f"{self.metrics}:{n + 1}: not a JSON record; the file was changed by hand?"
+                    ) from None
+        return out
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records past `after_step` (a resumed run re-logs them)."""

@@ -39,7 +39,10 @@ def add_arguments(p) -> None:
             sp.add_argument("--start", type=int, default=0, help="first row to show")
             sp.add_argument("--html", default="data-preview.html", help="HTML file with the same rows")
         if action in ("clean", "convert"):
-            sp.add_argument("--out", required=True, help="output file (.jsonl, .json or .parquet); never the input")
+            sp.add_argument(
+                "--out", required=True, help="output file (.jsonl, .json, .parquet or .csv); never an input"
+            )
+            sp.add_argument("--force", action="store_true", help="replace --out when it exists (never an input)")
             sp.add_argument("--to", dest="to_format", help="output format (clean: default is the input's format)")
         if action == "clean":
             sp.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")

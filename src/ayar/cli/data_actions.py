@@ -196,7 +196,7 @@ def clean(args) -> int:
     from ayar.data.writers import write_records
 
     data, _ = _data_config(args)
-    _refuse_overwrite(args)
+    _refuse_overwrite(args, data)
     records = _all_rows(data)
     against = [r for f in args.against for r in load_records(f, data.format, data.columns)]
     opts = CleanOptions(
@@ -228,20 +228,42 @@ def convert(args) -> int:
     if not args.to_format:
         raise DataError("convert needs --to FORMAT (alpaca, messages, sharegpt, preference, hh, text, classification)")
     data, _ = _data_config(args)
-    _refuse_overwrite(args)
+    _refuse_overwrite(args, data)
     records = _all_rows(data)
     path = write_records(records, args.to_format, args.out)
     out.print(f"wrote {len(records)} rows to {path} ({args.to_format})")
     return 0
 
 
-def _refuse_overwrite(args) -> None:
-    target = Path(args.out).resolve()
-    for src in args.sources + list(getattr(args, "against", [])):
-        if Path(src).exists() and Path(src).resolve() == target:
+def _refuse_overwrite(args, data) -> None:
+    """Inputs are never written, by any route: --out may not be an input file (a file, a folder's file, a glob's
+    match, a --config source, an --against file), nor a new file inside an input folder or matching an input
+    glob (the next read of that input would take it in). An existing output needs --force."""
+    import fnmatch
+
+    from ayar.data.dataset import parse_sources
+    from ayar.data.sources import is_glob, local_files
+
+    target = Path(args.out).expanduser().resolve()
+    specs = [src.path for src in parse_sources(data.train, data.format, data.columns)]
+    specs += [s for s in (data.validation, data.test) if s] + list(getattr(args, "against", []))
+    for spec in specs:
+        spec = str(spec)
+        if any(f.resolve() == target for f in local_files(spec)):
             raise DataError(
-                f"--out {args.out} is an input file; the original data is never modified, write to a new file"
+                f"--out {args.out} is an input file ({spec}); inputs are never modified: write to a new file"
             )
+        root = Path(spec).expanduser()
+        if (root.is_dir() and target.is_relative_to(root.resolve())) or (
+            is_glob(spec)
+            and fnmatch.fnmatch(str(target), str(root.resolve()) if root.is_absolute() else str(Path.cwd() / root))
+        ):
+            raise DataError(
+                f"--out {args.out} is inside the input {spec}: the next read of it would take in the "
+                "output; write it somewhere else"
+            )
+    if target.exists() and not getattr(args, "force", False):
+        raise DataError(f"--out {args.out} exists: pass --force to replace it, or choose a new file")
 
 
 def _input_format(data) -> str:

@@ -32,7 +32,12 @@ def add_arguments(p) -> None:
         choices=("fp32", "int8", "int4", "f16", "q8_0", "q4_k_m", "q4_0"),
         help="onnx: fp32, int8 (default), int4; gguf: f16, q8_0 (default), q4_k_m, q4_0",
     )
-    p.add_argument("--out", help="output directory (default: RUN/export/KIND-DTYPE|QUANT)")
+    p.add_argument("--out", help="output directory (default: RUN/export/KIND-DTYPE|QUANT); new or empty")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export of ayar's in --out (a folder ayar did not write is never touched)",
+    )
     p.add_argument(
         "--verify",
         action=argparse.BooleanOptionalAction,
@@ -50,7 +55,9 @@ def run(args) -> int:
 
     console = Console(stderr=True, highlight=False)
     kind = args.dtype if args.to == "merged" else args.quant
-    result = export_run(args.run, args.to, kind, args.out, args.verify, args.max_new_tokens, log=console.print)
+    result = export_run(
+        args.run, args.to, kind, args.out, args.verify, args.max_new_tokens, log=console.print, force=args.force
+    )
     if not result.ok:
         return 1
     if args.push_to_hub:

@@ -55,14 +55,89 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = safe_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections (model:, data:, ...), got {type(raw).__name__}"
         )
     return raw
+
+
+MAX_NODES = 100_000  # a config is a few hundred values; an alias bomb expands to billions
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (a repeated section would otherwise
+    silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise ConfigError(
+                        f"{self.where}:{key_node.start_mark.line + 1}: {key!r} is given twice in the same mapping "
+                        f"(first on line {seen[key] + 1}); merge the two into one"
+                    )
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def safe_yaml(text: str, where: str):
+    """YAML text as Python values, or a ConfigError naming `where` and the line: invalid YAML, a key given
+    twice, an alias that refers to itself, or aliases that would expand past MAX_NODES values (checked on
+    the parsed graph, before anything is expanded)."""
+    try:
+        loader = _Loader(text)  # the reader already refuses some characters here
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    loader.where = where
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root, where: str) -> None:
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = (
+            []
+            if isinstance(node, yaml.ScalarNode)
+            else ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else list(node.value))
+        )
+        if done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_NODES:
+                raise ConfigError(
+                    f"{where}:{node.start_mark.line + 1}: aliases here expand to more than {MAX_NODES:,} "
+                    "values; write the values out instead"
+                )
+            continue
+        if id(node) in open_nodes:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: an alias refers to the value that contains it")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for c in children:
+            if id(c) in open_nodes:
+                raise ConfigError(f"{where}:{c.start_mark.line + 1}: an alias refers to the value that contains it")
+            if id(c) not in sizes:
+                stack.append((c, False))
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -73,8 +148,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. lora.r=32)")
         key, _, text = item.partition("=")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+            value = safe_yaml(text, f"override {item!r}") if text.strip() else ""
+        except ConfigError:
             value = text
         node = raw
         parts = key.strip().split(".")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,8 @@ def encode_cached(
     if path.is_file():
         try:
             return _load(path, records), True
-        except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)  # a damaged entry is rebuilt, never trusted
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            path.unlink(missing_ok=True)  # a damaged entry (truncated, not a zip) is rebuilt, never trusted
     examples = [renderer.encode(r) for r in records]
     _save(path, examples)
     return examples, False

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,15 +39,15 @@ def read_rows(spec: str) -> list[Row]:
     if spec.startswith("sample:"):
         return _read_file(_sample(spec.removeprefix("sample:")))
     path = Path(spec).expanduser()
-    if any(c in spec for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if is_glob(spec):
+        files = local_files(spec)
         if not files:
             raise DataError(f"no file matches the pattern {spec}")
         return _read_files(files, spec)
     if path.is_dir():
         if any((path / m).is_file() for m in _SAVED_MARKERS):
             return _read_saved(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = local_files(spec)
         if not files:
             raise DataError(f"{spec}: the folder has no data files ({', '.join(SUFFIXES)})")
         return _read_files(files, spec)
@@ -54,6 +56,24 @@ def read_rows(spec: str) -> list[Row]:
     if _looks_like_hub_id(spec):
         return _read_hub(spec)
     raise DataError(f"data file not found: {spec}")
+
+
+def is_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def local_files(spec: str) -> list[Path]:
+    """The local files a source spec reads (a file; a folder's data files, or every file of a saved dataset;
+    a glob's matches), sorted; [] for bundled samples and hub datasets."""
+    if not spec or spec.startswith("sample:"):
+        return []
+    path = Path(spec).expanduser()
+    if is_glob(spec):
+        return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if path.is_dir():
+        saved = any((path / m).is_file() for m in _SAVED_MARKERS)
+        return sorted(p for p in path.rglob("*") if p.is_file() and (saved or p.suffix.lower() in SUFFIXES))
+    return [path] if path.is_file() else []
 
 
 def _sample(name: str) -> Path:
@@ -79,8 +99,8 @@ def _read_file(path: Path) -> list[Row]:
     if suffix == ".parquet":
         rows = list(_read_parquet(path))
     else:
-        try:
-            text = path.read_text(encoding="utf-8-sig")
+        try:  # bytes decoded as they are: no newline translation, a \r inside a CSV cell stays a \r
+            text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             line = path.read_bytes()[: e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
@@ -91,8 +111,14 @@ def _read_file(path: Path) -> list[Row]:
     return rows
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split on \n only (a CRLF line loses its \r): str.splitlines() also splits on U+2028, U+0085 and
+    other characters that JSON strings may hold raw, which broke rows ayar itself had written."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _read_jsonl(path: Path, text: str) -> Iterator[Row]:
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -126,18 +152,33 @@ def _read_json(path: Path, text: str) -> Iterator[Row]:
 
 
 def _read_csv(path: Path, text: str) -> Iterator[Row]:
-    reader = csv.DictReader(text.splitlines())
-    for rec in reader:
+    # the csv module sees the text whole, so a quoted cell keeps its newlines; cells of any length
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        reader.fieldnames  # reads the header line now, so line numbers below count from it
+    except csv.Error as e:
+        raise DataError(f"{path}:1: not valid CSV ({e})") from None
+    while True:
+        start = reader.line_num + 1  # a row's first line (a quoted newline makes it span several)
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(
+                f"{path}:{start}: not valid CSV ({e}); quote cells that hold commas, quotes or newlines"
+            ) from None
         if None in rec:
             raise DataError(
-                f"{path}:{reader.line_num}: this row has more values than the header has columns "
+                f"{path}:{start}: this row has more values than the header has columns "
                 f"({reader.fieldnames}); quote values that contain commas"
             )
-        yield Row(dict(rec), f"{path}:{reader.line_num}")
+        yield Row(dict(rec), f"{path}:{start}")
 
 
 def _read_txt(path: Path, text: str) -> Iterator[Row]:
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(_lines(text), start=1):
         if line.strip():
             yield Row({"text": line}, f"{path}:{n}")
 
@@ -149,7 +190,17 @@ def _read_parquet(path: Path) -> Iterator[Row]:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: cannot read parquet: {e}") from None
-    for i, rec in enumerate(table.to_pylist()):
+    meta = table.schema.metadata or {}
+    as_json = set(json.loads(meta.get(b"ayar.json_columns", b"[]")))  # written by ayar (data/writers.py)
+    records = table.to_pylist()
+    if not table.num_columns and b"ayar.rows" in meta:  # rows with no fields: only the count was kept
+        records = [{} for _ in range(int(meta[b"ayar.rows"]))]
+    for i, rec in enumerate(records):
+        for name in as_json & set(rec):
+            if rec[name] is None:
+                del rec[name]  # a field this row did not have
+            else:
+                rec[name] = json.loads(rec[name])
         yield Row(rec, f"{path}[{i}]")
 
 

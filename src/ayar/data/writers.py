@@ -1,4 +1,4 @@
-"""Record -> a row of a named format, and writing rows to .jsonl / .json / .parquet (for `ayar data convert/clean`)."""
+"""Record -> a row of a named format; rows written to .jsonl, .json, .parquet or .csv (ayar data convert, clean)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ _ACCEPTS = {
 
 
 def write_rows(rows: list[dict], out: str | Path) -> Path:
+    """Rows to .jsonl, .json, .parquet or .csv, atomically; what is read back is what was written."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix == ".jsonl":
@@ -114,16 +115,84 @@ def write_rows(rows: list[dict], out: str | Path) -> Path:
     elif suffix == ".json":
         write_atomic(out, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
     elif suffix == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        pq.write_table(parquet_table(rows), tmp)
         tmp.replace(out)
+    elif suffix == ".csv":
+        write_atomic(out, _csv_text(rows, out))
     else:
-        raise DataError(f"{out}: write to a .jsonl, .json or .parquet file")
+        raise DataError(f"{out}: write to a .jsonl, .json, .parquet or .csv file")
     return out
+
+
+JSON_COLUMNS = b"ayar.json_columns"  # parquet metadata: columns stored as JSON text (read back decoded)
+ROWS = b"ayar.rows"
+
+
+def parquet_table(rows: list[dict]):
+    """A table with every field of every row (not only the first row's). A column keeps arrow's own type when
+    its values come back unchanged through it; one that would not (mixed strings and lists, dicts with
+    differing keys, which arrow fills with nulls) is stored as JSON text and listed in the file's metadata,
+    so the reader decodes it: no field is lost, added or changed."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    arrays, as_json = [], []
+    for name in names:
+        values = [r.get(name) for r in rows]
+        missing = [name not in r for r in rows]
+        array = None
+        if not any(missing):  # a column some rows lack: JSON, so that "absent" stays absent (not null)
+            try:
+                array = pa.array(values)
+                if array.to_pylist() != values or not _parquet_writable(array.type):
+                    array = None
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                array = None
+        if array is None:
+            as_json.append(name)
+            array = pa.array(
+                [None if m else json.dumps(v, ensure_ascii=False) for v, m in zip(values, missing)], type=pa.string()
+            )
+        arrays.append(array)
+    table = pa.table(dict(zip(names, arrays))) if names else pa.table({})
+    # the row count too: rows with no fields at all make a table with no columns, which holds no rows
+    return table.replace_schema_metadata({JSON_COLUMNS: json.dumps(as_json).encode(), ROWS: str(len(rows)).encode()})
+
+
+def _parquet_writable(t) -> bool:
+    """Parquet cannot store a struct without fields (what a column of empty objects becomes in arrow)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return t.num_fields > 0 and all(_parquet_writable(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _parquet_writable(t.value_type)
+    return True
+
+
+def _csv_text(rows: list[dict], out: Path) -> str:
+    """CSV holds text cells: rows whose values are all strings (a missing field is an empty cell)."""
+    import csv
+    import io
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    for i, r in enumerate(rows):
+        bad = next((k for k, v in r.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise DataError(
+                f"{out}: row {i + 1}'s field {bad!r} is a {type(r[bad]).__name__}, and CSV cells hold text only: "
+                "write .jsonl or .parquet (or a format whose fields are text, e.g. --to messages to .jsonl)"
+            )
+    buf = io.StringIO(newline="")
+    # CRLF line ends (RFC 4180): a cell holding a \r or a \n is then quoted, so it reads back whole
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def write_records(records: list[Record], fmt: str, out: str | Path) -> Path:

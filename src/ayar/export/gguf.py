@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ayar.errors import AyarError
+from ayar.fsutil import atomic_directory, claim_output, shareable
 from ayar.infer.gguf_engine import quiet_native_stderr, require_llama_cpp
 from ayar.infer.presets import default_sampling
 
@@ -64,9 +65,9 @@ def ensure_converter(log=print) -> Path:
     return script
 
 
-def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=print) -> Path:
+def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=print, force: bool = False) -> Path:
     """Write OUT/model-QUANT.gguf and OUT/Modelfile; returns the GGUF file."""
-    from ayar.export.merged import _shareable, export_merged, load_run
+    from ayar.export.merged import export_merged, load_run
 
     if quant not in QUANTS:
         raise AyarError(f"--quant {quant!r} for GGUF: choose one of {', '.join(QUANTS)}")
@@ -74,11 +75,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
         require_llama_cpp()
     script = ensure_converter(log)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
     target = out / f"model-{quant}.gguf"
     engine, _ = load_run(run_dir, log=lambda *_: None)
     recipe = modelfile(engine, target.name)  # before the merge below uses the engine's model up
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-gguf-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-gguf-") as tmp:
         merged = export_merged(run_dir, Path(tmp) / "merged", "fp32", log=log, engine=engine)
         first = quant if quant in CONVERTED else "f16"
         converted = Path(tmp) / f"model-{first}.gguf"
@@ -96,9 +98,10 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
             log(f"quantizing to {quant} with llama.cpp")
             _quantize(converted, Path(tmp) / target.name, QUANTIZED[quant])
             converted = Path(tmp) / target.name
-        os.replace(converted, target)
-    (out / "Modelfile").write_text(recipe)
-    _shareable(out)
+        with atomic_directory(out, mark=f"ayar export --to gguf --quant {quant} of {run_dir}") as final:
+            os.replace(converted, final / target.name)
+            (final / "Modelfile").write_text(recipe)
+    shareable(out)
     log(f"wrote {target} and {out / 'Modelfile'} (ollama create NAME -f {out / 'Modelfile'})")
     return target
 

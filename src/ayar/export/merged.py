@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ayar.errors import AyarError
-from ayar.fsutil import atomic_directory
+from ayar.fsutil import atomic_directory, claim_output, shareable
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,14 +55,18 @@ def chat_template_for(engine) -> str:
     return template
 
 
-def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp32", log=print, engine=None) -> Path:
-    """`engine`: the run already loaded in fp32 (`load_run`); its model is merged in place, so it is used up."""
+def export_merged(
+    run_dir: str | Path, out: str | Path, dtype: str = "fp32", log=print, engine=None, force: bool = False
+) -> Path:
+    """`engine`: the run already loaded in fp32 (`load_run`); its model is merged in place, so it is used up.
+    `out` must be new or empty, or (with `force`) an earlier export of ayar's (fsutil.claim_output)."""
     from ayar.rundir import RunDir
 
     if dtype not in DTYPES:
         raise AyarError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    engine, run = (engine, RunDir.open(run_dir)) if engine is not None else load_run(run_dir, log=log)
     out = Path(out)
+    claim_output(out, force)
+    engine, run = (engine, RunDir.open(run_dir)) if engine is not None else load_run(run_dir, log=log)
     if hasattr(engine.model, "merge_and_unload"):
         log(f"merging {run.adapter} into the base ({dtype})")
         model = engine.model.merge_and_unload().to(DTYPES[dtype])
@@ -77,26 +81,14 @@ def export_merged(run_dir: str | Path, out: str | Path, dtype: str = "fp32", log
     gen.do_sample = False
     for name in ("temperature", "top_p", "top_k"):
         setattr(gen, name, None)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, mark=f"ayar export --to merged --dtype {dtype} of {run.path}") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _write_legacy_rope(Path(tmp) / "config.json")
         (Path(tmp) / "README.md").write_text(_model_card(run, dtype))
-    _shareable(out)
+    shareable(out)
     log(f"wrote {out}")
     return out
-
-
-def _shareable(folder: Path) -> None:
-    """The temp directory the export was written in is private (0700); a model folder is meant to be read
-    by others (a server's user, a container): the usual permissions under the user's umask."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
 
 
 def _write_legacy_rope(config_path: Path) -> None:

@@ -15,26 +15,26 @@ from ayar.export.gate import GateReport
 class Format:
     default_kind: str  # dtype or quantization when none is given
     kinds: tuple[str, ...]  # what the format's writer accepts (listed by front ends; the writer checks)
-    write: Callable  # (run_dir, out, kind, log) -> the artifact's path (a folder, or the GGUF file)
+    write: Callable  # (run_dir, out, kind, log, force) -> the artifact's path (a folder, or the GGUF file)
     load: Callable  # (artifact path) -> an engine of the export's own runtime
 
 
-def _merged(run_dir, out, kind, log):
+def _merged(run_dir, out, kind, log, force=False):
     from ayar.export.merged import export_merged
 
-    return export_merged(run_dir, out, kind, log=log)
+    return export_merged(run_dir, out, kind, log=log, force=force)
 
 
-def _onnx(run_dir, out, kind, log):
+def _onnx(run_dir, out, kind, log, force=False):
     from ayar.export.onnx import export_onnx
 
-    return export_onnx(run_dir, out, kind, log=log)
+    return export_onnx(run_dir, out, kind, log=log, force=force)
 
 
-def _gguf(run_dir, out, kind, log):
+def _gguf(run_dir, out, kind, log, force=False):
     from ayar.export.gguf import export_gguf
 
-    return export_gguf(run_dir, out, kind, log=log)
+    return export_gguf(run_dir, out, kind, log=log, force=force)
 
 
 def _load_merged(path):
@@ -86,9 +86,11 @@ def export_run(
     verify: bool = True,
     max_new_tokens: int = 48,
     log=print,
+    force: bool = False,
 ) -> Export:
     """Write RUN as `to` (merged, onnx, gguf) in `kind` (a dtype or quantization; default per format) to `out`
-    (default RUN/export/TO-KIND), then, with `verify`, run the release gate on it."""
+    (default RUN/export/TO-KIND), then, with `verify`, run the release gate on it. `out` must be new or empty;
+    with `force` it may also hold an earlier export of ayar's, which is replaced (never anything else)."""
     from ayar.errors import AyarError
 
     if to not in FORMATS:
@@ -96,7 +98,7 @@ def export_run(
     fmt = FORMATS[to]
     kind = kind or fmt.default_kind  # each writer checks its own kinds, naming the flag
     folder = Path(out or Path(run_dir) / "export" / f"{to}-{kind}")
-    artifact = Path(fmt.write(run_dir, folder, kind, log))
+    artifact = Path(fmt.write(run_dir, folder, kind, log, force))
     result = Export(folder, artifact, to, kind)
     if verify:
         result.gate = gate(run_dir, result, max_new_tokens, log)

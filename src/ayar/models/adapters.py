@@ -54,10 +54,15 @@ def _get_peft_model(model, config):
 def save_trained(model, out, init_dir=None) -> None:
     """Save the trained adapter (or the whole model for `full`). `init_dir`: the initial adapter of a
     PiSSA/OLoRA run (`save_initial`), against which the adapter is converted to fit the original base."""
-    if init_dir is not None:
-        model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(init_dir))
-    else:
-        model.save_pretrained(str(out))
+    from pathlib import Path
+
+    from ayar.fsutil import atomic_directory
+
+    with atomic_directory(Path(out), fsync=True) as tmp:  # a kill while saving leaves the old folder or the new
+        if init_dir is not None:
+            model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=str(init_dir))
+        else:
+            model.save_pretrained(str(tmp))
 
 
 def save_initial(model, lora_cfg, out) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -59,7 +61,9 @@ def create_app(settings: ServeSettings | None = None, backend=None) -> FastAPI:
 
     app.include_router(routes_generate.router, dependencies=[Depends(authorize)])
     app.include_router(routes_users.router, dependencies=[Depends(authorize)])
-    app.include_router(routes_admin.router, dependencies=[Depends(authorize), Depends(authorize_admin)])
+    # an admin key is its own credential: admin keys need not also be API keys (the shipped Kubernetes secret
+    # keeps them apart)
+    app.include_router(routes_admin.router, dependencies=[Depends(authorize_admin)])
     return app
 
 
@@ -97,8 +101,10 @@ async def authorize_admin(request: Request) -> None:
     state: ServerState = request.app.state.ayar
     if not state.admin_keys:
         raise APIError(403, "admin routes are disabled: start the server with --admin-keys FILE")
-    if state.admin_keys.check(_presented_key(request)) is None:
+    admin = state.admin_keys.check(_presented_key(request))
+    if admin is None:
         raise APIError(403, "this route needs an admin key", code="not_admin")
+    request.state.client = f"admin:{admin}"
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -121,7 +127,12 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(request, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+        # the details (which may hold SQL, paths, internals) go to the server's log, not to the caller
+        incident = uuid.uuid4().hex[:12]
+        logging.getLogger("ayar.serve").exception(
+            "internal error %s on %s %s", incident, request.method, request.url.path
+        )
+        return error_response(500, f"internal error (incident {incident}; the server's log has the details)")
 
 
 class _Observe:
@@ -133,13 +144,35 @@ class _Observe:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.state.settings.max_body_bytes
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.state.settings.max_body_bytes:
-            response = error_response(
-                413,
-                f"request body of {int(length)} bytes is over the limit of {self.state.settings.max_body_bytes} bytes",
-            )
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = error_response(413, f"request body of {int(length)} bytes is over the limit of {limit} bytes")
             return await response(scope, receive, send)
+        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            # no Content-Length (chunked transfer): read the body here, at most `limit` bytes, before any route,
+            # parser or key check sees it; then hand it on as if it had just arrived
+            chunks, total, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunks.append(message.get("body", b""))
+                total += len(chunks[-1])
+                if total > limit:
+                    response = error_response(413, f"request body is over the limit of {limit} bytes")
+                    return await response(scope, receive, send)
+                more = message.get("more_body", False)
+            body, handed = b"".join(chunks), False
+
+            async def replay():
+                nonlocal handed
+                if not handed:
+                    handed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            receive = replay
         started, status = time.perf_counter(), {"code": 500}
 
         async def observed_send(message):

@@ -136,6 +136,11 @@ class HFBackend:
             rows = self._drop_unloaded(rows)
             if not rows:
                 return
+            # checked before any forward: a forward that raises inside peft's mixed-adapter batch leaves its
+            # per-row hooks behind, and every later forward of the model fails
+            vocab = self.model.get_input_embeddings().num_embeddings
+            if any(not r.prompt_ids or min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab for r in rows):
+                raise ValueError(f"a prompt is empty or has token ids outside the vocabulary (0..{vocab - 1})")
             width = max(len(r.prompt_ids) for r in rows)
             pad = self._pad_id()
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -207,7 +212,10 @@ class HFBackend:
                     cut = (sorted_p.cumsum(-1) - sorted_p) >= s.top_p
                     sorted_p[cut] = 0
                     probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-                tokens[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+                try:
+                    tokens[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+                except RuntimeError as e:  # this row's numbers went bad: it fails alone, the batch goes on
+                    fail_rows([r], f"sampling failed: {e}")
         return tokens
 
     def _accept_tokens(self, b: _Batch) -> _Batch | None:

@@ -32,11 +32,12 @@ class OnnxBackend(ExportBackend):
         return [r for r, _ in self.running]
 
     def admit(self, rows: list[Row]) -> None:
-        with self.lock:
+        with self.lock:  # all rows or none join (the scheduler retries a failed admit row by row)
+            started = []
             for r in rows:
                 s = r.sampling
-                gen = self.engine.generator(r.prompt_ids, r.max_tokens, s.temperature, s.top_p, s.seed)
-                self.running.append((r, gen))
+                started.append((r, self.engine.generator(r.prompt_ids, r.max_tokens, s.temperature, s.top_p, s.seed)))
+            self.running += started
 
     def step(self) -> None:
         with self.lock:

@@ -40,14 +40,17 @@ def load_adapter(body: AdapterLoad, request: Request):
             str(e).replace(str(Path(root).resolve()), "<root>"),
             param="path",
         )
+    state.mark_loaded(body.name)  # answers cached for an earlier adapter of this name are not reused
     return {"loaded": body.name, "adapters": list(backend.adapters)}
 
 
 @router.delete("/adapters/{name}")
 def unload_adapter(name: str, request: Request):
-    backend = request.app.state.ayar.require_ready()
+    state = request.app.state.ayar
+    backend = state.require_ready()
     try:
         backend.unload_adapter(name)
     except KeyError:
         raise APIError(404, f"no adapter named {name!r}; loaded: {', '.join(backend.adapters) or 'none'}")
+    state.mark_loaded(name)
     return {"unloaded": name, "adapters": list(backend.adapters)}

@@ -81,7 +81,8 @@ async def generate(body: GenerateRequest, request: Request):
             "finish_reason": reply["choices"][0]["finish_reason"],
             "tokens_generated": reply["usage"]["completion_tokens"],
         },
-        headers=dict(response.headers),
+        # the chat reply's own headers (request id, cache, A/B variant), not its length: this body is another
+        headers={k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")},
     )
 
 
@@ -122,6 +123,14 @@ class _Call:
         )
         if len(body.stops()) > 4:
             raise APIError(400, "stop: at most 4 stop sequences", param="stop")
+        unsupported = [f for f in ("tools", "tool_choice", "functions", "response_format") if getattr(body, f, None)]
+        if unsupported:
+            raise APIError(
+                400,
+                f"{', '.join(unsupported)}: not supported by this server (no tool calls or constrained output); "
+                "leave them out",
+                param=unsupported[0],
+            )
         return call
 
     @property
@@ -149,6 +158,8 @@ class _Call:
     ):
         state, body = self.state, self.body
         limit, window = state.settings.max_tokens_limit, self.backend.context_window
+        if min(map(len, prompts)) == 0:  # nothing to continue from: refused here, before it reaches the batch
+            raise APIError(400, "the prompt is empty (0 tokens): send at least one character", param="prompt")
         longest = max(map(len, prompts))
         if max_tokens is None and longest >= window:
             raise APIError(
@@ -172,7 +183,10 @@ class _Call:
         cache_key = None
         if not body.stream and (self.sampling.temperature == 0 or self.sampling.seed is not None):
             params = {
+                # one API key's callers never get another's cached answers (a hit would tell them what was asked)
+                "client": getattr(self.request.state, "client", None) if state.keys else None,
                 "model": self.model,
+                "model_loaded": state.loaded_at(self.model),  # an adapter reloaded under a name starts afresh
                 "max_tokens": max_tokens,
                 "sampling": self.sampling.__dict__,
                 "stop": body.stops(),
@@ -184,11 +198,15 @@ class _Call:
             state.metrics.cache.labels("hit" if hit else "miss").inc()
             if hit is not None:
                 self._count(hit["usage"], ttft=None)
+                if new_user_turn is not None and body.user:  # the answer joins the user's history, as a miss would
+                    await run_in_threadpool(self._remember, new_user_turn, hit["choices"][0]["message"]["content"])
                 return JSONResponse({**hit, "id": self._id(), "created": int(time.time())}, headers=self.headers("hit"))
 
         job = Job(self.sampling, asyncio.get_running_loop())
-        for ids in prompts:
-            job.add_row(ids, max_tokens, self.model, body.stops())
+        for k, ids in enumerate(prompts):  # rows are each prompt n times: with a seed, choice i samples with seed + i
+            s = self.sampling
+            own = Sampling(s.temperature, s.top_p, s.seed + k % body.n) if s.seed is not None and body.n > 1 else None
+            job.add_row(ids, max_tokens, self.model, body.stops(), own)
         try:
             state.scheduler.submit(job)
         except QueueFull as e:
@@ -226,14 +244,26 @@ class _Call:
         n = len(job.rows)
         texts, reasons, tokens, ttft = [""] * n, [None] * n, [0] * n, None
         left = n
+        deadline = job.submitted + self.state.settings.request_timeout
+        checked = time.perf_counter()
         try:
             while left:
                 try:
                     event = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    event = None
+                now = time.perf_counter()
+                if now > deadline:
+                    job.cancelled = True
+                    raise APIError(
+                        504, f"the request took longer than {self.state.settings.request_timeout:g} s", code="timeout"
+                    )
+                if event is None or now - checked >= 0.5:  # also while tokens flow
+                    checked = now
                     if await self.request.is_disconnected():
                         job.cancelled = True  # nobody waits for the answer: stop generating it
                         raise APIError(499, "client disconnected")
+                if event is None:
                     continue
                 kind, i = event[0], event[1]
                 if kind == "delta":
@@ -261,8 +291,14 @@ class _Call:
                     yield self._sse(
                         [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
                     )
+            deadline = job.submitted + self.state.settings.request_timeout
             while left:
-                event = await job.events.get()
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=max(0.0, deadline - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    took = f"the request took longer than {self.state.settings.request_timeout:g} s"
+                    yield f"data: {json.dumps(error_body(504, took, code='timeout'))}\n\n"
+                    return
                 kind, i = event[0], event[1]
                 if kind == "delta":
                     ttft = ttft if ttft is not None else time.perf_counter() - job.submitted

@@ -35,7 +35,9 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
-    def add_row(self, prompt_ids: list[int], max_tokens: int, model: str, stop: tuple[str, ...] = ()) -> Row:
+    def add_row(
+        self, prompt_ids: list[int], max_tokens: int, model: str, stop: tuple[str, ...] = (), sampling=None
+    ) -> Row:
         i = len(self.rows)
         put = self.loop.call_soon_threadsafe
 
@@ -50,7 +52,7 @@ class Job:
             max_tokens,
             model,
             stop,
-            sampling=self.sampling,
+            sampling=sampling or self.sampling,
             on_delta=lambda text: put(self.events.put_nowait, ("delta", i, text)),
             on_finish=finished,
             cancelled=lambda: self.cancelled,
@@ -104,13 +106,35 @@ class Scheduler:
             new = self._admissible()
             if new is None:
                 return
+            if new:
+                self._admit(new)
             try:
-                if new:
-                    self.backend.admit(new)
                 if self.backend.active:
                     self.backend.step()
             except Exception as e:  # a failed step fails the requests in it, never the server
-                self.backend.fail_all(new, f"generation failed: {type(e).__name__}: {e}")
+                self.backend.fail_all([], f"generation failed: {type(e).__name__}: {e}")
+
+    def _admit(self, rows: list[Row]) -> None:
+        """New rows join the batch together; if that fails, each is tried alone, so a row that cannot be
+        prefilled fails by itself and neither the others nor the running batch are touched (a failed admit
+        leaves the batch as it was)."""
+        empty = [r for r in rows if not r.prompt_ids]  # nothing to continue from (the routes refuse these)
+        fail_rows(empty, "generation failed: the prompt is empty")
+        rows = [r for r in rows if r.prompt_ids]
+        if not rows:
+            return
+        try:
+            self.backend.admit(rows)
+            return
+        except Exception as e:
+            if len(rows) == 1:
+                fail_rows(rows, f"generation failed: {type(e).__name__}: {e}")
+                return
+        for row in rows:
+            try:
+                self.backend.admit([row])
+            except Exception as e:
+                fail_rows([row], f"generation failed: {type(e).__name__}: {e}")
 
     def _admissible(self) -> list[Row] | None:
         """Rows of waiting requests that fit in the batch now (whole requests, in arrival order)."""

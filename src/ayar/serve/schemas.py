@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 _TEXT = 200_000  # characters in one message or prompt
 _USER = r"^[A-Za-z0-9_.@:-]{1,128}$"
+_Stop = Annotated[str, Field(max_length=64)]
 
 
 class TextPart(BaseModel):
@@ -38,9 +39,15 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = Field(None)
+    # at most 4 stop strings of at most 64 characters: each is matched against the answer at every token
+    stop: Union[_Stop, Annotated[list[_Stop], Field(max_length=4)], None] = None
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
     user: Optional[str] = Field(None, pattern=_USER)
+    # OpenAI fields this server does not implement: refused with a 400 naming them, never silently ignored
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[Any] = None
+    functions: Optional[Any] = None
     presence_penalty: float = Field(0, ge=-2, le=2)
     frequency_penalty: float = Field(0, ge=-2, le=2)
 

@@ -17,6 +17,7 @@ class ServeSettings:
     rate_per_minute: float = 0.0  # per API key (or client address without auth); 0 = off
     rate_burst: int = 20
     max_body_bytes: int = 1_000_000
+    request_timeout: float = 600.0  # seconds a request may wait and generate before it is cancelled (504)
     # generation
     max_batch: int = 8  # rows decoded together
     max_queue: int = 64  # rows waiting to join the batch; more -> 429

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
+import time
 from pathlib import Path
 
 from ayar.errors import AyarError
@@ -15,6 +18,8 @@ from ayar.serve.routing import choose
 from ayar.serve.scheduler import Scheduler
 from ayar.serve.settings import ServeSettings
 from ayar.serve.store import Store
+
+log = logging.getLogger("ayar.serve")
 
 
 def build_backend(settings: ServeSettings, log=print) -> HFBackend:
@@ -66,6 +71,7 @@ class ServerState:
         self.store = Store(db, cap=settings.history_cap)
         self.backend, self.scheduler = backend, None
         self.load_error: str | None = None
+        self.loaded: dict[str, float] = {}
         self.ready = threading.Event()
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -80,7 +86,8 @@ class ServerState:
         try:
             self.backend = build_backend(self.settings)
             self._start_scheduler()
-        except Exception as e:  # reported by /ready and every generation route
+        except Exception as e:  # logged here in full; /ready and the generation routes say only that it failed
+            log.error("the model failed to load: %s: %s", type(e).__name__, e)
             self.load_error = f"{type(e).__name__}: {e}"
 
     def _start_scheduler(self) -> None:
@@ -96,7 +103,7 @@ class ServerState:
 
     def require_ready(self) -> HFBackend:
         if self.load_error:
-            raise APIError(503, f"the model failed to load: {self.load_error}")
+            raise APIError(503, "the model failed to load; the server's log says why")
         if not self.ready.is_set():
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
         return self.backend
@@ -104,9 +111,19 @@ class ServerState:
     def user_key(self, client: str, user: str) -> str:
         """Where a user's profile and history are stored: per API key when there are keys, so one key's
         callers never see another key's users."""
-        return f"{client}/{user}" if self.keys else user
+        key = f"{client}/{user}" if self.keys else user
+        if len(key) <= 128:  # the store's column width; a longer id is stored by its hash
+            return key
+        return f"{client}/sha256:{hashlib.sha256(user.encode()).hexdigest()}"
 
     # --- models -----------------------------------------------------------------------------------
+    def loaded_at(self, model: str) -> float:
+        """When the adapter served as `model` was (re)loaded: part of the response cache's key."""
+        return self.loaded.get(model, 0.0)
+
+    def mark_loaded(self, model: str) -> None:
+        self.loaded[model] = time.time()
+
     def model_names(self) -> list[str]:
         return self.backend.model_names() + list(self.settings.aliases) if self.backend else list(self.settings.aliases)
 

@@ -75,10 +75,30 @@ def load_trained_state(model, state: dict) -> None:
         model.load_state_dict(state, strict=False)
 
 
+BEST = "best"  # the best adapter so far (early stopping), beside the checkpoints: a resumed run keeps it
+
+
+def save_best(ckpt_root: Path, state: dict, step: int) -> None:
+    with atomic_directory(ckpt_root / BEST, fsync=True) as tmp:
+        save_file(state, tmp / "adapter.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+
+
+def load_best(ckpt_root: Path, step: int | None) -> dict | None:
+    """The saved best adapter, if it is the one of `step` (the best step a resumed checkpoint recorded)."""
+    folder = ckpt_root / BEST
+    if step is None or not (folder / "state.json").is_file():
+        return None
+    if json.loads((folder / "state.json").read_text()).get("step") != step:
+        return None
+    return load_file(folder / "adapter.safetensors")
+
+
 def remove_stale_temp(ckpt_root: Path) -> None:
+    """What interrupted saves left: temp folders, and earlier folders set aside to be deleted."""
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
-            if p.name.startswith(".tmp-"):
+            if p.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(p, ignore_errors=True)
 
 

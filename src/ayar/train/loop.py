@@ -130,9 +130,11 @@ def run_loop(
     scheduler = build_scheduler(optimizer, tcfg, total)
     order = BatchOrder(len(train), tcfg.batch_size, tcfg.seed)
     state = LoopState()
+    best_adapter = None
     if resume_from is not None:
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
-    best_adapter = None
+        if tcfg.early_stopping_patience:
+            best_adapter = ckpt.load_best(ckpt_root, state.best_step)
     device, packed, fused, per_pass = plan.device, plan.layout.packed, plan.layout.fused, plan.layout.per_pass
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
     model.train()
@@ -188,6 +190,7 @@ def run_loop(
                 state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
                 if tcfg.early_stopping_patience:
                     best_adapter = _adapter_copy(model)
+                    ckpt.save_best(ckpt_root, best_adapter, state.step)
             else:
                 state.bad_evals += 1
                 if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:

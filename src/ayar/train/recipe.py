@@ -14,7 +14,6 @@ from pathlib import Path
 from rich.console import Console
 
 from ayar.config import TrainConfig, config_to_dict
-from ayar.errors import AyarError
 from ayar.fsutil import write_atomic
 from ayar.rundir import RunDir
 from ayar.train.plots import plot_loss
@@ -45,10 +44,12 @@ class Recipe:
     def say(self, text: str) -> None:
         self.console.print(text, soft_wrap=True, highlight=False)
 
-    def no_checkpoint(self) -> AyarError:
-        return AyarError(
-            f"{self.run.path} has no complete checkpoint to resume from (set training.save_steps to write them)"
-        )
+    def start_over(self) -> None:
+        """A resumed run with no complete checkpoint (killed before its first one): train it again from the
+        start, in the same directory."""
+        self.say(f"resume {self.run.path} has no complete checkpoint yet: starting it over")
+        self.resuming = False
+        self.run.truncate_metrics(0)
 
     def create(self) -> RunDir:
         """The run directory (a new one with its config.yaml; a resumed run is already there)."""

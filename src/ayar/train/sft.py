@@ -34,10 +34,10 @@ def train_sft(
     cfg, tcfg, say = r.cfg, r.cfg.training, r.say
     resume_from = None
     if r.resuming:
+        ckpt.remove_stale_temp(r.run.checkpoints)
         resume_from = ckpt.latest_checkpoint(r.run.checkpoints)
         if resume_from is None:
-            raise r.no_checkpoint()
-        ckpt.remove_stale_temp(r.run.checkpoints)
+            r.start_over()
     start_step = ckpt.checkpoint_step(resume_from) if resume_from else 0
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)

@@ -18,7 +18,7 @@ from rich.console import Console
 from ayar.config import TrainConfig
 from ayar.data.dataset import Splits, enforce_lint, load_splits
 from ayar.errors import DataError
-from ayar.models.adapters import parameter_counts
+from ayar.models.adapters import parameter_counts, save_trained
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
 from ayar.train.allocator import tune_allocator
@@ -47,7 +47,7 @@ def run_stage(
     r = Recipe.open(cfg, resume, console)
     cfg, tcfg, say = r.cfg, r.cfg.training, r.say
     if r.resuming and not any(r.run.checkpoints.glob("checkpoint-*")):
-        raise r.no_checkpoint()
+        r.start_over()
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     if tcfg.return_memory:  # no memory plan for these stages: only when asked
@@ -93,7 +93,7 @@ def run_stage(
         trainer.evaluate()
 
     # --- save -----------------------------------------------------------------------------------------
-    trainer.model.save_pretrained(str(run.adapter))  # safetensors
+    save_trained(trainer.model, run.adapter)  # safetensors, atomically
     meta = r.finish(
         _readme,
         steps=trainer.state.global_step,

@@ -140,3 +140,38 @@ def test_every_example_config_passes_the_cross_field_rules():
         if "hpo:" in path.read_text():
             continue
         assert cross_field_errors(load_config(path)) == [], path
+
+
+BOMB = """a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (BOMB, "expand to more than"),  # used to hang, expanding 9^9 values
+        ("training: &t\n  extra: *t\n", "an alias refers to the value that contains it"),  # used to be a traceback
+        ("training:\n  max_steps: 3\nlora:\n  r: 4\ntraining:\n  max_steps: 9\n", "'training' is given twice"),
+        ("lora:\n  r: 4\n  r: 8\n", "'r' is given twice"),
+    ],
+)
+def test_yaml_that_cannot_be_a_config_is_a_clear_error(tmp_path, text, problem):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(problem)) as e:
+        load_config(f)
+    assert str(f) in str(e.value)
+
+
+def test_anchors_and_aliases_of_a_normal_size_still_work(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora: &l\n  r: 8\n  alpha: 16\ndata:\n  columns: {instruction: q, output: a}\n")
+    assert load_config(f).lora.r == 8

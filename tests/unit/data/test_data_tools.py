@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ayar.data.cache import encode_cached
 from ayar.data.dataset import load_records
 from ayar.data.preview import boundaries, html_page
@@ -222,3 +224,47 @@ def test_cli_clean_and_convert(tmp_path):
         str(tmp_path / "x.jsonl"),
     )
     assert r.returncode == 2 and "cannot be written as 'hh'" in r.stderr
+
+
+def _snapshot(folder):
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("action", ["clean", "convert"])
+def test_inputs_are_never_written_by_any_route(tmp_path, action, capsys):
+    """`ayar data clean DIR/ --out DIR/t.jsonl` overwrote its own input: the guard compared literal paths only.
+    Folders, globs, --config sources and --against files are inputs too; so is a new file inside an input
+    folder or matching an input glob (the next read would take it in)."""
+    from ayar.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "t.jsonl", MATH_ROWS)
+    write_jsonl(data / "u.jsonl", MATH_ROWS[:3])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  train: {data / '*.jsonl'}\n")
+    before = _snapshot(data)
+    extra = ["--to", "messages"] if action == "convert" else []
+    routes = [
+        [str(data), "--out", str(data / "t.jsonl")],  # a folder's file
+        [str(data) + "/", "--out", str(data / "new.jsonl")],  # a new file inside the input folder
+        [str(data / "*.jsonl"), "--out", str(data / "u.jsonl")],  # a glob's match
+        ["--config", str(cfg), "--out", str(data / "t.jsonl")],  # a config's source
+        [str(data / "t.jsonl"), "--out", str(data / "t.jsonl"), "--force"],  # --force never reaches an input
+    ]
+    for route in routes:
+        assert main(["data", action, *route, *extra]) == 2, route
+        assert _snapshot(data) == before, route
+        assert "input" in capsys.readouterr().err
+
+
+def test_an_existing_output_needs_force(tmp_path):
+    from ayar.cli import main
+
+    src = write_jsonl(tmp_path / "in.jsonl", MATH_ROWS)
+    out = tmp_path / "out.jsonl"
+    out.write_text("something of the user's\n")
+    assert main(["data", "convert", str(src), "--to", "messages", "--out", str(out)]) == 2
+    assert out.read_text() == "something of the user's\n"
+    assert main(["data", "convert", str(src), "--to", "messages", "--out", str(out), "--force"]) == 0
+    assert len(out.read_text().splitlines()) == len(MATH_ROWS)

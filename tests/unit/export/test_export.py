@@ -368,3 +368,43 @@ def test_bench_infer_scores_every_format_on_the_same_tokens(onnx_run):
     assert abs(formats["onnx-fp32"]["perplexity_delta_pct"]) < 0.1  # the same fp32 weights in another runtime
     assert formats["merged-bf16"]["perplexity_delta_pct"] != 0 and all(m["tokens_per_s"] > 0 for m in formats.values())
     assert (onnx_run / "export" / "onnx-fp32" / "genai_config.json").is_file()  # made on demand, reused next time
+
+
+def _tree(folder):
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mode & 0o777, p.read_bytes() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_export_never_deletes_or_changes_a_folder_it_did_not_write(tiny_run, tmp_path):
+    """`ayar export RUN --out DIR` used to delete DIR and everything in it (and the GGUF export chmod-ed what
+    was there); now a non-empty folder that ayar did not write is refused, --force or not, and left as it was."""
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "todo.txt").write_text("keep me")
+    (mine / "weights.bin").write_bytes(b"\x00" * 16)
+    os.chmod(mine / "notes", 0o750)
+    before = _tree(mine)
+    for force in ([], ["--force"]):
+        assert main(["export", str(tiny_run), "--out", str(mine), "--no-verify", *force]) == 2
+        assert _tree(mine) == before
+
+
+def test_an_earlier_export_is_replaced_only_with_force(tiny_run, tmp_path):
+    out = tmp_path / "exp"
+    assert main(["export", str(tiny_run), "--out", str(out), "--no-verify"]) == 0
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["export", str(tiny_run), "--out", str(out), "--no-verify"]) == 2  # exists: refused
+    assert (out / "model.safetensors").stat().st_mtime_ns == first
+    assert main(["export", str(tiny_run), "--out", str(out), "--max-new-tokens", "4", "--force"]) == 0
+    assert (out / "gate.json").is_file() and (out / "model.safetensors").stat().st_mtime_ns != first
+    (out / "my-notes.md").write_text("added by the user")  # the folder is no longer only ayar's: never deleted
+    assert main(["export", str(tiny_run), "--out", str(out), "--no-verify", "--force"]) == 2
+    assert (out / "my-notes.md").read_text() == "added by the user"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]  # nothing left behind
+
+
+def test_export_into_an_empty_folder_is_fine(tiny_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "empty"), "--no-verify"]) == 0

@@ -67,7 +67,7 @@ def test_health_ready_models(backend, tmp_path):
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "tuned", "second"]
 
 
-def test_ready_is_503_until_loaded_and_names_a_load_failure(tmp_path):
+def test_ready_is_503_until_loaded_and_says_the_load_failed(tmp_path):
     app = create_app(ServeSettings(source=str(tmp_path / "missing"), db=f"sqlite:///{tmp_path / 'u.db'}"))
     with TestClient(app) as c:
         assert c.get("/health").status_code == 200
@@ -78,6 +78,7 @@ def test_ready_is_503_until_loaded_and_names_a_load_failure(tmp_path):
             assert r.status_code == 503
             time.sleep(0.1)
         assert r.status_code == 503 and "the model failed to load" in r.json()["error"]["message"]
+        assert "missing" not in r.text and "Error" not in r.text  # the public /ready names no internals
         assert chat(c).status_code == 503
 
 
@@ -675,3 +676,179 @@ def test_a_vanishing_temperature_samples_the_greedy_tokens(backend):
     backend.run([greedy])
     backend.run([tiny])
     assert tiny.finish in ("stop", "length") and tiny.ids == greedy.ids
+
+
+def test_a_bad_row_joining_a_running_batch_fails_alone(backend):
+    """A row whose prefill raises (here a token id outside the vocabulary; on main an empty prompt did it) used
+    to fail every request being generated. Now rows that arrive together are retried one by one and only the
+    bad one fails; rows already running, and good rows that arrived with it, finish with their tokens alone."""
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(backend, max_batch=8, max_queue=16)
+        p = backend.encode_chat(Q)
+        running = Job(Sampling(), loop)
+        running.add_row(p, 12, "tuned")
+        sched.submit(running)
+        sched.start()
+        await running.events.get()  # its first text: it is in the batch
+        bad, good = Job(Sampling(), loop), Job(Sampling(), loop)
+        bad.add_row([10**6], 12, "tuned")
+        good.add_row(p, 12, "base")
+        sched.submit(bad)
+        sched.submit(good)
+
+        async def outcome(job):
+            while True:
+                event = await job.events.get()
+                if event[0] in ("finish", "error"):
+                    return event[0], job.rows[0].ids
+
+        results = [await outcome(j) for j in (running, bad, good)]
+        sched.stop()
+        return results
+
+    (r_kind, r_ids), (b_kind, _), (g_kind, g_ids) = asyncio.run(scenario())
+    alone = {m: Row(backend.encode_chat(Q), 12, m) for m in ("tuned", "base")}
+    for row in alone.values():
+        backend.run([row])
+    assert b_kind == "error"
+    assert (r_kind, r_ids) == ("finish", alone["tuned"].ids) and (g_kind, g_ids) == ("finish", alone["base"].ids)
+
+
+def test_an_empty_prompt_is_refused_before_the_model(backend, tmp_path):
+    with client(backend, tmp_path) as c:
+        r = c.post("/v1/completions", json={"model": "tuned", "prompt": "", "max_tokens": 4})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+
+
+def test_admin_keys_apart_from_api_keys_open_the_admin_routes(backend, tmp_path):
+    """With --admin-keys different from --api-keys (as the shipped Kubernetes secret has them), admin routes
+    answered 401: they also demanded an API key. An admin key is its own credential now."""
+    with client(backend, tmp_path, api_keys=["user-key"], admin_keys=["admin-key"]) as c:
+        assert c.get("/admin/adapters", headers={"Authorization": "Bearer admin-key"}).status_code == 200
+        assert c.get("/admin/adapters", headers={"Authorization": "Bearer user-key"}).status_code == 403
+        assert c.get("/admin/adapters").status_code == 403
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "tuned", "messages": Q, "max_tokens": 4},
+            headers={"Authorization": "Bearer admin-key"},
+        )
+        assert r.status_code == 401  # an admin key is not an API key
+
+
+def test_a_long_user_id_fits_the_store(backend, tmp_path):
+    """User ids near the 128-character limit, behind an API key's prefix, overflowed PostgreSQL's column: a 500
+    whose message held SQL. Long ids are stored by their hash now."""
+    long_user = "u" * 128
+    with client(backend, tmp_path, api_keys=["k"]) as c:
+        auth = {"Authorization": "Bearer k"}
+        r = c.put(f"/v1/users/{long_user}/profile", json={"name": "Ada"}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert c.get(f"/v1/users/{long_user}/profile", headers=auth).json()["profile"]["name"] == "Ada"
+        state = c.app.state.ayar
+        keys = {state.user_key("0123456789ab", u) for u in (long_user, long_user[:-1] + "v", "short")}
+        assert len(keys) == 3 and max(map(len, keys)) <= 128  # the column's width, on PostgreSQL too
+        r = c.get("/v1/users/nobody/profile", headers=auth)
+        assert r.status_code == 404
+
+
+def test_chunked_bodies_are_held_to_the_size_limit(backend, tmp_path):
+    """The body limit applied only to requests with a Content-Length; a chunked body was read whole, and
+    parsed before the API key was checked."""
+    with client(backend, tmp_path, max_body_bytes=1000, api_keys=["k"]) as c:
+
+        def chunks():
+            for _ in range(50):
+                yield b"x" * 100
+
+        r = c.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "over the limit of 1000 bytes" in r.json()["error"]["message"]
+        small = json.dumps({"model": "tuned", "messages": Q, "max_tokens": 2}).encode()
+        r = c.post(
+            "/v1/chat/completions",
+            content=iter([small[:10], small[10:]]),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer k"},
+        )
+        assert r.status_code == 200, r.text
+
+
+def test_stop_strings_are_bounded(backend, tmp_path):
+    with client(backend, tmp_path) as c:
+        assert chat(c, stop="x" * 65).status_code == 400
+        assert chat(c, stop=["a", "b", "c", "d", "e"]).status_code == 400
+        assert chat(c, stop=["a", "b"]).status_code == 200
+
+
+def test_an_internal_error_names_no_internals(backend, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("SELECT secret FROM users WHERE password='hunter2'")
+
+    s = ServeSettings(source="unused", db=f"sqlite:///{tmp_path / 'users.db'}")
+    with TestClient(create_app(s, backend=backend), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(c.app.state.ayar.store, "get_profile", broken)
+        r = c.get("/v1/users/ada/profile")
+        assert r.status_code == 500 and "incident" in r.json()["error"]["message"]
+        assert "SELECT" not in r.text and "hunter2" not in r.text
+
+
+def test_the_response_cache_is_kept_per_api_key_and_writes_history(backend, tmp_path):
+    """A hit told one tenant that another had sent the same prompt, and skipped the user's history."""
+
+    def ask(c, key, **kw):
+        body = {"model": "tuned", "messages": Q, "max_tokens": 8, **kw}
+        return c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+    with client(backend, tmp_path, api_keys=["a", "b"], history_turns=0) as c:  # no history in the prompt
+        as_a = {"Authorization": "Bearer a"}
+        assert ask(c, "a").headers["x-ayar-cache"] == "miss"
+        assert ask(c, "b").headers["x-ayar-cache"] == "miss"  # another key: not a hit
+        assert ask(c, "a").headers["x-ayar-cache"] == "hit"
+        for _ in range(2):
+            r = ask(c, "a", user="ada")
+        assert r.headers["x-ayar-cache"] == "hit"
+        history = c.get("/v1/users/ada/history", params={"model": "tuned"}, headers=as_a).json()["messages"]
+        assert [m["role"] for m in history] == ["user", "assistant"] * 2  # the hit was remembered too
+
+
+def test_an_adapter_reloaded_under_the_same_name_is_not_answered_from_the_cache(tiny_run, tmp_path):
+    from ayar.infer.load import load_engine
+
+    b = HFBackend(load_engine(tiny_run, log=lambda *_: None), "tuned")
+    root = tmp_path / "adapters"
+    shutil.copytree(tiny_run / "adapter", root / "math")
+    admin = {"Authorization": "Bearer boss"}
+    with client(b, tmp_path, adapter_root=str(root), admin_keys=["boss"]) as c:
+        assert c.post("/admin/adapters", json={"name": "m", "path": "math"}, headers=admin).status_code == 200
+        assert chat(c, "m").headers["x-ayar-cache"] == "miss"
+        assert chat(c, "m").headers["x-ayar-cache"] == "hit"
+        assert c.delete("/admin/adapters/m", headers=admin).status_code == 200
+        assert c.post("/admin/adapters", json={"name": "m", "path": "math"}, headers=admin).status_code == 200
+        assert chat(c, "m").headers["x-ayar-cache"] == "miss"
+
+
+def test_n_choices_with_a_seed_differ_and_repeat(backend, tmp_path):
+    with client(backend, tmp_path) as c:
+        runs = [chat(c, temperature=1.5, seed=7, n=4, max_tokens=8, messages=Q).json() for _ in range(2)]
+    texts = [[ch["message"]["content"] for ch in r["choices"]] for r in runs]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1  # seeded: repeatable, and not four copies of one
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"tool_choice": "auto"},
+        {"response_format": {"type": "json_object"}},
+    ],
+)
+def test_unsupported_openai_fields_are_refused_not_ignored(backend, tmp_path, field):
+    with client(backend, tmp_path) as c:
+        r = chat(c, **field)
+    assert r.status_code == 400 and next(iter(field)) in r.json()["error"]["message"]
+
+
+def test_a_request_past_its_deadline_is_cancelled(backend, tmp_path):
+    with client(backend, tmp_path, request_timeout=0.0) as c:
+        r = chat(c, max_tokens=64)
+    assert r.status_code == 504 and "longer than" in r.json()["error"]["message"]

@@ -1,0 +1,82 @@
+"""The server over real HTTP (uvicorn on 127.0.0.1, not TestClient, which forgives a wrong Content-Length): every
+route answers with a body whose length is the Content-Length it announced."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from ayar.serve.app import create_app
+from ayar.serve.settings import ServeSettings
+
+uvicorn = pytest.importorskip("uvicorn")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    from ayar.infer.load import load_engine
+    from ayar.serve.state import backend_for
+
+    backend = backend_for(load_engine(tiny_run, log=lambda *_: None), "tuned")
+    db = tmp_path_factory.mktemp("live") / "users.db"
+    app = create_app(ServeSettings(source="unused", db=f"sqlite:///{db}", admin_keys=["adm"]), backend=backend)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield port
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _request(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    payload = None if body is None else json.dumps(body).encode()
+    conn.request(method, path, payload, {"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    data = response.read()  # http.client raises IncompleteRead when the body is shorter than announced
+    length = response.getheader("Content-Length")
+    conn.close()
+    return response.status, length, data
+
+
+CHAT = {"model": "tuned", "messages": [{"role": "user", "content": "What is 12 plus 30?"}], "max_tokens": 6}
+ROUTES = [
+    ("GET", "/health", None, {}),
+    ("GET", "/ready", None, {}),
+    ("GET", "/v1/models", None, {}),
+    ("POST", "/v1/chat/completions", CHAT, {}),
+    ("POST", "/v1/chat/completions", {**CHAT, "stream": True}, {}),
+    ("POST", "/v1/completions", {"model": "tuned", "prompt": "12 plus 30 is", "max_tokens": 4}, {}),
+    ("POST", "/v1/completions", {"model": "tuned", "prompt": "", "max_tokens": 4}, {}),
+    ("POST", "/generate", {"prompt": "What is 12 plus 30?", "max_tokens": 6}, {}),
+    ("GET", "/metrics", None, {}),
+    ("GET", "/no/such/route", None, {}),
+    ("POST", "/v1/chat/completions", {"messages": "not a list"}, {}),
+    ("GET", "/admin/adapters", None, {"Authorization": "Bearer adm"}),
+]
+
+
+@pytest.mark.parametrize("method, path, body, headers", ROUTES, ids=[f"{m} {p}" for m, p, _, _ in ROUTES])
+def test_every_route_sends_the_body_it_announces(server, method, path, body, headers):
+    status, length, data = _request(server, method, path, body, headers)
+    assert status < 500, data[:300]
+    if length is not None:
+        assert int(length) == len(data), f"{method} {path}: Content-Length {length}, body {len(data)} bytes"
+
+
+def test_generate_over_http(server):
+    status, length, data = _request(server, "POST", "/generate", {"prompt": "What is 12 plus 30?", "max_tokens": 6})
+    assert status == 200 and int(length) == len(data)
+    reply = json.loads(data)
+    assert reply["status"] == "success" and isinstance(reply["response"], str)
