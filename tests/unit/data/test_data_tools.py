@@ -268,3 +268,18 @@ def test_an_existing_output_needs_force(tmp_path):
     assert out.read_text() == "something of the user's\n"
     assert main(["data", "convert", str(src), "--to", "messages", "--out", str(out), "--force"]) == 0
     assert len(out.read_text().splitlines()) == len(MATH_ROWS)
+
+
+def test_a_truncated_cache_entry_is_rebuilt(tmp_path):
+    """A cache entry cut short (the process was killed while writing it, the disk filled) raised EOFError or
+    BadZipFile on every later run instead of being rebuilt."""
+    tok = make_tokenizer("qwen2")
+    recs = load_records(GSM8K, columns={"instruction": "question", "output": "answer"})[:20]
+    r = Renderer(tok, max_length=128)
+    first, _ = encode_cached(recs, r, root=tmp_path)
+    entry = next(p for p in tmp_path.iterdir() if p.suffix == ".npz")
+    whole = entry.read_bytes()
+    for cut in (whole[: len(whole) // 2], whole[:30], b""):
+        entry.write_bytes(cut)
+        again, hit = encode_cached(recs, r, root=tmp_path)
+        assert hit is False and [e.input_ids for e in again] == [e.input_ids for e in first]

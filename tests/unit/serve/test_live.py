@@ -80,3 +80,30 @@ def test_generate_over_http(server):
     assert status == 200 and int(length) == len(data)
     reply = json.loads(data)
     assert reply["status"] == "success" and isinstance(reply["response"], str)
+
+
+def test_requests_under_load(server):
+    """A bounded load on 127.0.0.1: 8 clients, 5 requests each, streaming and not, one with a bad row among them;
+    every answer is a 200 or the 400 the bad request deserves, none a 5xx."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.reliability import report
+
+    def client(k):
+        out = []
+        for j in range(5):
+            body = {**CHAT, "max_tokens": 4, "stream": j % 2 == 1}
+            if k == 3 and j == 2:
+                body = {"model": "tuned", "prompt": "", "max_tokens": 4}
+                out.append(_request(server, "POST", "/v1/completions", body)[0])
+                continue
+            out.append(_request(server, "POST", "/v1/chat/completions", body)[0])
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = Counter(s for result in pool.map(client, range(8)) for s in result)
+    report(
+        "requests under load (8 clients x 5, live server)", ", ".join(f"{n} x {s}" for s, n in sorted(statuses.items()))
+    )
+    assert statuses == Counter({200: 39, 400: 1})

@@ -432,3 +432,48 @@ def test_compare_trains_each_method_and_writes_the_table(tiny_model_dir, tmp_pat
     table = (out / "compare.md").read_text()
     assert table.count("\n") == 5 and "| dora |" in table and (out / "compare.png").stat().st_size > 0
     assert main(["compare", f"data.train={data}", "--methods", "lora,qlora2", "--out", str(out)]) == 2
+
+
+def test_resume_after_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    """The best adapter was held in memory only: a run killed after its best evaluation and resumed saved its
+    last adapter instead. It is kept on disk beside the checkpoints now (checkpoints/best)."""
+    from ayar.train import loop
+
+    real, calls = loop.evaluate, []
+
+    def rising(model, *args):
+        calls.append({k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
+        return real(model, *args) + len(calls) - 1
+
+    def killed_after_step_2(state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "evaluate", rising)
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(
+        tiny_model_dir, data, tmp_path / "runs", max_steps=40, eval_steps=1, save_steps=1, early_stopping_patience=3
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(cfg, callbacks=[killed_after_step_2])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    run = train_sft(resume=run_dir)
+    meta = run.read_meta()
+    assert meta["stopped_early"] and meta["best_step"] == 1 and meta["steps"] == 4
+    saved = load_file(run.adapter / "adapter_model.safetensors")
+    for name, value in calls[0].items():  # the adapter as it was at step 1, before the kill
+        torch.testing.assert_close(saved[name.replace(".default", "")], value)
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    from ayar.errors import AyarError
+    from ayar.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    run.metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert run.read_metrics() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    run.truncate_metrics(1)
+    assert run.read_metrics() == [{"step": 1, "loss": 2.0}]
+    run.metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # a damaged line in the middle is not a kill
+    with pytest.raises(AyarError, match="metrics.jsonl:2"):
+        run.read_metrics()
