@@ -11,15 +11,15 @@ from ayar.version import __version__
 for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     _os.environ.setdefault(_var, "128")
 
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "Run", "config", "create_app", "evaluate", "export", "load", "plan", "train"]
+
+_API = {"Run", "Plan", "config", "create_app", "evaluate", "export", "load", "plan", "train"}
 
 
-def load(source, **kwargs):
-    """A model ready to answer: a run directory, a merged export, a local model directory or `default`.
+def __getattr__(name):
+    """The Python API (ayar/api.py), imported on first use so that `import ayar` stays light."""
+    if name in _API:
+        from ayar import api
 
-    >>> import ayar
-    >>> ayar.load("runs/quickstart-20261125-101500").generate("What is 12 * 7?").text
-    """
-    from ayar.infer.load import load_engine
-
-    return load_engine(source, **kwargs)
+        return getattr(api, name)
+    raise AttributeError(f"module 'ayar' has no attribute {name!r}")

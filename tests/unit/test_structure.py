@@ -27,6 +27,7 @@ LAYERS = [
     {"eval", "export"},
     {"serve"},
     {"perf"},
+    {"api"},
     {"cli", "demo", "__init__", "__main__"},
 ]
 

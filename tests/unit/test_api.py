@@ -1,0 +1,51 @@
+"""The Python API (ayar/api.py) on a tiny model: the same functions the CLI runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import ayar
+from ayar.errors import ConfigError
+from tests.helpers import MATH_ROWS, write_jsonl
+
+
+def test_import_ayar_stays_light():
+    code = "import ayar, sys; ayar.Run; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_config_from_path_dict_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora: {r: 4}\n")
+    assert ayar.config(f, lora__alpha=8).lora.alpha == 8
+    assert ayar.config({"lora": {"r": 4}}, **{"training.max_steps": 3}).training.max_steps == 3
+    assert ayar.config(ayar.config(None, lora__r=2)).lora.r == 2
+    with pytest.raises(ConfigError, match="did you mean 'r'"):
+        ayar.config(None, lora__rank=4)
+
+
+def test_train_plan_chat_evaluate_export_load(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
+    source = {
+        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "data": {"train": str(data), "val_ratio": 0.25, "lint": "warn"},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    overrides = {"training.max_steps": 3, "training.tracker": "none", "training.batch_size": 4}
+    assert ayar.plan(source, **overrides).fits
+    run = ayar.train(source, **overrides)
+    assert run.meta["status"] == "completed" and run.meta["steps"] == 3 and run.metrics
+    assert isinstance(run.chat("What is 12 plus 30?", max_new_tokens=4), str)
+    report = ayar.evaluate(run, max_rows=3, max_new_tokens=4, anchor=None)
+    assert "tuned" in report.models and "base" in report.models
+    exported = ayar.export(run, max_new_tokens=4, log=lambda *_: None)
+    assert exported.ok and exported.gate.ok
+    assert isinstance(ayar.load(exported.folder).generate("hi", max_new_tokens=2).text, str)
+    again = ayar.train(resume=run.path)
+    assert again.path == run.path
+    with pytest.raises(ConfigError, match="resume continues"):
+        ayar.train(source, resume=run.path)
