@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A run directory: 6 LoRA steps of the tiny Qwen2-style model on MATH_ROWS."""
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     tmp = tmp_path_factory.mktemp("tinyrun")
     data = write_jsonl(tmp / "d.jsonl", MATH_ROWS * 2)

@@ -180,12 +180,12 @@ def examples(tok, rows=MATH_ROWS):
 
 
 def loop_plan(model, tcfg, examples=()):
-    """The run plan `ayar train` would make for `model` trained with `tcfg` on CPU in fp32 (train/plan.py),
+    """The run plan `ayar train` would make for `model` trained with `tcfg` on CPU in fp32 (training/plan.py),
     for tests that call the loop directly."""
     import dataclasses
 
     from ayar.config import ModelConfig, TrainConfig
-    from ayar.train.plan import decide
+    from ayar.training.plan import decide
 
     cfg = TrainConfig(
         model=ModelConfig(device="cpu", dtype="float32"), training=dataclasses.replace(tcfg, memory_check="off")

@@ -77,7 +77,7 @@ class Plan:
         return self.memory.fits
 
 
-def config(source=None, **overrides):
+def configure(source=None, **overrides):
     """A validated TrainConfig from a TrainConfig, a YAML path, a dict shaped like the YAML, or None (defaults),
     with overrides applied. Bad keys or values are one ConfigError naming each (with a did-you-mean)."""
     import dataclasses
@@ -98,7 +98,7 @@ def config(source=None, **overrides):
 def train(source=None, /, *, resume: str | Path | None = None, **overrides) -> Run:
     """Fine-tune as `ayar train` does (any stage: SFT, DPO family, reward, GRPO, classification) and return the
     Run. `resume`: continue that run directory from its last checkpoint (no config then)."""
-    from ayar.train.dispatch import train as run_training
+    from ayar.training.dispatch import train as run_training
 
     if resume is not None:
         if source is not None or overrides:
@@ -106,7 +106,7 @@ def train(source=None, /, *, resume: str | Path | None = None, **overrides) -> R
 
             raise ConfigError("resume continues a run with its saved config: give no config or overrides with it")
         return Run(run_training(resume=resume).path)
-    return Run(run_training(config(source, **overrides)).path)
+    return Run(run_training(configure(source, **overrides)).path)
 
 
 def evaluate(run: Run | str | Path, data: str | None = None, **options):
@@ -131,16 +131,16 @@ def export(
 ):
     """Export a run (merged | onnx | gguf, in `kind`: a dtype or quantization) and put it through the release
     gate, as `ayar export` does. Returns the Export (folder, artifact, gate report; `.ok`)."""
-    from ayar.export.workflow import export_run
+    from ayar.exports.workflow import export_run
 
     return export_run(_path(run), to, kind, out, verify, max_new_tokens, log=log, force=force)
 
 
 def plan(source=None, /, **overrides) -> Plan:
     """Predict a run's peak memory without loading weights, as `ayar plan` does."""
-    from ayar.train.plan import plan_for_config
+    from ayar.training.plan import plan_for_config
 
-    memory, fixes, layout = plan_for_config(config(source, **overrides), log=lambda *_: None)
+    memory, fixes, layout = plan_for_config(configure(source, **overrides), log=lambda *_: None)
     return Plan(memory, fixes, layout)
 
 

@@ -36,7 +36,7 @@ DEMO_OVERRIDES = [
 def main(argv: list[str] | None = None) -> int:
     from ayar.infer.load import load_engine
     from ayar.quiet import quiet_libraries
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     quiet_libraries()
     console = Console(stderr=True)

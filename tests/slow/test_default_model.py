@@ -36,7 +36,7 @@ def test_conversion_is_done_once_and_loads(real_home):
 
 def test_twenty_lora_steps_then_chat(real_home, tmp_path):
     from ayar.infer.load import load_engine
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     cfg = load_config(
         None,

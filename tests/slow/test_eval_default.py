@@ -16,7 +16,7 @@ GSM8K = Path(__file__).parents[1] / "fixtures" / "shared" / "gsm8k_train.jsonl" 
 
 def test_tuned_model_beats_its_base_on_held_out_gsm8k(monkeypatch, tmp_path):
     from ayar.eval.runner import evaluate_run
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     monkeypatch.setenv("AYAR_HOME", USER_HOME)
     cfg = load_config(

@@ -15,13 +15,13 @@ GSM8K = Path(__file__).parents[1] / "fixtures" / "shared" / "gsm8k_train.jsonl"
 
 
 def test_default_model_exports_pass_the_gate(monkeypatch, tmp_path):
-    from ayar.export.gate import MergedArtifact, verify
-    from ayar.export.gguf import export_gguf
-    from ayar.export.merged import export_merged, load_run
-    from ayar.export.onnx import export_onnx
+    from ayar.exports.gate import MergedArtifact, verify
+    from ayar.exports.gguf import export_gguf
+    from ayar.exports.merged import export_merged, load_run
+    from ayar.exports.onnx import export_onnx
     from ayar.infer.gguf_engine import GgufEngine
     from ayar.infer.onnx_engine import OnnxEngine
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     monkeypatch.setenv("AYAR_HOME", USER_HOME)
     cfg = load_config(

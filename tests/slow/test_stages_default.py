@@ -22,7 +22,7 @@ def test_sft_then_dpo_moves_held_out_pairs_toward_the_chosen_answer(real_home, t
     """SFT on the chosen answers of the bundled HH-RLHF pairs, then DPO from that run; on 40 pairs held out
     from both, the DPO model prefers the chosen answer more than the SFT model it started from."""
     from ayar.eval.runner import evaluate_run
-    from ayar.train.dispatch import train
+    from ayar.training.dispatch import train
 
     common = [
         "data.train=sample:hh",
@@ -67,7 +67,7 @@ def test_sft_then_dpo_moves_held_out_pairs_toward_the_chosen_answer(real_home, t
 
 
 def test_qlora_on_the_default_model_trains_on_cpu(real_home, tmp_path):
-    from ayar.train.dispatch import train
+    from ayar.training.dispatch import train
 
     run = train(
         load_config(

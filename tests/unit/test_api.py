@@ -21,11 +21,11 @@ def test_import_ayar_stays_light():
 def test_config_from_path_dict_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("lora: {r: 4}\n")
-    assert ayar.config(f, lora__alpha=8).lora.alpha == 8
-    assert ayar.config({"lora": {"r": 4}}, **{"training.max_steps": 3}).training.max_steps == 3
-    assert ayar.config(ayar.config(None, lora__r=2)).lora.r == 2
+    assert ayar.configure(f, lora__alpha=8).lora.alpha == 8
+    assert ayar.configure({"lora": {"r": 4}}, **{"training.max_steps": 3}).training.max_steps == 3
+    assert ayar.configure(ayar.configure(None, lora__r=2)).lora.r == 2
     with pytest.raises(ConfigError, match="did you mean 'r'"):
-        ayar.config(None, lora__rank=4)
+        ayar.configure(None, lora__rank=4)
 
 
 def test_train_plan_chat_evaluate_export_load(tiny_model_dir, tmp_path):

@@ -28,7 +28,7 @@ def run(args) -> int:
 
     if "hpo" in read_yaml(args.config):  # an `ayar hpo` file: the training config plus its search
         from ayar.config.loader import from_dict
-        from ayar.train.hpo import load_hpo_config
+        from ayar.training.hpo import load_hpo_config
 
         base, hcfg = load_hpo_config(args.config, args.overrides)
         cfg = from_dict(type(load_config(None)), base, where=args.config)

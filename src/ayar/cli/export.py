@@ -51,12 +51,19 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from ayar.export.workflow import export_run
+    from ayar.api import export
 
     console = Console(stderr=True, highlight=False)
     kind = args.dtype if args.to == "merged" else args.quant
-    result = export_run(
-        args.run, args.to, kind, args.out, args.verify, args.max_new_tokens, log=console.print, force=args.force
+    result = export(
+        args.run,
+        to=args.to,
+        kind=kind,
+        out=args.out,
+        verify=args.verify,
+        max_new_tokens=args.max_new_tokens,
+        force=args.force,
+        log=console.print,
     )
     if not result.ok:
         return 1

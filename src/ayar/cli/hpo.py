@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ayar.train.hpo import load_hpo_config, run_hpo
+    from ayar.training.hpo import load_hpo_config, run_hpo
 
     base, hcfg = load_hpo_config(args.config, args.overrides, trials=args.trials)
     run_hpo(base, hcfg)

@@ -17,7 +17,7 @@ def run(args) -> int:
 
     from ayar.cli import config_and_overrides
     from ayar.config import load_config
-    from ayar.train.plan import plan_for_config
+    from ayar.training.plan import plan_for_config
 
     config, overrides = config_and_overrides(args.config, args.overrides)
     cfg = load_config(config, overrides)

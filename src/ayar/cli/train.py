@@ -33,7 +33,7 @@ def run(args) -> int:
             raise ConfigError(
                 "--resume continues a run with its saved config; do not pass a config or overrides with it"
             )
-        from ayar.train.dispatch import train
+        from ayar.api import train
 
         train(resume=args.resume)
         return 0
@@ -41,7 +41,7 @@ def run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    from ayar.train.dispatch import train
+    from ayar.api import train
 
-    train(cfg)
+    train(cfg)  # the Python API's function: the CLI parses arguments, the API does the rest
     return 0

@@ -124,7 +124,7 @@ def write_report(result, out: Path, run=None) -> Path:
     checks = result.checks
     loss_png = None
     if run is not None and run.read_metrics():
-        from ayar.train.plots import plot_loss
+        from ayar.training.plots import plot_loss
 
         ov = checks.get("overfitting", {})
         mark = ov.get("turn_step") if ov.get("status") == "overfitting" else None

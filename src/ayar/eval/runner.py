@@ -193,7 +193,7 @@ def _measure(
     engine, cfg: EvalConfig, gen: list[Record], prefs: list[Record], records: list[Record], anchor: list[Record]
 ):
     """All metrics of one model on the eval rows, and its answers."""
-    from ayar.train.loop import evaluate
+    from ayar.training.loop import evaluate
 
     out, answers = {}, []
     if gen:
@@ -255,7 +255,7 @@ def _measure(
 def _logp(engine, prompt: Record, answer: list[dict]) -> float:
     """Summed log-probability of the answer turns given the prompt (trained positions of the rendered pair)."""
     from ayar.data.collate import collate
-    from ayar.train.loss import loss_sum
+    from ayar.training.loss import loss_sum
 
     ex = engine.renderer.encode(Record(prompt.messages + answer, prompt.where))
     batch = {k: v.to(engine.device) for k, v in collate([ex], engine.tok.pad_token_id).items()}

@@ -3,7 +3,7 @@
 One runtime per module: transformers (transformers_engine.py: a run directory or model directory, with
 adapters), onnxruntime-genai (onnx_engine.py) and llama.cpp (gguf_engine.py), the last two over exported
 artifacts (exported.py). `load.py` picks the runtime for a path. `ayar chat`, `ayar eval`, the release gate
-(export/gate.py) and the server's backends (serve/) use engines through this protocol only.
+(exports/gate.py) and the server's backends (serve/) use engines through this protocol only.
 """
 
 from __future__ import annotations

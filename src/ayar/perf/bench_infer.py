@@ -17,7 +17,7 @@ FORMATS = ("merged-fp32", "merged-bf16", "onnx-fp32", "onnx-int8", "onnx-int4", 
 
 def artifact(run_dir: Path, fmt: str, log=print):
     """Load (exporting first if it is not there yet) one format of the run, in its own runtime."""
-    from ayar.export.workflow import FORMATS as WRITERS
+    from ayar.exports.workflow import FORMATS as WRITERS
 
     to, _, quant = fmt.partition("-")
     folder = run_dir / "export" / fmt
@@ -36,7 +36,7 @@ def artifact(run_dir: Path, fmt: str, log=print):
 
 def run_bench(run_dir: str | Path, formats=FORMATS, rows: int = 10, max_new_tokens: int = 64, log=print) -> dict:
     from ayar.data.dataset import load_records, parse_sources
-    from ayar.export.merged import load_run
+    from ayar.exports.merged import load_run
 
     run_dir = Path(run_dir)
     engine, _ = load_run(run_dir, log=lambda *_: None)

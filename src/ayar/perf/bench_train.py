@@ -175,7 +175,7 @@ def trl_bf16(cfg) -> bool:
     uses the precision ayar picks for the same hardware."""
     import torch
 
-    from ayar.train.plan import decide
+    from ayar.training.plan import decide
 
     plan = decide(cfg)  # the run plan ayar's side makes: its compute dtype is the autocast one, if any
     return (plan.autocast or plan.placement.dtype) != torch.float32
@@ -223,7 +223,7 @@ def _ayar(spec: dict) -> dict:
     from ayar.config import TrainConfig
     from ayar.config.loader import from_dict
     from ayar.quiet import quiet_libraries
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     quiet_libraries()
     cfg = from_dict(TrainConfig, spec["config"])
@@ -262,7 +262,7 @@ def _trl(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from ayar.quiet import quiet_libraries
-    from ayar.train.loop import BatchOrder
+    from ayar.training.loop import BatchOrder
 
     quiet_libraries()
     c = spec["config"]

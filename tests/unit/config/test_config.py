@@ -70,7 +70,7 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
     if "\nhpo:" in path.read_text():  # a training config plus the search `ayar hpo` runs
-        from ayar.train.hpo import load_hpo_config
+        from ayar.training.hpo import load_hpo_config
 
         load_hpo_config(path)
     else:

@@ -54,7 +54,7 @@ def test_cache_hits_on_unchanged_input_and_misses_on_any_change(tmp_path):
 
 
 def test_second_training_run_skips_tokenization(tiny_model_dir, tmp_path, monkeypatch):
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     monkeypatch.setenv("AYAR_HOME", str(tmp_path / "home"))  # an empty cache: other tests tokenize the same rows
 

@@ -122,7 +122,7 @@ def test_real_hh_pairs_flag_the_empty_and_non_alternating_rows():
 
 
 def test_train_refuses_on_lint_errors_and_names_the_override(tiny_model_dir, tmp_path):
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     rows = MATH_ROWS + [{"instruction": "What is 1 plus 1?", "output": ""}]
     data = write_jsonl(tmp_path / "d.jsonl", rows)

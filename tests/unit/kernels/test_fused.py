@@ -17,7 +17,7 @@ from ayar.kernels.dropout import (
     masked_sum,
 )
 from ayar.models.adapters import apply_method
-from ayar.train.loss import loss_sum
+from ayar.training.loss import loss_sum
 from tests.helpers import MATH_ROWS, examples, loop_plan, make_model, make_tokenizer
 
 
@@ -193,7 +193,7 @@ def test_pointwise_kernels_match_their_modules(compiled, monkeypatch):
 
 
 def test_training_with_fused_kernels_follows_the_module_path(tmp_path):
-    from ayar.train.loop import run_loop
+    from ayar.training.loop import run_loop
 
     losses = {}
     for fused in (True, False):
@@ -286,7 +286,7 @@ def system_examples(tok, n=4):
 def test_a_shared_prefix_gives_the_same_loss_and_gradients(long_segments, monkeypatch):
     from ayar.data.collate import MIN_SHARED_PREFIX, shared_prefix_length
     from ayar.kernels import varlen
-    from ayar.train.loop import example_tokens
+    from ayar.training.loop import example_tokens
 
     if long_segments:
         monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 4)  # torch's kernel with an explicit mask

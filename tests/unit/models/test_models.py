@@ -88,7 +88,7 @@ def test_tracker_that_is_not_installed_says_how_to_get_it(tmp_path):
 
     from ayar.errors import ConfigError
     from ayar.rundir import RunDir
-    from ayar.train.tracking import Tracker
+    from ayar.training.tracking import Tracker
 
     if importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed here")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ayar.data.render import Example
-from ayar.train.memory import MemoryPlan, largest_pass, model_shape, plan_memory, suggestions
-from ayar.train.plan import predicted_layout
+from ayar.training.memory import MemoryPlan, largest_pass, model_shape, plan_memory, suggestions
+from ayar.training.plan import predicted_layout
 from tests.helpers import MATH_ROWS, make_model, make_tokenizer, write_jsonl
 
 
@@ -29,7 +29,7 @@ def test_parameter_count_from_config_matches_the_model(family):
 def test_qlora_weights_are_counted_at_4_bits_with_the_rest_in_fp32(tmp_path):
     """The planner's QLoRA weight bytes against what bitsandbytes actually allocates for the same model."""
     from ayar.models.adapters import quantization_config
-    from ayar.train.memory import plan_memory
+    from ayar.training.memory import plan_memory
     from tests.helpers import save_tiny
 
     path = save_tiny(tmp_path / "m", "qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=8)
@@ -158,7 +158,7 @@ def test_plan_cli(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_train_stops_before_the_first_step_when_memory_cannot_fit(tiny_model_dir, tmp_path, monkeypatch):
     from ayar.errors import AyarError
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
     from tests.helpers import tiny_train_config
 
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
@@ -210,9 +210,9 @@ def test_auto_checkpointing_turns_on_only_when_needed_and_changes_no_loss(tmp_pa
     recomputation must take it too) equal a run without it."""
     import dataclasses
 
-    from ayar.train import memory as planner
-    from ayar.train.plan import plan_for_config
-    from ayar.train.sft import train_sft
+    from ayar.training import memory as planner
+    from ayar.training.plan import plan_for_config
+    from ayar.training.sft import train_sft
     from tests.helpers import save_tiny, tiny_train_config
 
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
@@ -228,7 +228,7 @@ def test_auto_checkpointing_turns_on_only_when_needed_and_changes_no_loss(tmp_pa
         totals[ckpt] = plan_for_config(c, log=lambda m: None)[0].total
     assert totals[True] < totals[False]
     monkeypatch.setattr(planner, "available_memory", lambda device: (totals[True] + totals[False]) // 2)
-    monkeypatch.setattr("ayar.train.sft.tune_allocator", lambda: "tuned")  # process-wide: not in the test process
+    monkeypatch.setattr("ayar.training.sft.tune_allocator", lambda: "tuned")  # process-wide: not in the test process
     auto = train_sft(cfg)
     assert auto.read_meta()["passes"]["gradient_checkpointing"] and auto.read_meta()["passes"]["fused"] == fused
     assert auto.read_meta()["allocator"] == "tuned"  # a tight plan: freed memory is returned at once
@@ -241,7 +241,7 @@ def test_auto_checkpointing_turns_on_only_when_needed_and_changes_no_loss(tmp_pa
 
 _ALLOCATOR_CHECK = """
 import psutil, torch
-from ayar.train.allocator import tune_allocator
+from ayar.training.allocator import tune_allocator
 print(tune_allocator())
 rss = lambda: psutil.Process().memory_info().rss
 for _ in range(3):  # what raises glibc's dynamic threshold: freeing large blocks
@@ -280,8 +280,8 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
     from ayar.data.collate import collate
     from ayar.kernels import fused_decoder, varlen
     from ayar.models.adapters import apply_method
-    from ayar.train.loss import _hidden
-    from ayar.train.memory import Pass, activation_bytes_per_token
+    from ayar.training.loss import _hidden
+    from ayar.training.memory import Pass, activation_bytes_per_token
 
     if long:  # every segment takes torch's attention kernel (no saved probabilities)
         monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 8)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from ayar.config import TrainConfig
 
-# stage -> module holding its `STAGE` (train/trl_stage.py runs it); sft has its own loop (train/sft.py)
+# stage -> module holding its `STAGE` (training/trl_stage.py runs it); sft has its own loop (training/sft.py)
 TRAINER_STAGES = {
-    "dpo": "ayar.train.preference",
-    "reward": "ayar.train.reward_model",
-    "grpo": "ayar.train.grpo",
-    "classification": "ayar.train.classify",
+    "dpo": "ayar.training.preference",
+    "reward": "ayar.training.reward_model",
+    "grpo": "ayar.training.grpo",
+    "classification": "ayar.training.classify",
 }
 
 
@@ -26,9 +26,9 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, cons
         cfg = RunDir.open(resume).read_config()
     stage = "classification" if cfg.task == "classification" else cfg.stage
     if stage == "sft":
-        from ayar.train.sft import train_sft
+        from ayar.training.sft import train_sft
 
         return train_sft(cfg, resume=resume, console=console)
-    from ayar.train.trl_stage import run_stage
+    from ayar.training.trl_stage import run_stage
 
     return run_stage(cfg, importlib.import_module(TRAINER_STAGES[stage]).STAGE, resume=resume, console=console)

@@ -18,7 +18,7 @@ PRECISIONS = ("fp32", "int8", "int4")
 
 
 def export_onnx(run_dir: str | Path, out: str | Path, precision: str = "int8", log=print, force: bool = False) -> Path:
-    from ayar.export.merged import export_merged
+    from ayar.exports.merged import export_merged
 
     if precision not in PRECISIONS:
         raise AyarError(f"--quant {precision!r} for ONNX: choose one of {', '.join(PRECISIONS)}")

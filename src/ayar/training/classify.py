@@ -7,7 +7,7 @@ from __future__ import annotations
 from ayar.errors import DataError
 from ayar.metrics.scores import classification as classification_metrics
 from ayar.models.adapters import apply_method
-from ayar.train.trl_stage import Stage
+from ayar.training.trl_stage import Stage
 
 
 def labels_of(cfg, splits) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 
 from ayar.config import load_config
 from ayar.errors import ConfigError, DataError
-from ayar.train.dispatch import train
+from ayar.training.dispatch import train
 from tests.helpers import MATH_ROWS, write_jsonl
 
 QUIET = dict(log=lambda *_: None)
@@ -137,7 +137,7 @@ def test_a_pissa_run_trains_and_its_run_directory_loads(tiny_model_dir, tmp_path
 
 def test_full_fine_tuning_trains_every_weight_and_resumes_exactly(tiny_model_dir, tmp_path):
     from ayar.infer.load import load_engine
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     kw = ["method=full", "training.max_steps=4", "training.learning_rate=1e-3", "training.save_steps=2"]
@@ -187,7 +187,7 @@ def test_a_custom_loss_by_path_is_what_training_minimizes(tiny_model_dir, tmp_pa
 
     from ayar.data.collate import collate
     from ayar.plugins import load_callable
-    from ayar.train.loss import loss_sum
+    from ayar.training.loss import loss_sum
     from tests.helpers import examples, make_model, make_tokenizer
 
     (tmp_path / "losses.py").write_text(FOCAL)
@@ -424,7 +424,7 @@ def test_grpo_raises_the_mean_reward_of_held_out_prompts(tiny_model_dir, tmp_pat
 
 
 def test_built_in_rewards_score_gsm8k_answers():
-    from ayar.train.grpo_rewards import format_reward, gsm8k_answer, length_penalty, reward_functions
+    from ayar.training.grpo_rewards import format_reward, gsm8k_answer, length_penalty, reward_functions
 
     chat = lambda text: [{"role": "assistant", "content": text}]
     done = ["She sold 48 + 24 = 72 clips.\n#### 72", "The answer is 72", "#### 71", "I am not sure."]
@@ -501,7 +501,7 @@ def test_hpo_runs_trials_writes_best_config_and_plots_and_resumes(tiny_model_dir
 
 
 def test_hpo_space_errors_name_the_key():
-    from ayar.train.hpo import parse_space
+    from ayar.training.hpo import parse_space
 
     with pytest.raises(ConfigError, match="lora.rank.*did you mean 'r'"):
         parse_space({"lora.rank": {"choices": [4, 8]}}, {})
@@ -512,7 +512,7 @@ def test_hpo_space_errors_name_the_key():
 
 
 def test_a_trainer_stage_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    from ayar.train import trl_stage
+    from ayar.training import trl_stage
 
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     kw = ["stage=dpo", "training.max_steps=4", "training.save_steps=2", "data.val_ratio=0"]

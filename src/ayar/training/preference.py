@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ayar.data.render import Renderer
 from ayar.models.adapters import peft_config
-from ayar.train.trl_stage import Stage
+from ayar.training.trl_stage import Stage
 
 # TRL logs -> metrics.jsonl names (eval_ variants are renamed the same way)
 RENAMES = {

@@ -1,5 +1,5 @@
 """Supervised fine-tuning on ayar's own loop: setup (plan, model, data, passes) -> fit -> save, on the shared
-recipe skeleton (train/recipe.py).
+recipe skeleton (training/recipe.py).
 
     ayar train examples/quickstart.yaml
     ayar train examples/quickstart.yaml lora.r=32 training.max_steps=50
@@ -19,12 +19,12 @@ from ayar.data.dataset import prepare_data
 from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial, save_trained
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
-from ayar.train import checkpoint as ckpt
-from ayar.train.allocator import tune_allocator
-from ayar.train.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
-from ayar.train.plan import decide
-from ayar.train.progress import TrainProgress
-from ayar.train.recipe import Recipe
+from ayar.training import checkpoint as ckpt
+from ayar.training.allocator import tune_allocator
+from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
+from ayar.training.plan import decide
+from ayar.training.progress import TrainProgress
+from ayar.training.recipe import Recipe
 
 
 def train_sft(

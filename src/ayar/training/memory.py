@@ -45,7 +45,7 @@ class Shape:
     linear_params: int = 0  # weights of the linear layers (not the output head): what QLoRA stores in 4 bits
     plain_attention: bool = False  # packed rows can take per-example attention on CPU (kernels/varlen.py)
     fused_family: bool = False  # the fused decoder can run this architecture (kernels/fused_decoder.py)
-    plain_head: bool = True  # no logit soft-capping: the chunked cross-entropy applies (train/loss.py)
+    plain_head: bool = True  # no logit soft-capping: the chunked cross-entropy applies (training/loss.py)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Pass:
 
 @dataclass(frozen=True)
 class Layout:
-    """How the training loop runs passes (decided in train/plan.py): rows per pass, padding-free or padded
+    """How the training loop runs passes (decided in training/plan.py): rows per pass, padding-free or padded
     rows, fused decoder or modules, gradient checkpointing."""
 
     per_pass: int
@@ -186,7 +186,7 @@ def layer_bytes_per_token(
     Modules, fp32 (CPU): the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
     SiLU(gate); each adapter's dropped-out input (fp32), or without dropout the distinct inputs (q/k/v
     share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR); adapters
-    there run under autocast on the input as it is (train/loss.py)."""
+    there run under autocast on the input as it is (training/loss.py)."""
     lora_out = s.lora_outputs * 4 if lora else 0
     if fused:
         q = s.hidden  # heads * head_dim for the families ayar fuses
@@ -339,7 +339,7 @@ def plan_layout(
         layout.per_pass if per_pass is None else per_pass,
     )
     varlen = layout.packed and device == "cpu" and shape.plain_attention
-    # the chunked cross-entropy needs a plain frozen head and the built-in loss (train/loss.py)
+    # the chunked cross-entropy needs a plain frozen head and the built-in loss (training/loss.py)
     chunked = (
         shape.plain_head
         and not cfg.training.loss

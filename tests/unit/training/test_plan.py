@@ -1,4 +1,4 @@
-"""The run plan (train/plan.py): decided once at setup, recorded in run.json, read by the loop and the loss."""
+"""The run plan (training/plan.py): decided once at setup, recorded in run.json, read by the loop and the loss."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ayar.config import load_config
-from ayar.train.plan import decide, launcher_world
+from ayar.training.plan import decide, launcher_world
 from tests.helpers import MATH_ROWS, tiny_train_config, write_jsonl
 
 
@@ -29,8 +29,8 @@ def test_world_size_and_rank_come_from_the_launcher(monkeypatch):
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_loop_runs_the_plan_it_was_handed(tiny_model_dir, tmp_path, monkeypatch, fused):
     """The plan's layout is what run.json records and what the loss is asked to run: nothing re-decides."""
-    from ayar.train import loop
-    from ayar.train.sft import train_sft
+    from ayar.training import loop
+    from ayar.training.sft import train_sft
 
     seen = []
     real = loop.loss_sum
@@ -51,8 +51,8 @@ def test_the_loop_runs_the_plan_it_was_handed(tiny_model_dir, tmp_path, monkeypa
 
 
 def test_full_fine_tuning_autocast_reaches_the_loss(tiny_model_dir, tmp_path, monkeypatch):
-    from ayar.train import loop
-    from ayar.train.sft import train_sft
+    from ayar.training import loop
+    from ayar.training.sft import train_sft
 
     seen = []
     real = loop.loss_sum

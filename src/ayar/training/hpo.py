@@ -94,7 +94,7 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
     """Run (or resume) the study; write the table, best.yaml and plots. Returns the summary."""
     import optuna
 
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     params = parse_space(hcfg.space, base)
     cfg0 = from_dict(TrainConfig, base, where="config")

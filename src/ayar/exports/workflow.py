@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ayar.export.gate import GateReport
+from ayar.exports.gate import GateReport
 
 
 @dataclass(frozen=True)
@@ -20,25 +20,25 @@ class Format:
 
 
 def _merged(run_dir, out, kind, log, force=False):
-    from ayar.export.merged import export_merged
+    from ayar.exports.merged import export_merged
 
     return export_merged(run_dir, out, kind, log=log, force=force)
 
 
 def _onnx(run_dir, out, kind, log, force=False):
-    from ayar.export.onnx import export_onnx
+    from ayar.exports.onnx import export_onnx
 
     return export_onnx(run_dir, out, kind, log=log, force=force)
 
 
 def _gguf(run_dir, out, kind, log, force=False):
-    from ayar.export.gguf import export_gguf
+    from ayar.exports.gguf import export_gguf
 
     return export_gguf(run_dir, out, kind, log=log, force=force)
 
 
 def _load_merged(path):
-    from ayar.export.gate import MergedArtifact
+    from ayar.exports.gate import MergedArtifact
 
     return MergedArtifact(path)
 
@@ -108,8 +108,8 @@ def export_run(
 def gate(run_dir, export: Export, max_new_tokens: int = 48, log=print) -> GateReport:
     """The release gate on a written export: loaded in its own runtime, compared with the run's model;
     PASS/FAIL per check logged, gate.json written beside the export."""
-    from ayar.export.gate import verify
-    from ayar.export.merged import load_run
+    from ayar.exports.gate import verify
+    from ayar.exports.merged import load_run
 
     log("release gate: the export against the run's model")
     engine, _ = load_run(run_dir, log=lambda *_: None)

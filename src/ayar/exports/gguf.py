@@ -67,7 +67,7 @@ def ensure_converter(log=print) -> Path:
 
 def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=print, force: bool = False) -> Path:
     """Write OUT/model-QUANT.gguf and OUT/Modelfile; returns the GGUF file."""
-    from ayar.export.merged import export_merged, load_run
+    from ayar.exports.merged import export_merged, load_run
 
     if quant not in QUANTS:
         raise AyarError(f"--quant {quant!r} for GGUF: choose one of {', '.join(QUANTS)}")
@@ -148,7 +148,7 @@ def modelfile(engine, gguf_name: str) -> str:
     """FROM, TEMPLATE (the run's chat format), its default SYSTEM message, stop strings and generation
     defaults from the run."""
     from ayar.data.render import end_of_turn_strings
-    from ayar.export.merged import chat_template_for
+    from ayar.exports.merged import chat_template_for
 
     template = chat_template_for(engine)
     go = next((t for marker, t in _OLLAMA_TEMPLATES.items() if marker in template), None)

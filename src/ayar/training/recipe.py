@@ -1,6 +1,6 @@
 """The skeleton every stage runner shares: open or resume a run, record how it starts, log metrics, finish
 it (loss plot, run.json, README.md, the closing lines). A runner supplies only what differs: how it loads,
-fits and saves (train/sft.py for ayar's own loop, train/trl_stage.py for transformers/TRL Trainers).
+fits and saves (training/sft.py for ayar's own loop, training/trl_stage.py for transformers/TRL Trainers).
 
 A run directory is created only once the data and model are ready, so a bad config leaves no empty run.
 """
@@ -16,8 +16,8 @@ from rich.console import Console
 from ayar.config import TrainConfig, config_to_dict
 from ayar.fsutil import write_atomic
 from ayar.rundir import RunDir
-from ayar.train.plots import plot_loss
-from ayar.train.tracking import Tracker
+from ayar.training.plots import plot_loss
+from ayar.training.tracking import Tracker
 
 
 @dataclass

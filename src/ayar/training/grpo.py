@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ayar.data.render import Renderer
 from ayar.models.adapters import peft_config
-from ayar.train.grpo_rewards import reward_functions
-from ayar.train.trl_stage import Stage
+from ayar.training.grpo_rewards import reward_functions
+from ayar.training.trl_stage import Stage
 
 RENAMES = {"reward": "mean_reward", "eval_reward": "eval_mean_reward"}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ayar.cli import main
-from ayar.export.gate import MergedArtifact, verify
-from ayar.export.merged import export_merged, load_run
+from ayar.exports.gate import MergedArtifact, verify
+from ayar.exports.merged import export_merged, load_run
 from tests.helpers import MATH_ROWS, save_tiny, write_jsonl
 
 quiet = dict(log=lambda *_: None)
@@ -82,7 +82,7 @@ def test_export_template_renders_what_training_rendered(tiny_model_dir, tmp_path
     """A run with a default system prompt, or trained with the alpaca template, exports a chat template that
     renders the same prompt tokens (checked by the gate)."""
     from ayar.config import load_config
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     cfg = load_config(
@@ -125,7 +125,7 @@ def test_bf16_export_and_push_without_network(tiny_run, tmp_path, monkeypatch):
 def test_gate_fails_an_export_that_does_not_stop(tiny_run, merged):
     """Simulate an export that lost its end-of-turn token: the run's model (here told that its first answer
     token ends the turn) stops, the export, whose generation config does not know that token, does not."""
-    from ayar.export.gate import PROMPTS
+    from ayar.exports.gate import PROMPTS
 
     engine, _ = load_run(tiny_run, **quiet)
     ids = engine.tok(engine.renderer.prompt_text(PROMPTS[1]))["input_ids"]
@@ -157,7 +157,7 @@ def test_python_api_loads_runs_and_exports_alike(tiny_run, merged):
 def onnx_run(tmp_path_factory):
     """A tiny run whose heads are 16 wide: ONNX Runtime's GroupQueryAttention needs a multiple of 16."""
     from ayar.config import load_config
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     tmp = tmp_path_factory.mktemp("onnxrun")
     model_dir = save_tiny(tmp / "model", "qwen2", hidden_size=64)
@@ -182,7 +182,7 @@ def onnx_run(tmp_path_factory):
 def test_onnx_export_builds_loads_and_passes_the_gate(onnx_run, tmp_path, precision):
     import onnxruntime_genai  # noqa: F401  (make install installs the export extras: no silent skip)
 
-    from ayar.export.onnx import export_onnx
+    from ayar.exports.onnx import export_onnx
     from ayar.infer.onnx_engine import OnnxEngine
 
     out = export_onnx(onnx_run, tmp_path / f"onnx-{precision}", precision, **quiet)
@@ -201,7 +201,7 @@ def test_onnx_export_builds_loads_and_passes_the_gate(onnx_run, tmp_path, precis
 def test_onnx_gate_catches_a_broken_template(onnx_run, tmp_path):
     import onnxruntime_genai  # noqa: F401  (make install installs the export extras: no silent skip)
 
-    from ayar.export.onnx import export_onnx
+    from ayar.exports.onnx import export_onnx
     from ayar.infer.onnx_engine import OnnxEngine
 
     out = export_onnx(onnx_run, tmp_path / "onnx", "fp32", **quiet)
@@ -258,7 +258,7 @@ def _chats_and_serves(out, kind: str, name: str, tmp_path) -> None:
 def test_onnx_export_chats_and_serves(onnx_run, tmp_path):
     import onnxruntime_genai  # noqa: F401  (make install installs the export extras: no silent skip)
 
-    from ayar.export.onnx import export_onnx
+    from ayar.exports.onnx import export_onnx
 
     _chats_and_serves(export_onnx(onnx_run, tmp_path / "onnx", "fp32", **quiet), "onnxruntime-genai", "onnx", tmp_path)
 
@@ -274,7 +274,7 @@ def gguf_run(tmp_path_factory):
 
     from ayar.config import load_config
     from ayar.models.default import find_default_gguf
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     gguf = find_default_gguf()
     tmp = tmp_path_factory.mktemp("ggufrun")
@@ -316,7 +316,7 @@ def gguf_run(tmp_path_factory):
 
 
 def test_gguf_export_with_modelfile_passes_the_gate_in_llama_cpp(gguf_run, tmp_path):
-    from ayar.export.gguf import export_gguf
+    from ayar.exports.gguf import export_gguf
     from ayar.infer.gguf_engine import GgufEngine
 
     out = export_gguf(gguf_run, tmp_path / "gguf", "f16", **quiet)
@@ -337,7 +337,7 @@ def test_gguf_export_with_modelfile_passes_the_gate_in_llama_cpp(gguf_run, tmp_p
 def test_gguf_quantized_exports(gguf_run, tmp_path):
     import llama_cpp  # noqa: F401
 
-    from ayar.export.gguf import export_gguf
+    from ayar.exports.gguf import export_gguf
     from ayar.infer.gguf_engine import GgufEngine
 
     engine, _ = load_run(gguf_run, **quiet)
@@ -351,7 +351,7 @@ def test_gguf_quantized_exports(gguf_run, tmp_path):
 def test_gguf_export_chats_and_serves(gguf_run, tmp_path):
     import llama_cpp  # noqa: F401
 
-    from ayar.export.gguf import export_gguf
+    from ayar.exports.gguf import export_gguf
 
     _chats_and_serves(export_gguf(gguf_run, tmp_path / "gguf", "f16", **quiet).parent, "llama.cpp", "gguf", tmp_path)
 

@@ -12,10 +12,10 @@ from ayar.data.records import Record as Conversation
 from ayar.data.render import Renderer
 from ayar.models.adapters import apply_method, load_adapter
 from ayar.rundir import RunDir
-from ayar.train import checkpoint as ckpt
-from ayar.train.loop import run_loop
-from ayar.train.loss import loss_sum, reference_loss
-from ayar.train.sft import train_sft
+from ayar.training import checkpoint as ckpt
+from ayar.training.loop import run_loop
+from ayar.training.loss import loss_sum, reference_loss
+from ayar.training.sft import train_sft
 from tests.helpers import (
     FAMILIES,
     MATH_ROWS,
@@ -162,7 +162,7 @@ def test_run_directory_describes_itself(tiny_model_dir, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path, monkeypatch):
-    from ayar.train import loop
+    from ayar.training import loop
 
     # eval loss made to rise after the first evaluation: the real loss plus 1 per later evaluation
     real, calls = loop.evaluate, []
@@ -204,8 +204,8 @@ def test_grad_accumulation_matches_one_big_batch():
 
 def test_passes_of_similar_length_rows_give_the_same_step_as_one_pass(tiny_model_dir, tmp_path):
     """training.rows_per_pass changes padding and peak memory, not the gradient: same losses and adapter."""
-    from ayar.train.loop import length_groups
-    from ayar.train.sft import train_sft
+    from ayar.training.loop import length_groups
+    from ayar.training.sft import train_sft
 
     exs = [type("E", (), {"input_ids": [0] * n})() for n in (5, 1, 4, 2)]
     assert [[len(e.input_ids) for e in g] for g in length_groups(exs, 2)] == [[1, 2], [4, 5]]
@@ -219,11 +219,11 @@ def test_passes_of_similar_length_rows_give_the_same_step_as_one_pass(tiny_model
 
 
 def test_bf16_base_with_fp32_adapters_trains_under_autocast(tiny_model_dir):
-    """bf16 weights: the adapters run in bf16 under autocast (train/loss.py), their weights and gradients stay
+    """bf16 weights: the adapters run in bf16 under autocast (training/loss.py), their weights and gradients stay
     fp32, and the loss agrees with peft's default path (inputs copied to fp32) to bf16 precision."""
     from transformers import AutoModelForCausalLM
 
-    from ayar.train.loss import _loss_sum, compute_context, loss_sum
+    from ayar.training.loss import _loss_sum, compute_context, loss_sum
 
     tok = make_tokenizer("qwen2")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
@@ -273,7 +273,7 @@ def test_peft_variants_train_and_round_trip(tiny_model_dir, tmp_path, overrides)
 
     from ayar.config import load_config
     from ayar.infer.load import load_engine
-    from ayar.train.sft import train_sft
+    from ayar.training.sft import train_sft
 
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     cfg = load_config(
@@ -321,7 +321,7 @@ def test_loraplus_puts_b_matrices_in_a_faster_group(tiny_model_dir):
     from types import SimpleNamespace
 
     from ayar.models.adapters import apply_method
-    from ayar.train.optim import build_optimizer
+    from ayar.training.optim import build_optimizer
     from tests.helpers import make_model, make_tokenizer
 
     model = apply_method(
@@ -437,7 +437,7 @@ def test_compare_trains_each_method_and_writes_the_table(tiny_model_dir, tmp_pat
 def test_resume_after_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path, monkeypatch):
     """The best adapter was held in memory only: a run killed after its best evaluation and resumed saved its
     last adapter instead. It is kept on disk beside the checkpoints now (checkpoints/best)."""
-    from ayar.train import loop
+    from ayar.training import loop
 
     real, calls = loop.evaluate, []
 

@@ -19,9 +19,9 @@ from ayar.data.collate import collate
 from ayar.data.render import IGNORE, Example
 from ayar.kernels import base_model, fused_decoder, varlen
 from ayar.plugins import load_callable
-from ayar.train import checkpoint as ckpt
-from ayar.train.loss import loss_sum
-from ayar.train.optim import build_optimizer, build_scheduler
+from ayar.training import checkpoint as ckpt
+from ayar.training.loss import loss_sum
+from ayar.training.optim import build_optimizer, build_scheduler
 
 
 @dataclass
@@ -124,7 +124,7 @@ def run_loop(
     callbacks: list[Callable[[LoopState], None]] = (),
     warn=print,
 ) -> LoopResult:
-    """Train `model` on `train` as `plan` (train/plan.py: RunPlan with its layout) says."""
+    """Train `model` on `train` as `plan` (training/plan.py: RunPlan with its layout) says."""
     total = total_steps_for(len(train), tcfg)
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)

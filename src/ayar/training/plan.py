@@ -20,7 +20,7 @@ import torch
 
 from ayar.errors import AyarError
 from ayar.models.device import Placement, choose_placement
-from ayar.train.memory import Layout, MemoryPlan, Shape
+from ayar.training.memory import Layout, MemoryPlan, Shape
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class RunPlan:
     rank: int = 0
     layout: Layout | None = None  # the passes, once the model and data are known (SFT's own loop)
     not_fused_because: str | None = None
-    return_memory: bool = False  # hand freed memory back at once (train/allocator.py)
+    return_memory: bool = False  # hand freed memory back at once (training/allocator.py)
     memory: MemoryPlan | None = None
 
     @property
@@ -53,7 +53,7 @@ class RunPlan:
         why_not = not_fused_because(model, tcfg, self.device, packed)
         checkpointing, release, memory = bool(tcfg.gradient_checkpointing), bool(tcfg.return_memory), None
         if tcfg.memory_check != "off":
-            from ayar.train.memory import model_shape
+            from ayar.training.memory import model_shape
 
             shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
             memory, checkpointing, release = _check_memory(cfg, shape, examples, self.placement, packed, why_not, say)
@@ -172,7 +172,7 @@ def plan_memory_for(shape: Shape, cfg, examples, placement: Placement, layout: L
     """(memory plan, settings that would fit, layout): the plan for `layout` (default: the predicted one)
     with gradient checkpointing as configured, or, left to auto, on only when the run cannot fit without
     it."""
-    from ayar.train.memory import plan_layout, suggestions
+    from ayar.training.memory import plan_layout, suggestions
 
     dtype, device = placement.dtype_name, placement.device
     choice = cfg.training.gradient_checkpointing
@@ -193,7 +193,7 @@ def plan_for_config(cfg, log=print):
 
     from ayar.data.dataset import prepare_data
     from ayar.models.load import load_tokenizer, resolve_model_path
-    from ayar.train.memory import model_shape
+    from ayar.training.memory import model_shape
 
     path = resolve_model_path(cfg.model.name, log=log)
     shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r)

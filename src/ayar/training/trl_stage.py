@@ -21,10 +21,10 @@ from ayar.errors import DataError
 from ayar.models.adapters import parameter_counts, save_trained
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
-from ayar.train.allocator import tune_allocator
-from ayar.train.optim import trainer_optimizer_args
-from ayar.train.plan import decide
-from ayar.train.recipe import Recipe
+from ayar.training.allocator import tune_allocator
+from ayar.training.optim import trainer_optimizer_args
+from ayar.training.plan import decide
+from ayar.training.recipe import Recipe
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _lint(cfg: TrainConfig, splits: Splits, say) -> None:
 
 def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
     """Our TrainingConfig as transformers TrainingArguments fields (shared by every Trainer-based stage); the
-    optimizer's part comes from train/optim.py, as our own loop's does."""
+    optimizer's part comes from training/optim.py, as our own loop's does."""
     t = cfg.training
     has_val = cfg.data.validation or cfg.data.val_ratio > 0
     return dict(
@@ -184,7 +184,7 @@ class _MetricsLog:
 
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                from ayar.train.progress import TrainProgress
+                from ayar.training.progress import TrainProgress
 
                 log.progress = TrainProgress(state.max_steps, state.global_step, log.console).__enter__()
                 log.started, log.first_step = time.perf_counter(), state.global_step

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from ayar.data.render import Renderer
 from ayar.models.adapters import peft_config
-from ayar.train.preference import preference_rows
-from ayar.train.trl_stage import Stage
+from ayar.training.preference import preference_rows
+from ayar.training.trl_stage import Stage
 
 
 def build(cfg, model, tok, splits, args: dict, callbacks):
