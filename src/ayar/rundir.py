@@ -38,6 +38,24 @@ class RunDir:
     tensorboard = property(lambda self: self.path / "tb")
 
     @classmethod
+    def create_at(cls, path: str | Path) -> "RunDir":
+        """The run directory at exactly `path` (`output.path`): new, or an empty folder; never one with files."""
+        path = cls.check_new(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    @staticmethod
+    def check_new(path: str | Path) -> Path:
+        """`path` as a new run directory: refused when it holds anything."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise AyarError(
+                f"output.path {path} exists and is not an empty folder: ayar never writes a run over "
+                "other files; choose a new path, or resume that run with `ayar train --resume`"
+            )
+        return path
+
+    @classmethod
     def create(cls, parent: str, name: str) -> "RunDir":
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(parent) / f"{name}-{stamp}"

@@ -60,6 +60,7 @@ def run(args) -> int:
             *METHODS[method],
             f"output.dir={out}",
             f"output.name={method}",
+            "output.path=null",  # each method its own directory
         ]
         if subprocess.run(cmd).returncode != 0:
             raise AyarError(f"training with method {method} failed (its error is above); command: {' '.join(cmd)}")

@@ -52,7 +52,9 @@ def add_arguments(p) -> None:
             )
             sp.add_argument("--no-pii", action="store_true", help="do not scrub PII")
             sp.add_argument(
-                "--pii-names", action="store_true", help="also replace person names and locations (presidio, ayar[pii])"
+                "--pii-names",
+                action="store_true",
+                help="also replace person names and locations (presidio: the pii extra, pip install -e '.[pii]')",
             )
             sp.add_argument("--min-chars", type=int, default=0, help="drop rows with fewer characters")
             sp.add_argument("--max-chars", type=int, default=0, help="drop rows with more characters")

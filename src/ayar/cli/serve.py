@@ -69,7 +69,7 @@ def run(args) -> int:
         print(vllm_command(settings))
         return 0
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise AyarError("ayar serve needs the serve extra: pip install 'ayar[serve]'")
+        raise AyarError("ayar serve needs the serve extra: pip install -e '.[serve]'")
     import uvicorn
 
     from ayar.serve.app import create_app

@@ -1,5 +1,5 @@
-"""Fine-tune a model: SFT (LoRA, DoRA, PiSSA, full), preference alignment (DPO, IPO, KTO, ORPO, SimPO),
-reward models, GRPO, classification.
+"""Fine-tune a model: SFT (LoRA, QLoRA, DoRA, QDoRA, PiSSA, OLoRA, full), preference alignment (DPO, IPO, KTO,
+ORPO, SimPO), reward models, GRPO, classification.
 
 examples:
   ayar train examples/quickstart.yaml

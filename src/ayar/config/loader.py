@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from pathlib import Path
@@ -164,8 +165,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def from_dict(cls: type, raw: dict, where: str = "config"):
     """Build and validate a config: field types, choices and bounds, then the rules across fields
     (config/validate.py). Every problem is reported at once."""
+    from ayar.config.aliases import normalize
+    from ayar.config.schema import TrainConfig
     from ayar.config.validate import cross_field_errors
 
+    if cls is TrainConfig:  # the names other tools use, and flat keys (config/aliases.py)
+        try:
+            raw = normalize(raw, cls, notice=lambda text: sys.stderr.write(f"ayar: {text}\n"))
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("invalid config:", f"invalid config ({where}):", 1)) from None
     errors: list[str] = []
     obj = _build(cls, raw, prefix="", errors=errors)
     if not errors:

@@ -60,3 +60,19 @@ def _row(f: dataclasses.Field, typ, prefix: str) -> str:
     if choices:
         help_ += " One of: " + ", ".join(f"`{c}`" for c in choices) + "."
     return f"| `{prefix}{f.name}` | {_type_name(typ)} | `{default_s}` | {help_.replace('|', '/')} |"
+
+
+def alias_reference() -> str:
+    """The alias table (config/aliases.py) as Markdown: docs/config-aliases.md embeds this output."""
+    from ayar.config.aliases import ALIASES
+
+    rows = ["| their name | ayar's | value |", "|---|---|---|"]
+    for theirs, (ours, convert) in sorted(ALIASES.items()):
+        how = {
+            None: "as is",
+            "tracker": "a name or a list of one",
+            "targets": '"all" -> all-linear, or "a,b" -> [a, b]',
+        }
+        value = ", ".join(f"{k} -> {v}" for k, v in convert.items()) if isinstance(convert, dict) else how[convert]
+        rows.append(f"| `{theirs}` | `{ours}` | {value} |")
+    return "\n".join(rows) + "\n"

@@ -239,6 +239,11 @@ class GenerationConfig:
 class OutputConfig:
     dir: str = _f("runs", "Parent directory of run directories.")
     name: str = _f("run", "Run name; the run directory is <dir>/<name>-<timestamp>.")
+    path: Optional[str] = _f(
+        None,
+        "The exact run directory (instead of <dir>/<name>-<timestamp>), for scripts that must know where the run "
+        "goes; it must not exist yet or be empty.",
+    )
 
 
 @dataclass

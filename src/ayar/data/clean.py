@@ -268,7 +268,7 @@ def _presidio():
         from presidio_analyzer import AnalyzerEngine
     except ImportError:
         raise DataError(
-            "name/address scrubbing needs presidio: pip install 'ayar[pii]' (and a spaCy English model)"
+            "name/address scrubbing needs presidio: pip install -e '.[pii]' (and a spaCy English model)"
         ) from None
     try:
         return AnalyzerEngine()

@@ -84,7 +84,7 @@ def _require_4bit(method: str) -> None:
     except ImportError:
         raise ConfigError(
             f"method: {method} loads the base in 4-bit NF4 with bitsandbytes, which is not installed: "
-            f"pip install 'ayar[qlora]' (or use method: {'dora' if method == 'qdora' else 'lora'} with "
+            f"pip install -e '.[qlora]' (or use method: {'dora' if method == 'qdora' else 'lora'} with "
             "model.dtype: bfloat16, half the memory of float32)"
         ) from None
 

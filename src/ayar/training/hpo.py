@@ -134,6 +134,7 @@ def run_hpo(base: dict, hcfg: HpoConfig, log=print) -> dict:
         overrides = [f"{k}={_yaml(v)}" for k, v in values.items()] + [
             f"output.dir={out / 'trials'}",
             f"output.name=trial-{trial.number:03d}",
+            "output.path=null",  # each trial its own directory, whatever the base config names
         ]
         cfg = from_dict(TrainConfig, apply_overrides(base, overrides), where=f"trial {trial.number}")
 

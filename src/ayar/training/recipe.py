@@ -37,6 +37,8 @@ class Recipe:
         config as the caller already read it)."""
         console = console or Console(stderr=True)
         if resume is None:
+            if cfg.output.path:
+                RunDir.check_new(cfg.output.path)  # before minutes of loading, not after
             return cls(cfg, console)
         run = RunDir.open(resume)
         return cls(cfg or run.read_config(), console, run, resuming=True)
@@ -54,7 +56,8 @@ class Recipe:
     def create(self) -> RunDir:
         """The run directory (a new one with its config.yaml; a resumed run is already there)."""
         if self.run is None:
-            self.run = RunDir.create(self.cfg.output.dir, self.cfg.output.name)
+            out = self.cfg.output
+            self.run = RunDir.create_at(out.path) if out.path else RunDir.create(out.dir, out.name)
             self.run.write_config(config_to_dict(self.cfg))
         return self.run
 

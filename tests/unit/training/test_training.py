@@ -477,3 +477,19 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
     run.metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # a damaged line in the middle is not a kill
     with pytest.raises(AyarError, match="metrics.jsonl:2"):
         run.read_metrics()
+
+
+def test_output_path_is_the_exact_run_directory(tiny_model_dir, tmp_path):
+    """`output.path` (or `output_dir`, as HF users write it): scripts know where the run goes. A path that holds
+    files is refused before anything is written, and left as it was."""
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=1)
+    cfg.output.path = str(tmp_path / "exact")
+    run = train_sft(cfg)
+    assert run.path == tmp_path / "exact" and (run.path / "adapter" / "adapter_config.json").is_file()
+    before = sorted(p.name for p in run.path.iterdir())
+    from ayar.errors import AyarError
+
+    with pytest.raises(AyarError, match="not an empty folder"):
+        train_sft(cfg)
+    assert sorted(p.name for p in run.path.iterdir()) == before
