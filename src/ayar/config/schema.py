@@ -52,7 +52,7 @@ class DataConfig:
     format: str = _f(
         "auto",
         "Row schema (`auto` detects it from the fields).",
-        choices=("auto", "alpaca", "messages", "sharegpt", "preference", "hh", "text", "classification"),
+        choices=("auto", "alpaca", "messages", "sharegpt", "completion", "preference", "hh", "text", "classification"),
     )
     columns: dict = _f(
         {}, "Rename fields to a format's names, ours: theirs, e.g. `{instruction: question, output: answer}` for GSM8K."

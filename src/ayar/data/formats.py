@@ -28,7 +28,7 @@ SHAREGPT_ROLES = {
     "bot": "assistant",
     "model": "assistant",
 }
-FORMATS = ("alpaca", "messages", "sharegpt", "preference", "hh", "text", "classification")
+FORMATS = ("alpaca", "messages", "sharegpt", "completion", "preference", "hh", "text", "classification")
 _MAX_LISTED = 8  # row problems listed in one error message
 
 
@@ -87,7 +87,8 @@ def detect_format(rows: list[Row]) -> str:
         hint = _columns_hint(keys)
         raise DataError(
             f"{_file(rows)}: cannot tell the data format from the fields {keys}. Supported formats: "
-            "alpaca (instruction, output), messages (messages), sharegpt (conversations), preference (prompt, chosen, "
+            "alpaca (instruction, output), messages (messages), sharegpt (conversations), completion (prompt, "
+            "completion: TRL's), preference (prompt, chosen, "
             "rejected), hh (chosen, rejected transcripts), text (text), classification (text, label). "
             f"Set data.format, or map your fields with data.columns{hint}."
         )
@@ -157,6 +158,15 @@ def _sharegpt(row: Row) -> list[Record]:
             )
         messages.append({"role": role, "content": _string(row, f"conversations[{i}].value", t["value"])})
     return [_chat(Record(messages, row.where))]
+
+
+def _completion(row: Row) -> list[Record]:
+    """TRL's prompt-completion rows: `prompt` and `completion`, each a string or a list of messages."""
+    _require(row, ("prompt", "completion"), "completion")
+    d = row.data
+    prompt = _as_turns(row, "prompt", d["prompt"], "user")
+    completion = _as_turns(row, "completion", d["completion"], "assistant")
+    return [_chat(Record(prompt + completion, row.where))]
 
 
 def _preference(row: Row) -> list[Record]:
@@ -289,6 +299,7 @@ _DETECT = {
     "alpaca": lambda d: "instruction" in d,
     "messages": lambda d: "messages" in d,
     "sharegpt": lambda d: "conversations" in d,
+    "completion": lambda d: "prompt" in d and "completion" in d and "chosen" not in d,
     "preference": lambda d: "chosen" in d and ("rejected" in d or "prompt" in d) and not _is_hh(d["chosen"]),
     "hh": lambda d: "prompt" not in d and (_is_hh(d.get("chosen")) or _is_hh(d.get("rejected"))),
     "text": lambda d: "text" in d and "label" not in d,
@@ -298,6 +309,7 @@ _CONVERTERS = {
     "alpaca": _alpaca,
     "messages": _messages,
     "sharegpt": _sharegpt,
+    "completion": _completion,
     "preference": _preference,
     "hh": _hh,
     "text": _text,

@@ -48,6 +48,18 @@ def _alpaca(rec: Record) -> dict:
     return row
 
 
+def _completion(rec: Record) -> dict:
+    """TRL's prompt-completion: the turns before the last assistant answer, and that answer."""
+    _need(rec, ("chat", "preference", "classification"), "completion")
+    turns = rec.conversation()
+    if turns[-1]["role"] != "assistant":
+        raise DataError(f"{rec.where}: completion rows end with an assistant answer; write it as messages")
+    prompt, answer = turns[:-1], turns[-1]["content"]
+    if len(prompt) == 1 and prompt[0]["role"] == "user":
+        return {"prompt": prompt[0]["content"], "completion": answer}
+    return {"prompt": prompt, "completion": [turns[-1]]}
+
+
 def _preference(rec: Record) -> dict:
     _need(rec, ("preference",), "preference")
     single = lambda turns, role: len(turns) == 1 and turns[0]["role"] == role
@@ -90,6 +102,7 @@ _WRITERS = {
     "messages": _messages,
     "sharegpt": _sharegpt,
     "alpaca": _alpaca,
+    "completion": _completion,
     "preference": _preference,
     "hh": _hh,
     "text": _text,
@@ -99,6 +112,7 @@ _ACCEPTS = {
     "messages": ("chat", "preference", "classification"),
     "sharegpt": ("chat", "preference", "classification"),
     "alpaca": ("chat", "preference", "classification"),
+    "completion": ("chat", "preference", "classification"),
     "preference": ("preference",),
     "hh": ("preference",),
     "text": ("text", "classification"),

@@ -158,8 +158,11 @@ def run_loop(
                 s, _ = loss_sum(model, b, loss_fn, fused, plan.autocast)
                 (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
-        if tcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if tcfg.max_grad_norm > 0:  # the norm before clipping, logged beside the loss either way
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, tcfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None]))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -173,6 +176,7 @@ def run_loop(
             "step": state.step,
             "epoch": round(state.epoch + state.micro / order.per_epoch, 4),
             "loss": step_loss,
+            "grad_norm": grad_norm,
             "lr": lr,
             "tokens_per_s": tokens / dt,
             "step_seconds": dt,

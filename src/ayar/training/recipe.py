@@ -98,6 +98,36 @@ class Recipe:
         return meta
 
 
+def loading_snippets(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
+    """How to load this run elsewhere: transformers + peft, vLLM, llama.cpp (run README.md)."""
+    base, where = meta["base_model"], run.path.resolve()
+    if cfg.method == "full":
+        return (
+            f"Load it elsewhere (the whole model is in `model/`):\n\n```python\nfrom transformers import "
+            f'AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained("{where}/model")\n'
+            f'tok = AutoTokenizer.from_pretrained("{where}/model")\n```\n\n'
+            f"vLLM: `vllm serve {where}/model`. llama.cpp / Ollama: `ayar export {where} --to gguf` "
+            "(with a Modelfile).\n"
+        )
+    if meta.get("merged_adapters"):
+        return (
+            f"This adapter was trained on `{base}` with earlier run(s) merged in "
+            f"({', '.join(meta['merged_adapters'])}):\n"
+            "it does not apply to the base alone. Load the whole model from a merged export instead:\n\n"
+            f"    ayar export {where} --to merged    (then transformers / vLLM on that folder)\n"
+            f"    ayar export {where} --to gguf      (llama.cpp / Ollama)\n"
+        )
+    return (
+        "Load it elsewhere (the adapter's folder holds the tokenizer too):\n\n```python\nfrom peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+        f'model = PeftModel.from_pretrained(base, "{where}/adapter")\n'
+        f'tok = AutoTokenizer.from_pretrained("{where}/adapter")\n```\n\n'
+        f"vLLM: `vllm serve {base} --enable-lora --lora-modules {run.path.name}={where}/adapter`.\n"
+        f"llama.cpp / Ollama: `ayar export {where} --to gguf` (the adapter merged in, with a Modelfile).\n"
+    )
+
+
 def start_meta(cfg, model_path: str, plan, trainable: int, total: int, data: dict) -> dict:
     """What run.json says about a run when it starts (any stage): where its model came from, how it runs."""
     import platform

@@ -24,7 +24,7 @@ from ayar.training.allocator import tune_allocator
 from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
 from ayar.training.plan import decide
 from ayar.training.progress import TrainProgress
-from ayar.training.recipe import Recipe
+from ayar.training.recipe import Recipe, loading_snippets
 
 
 def train_sft(
@@ -115,7 +115,9 @@ def train_sft(
             f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {s.best_step}, eval loss "
             f"{s.best_eval:.4f})"
         )
-    save_trained(model, run.full_model if cfg.method == "full" else run.adapter, init_dir)  # safetensors
+    saved = run.full_model if cfg.method == "full" else run.adapter
+    save_trained(model, saved, init_dir)  # safetensors, atomically
+    tok.save_pretrained(saved)  # loadable from that one folder by plain transformers / peft
     meta = r.finish(
         _run_readme,
         steps=s.step,
@@ -159,4 +161,5 @@ Files: `config.yaml` (resolved config),
 
     ayar chat {run.path}
     ayar train --resume {run.path}
-"""
+
+{loading_snippets(run, cfg, meta)}"""

@@ -24,7 +24,7 @@ from ayar.rundir import RunDir
 from ayar.training.allocator import tune_allocator
 from ayar.training.optim import trainer_optimizer_args
 from ayar.training.plan import decide
-from ayar.training.recipe import Recipe
+from ayar.training.recipe import Recipe, loading_snippets
 
 
 @dataclass
@@ -94,6 +94,7 @@ def run_stage(
 
     # --- save -----------------------------------------------------------------------------------------
     save_trained(trainer.model, run.adapter)  # safetensors, atomically
+    tok.save_pretrained(run.adapter)  # loadable from that one folder by plain transformers / peft
     meta = r.finish(
         _readme,
         steps=trainer.state.global_step,
@@ -256,4 +257,4 @@ Files: `config.yaml`, `adapter/`, `tokenizer/`, `checkpoints/` (resumable: `ayar
 `metrics.jsonl`, `loss.png`.
 
 {how}
-"""
+{"" if cfg.task == "classification" or cfg.stage == "reward" else chr(10) + loading_snippets(run, cfg, meta)}"""

@@ -155,5 +155,5 @@ def test_name_scrubbing_without_presidio_is_a_clear_error():
         pytest.skip("presidio is installed here")
     except ImportError:
         pass
-    with pytest.raises(DataError, match=r"pip install 'ayar\[pii\]'"):
+    with pytest.raises(DataError, match=r"pip install -e '\.\[pii\]'"):
         PiiScrubber(names=True)

@@ -229,3 +229,25 @@ def test_per_source_format_and_bad_source_entries(tmp_path):
         load_splits(_cfg(train=[{"path": str(a), "wieght": 2}]))
     with pytest.raises(DataError, match=r"data.train\[0\].weight must be a positive number"):
         load_splits(_cfg(train=[{"path": str(a), "weight": -1}]))
+
+
+def test_trl_prompt_completion_rows_are_detected(tmp_path):
+    """TRL's prompt-completion format (strings or message lists) is detected and trains the completion."""
+    from ayar.data.dataset import load_records
+
+    rows = [
+        {"prompt": "What is 2+2?", "completion": "4"},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello."}],
+        },
+    ]
+    recs = load_records(str(write_jsonl(tmp_path / "c.jsonl", rows)))
+    assert [r.conversation() for r in recs] == [
+        [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ],
+    ]

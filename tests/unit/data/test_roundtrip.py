@@ -97,7 +97,7 @@ conversation = st.builds(
 )
 
 
-@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca"])
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca", "completion"])
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 @settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(convs=st.lists(conversation, min_size=1, max_size=4))

@@ -397,7 +397,7 @@ def test_qlora_without_bitsandbytes_names_the_extra(monkeypatch):
             (_ for _ in ()).throw(ImportError(name)) if name == "bitsandbytes" else real_import(name, *a, **k)
         ),
     )
-    with pytest.raises(ConfigError, match=r"pip install 'ayar\[qlora\]'.*use method: lora"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[qlora\]'.*use method: lora"):
         quantization_config("qlora", torch.bfloat16)
     assert quantization_config("lora", torch.bfloat16) is None
 
@@ -493,3 +493,27 @@ def test_output_path_is_the_exact_run_directory(tiny_model_dir, tmp_path):
     with pytest.raises(AyarError, match="not an empty folder"):
         train_sft(cfg)
     assert sorted(p.name for p in run.path.iterdir()) == before
+
+
+def test_plain_peft_loads_the_adapter_folder_and_reproduces_the_run(tiny_run):
+    """adapter/ holds the tokenizer too, and PeftModel.from_pretrained(base, run/adapter) gives the run's
+    logits; the run's README shows that snippet, and loss.png plots the lr and gradient norm the loop logs."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ayar.infer.load import load_engine
+
+    meta = json.loads((tiny_run / "run.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_run / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(meta["base_model"]), tiny_run / "adapter")
+    engine = load_engine(tiny_run, log=lambda *_: None)
+    ids = engine.prompt_ids([{"role": "user", "content": "What is 12 plus 30?"}])
+    assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        theirs = model.eval()(input_ids=torch.tensor([ids])).logits
+    torch.testing.assert_close(theirs, engine.model(input_ids=torch.tensor([ids])).logits)
+    assert "PeftModel.from_pretrained(base" in (tiny_run / "README.md").read_text()
+    records = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in records if "loss" in r)
