@@ -1,0 +1,240 @@
+"""`ayar config import FILE`: a LLaMA-Factory or Axolotl training YAML as an ayar config, with the list of what
+could not be mapped (and what ayar does not need). Keys both tools share with Hugging Face go through the alias
+table (config/aliases.py); this module adds what is particular to each tool: method, stage, datasets,
+precision."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ayar.config.aliases import ALIASES
+from ayar.errors import ConfigError
+
+# settings of the other tools that ayar decides itself or does not need: listed, not mapped
+NOT_NEEDED = {
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "overwrite_cache",
+    "overwrite_output_dir",
+    "preprocessing_num_workers",
+    "dataloader_num_workers",
+    "plot_loss",
+    "save_only_model",
+    "ddp_timeout",
+    "resume_from_checkpoint",
+    "template",
+    "tokenizer_type",
+    "model_type",
+    "is_llama_derived_model",
+    "strict",
+    "tf32",
+    "flash_attention",
+    "xformers_attention",
+    "logging_dir",
+    "dataset_prepared_path",
+    "wandb_watch",
+    "wandb_log_model",
+    "local_rank",
+    "special_tokens",
+    "train_on_inputs_default",
+    "pad_to_sequence_len",
+    "eval_sample_packing",
+    "deepspeed",
+    "fsdp",
+    "fsdp_config",
+}
+LF_STAGES = {"sft": "sft", "dpo": "dpo", "kto": "dpo", "rm": "reward"}
+LF_PREF_LOSS = {"sigmoid": "dpo", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
+AXOLOTL_TYPES = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "messages", "completion": "text"}
+
+
+@dataclass
+class Imported:
+    tool: str
+    config: dict  # ours, shaped like an ayar YAML
+    unmapped: list[str] = field(default_factory=list)  # "key: why"
+    ignored: list[str] = field(default_factory=list)  # keys ayar does not need
+
+
+def detect_tool(raw: dict) -> str:
+    if any(k in raw for k in ("finetuning_type", "dataset", "cutoff_len")) and "datasets" not in raw:
+        return "llama-factory"
+    if any(k in raw for k in ("datasets", "base_model", "adapter", "sequence_len", "micro_batch_size")):
+        return "axolotl"
+    raise ConfigError(
+        "this is neither a LLaMA-Factory config (finetuning_type, dataset, ...) nor an Axolotl one "
+        "(base_model, datasets, ...); write an ayar config (see examples/)"
+    )
+
+
+def import_config(raw: dict, source_dir: Path) -> Imported:
+    if not isinstance(raw, dict):
+        raise ConfigError("the file's top level must be a mapping of settings")
+    tool = detect_tool(raw)
+    out = Imported(tool, {})
+    rest = dict(raw)
+    (_llama_factory if tool == "llama-factory" else _axolotl)(rest, out, source_dir)
+    ours = _our_names()
+    passthrough = {}
+    for key, value in rest.items():
+        if key in NOT_NEEDED:
+            out.ignored.append(key)
+        elif key in ALIASES or key in ours:
+            passthrough[key] = value
+        elif value is None or value is False:
+            out.ignored.append(key)  # an unset option
+        else:
+            out.unmapped.append(f"{key}: {value!r} (no ayar setting)")
+    from ayar.config.aliases import normalize
+    from ayar.config.schema import TrainConfig
+
+    out.config = normalize({**out.config, **passthrough}, TrainConfig)  # aliases and flat keys to their sections
+    return out
+
+
+def _our_names() -> set[str]:
+    """ayar's own keys a flat file may use: top-level fields and every section's field names."""
+    import dataclasses
+    import typing
+
+    from ayar.config.schema import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    names = set()
+    for f in dataclasses.fields(TrainConfig):
+        sub = hints[f.name]
+        names |= {g.name for g in dataclasses.fields(sub)} if dataclasses.is_dataclass(sub) else {f.name}
+    return names
+
+
+def _put(cfg: dict, path: str, value) -> None:
+    node = cfg
+    *sections, name = path.split(".")
+    for s in sections:
+        node = node.setdefault(s, {})
+    node[name] = value
+
+
+def _precision(rest: dict, out: Imported) -> None:
+    bf16, fp16 = rest.pop("bf16", None), rest.pop("fp16", None)
+    if bf16 is True:
+        _put(out.config, "model.dtype", "bfloat16")
+    elif fp16 is True:
+        _put(out.config, "model.dtype", "float16")
+    elif bf16 == "auto":
+        _put(out.config, "model.dtype", "auto")
+
+
+def _llama_factory(rest: dict, out: Imported, source_dir: Path) -> None:
+    stage = rest.pop("stage", "sft")
+    if stage not in LF_STAGES:
+        out.unmapped.append(f"stage: {stage!r} (ayar trains sft, dpo, kto (as dpo), rm (as reward) and grpo)")
+    else:
+        _put(out.config, "stage", LF_STAGES[stage])
+        if stage == "kto":
+            _put(out.config, "preference.loss", "kto")
+    if "pref_loss" in rest:
+        loss = rest.pop("pref_loss")
+        if loss in LF_PREF_LOSS:
+            _put(out.config, "preference.loss", LF_PREF_LOSS[loss])
+        else:
+            out.unmapped.append(f"pref_loss: {loss!r}")
+    if "pref_beta" in rest:
+        _put(out.config, "preference.beta", rest.pop("pref_beta"))
+    kind = rest.pop("finetuning_type", "lora")
+    quant = rest.pop("quantization_bit", None)
+    dora = rest.pop("use_dora", False)
+    if kind == "full":
+        _put(out.config, "method", "full")
+    elif kind == "lora":
+        _put(out.config, "method", ("q" if quant == 4 else "") + ("dora" if dora else "lora"))
+        if quant not in (None, 4):
+            out.unmapped.append(f"quantization_bit: {quant} (ayar quantizes bases to 4 bits only)")
+    else:
+        out.unmapped.append(f"finetuning_type: {kind!r} (ayar: lora, qlora, dora, full)")
+    if rest.pop("pissa_init", False):
+        _put(out.config, "lora.init", "pissa")
+    if "max_samples" in rest:
+        _put(out.config, "data.max_rows", rest.pop("max_samples"))
+    if "val_size" in rest:
+        _put(out.config, "data.val_ratio", rest.pop("val_size"))
+    _precision(rest, out)
+    names = rest.pop("dataset", None)
+    dataset_dir = source_dir / rest.pop("dataset_dir", "data")
+    if names is not None:
+        sources = [_lf_dataset(n.strip(), dataset_dir, source_dir, out) for n in str(names).split(",") if n.strip()]
+        sources = [s for s in sources if s]
+        if sources:
+            _put(out.config, "data.train", sources)  # a list: a source with its format is a mapping
+    for key in ("eval_dataset", "eval_strategy", "per_device_eval_batch_size"):
+        if key in rest:
+            out.unmapped.append(f"{key}: {rest.pop(key)!r} (ayar holds out data.val_ratio or reads data.validation)")
+
+
+def _lf_dataset(name: str, dataset_dir: Path, source_dir: Path, out: Imported):
+    """A LLaMA-Factory dataset name: a file, or an entry of its dataset_info.json registry."""
+    if (source_dir / name).exists():
+        return str((source_dir / name).resolve())
+    info_file = dataset_dir / "dataset_info.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    entry = info.get(name)
+    if not entry or "file_name" not in entry:
+        out.unmapped.append(f"dataset: {name!r} (not a file here, nor a file entry of {info_file}: set data.train)")
+        return None
+    source = {"path": str((dataset_dir / entry["file_name"]).resolve())}
+    fmt = entry.get("formatting", "alpaca")
+    source["format"] = {"alpaca": "alpaca", "sharegpt": "sharegpt"}.get(fmt, "auto")
+    columns = entry.get("columns") or {}
+    ours = {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "system": "system",
+        "history": "history",
+        "messages": "conversations" if fmt == "sharegpt" else "messages",
+    }
+    mapped = {ours[k]: v for k, v in columns.items() if k in ours and ours[k] != v}
+    if mapped:
+        source["columns"] = mapped
+    return source
+
+
+def _axolotl(rest: dict, out: Imported, source_dir: Path) -> None:
+    adapter = rest.pop("adapter", None)
+    four_bit = rest.pop("load_in_4bit", False)
+    if rest.pop("load_in_8bit", False):
+        out.unmapped.append("load_in_8bit: true (ayar quantizes bases to 4 bits only)")
+    if adapter in ("lora", "qlora"):
+        _put(out.config, "method", "qlora" if adapter == "qlora" or four_bit else "lora")
+    elif adapter is None:
+        _put(out.config, "method", "full")
+    else:
+        out.unmapped.append(f"adapter: {adapter!r}")
+    if rest.pop("lora_target_linear", False):
+        _put(out.config, "lora.target_modules", "all-linear")
+    if "val_set_size" in rest:
+        _put(out.config, "data.val_ratio", rest.pop("val_set_size"))
+    _precision(rest, out)
+    rl = rest.pop("rl", None)
+    if rl in ("dpo", "ipo", "orpo", "kto", "simpo"):
+        _put(out.config, "stage", "dpo")
+        _put(out.config, "preference.loss", rl)
+    elif rl:
+        out.unmapped.append(f"rl: {rl!r}")
+    sources = []
+    for d in rest.pop("datasets", None) or []:
+        path = Path(str(d.get("path", ""))).expanduser()
+        local = path if path.is_absolute() else source_dir / path
+        if not local.exists():
+            out.unmapped.append(
+                f"datasets: {d.get('path')!r} (not a local file: download it and point data.train at it)"
+            )
+            continue
+        kind = d.get("type", "alpaca")
+        kind = kind if isinstance(kind, str) else "auto"
+        sources.append({"path": str(local.resolve()), "format": AXOLOTL_TYPES.get(kind.split(".")[0], "auto")})
+    if sources:
+        _put(out.config, "data.train", sources)
