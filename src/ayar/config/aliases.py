@@ -137,6 +137,9 @@ def _convert(key: str, value, convert, errors: list[str]):
     if convert is None:
         return value
     if convert == "tracker":  # report_to: a name or a list of names; "none" / [] means none
+        if not isinstance(value, (str, list)) and value is not None:
+            errors.append(f"{key}: {value!r}: give a tracker name or a list of them")
+            return value
         names = [value] if isinstance(value, str) else list(value or [])
         names = [n for n in names if n not in ("none", "all")] or ["none"]
         if len(names) > 1:
@@ -145,9 +148,10 @@ def _convert(key: str, value, convert, errors: list[str]):
     if convert == "targets":  # LLaMA-Factory's lora_target: "all" or "q_proj,v_proj"
         if value == "all":
             return "all-linear"
-        return [t.strip() for t in str(value).split(",") if t.strip()]
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
     if isinstance(convert, dict):
-        if value not in convert:
+        known = isinstance(value, (str, int, float, bool)) and value in convert
+        if not known:
             errors.append(f"{key}: {value!r} has no ayar equivalent here; choose one of {', '.join(map(str, convert))}")
             return value
         return convert[value]

@@ -51,6 +51,32 @@ LF_PREF_LOSS = {"sigmoid": "dpo", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"
 AXOLOTL_TYPES = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "messages", "completion": "text"}
 
 
+# the types of the keys this module reads itself (the alias table's go through ayar's own validation)
+_NUMBER = (int, float)
+TYPES = {
+    "stage": str,
+    "finetuning_type": str,
+    "dataset": str,
+    "dataset_dir": str,
+    "quantization_bit": int,
+    "pref_loss": str,
+    "pref_beta": _NUMBER,
+    "use_dora": bool,
+    "pissa_init": bool,
+    "max_samples": int,
+    "val_size": _NUMBER,
+    "bf16": (bool, str),
+    "fp16": bool,
+    "adapter": str,
+    "load_in_4bit": bool,
+    "load_in_8bit": bool,
+    "lora_target_linear": bool,
+    "val_set_size": _NUMBER,
+    "rl": str,
+    "datasets": list,
+}
+
+
 @dataclass
 class Imported:
     tool: str
@@ -75,7 +101,20 @@ def import_config(raw: dict, source_dir: Path) -> Imported:
         raise ConfigError("the file's top level must be a mapping of settings")
     tool = detect_tool(raw)
     out = Imported(tool, {})
-    rest = dict(raw)
+    rest = {}
+    for key, value in raw.items():
+        wanted = TYPES.get(key)
+        bad = (
+            wanted is not None
+            and value is not None
+            and (not isinstance(value, wanted) or (isinstance(value, bool) and bool not in _tuple(wanted)))
+        )
+        if key == "datasets" and not bad and value is not None:
+            bad = not all(isinstance(d, dict) for d in value)
+        if bad:
+            out.unmapped.append(f"{key}: {value!r} (not the type {tool} expects here)")
+        else:
+            rest[key] = value
     (_llama_factory if tool == "llama-factory" else _axolotl)(rest, out, source_dir)
     ours = _our_names()
     passthrough = {}
@@ -93,6 +132,10 @@ def import_config(raw: dict, source_dir: Path) -> Imported:
 
     out.config = normalize({**out.config, **passthrough}, TrainConfig)  # aliases and flat keys to their sections
     return out
+
+
+def _tuple(t) -> tuple:
+    return t if isinstance(t, tuple) else (t,)
 
 
 def _our_names() -> set[str]:
@@ -163,7 +206,7 @@ def _llama_factory(rest: dict, out: Imported, source_dir: Path) -> None:
         _put(out.config, "data.val_ratio", rest.pop("val_size"))
     _precision(rest, out)
     names = rest.pop("dataset", None)
-    dataset_dir = source_dir / rest.pop("dataset_dir", "data")
+    dataset_dir = source_dir / (rest.pop("dataset_dir", None) or "data")
     if names is not None:
         sources = [_lf_dataset(n.strip(), dataset_dir, source_dir, out) for n in str(names).split(",") if n.strip()]
         sources = [s for s in sources if s]
@@ -179,15 +222,18 @@ def _lf_dataset(name: str, dataset_dir: Path, source_dir: Path, out: Imported):
     if (source_dir / name).exists():
         return str((source_dir / name).resolve())
     info_file = dataset_dir / "dataset_info.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    entry = info.get(name)
-    if not entry or "file_name" not in entry:
+    try:
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    except ValueError:
+        raise ConfigError(f"{info_file}: not valid JSON") from None
+    entry = info.get(name) if isinstance(info, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
         out.unmapped.append(f"dataset: {name!r} (not a file here, nor a file entry of {info_file}: set data.train)")
         return None
     source = {"path": str((dataset_dir / entry["file_name"]).resolve())}
     fmt = entry.get("formatting", "alpaca")
     source["format"] = {"alpaca": "alpaca", "sharegpt": "sharegpt"}.get(fmt, "auto")
-    columns = entry.get("columns") or {}
+    columns = entry.get("columns") if isinstance(entry.get("columns"), dict) else {}
     ours = {
         "prompt": "instruction",
         "query": "input",
@@ -226,7 +272,10 @@ def _axolotl(rest: dict, out: Imported, source_dir: Path) -> None:
         out.unmapped.append(f"rl: {rl!r}")
     sources = []
     for d in rest.pop("datasets", None) or []:
-        path = Path(str(d.get("path", ""))).expanduser()
+        if not isinstance(d.get("path"), str) or not d["path"]:
+            out.unmapped.append(f"datasets: {d!r} (no path)")
+            continue
+        path = Path(d["path"]).expanduser()
         local = path if path.is_absolute() else source_dir / path
         if not local.exists():
             out.unmapped.append(

@@ -60,3 +60,63 @@ def test_an_axolotl_config_converts(tmp_path):
     assert c["training"]["optimizer"] == "adamw_8bit" and c["training"]["packing"] is True
     assert any(u.startswith("datasets: 'hub/x'") for u in result.unmapped)
     assert any(u.startswith("warmup_steps") for u in result.unmapped) and "flash_attention" in result.ignored
+
+
+def test_arbitrary_foreign_configs_convert_or_say_why(tmp_path):
+    """Fuzz: LLaMA-Factory / Axolotl keys with arbitrary values: an ayar config or a ConfigError, never a
+    traceback."""
+    import os
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ayar.errors import ConfigError
+    from tests.reliability import count
+
+    keys = [
+        "stage",
+        "finetuning_type",
+        "dataset",
+        "dataset_dir",
+        "quantization_bit",
+        "pref_loss",
+        "pref_beta",
+        "base_model",
+        "adapter",
+        "datasets",
+        "load_in_4bit",
+        "rl",
+        "bf16",
+        "fp16",
+        "lora_rank",
+        "lora_target",
+        "report_to",
+        "optim",
+        "val_size",
+        "cutoff_len",
+        "learning_rate",
+        "output_dir",
+        "use_dora",
+        "max_samples",
+    ]
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
+    value = st.recursive(
+        scalar,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=6,
+    )
+
+    @settings(
+        max_examples=int(os.environ.get("AYAR_FUZZ_EXAMPLES", "150")),
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(raw=st.dictionaries(st.sampled_from(keys), value, min_size=1, max_size=6))
+    def check(raw):
+        count("fuzzed foreign configs (config import)")
+        try:
+            import_config(raw, tmp_path)
+        except ConfigError:
+            pass
+
+    check()
