@@ -71,14 +71,20 @@ def atomic_directory(final: Path, fsync: bool = False, mark: str | None = None) 
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
             os.replace(final, old / final.name)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None and not final.exists():  # put the earlier folder back: nothing is lost
+                os.replace(old / final.name, final)
+                old.rmdir()
+            raise
         if fsync:
             _fsync_dir(final.parent)
+        if old is not None:  # only now that the new folder is in place
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: Path, text: str, fsync: bool = False) -> None:

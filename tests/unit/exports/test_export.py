@@ -408,3 +408,24 @@ def test_an_earlier_export_is_replaced_only_with_force(tiny_run, tmp_path):
 def test_export_into_an_empty_folder_is_fine(tiny_run, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "empty"), "--no-verify"]) == 0
+
+
+def test_a_failed_swap_puts_the_earlier_folder_back(tmp_path, monkeypatch):
+    from ayar import fsutil
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "keep.txt").write_text("earlier")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src).startswith(str(tmp_path / ".tmp-")):
+            raise OSError("disk went away")
+        return real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        with fsutil.atomic_directory(final) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (final / "keep.txt").read_text() == "earlier" and not (final / "new.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
