@@ -50,7 +50,7 @@ class Run:
     def adapter(self) -> Path:
         return self._dir.adapter
 
-    def load(self, **generation):
+    def load(self):
         """The run as an Engine (infer/base.py), loaded once and kept."""
         if self._engine is None:
             from ayar.infer.load import load_engine

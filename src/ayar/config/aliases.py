@@ -72,10 +72,11 @@ ALIASES: dict[str, tuple[str, object]] = {
     "sample_packing": ("training.packing", None),  # Axolotl
 }
 # inside a section: their key -> ours (`lora: {lora_r: 8}`, `training: {per_device_train_batch_size: 4}`)
-SECTION_ALIASES = {path.split(".")[0]: {} for path, _ in ALIASES.values() if "." in path}
-for _theirs, (_path, _convert) in ALIASES.items():
-    if "." in _path:
-        SECTION_ALIASES[_path.split(".")[0]][_theirs] = (_path.split(".", 1)[1], _convert)
+SECTION_ALIASES: dict[str, dict[str, tuple[str, object]]] = {}
+for _alias, (_target, _how) in ALIASES.items():
+    if "." in _target:
+        _section, _, _field = _target.partition(".")
+        SECTION_ALIASES.setdefault(_section, {})[_alias] = (_field, _how)
 
 
 def normalize(raw: dict, cls, notice=None) -> dict:

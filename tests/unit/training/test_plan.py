@@ -26,20 +26,26 @@ def test_world_size_and_rank_come_from_the_launcher(monkeypatch):
     assert (plan.world_size, plan.rank, plan.is_main) == (4, 2, False)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_the_loop_runs_the_plan_it_was_handed(tiny_model_dir, tmp_path, monkeypatch, fused):
-    """The plan's layout is what run.json records and what the loss is asked to run: nothing re-decides."""
+def _spy_on_the_loss(monkeypatch) -> list:
+    """(fused, autocast) of every loss the loop asks for, recorded as the training runs."""
     from ayar.training import loop
-    from ayar.training.sft import train_sft
 
-    seen = []
-    real = loop.loss_sum
+    seen, real = [], loop.loss_sum
 
     def spy(model, batch, loss_fn=None, fused=False, autocast=None):
         seen.append((fused, autocast))
         return real(model, batch, loss_fn, fused, autocast)
 
     monkeypatch.setattr(loop, "loss_sum", spy)
+    return seen
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_loop_runs_the_plan_it_was_handed(tiny_model_dir, tmp_path, monkeypatch, fused):
+    """The plan's layout is what run.json records and what the loss is asked to run: nothing re-decides."""
+    from ayar.training.sft import train_sft
+
+    seen = _spy_on_the_loss(monkeypatch)
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=2)
     cfg.training.fused = fused
@@ -51,20 +57,12 @@ def test_the_loop_runs_the_plan_it_was_handed(tiny_model_dir, tmp_path, monkeypa
 
 
 def test_full_fine_tuning_autocast_reaches_the_loss(tiny_model_dir, tmp_path, monkeypatch):
-    from ayar.training import loop
     from ayar.training.sft import train_sft
 
-    seen = []
-    real = loop.loss_sum
-
-    def spy(model, batch, loss_fn=None, fused=False, autocast=None):
-        seen.append(autocast)
-        return real(model, batch, loss_fn, fused, autocast)
-
-    monkeypatch.setattr(loop, "loss_sum", spy)
+    calls = _spy_on_the_loss(monkeypatch)
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     cfg = tiny_train_config(tiny_model_dir, data, tmp_path / "runs", max_steps=1)
     cfg.method, cfg.model.dtype = "full", "bfloat16"
     meta = train_sft(cfg).read_meta()
     assert meta["plan"]["autocast"] == "bfloat16" and meta["dtype"] == "float32"
-    assert seen and set(seen) == {torch.bfloat16}
+    assert calls and {autocast for _, autocast in calls} == {torch.bfloat16}
