@@ -29,7 +29,11 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     meta = property(lambda self: self.path / "run.json")
     tokenizer = property(lambda self: self.path / "tokenizer")
-    adapter = property(lambda self: self.path / "adapter")
+    adapter = property(lambda self: self.path / "adapter")  # what plain peft loads onto the base model
+    # a run chained from earlier runs: what this stage trained, on top of the base with their adapters merged
+    stage_adapter = property(lambda self: self.path / "stage_adapter")
+    start_model = property(lambda self: self.path / "start_model")  # that start, where adapter/ cannot be stacked
+    trained_adapter = property(lambda self: self.stage_adapter if self.stage_adapter.is_dir() else self.adapter)
     full_model = property(lambda self: self.path / "model")  # method: full, the whole fine-tuned model
     checkpoints = property(lambda self: self.path / "checkpoints")
     metrics = property(lambda self: self.path / "metrics.jsonl")

@@ -130,7 +130,8 @@ def vllm_command(settings) -> str:
     source, adapters = Path(settings.source), dict(settings.adapters)
     base = settings.source
     if (source / "run.json").is_file():
-        base = json.loads((source / "run.json").read_text())["base_model"]
+        meta = json.loads((source / "run.json").read_text())
+        base = meta.get("adapter", {}).get("applies_to", meta["base_model"])  # a chained run's adapter says
         adapters = {settings.name or source.resolve().name: str(source / "adapter"), **adapters}
     adapters = {n: str(Path(p) / "adapter") if (Path(p) / "run.json").is_file() else p for n, p in adapters.items()}
     cmd = ["vllm", "serve", base, "--port", "8000"]

@@ -75,8 +75,8 @@ def _transformers(source, generation, log, dtype) -> Engine:
         model, _, placement, _ = load_model_and_tokenizer(model_cfg, log=log)
         model = merge_adapters(model, [] if full else meta.get("merged_adapters", []), log)
         tok = load_tokenizer(str(run.tokenizer))
-        if run.adapter.is_dir():
-            model = load_adapter(model, str(run.adapter))
+        if run.trained_adapter.is_dir():  # on the start model: its adapter-off model is what the run began from
+            model = load_adapter(model, str(run.trained_adapter))
         elif not full:
             log(f"{run.path} has no adapter/ yet (unfinished run?): using the base model")
         data_cfg, gen_cfg = cfg.data, generation or cfg.generation

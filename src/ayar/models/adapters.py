@@ -193,3 +193,61 @@ def parameter_counts(model) -> tuple[int, int]:
     trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
     total = sum(count(p) for p in model.parameters())
     return trainable, total
+
+
+def stackable(adapters: list[str]) -> str | None:
+    """None when `adapters` (LoRA folders, applied in order) can be written as one exactly equal adapter;
+    else why not. Merging plain LoRA adapters in order adds s_i * B_i @ A_i each, which one adapter of rank
+    sum(r_i) holds exactly; DoRA rescales the merged weight (not additive), and modules trained in full
+    (modules_to_save) would need peft to pick one copy."""
+    from peft import PeftConfig
+
+    for path in adapters:
+        config = PeftConfig.from_pretrained(path)
+        if getattr(config, "use_dora", False):
+            return f"{path} is a DoRA adapter (DoRA's rescaling does not add up across adapters)"
+        if getattr(config, "modules_to_save", None):
+            return f"{path} trains {', '.join(config.modules_to_save)} in full (modules_to_save)"
+        if getattr(config, "target_parameters", None):
+            return f"{path} targets parameters directly"
+    return None
+
+
+def stack_adapters(model, adapters: list[str], out, base: str) -> None:
+    """Write to `out` one LoRA adapter equal to applying `adapters` in order to `base`: peft's `cat`
+    combination (A matrices stacked, B side by side). `model` is any PeftModel of the same architecture
+    (the run's own: the adapters' weights do not depend on the base weights it holds); it is left with only
+    its own adapters. Check `stackable` first."""
+    import json
+    import math
+    import shutil
+    from pathlib import Path
+
+    from ayar.fsutil import atomic_directory
+
+    names = [f"ayar_stack_{i}" for i in range(len(adapters))]
+    active = model.active_adapter
+    try:
+        for name, path in zip(names, adapters):
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
+        first = model.peft_config[names[0]]
+        configs = [model.peft_config[name] for name in names]
+        rank = sum(max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs)
+        # the new adapter's scaling is lora_alpha / r = 1 (or sqrt(r) with rsLoRA): divide it out of the weights
+        scaling = math.sqrt(rank) if first.use_rslora else 1.0
+        model.add_weighted_adapter(names, [1.0 / scaling] * len(names), "ayar_stacked", combination_type="cat")
+        with atomic_directory(Path(out), fsync=True) as tmp:
+            model.save_pretrained(str(tmp), selected_adapters=["ayar_stacked"])
+            for f in (tmp / "ayar_stacked").iterdir():
+                shutil.move(str(f), tmp / f.name)
+            (tmp / "ayar_stacked").rmdir()
+            cfg_file = tmp / "adapter_config.json"
+            config = json.loads(cfg_file.read_text())
+            # loading must not re-run an initialisation (PiSSA would change the base), and it applies to `base`
+            config.update(base_model_name_or_path=base, init_lora_weights=True)
+            cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    finally:
+        for name in [*names, "ayar_stacked"]:
+            if name in model.peft_config:
+                model.delete_adapter(name)
+        model.set_adapter(active)

@@ -91,7 +91,8 @@ def starting_point(name: str) -> tuple[str, list[str]]:
         return str((path / "model").resolve()), []
     if not (path / "adapter" / "adapter_config.json").is_file():
         raise ModelError(f"{path} is an ayar run without a finished adapter/: point model.name at a completed run")
-    return meta["base_model"], [*meta.get("merged_adapters", []), str((path / "adapter").resolve())]
+    trained = path / "stage_adapter" if (path / "stage_adapter").is_dir() else path / "adapter"
+    return meta["base_model"], [*meta.get("merged_adapters", []), str(trained.resolve())]
 
 
 def merge_adapters(model, adapters: list[str], log=print):

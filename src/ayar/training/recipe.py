@@ -70,13 +70,62 @@ class Recipe:
         self.run.update_meta(**start_meta(self.cfg, model_path, plan, trainable, total, data), **extra)
 
     def open_tracker(self) -> Tracker:
-        self.tracker = Tracker(self.cfg.training.tracker, self.run, config_to_dict(self.cfg))
+        t = self.cfg.training
+        self.tracker = Tracker(t.tracker, self.run, config_to_dict(self.cfg), t.project, t.run_name)
         return self.tracker
 
     def log(self, record: dict) -> None:
         """One metrics record: metrics.jsonl and the tracker."""
         self.run.append_metrics(record)
         self.tracker.log(record, record["step"])
+
+    def save(self, model, tok, init_dir=None) -> Path:
+        """Save what was trained where plain transformers / peft load it, with the tokenizer beside it
+        (safetensors, atomically). A run that started from earlier runs (their adapters merged into its base
+        in memory, e.g. DPO after SFT) keeps what it trained in stage_adapter/ and writes to adapter/ one
+        adapter that applies to the original base alone (the earlier ones stacked in); where stacking would
+        not be exact it saves that merged start to start_model/ and points adapter/ at it. Either way
+        `PeftModel.from_pretrained(<base named in adapter_config.json>, adapter/)` is the run's model."""
+        from ayar.models.adapters import save_trained
+
+        if self.cfg.method == "full":
+            save_trained(model, self.run.full_model, init_dir)
+            tok.save_pretrained(self.run.full_model)
+            return self.run.full_model
+        meta = self.run.read_meta()
+        earlier = meta.get("merged_adapters") or []
+        if not earlier:
+            save_trained(model, self.run.adapter, init_dir)
+            tok.save_pretrained(self.run.adapter)
+            return self.run.adapter
+        save_trained(model, self.run.stage_adapter, init_dir)
+        tok.save_pretrained(self.run.stage_adapter)
+        self.run.update_meta(adapter=self._stack_or_point(model, [*earlier, str(self.run.stage_adapter)], meta))
+        tok.save_pretrained(self.run.adapter)
+        return self.run.adapter
+
+    def _stack_or_point(self, model, adapters: list[str], meta: dict) -> dict:
+        import json
+        import shutil
+
+        from ayar.fsutil import atomic_directory
+        from ayar.models.adapters import stack_adapters, stackable
+
+        base = meta["base_model"]
+        why_not = stackable(adapters)
+        if why_not is None:
+            stack_adapters(model, adapters, self.run.adapter, base)
+            self.say(f"adapter {self.run.adapter}: {len(adapters)} adapters stacked into one that applies to {base}")
+            return {"applies_to": base, "stacked": adapters}
+        self.say(f"adapter cannot be stacked ({why_not}): saving the model it starts from to {self.run.start_model}")
+        _save_start_model(base, adapters[:-1], self.run.start_model, self.cfg)
+        with atomic_directory(self.run.adapter, fsync=True) as tmp:
+            shutil.copytree(self.run.stage_adapter, tmp, dirs_exist_ok=True)
+            cfg_file = tmp / "adapter_config.json"
+            config = json.loads(cfg_file.read_text())
+            config["base_model_name_or_path"] = str(self.run.start_model.resolve())
+            cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+        return {"applies_to": str(self.run.start_model.resolve()), "not_stacked": why_not}
 
     def finish(self, readme, **results) -> dict:
         """Close the tracker, plot the losses, complete run.json with `results` and the final losses, write
@@ -98,6 +147,19 @@ class Recipe:
         return meta
 
 
+def _save_start_model(base: str, adapters: list[str], out: Path, cfg: TrainConfig) -> None:
+    """The model a chained run started from (`base` with `adapters` merged), in the base's own dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from ayar.fsutil import atomic_directory
+    from ayar.models.load import merge_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", trust_remote_code=cfg.model.trust_remote_code)
+    model = merge_adapters(model, adapters, log=lambda *_: None)
+    with atomic_directory(out, fsync=True) as tmp:
+        model.save_pretrained(str(tmp))
+
+
 def loading_snippets(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
     """How to load this run elsewhere: transformers + peft, vLLM, llama.cpp (run README.md)."""
     base, where = meta["base_model"], run.path.resolve()
@@ -109,15 +171,17 @@ def loading_snippets(run: RunDir, cfg: TrainConfig, meta: dict) -> str:
             f"vLLM: `vllm serve {where}/model`. llama.cpp / Ollama: `ayar export {where} --to gguf` "
             "(with a Modelfile).\n"
         )
+    chained = ""
     if meta.get("merged_adapters"):
-        return (
-            f"This adapter was trained on `{base}` with earlier run(s) merged in "
-            f"({', '.join(meta['merged_adapters'])}):\n"
-            "it does not apply to the base alone. Load the whole model from a merged export instead:\n\n"
-            f"    ayar export {where} --to merged    (then transformers / vLLM on that folder)\n"
-            f"    ayar export {where} --to gguf      (llama.cpp / Ollama)\n"
+        how = meta.get("adapter", {})
+        base = how.get("applies_to", base)
+        holds = "holds them and this run's training in one adapter" if "stacked" in how else "holds this run's adapter"
+        chained = (
+            f"This run started from earlier run(s) ({', '.join(meta['merged_adapters'])}); `adapter/` {holds} "
+            f"that applies to `{base}` (this stage alone is in `stage_adapter/`, on top of the earlier ones "
+            "merged in).\n\n"
         )
-    return (
+    return chained + (
         "Load it elsewhere (the adapter's folder holds the tokenizer too):\n\n```python\nfrom peft import PeftModel\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'

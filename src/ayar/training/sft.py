@@ -16,7 +16,7 @@ from rich.console import Console
 
 from ayar.config import TrainConfig
 from ayar.data.dataset import prepare_data
-from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial, save_trained
+from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
 from ayar.training import checkpoint as ckpt
@@ -115,9 +115,7 @@ def train_sft(
             f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {s.best_step}, eval loss "
             f"{s.best_eval:.4f})"
         )
-    saved = run.full_model if cfg.method == "full" else run.adapter
-    save_trained(model, saved, init_dir)  # safetensors, atomically
-    tok.save_pretrained(saved)  # loadable from that one folder by plain transformers / peft
+    r.save(model, tok, init_dir)
     meta = r.finish(
         _run_readme,
         steps=s.step,

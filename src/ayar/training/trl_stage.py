@@ -18,7 +18,7 @@ from rich.console import Console
 from ayar.config import TrainConfig
 from ayar.data.dataset import Splits, enforce_lint, load_splits
 from ayar.errors import DataError
-from ayar.models.adapters import parameter_counts, save_trained
+from ayar.models.adapters import parameter_counts
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
 from ayar.training.allocator import tune_allocator
@@ -93,8 +93,7 @@ def run_stage(
         trainer.evaluate()
 
     # --- save -----------------------------------------------------------------------------------------
-    save_trained(trainer.model, run.adapter)  # safetensors, atomically
-    tok.save_pretrained(run.adapter)  # loadable from that one folder by plain transformers / peft
+    r.save(trainer.model, tok)
     meta = r.finish(
         _readme,
         steps=trainer.state.global_step,
