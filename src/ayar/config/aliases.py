@@ -48,6 +48,9 @@ ALIASES: dict[str, tuple[str, object]] = {
         },
     ),
     "report_to": ("training.tracker", "tracker"),
+    "run_name": ("training.run_name", None),  # TrainingArguments
+    "wandb_project": ("training.project", None),  # Axolotl
+    "wandb_name": ("training.run_name", None),  # Axolotl
     "early_stopping_patience": ("training.early_stopping_patience", None),
     "lora_r": ("lora.r", None),
     "lora_rank": ("lora.r", None),  # LLaMA-Factory
@@ -143,9 +146,7 @@ def _convert(key: str, value, convert, errors: list[str]):
             return value
         names = [value] if isinstance(value, str) else list(value or [])
         names = [n for n in names if n not in ("none", "all")] or ["none"]
-        if len(names) > 1:
-            errors.append(f"{key}: {names}: ayar logs to one tracker besides metrics.jsonl for now; choose one")
-        return names[0]
+        return names[0] if len(names) == 1 else names
     if convert == "targets":  # LLaMA-Factory's lora_target: "all" or "q_proj,v_proj"
         if value == "all":
             return "all-linear"

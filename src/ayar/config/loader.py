@@ -218,10 +218,11 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]):
         if coerced is _MISSING:
             errors.append(f"{prefix}{key}: expected {_type_name(typ)}, got {value!r} ({type(value).__name__})")
             continue
-        if choices and coerced not in choices:
-            guess = difflib.get_close_matches(str(coerced), choices, n=1)
+        wrong = [v for v in (coerced if isinstance(coerced, list) else [coerced]) if v not in (choices or [v])]
+        if wrong:  # a list field with choices (training.tracker) checks each item
+            guess = difflib.get_close_matches(str(wrong[0]), choices, n=1)
             hint = f"; did you mean {guess[0]!r}?" if guess else ""
-            errors.append(f"{prefix}{key}: {coerced!r} is not one of {', '.join(choices)}{hint}")
+            errors.append(f"{prefix}{key}: {wrong[0]!r} is not one of {', '.join(choices)}{hint}")
             continue
         problem = _out_of_bounds(coerced, fields[key].metadata)
         if problem:

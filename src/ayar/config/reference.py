@@ -70,7 +70,7 @@ def alias_reference() -> str:
     for theirs, (ours, convert) in sorted(ALIASES.items()):
         how = {
             None: "as is",
-            "tracker": "a name or a list of one",
+            "tracker": "a name or a list of names (several trackers at once)",
             "targets": '"all" -> all-linear, or "a,b" -> [a, b]',
         }
         value = ", ".join(f"{k} -> {v}" for k, v in convert.items()) if isinstance(convert, dict) else how[convert]

@@ -1,6 +1,6 @@
 """The training config: one dataclass per section, every field typed and documented.
 
-The README's config reference is generated from these definitions (`ayar config reference`), so the
+docs/config.md's config reference is generated from these definitions (`ayar config reference`), so the
 help text here is the documentation. `choices` in a field's metadata is enforced by the loader.
 """
 
@@ -46,8 +46,10 @@ class DataConfig:
     train: Union[str, list] = _f(
         "",
         "Training data: a .jsonl/.json/.csv/.parquet/.txt file, a folder, a glob, a `datasets.save_to_disk` "
-        "folder, or `sample:gsm8k` (bundled). A list mixes several: items are paths or "
-        "`{path, weight, format, columns}`; `weight` is a source's share of the mixed training set.",
+        "folder, `sample:gsm8k` (bundled), or a hub dataset `owner/name` (where there is network). A list mixes "
+        "several: items are paths or `{path, weight, format, columns}`; `weight` is a source's share of the mixed "
+        "training set. A hub dataset's subset, split and commit: `{path: openai/gsm8k, name: main, split: train, "
+        "revision: <tag or sha>}`.",
     )
     format: str = _f(
         "auto",
@@ -57,7 +59,7 @@ class DataConfig:
     columns: dict = _f(
         {}, "Rename fields to a format's names, ours: theirs, e.g. `{instruction: question, output: answer}` for GSM8K."
     )
-    validation: Optional[str] = _f(
+    validation: Union[str, dict, list, None] = _f(
         None, "Validation data (same forms as `train`). When unset, `val_ratio` of the training rows are held out."
     )
     val_ratio: float = _f(
@@ -66,8 +68,10 @@ class DataConfig:
         ge=0.0,
         lt=1.0,
     )
-    test: Optional[str] = _f(
-        None, "Test data, kept out of training (for `ayar eval`). When unset, `test_ratio` of the rows are held out."
+    test: Union[str, dict, list, None] = _f(
+        None,
+        "Test data (same forms as `train`), kept out of training (for `ayar eval`). When unset, `test_ratio` of "
+        "the rows are held out.",
     )
     test_ratio: float = _f(
         0.0, "Share of each training source held out as a test split when no `test` is given.", ge=0.0, lt=1.0
@@ -175,9 +179,13 @@ class TrainingConfig:
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest removed first).", ge=1)
     logging_steps: int = _f(1, "Log metrics every N steps.", ge=1)
     seed: int = _f(42, "Seed for data split, data order, LoRA init and dropout.")
-    tracker: str = _f(
-        "tensorboard", "Where metrics go besides metrics.jsonl.", choices=("tensorboard", "mlflow", "wandb", "none")
+    tracker: Union[str, list] = _f(
+        "tensorboard",
+        "Where metrics go besides metrics.jsonl: one name or a list (several at once), `none` for none.",
+        choices=("tensorboard", "mlflow", "wandb", "none"),
     )
+    project: str = _f("ayar", "The W&B project / MLflow experiment the run is logged under.")
+    run_name: Optional[str] = _f(None, "The run's name in W&B / MLflow (default: the run directory's name).")
     threads: int = _f(0, "CPU threads for torch (0: torch's default, one per core).", ge=0)
     loss: Optional[str] = _f(
         None,

@@ -18,7 +18,8 @@ from ayar.data.render import Example, Renderer, stop_token_ids
 from ayar.data.sources import read_rows
 from ayar.errors import DataError
 
-_SOURCE_KEYS = ("path", "weight", "format", "columns")
+_SOURCE_KEYS = ("path", "weight", "format", "columns", "name", "split", "revision")
+_HUB_KEYS = ("name", "split", "revision")  # a hub dataset's subset, split (default train) and commit/tag
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Source:
     weight: float | None = None
     format: str = "auto"
     columns: dict | None = None
+    hub: dict | None = None  # {name, split, revision} of a hub dataset
 
 
 @dataclass
@@ -49,30 +51,37 @@ class PreparedData:
     lint: LintReport | None = None
 
 
-def parse_sources(value, fmt: str = "auto", columns: dict | None = None) -> list[Source]:
+def parse_sources(value, fmt: str = "auto", columns: dict | None = None, field: str = "data.train") -> list[Source]:
+    """`data.train` (or `data.validation` / `data.test`): a spec, a mapping, or a list of them."""
     items = value if isinstance(value, list) else [value]
     if not items:
         raise DataError("data.train is an empty list: give at least one file, folder or glob")
     out = []
     for i, item in enumerate(items):
+        where = f"{field}[{i}]" if isinstance(value, list) else field
         if isinstance(item, str):
             out.append(Source(item, None, fmt, columns or None))
             continue
         if not isinstance(item, dict) or "path" not in item:
             raise DataError(
-                f"data.train[{i}]: expected a path string or a mapping with 'path' (and optional weight, format, "
-                "columns)"
+                f"{where}: expected a path string or a mapping with 'path' (and optional weight, format, "
+                "columns; name, split, revision for a hub dataset)"
             )
-        unknown = sorted(set(item) - set(_SOURCE_KEYS))
+        unknown = sorted(set(item) - set(_SOURCE_KEYS), key=str)
         if unknown:
-            raise DataError(f"data.train[{i}]: unknown key(s) {unknown}; allowed: {', '.join(_SOURCE_KEYS)}")
+            raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(_SOURCE_KEYS)}")
         weight = item.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
-            raise DataError(f"data.train[{i}].weight must be a positive number, got {weight!r}")
+            raise DataError(f"{where}.weight must be a positive number, got {weight!r}")
         src_fmt = item.get("format", fmt)
         if src_fmt not in ("auto",) + FORMATS:
-            raise DataError(f"data.train[{i}].format {src_fmt!r} is not one of auto, {', '.join(FORMATS)}")
-        out.append(Source(str(item["path"]), weight, src_fmt, item.get("columns", columns) or None))
+            raise DataError(f"{where}.format {src_fmt!r} is not one of auto, {', '.join(FORMATS)}")
+        hub = {k: item[k] for k in _HUB_KEYS if item.get(k) is not None}
+        bad = [k for k, v in hub.items() if not isinstance(v, (str, int)) or isinstance(v, bool)]
+        if bad:
+            raise DataError(f"{where}.{bad[0]} must be a string, got {hub[bad[0]]!r}")
+        hub = {k: str(v) for k, v in hub.items()}
+        out.append(Source(str(item["path"]), weight, src_fmt, item.get("columns", columns) or None, hub or None))
     return out
 
 
@@ -81,7 +90,7 @@ def load_records(
 ) -> list[Record]:
     if isinstance(source, str):
         source = Source(source, None, fmt, columns)
-    rows = read_rows(source.path)
+    rows = read_rows(source.path, source.hub)
     if max_rows:
         rows = rows[:max_rows]
     return to_records(rows, source.format, source.columns)
@@ -102,10 +111,11 @@ def load_splits(data_cfg, seed: int = 42) -> Splits:
         val += held_val
         test += held_test
     train = mix(parts, [s.weight for s in sources], seed)
-    if data_cfg.validation:
-        val = load_records(data_cfg.validation, data_cfg.format, data_cfg.columns)
-    if data_cfg.test:
-        test = load_records(data_cfg.test, data_cfg.format, data_cfg.columns)
+    for name in ("validation", "test"):  # a file or hub split of its own, instead of rows held out of train
+        spec = getattr(data_cfg, name)
+        if spec:
+            held = [load_records(s) for s in parse_sources(spec, data_cfg.format, data_cfg.columns, f"data.{name}")]
+            val, test = (sum(held, []), test) if name == "validation" else (val, sum(held, []))
     if not train:
         raise DataError(
             "no training rows left after holding out validation/test rows; lower data.val_ratio / data.test_ratio"

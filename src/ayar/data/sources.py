@@ -32,8 +32,17 @@ class Row:
     where: str  # "path:line" (jsonl/csv/txt) or "path[index]" (json/parquet/saved datasets)
 
 
-def read_rows(spec: str) -> list[Row]:
-    """All rows of one source spec, in a stable order (files of a folder or glob sorted by path)."""
+def read_rows(spec: str, hub: dict | None = None) -> list[Row]:
+    """All rows of one source spec, in a stable order (files of a folder or glob sorted by path). `hub`:
+    `{name, split, revision}` of a hub dataset (`name` is its subset, e.g. GSM8K's `main`)."""
+    hub = {k: v for k, v in (hub or {}).items() if v is not None}
+    if hub and (spec.startswith("sample:") or Path(spec).expanduser().exists() or not _looks_like_hub_id(spec)):
+        raise DataError(
+            f"{spec}: {', '.join(sorted(hub))} only apply to hub datasets (`owner/name`); for a local file or folder "
+            "leave them out"
+        )
+    if hub:
+        return _read_hub(spec, **hub)
     if not spec:
         raise DataError("no data given: set data.train to a file, folder or glob (or sample:gsm8k)")
     if spec.startswith("sample:"):
@@ -232,18 +241,22 @@ def _looks_like_hub_id(spec: str) -> bool:
     )
 
 
-def _read_hub(name: str) -> list[Row]:
+def _read_hub(path: str, name: str | None = None, split: str = "train", revision: str | None = None) -> list[Row]:
     from ayar.hub import hub_reachable
 
+    what = f"{path}" + (f" ({name})" if name else "") + f", split {split}" + (f" at {revision}" if revision else "")
     if not hub_reachable():
         raise DataError(
-            f"{name} is not a local file or folder, and as a hub dataset it needs network, which this machine "
-            "does not have. Download it elsewhere (datasets.load_dataset(...).save_to_disk(DIR)) and pass DIR."
+            f"{what}: not a local file or folder, and as a hub dataset it needs network, which this machine "
+            "does not have. Download it where there is network "
+            "(datasets.load_dataset(...).save_to_disk(DIR), or export it to .jsonl) and pass that instead."
         )
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split="train")
+        ds = datasets.load_dataset(path, name, split=split, revision=revision)
     except Exception as e:
-        raise DataError(f"cannot load hub dataset {name!r} (train split): {e}") from None
-    return [Row(rec, f"{name}[{i}]") for i, rec in enumerate(ds)]
+        raise DataError(
+            f"cannot load hub dataset {what}: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+        ) from None
+    return [Row(rec, f"{path}[{i}]") for i, rec in enumerate(ds)]

@@ -121,7 +121,7 @@ def test_bad_file_gives_a_clear_error(name):
         ("nowhere/*.jsonl", r"no file matches the pattern nowhere/\*.jsonl"),
         (
             "someone/some-dataset",
-            r"someone/some-dataset is not a local file or folder, and as a hub dataset it needs network",
+            r"someone/some-dataset, split train: not a local file or folder, and as a hub dataset it needs network",
         ),
         ("sample:nope", r"unknown bundled sample 'nope'; available: sample:gsm8k"),
     ],

@@ -90,3 +90,61 @@ def test_split_is_seeded_and_disjoint():
     b_train, b_val = split_by_ratio(items, 0.1, seed=1)
     assert a_val == b_val and len(a_val) == 10 and not set(a_val) & set(a_train)
     assert split_by_ratio(items, 0.1, seed=2)[1] != a_val
+
+
+def test_a_hub_dataset_spec_passes_subset_split_and_revision_to_datasets(monkeypatch):
+    """No hub here: `datasets.load_dataset` is replaced by one that records its arguments."""
+    import datasets
+
+    from ayar import hub
+    from ayar.config import load_config
+    from ayar.data.dataset import load_splits
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        return datasets.Dataset.from_list([{"question": f"q{i} {split}", "answer": f"#### {i}"} for i in range(10)])
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = load_config(
+        None,
+        [
+            "data.train=[{path: openai/gsm8k, name: main, split: train, revision: e53f048}]",
+            "data.validation={path: openai/gsm8k, name: main, split: test}",
+            "data.columns={instruction: question, output: answer}",
+        ],
+    )
+    splits = load_splits(cfg.data)
+    assert calls == [("openai/gsm8k", "main", "train", "e53f048"), ("openai/gsm8k", "main", "test", None)]
+    assert len(splits.train) == len(splits.val) == 10 and splits.val[0].messages[0]["content"] == "q0 test"
+
+
+def test_a_hub_dataset_without_network_fails_at_once_naming_subset_and_split(monkeypatch):
+    import datasets
+
+    def never(*a, **k):  # what would spend minutes on connection retries
+        raise AssertionError("datasets.load_dataset was called without network")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"openai/gsm8k \(main\), split test: .*needs network.*save_to_disk") as err:
+        read_rows("openai/gsm8k", {"name": "main", "split": "test"})
+    assert "Traceback" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "item, pattern",
+    [
+        ({"path": "sample:gsm8k", "split": "test"}, r"split only apply to hub datasets"),
+        ({"path": "openai/gsm8k", "name": ["main"]}, r"data.train\[0\].name must be a string"),
+        ({"path": "openai/gsm8k", "subset": "main"}, r"unknown key\(s\) \['subset'\]; allowed: .*name, split"),
+    ],
+)
+def test_bad_hub_specs_are_data_errors(item, pattern, monkeypatch):
+    from ayar.data.dataset import load_records, parse_sources
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=pattern):
+        load_records(parse_sources([item])[0])
