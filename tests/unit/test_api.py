@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import ayar
-from ayar.errors import ConfigError
+from ayar.errors import ConfigError, DataError
 from tests.helpers import MATH_ROWS, write_jsonl
 
 
@@ -49,3 +49,29 @@ def test_train_plan_chat_evaluate_export_load(tiny_model_dir, tmp_path):
     assert again.path == run.path
     with pytest.raises(ConfigError, match="resume continues"):
         ayar.train(source, resume=run.path)
+
+
+def test_data_functions_lint_preview_clean_convert(tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "d.jsonl", [*MATH_ROWS, {"instruction": "Say hi", "output": ""}, MATH_ROWS[0]])
+    report = ayar.lint(bad, model=str(tiny_model_dir))
+    n = len(MATH_ROWS)
+    text = report.format()
+    assert len(report.errors) == 1 and f"d.jsonl:{n + 1}" in text and "empty" in text, text
+    assert len(report.warnings) == 1 and f"d.jsonl:{n + 2}: same as {bad}:1" in text, text
+
+    html = tmp_path / "p.html"
+    examples = ayar.preview(bad, n=2, model=str(tiny_model_dir), html=html)
+    assert [e.where for e in examples] == [f"{bad}:1", f"{bad}:2"] and html.is_file()
+    assert all(0 < e.n_trained < len(e.input_ids) for e in examples)
+
+    cleaned = ayar.clean(bad, out=tmp_path / "clean.jsonl", near_dup=False)
+    assert cleaned.format == "alpaca" and len(cleaned.path.read_text().splitlines()) == len(MATH_ROWS)
+    assert cleaned.report.output_rows == len(MATH_ROWS) and cleaned.report_path.is_file()
+    with pytest.raises(DataError, match="exists: pass --force"):
+        ayar.clean(bad, out=cleaned.path)
+    path = ayar.convert(cleaned.path, to="messages", out=tmp_path / "m.jsonl")
+    assert ayar.lint(path, model=str(tiny_model_dir)).errors == []
+    before = bad.read_bytes()
+    with pytest.raises(DataError, match="is an input file"):
+        ayar.convert(bad, to="messages", out=bad, force=True)
+    assert bad.read_bytes() == before

@@ -3,7 +3,7 @@
 examples:
   ayar config validate examples/quickstart.yaml lora.r=32
   ayar config validate examples/hpo.yaml hpo.trials=8
-  ayar config reference          (Markdown table of every key, as in the README)
+  ayar config reference          (Markdown table of every key, as in docs/config.md)
   ayar config import llama3_lora_sft.yaml --out mine.yaml   (a LLaMA-Factory or Axolotl YAML as ayar's)
 """
 

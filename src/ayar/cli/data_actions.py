@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -16,33 +15,28 @@ out = Console(highlight=False, soft_wrap=True)
 # --- inputs -----------------------------------------------------------------------------------------
 
 
-def _data_config(args):
-    """A DataConfig (and model name) from --config, or from the sources and flags; flags override the config."""
-    from ayar.config import TrainConfig, load_config
-    from ayar.config.schema import DataConfig
+def _api_inputs(args) -> tuple:
+    """The data inputs of `ayar data ACTION` as (source, keyword arguments) of ayar.api's data functions."""
+    if not args.config and not args.sources:
+        raise DataError("give data files (or --config with a training YAML); e.g. ayar data lint train.jsonl")
+    sources = args.sources or None
+    return sources[0] if sources and len(sources) == 1 else sources, dict(
+        config=args.config,
+        model=getattr(args, "model", None),
+        format=args.format,
+        columns=_parse_columns(args.columns) if args.columns else None,
+        validation=getattr(args, "val", None),
+        max_length=getattr(args, "max_length", None),
+        template=getattr(args, "template", None),
+    )
 
-    if args.config:
-        cfg = load_config(args.config)
-        data, model = cfg.data, cfg.model.name
-        if args.sources:
-            data.train = args.sources if len(args.sources) > 1 else args.sources[0]
-    else:
-        if not args.sources:
-            raise DataError("give data files (or --config with a training YAML); e.g. ayar data lint train.jsonl")
-        data, model = (
-            DataConfig(train=args.sources if len(args.sources) > 1 else args.sources[0], val_ratio=0.0),
-            TrainConfig().model.name,
-        )
-    if args.format:
-        data.format = args.format
-    if args.columns:
-        data.columns = _parse_columns(args.columns)
-    for flag, key in (("val", "validation"), ("max_length", "max_length"), ("template", "template")):
-        if getattr(args, flag, None) is not None:
-            setattr(data, key, getattr(args, flag))
-    if getattr(args, "model", None):
-        model = args.model
-    return data, model
+
+def _data_config(args):
+    """(DataConfig, model name) from --config and/or the sources; flags override the config."""
+    from ayar import api
+
+    source, inputs = _api_inputs(args)
+    return api.data_config(source, **inputs)
 
 
 def _parse_columns(text: str) -> dict:
@@ -61,19 +55,10 @@ def _splits(data):
     return load_splits(data)
 
 
-def _all_rows(data):
-    """Every row of the training sources, unsplit and unmixed (clean and convert keep all rows)."""
-    from ayar.data.dataset import load_records, parse_sources
-
-    return [r for src in parse_sources(data.train, data.format, data.columns) for r in load_records(src)]
-
-
 def _renderer(data, model: str):
-    from ayar.data.render import Renderer
-    from ayar.models.load import load_tokenizer, resolve_model_path
+    from ayar import api
 
-    path = resolve_model_path(model, log=lambda m: out.print(m))
-    return Renderer.from_config(load_tokenizer(path), data)
+    return api._renderer(data, model, log=lambda m: out.print(m))
 
 
 def _encode(records, renderer, data):
@@ -158,10 +143,10 @@ def stats(args) -> int:
 
 
 def lint(args) -> int:
-    from ayar.data.dataset import encode_and_lint
+    from ayar import api
 
-    data, model = _data_config(args)
-    _, _, report, _ = encode_and_lint(_splits(data), _renderer(data, model), data.cache)
+    source, inputs = _api_inputs(args)
+    report = api.lint(source, **inputs)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -170,12 +155,12 @@ def lint(args) -> int:
 
 
 def preview(args) -> int:
-    from ayar.data.preview import boundary_lines, rich_text, write_html
+    from ayar import api
+    from ayar.data.preview import boundary_lines, rich_text
 
-    data, model = _data_config(args)
-    records = _splits(data).train[args.start : args.start + args.n]
-    renderer = _renderer(data, model)
-    examples = [renderer.encode(r) for r in records]
+    source, inputs = _api_inputs(args)
+    examples = api.preview(source, n=args.n, start=args.start, html=args.html, **inputs)
+    renderer = api._renderer(*api.data_config(source, **inputs))
     for ex in examples:
         out.rule(
             f"{ex.where}  ({len(ex.input_ids)} tokens, {ex.n_trained} trained{', truncated' if ex.truncated else ''})"
@@ -185,21 +170,20 @@ def preview(args) -> int:
             out.print(line)
     out.rule()
     out.print("[bold black on green]highlighted[/]: trained tokens;  [dim]dim[/]: masked (context only)")
-    out.print(f"html: {write_html(renderer.tok, examples, args.html)}")
+    out.print(f"html: {args.html}")
     return 0
 
 
 def clean(args) -> int:
-    from ayar.data.clean import CleanOptions
-    from ayar.data.clean import clean as run_clean
-    from ayar.data.dataset import load_records
-    from ayar.data.writers import write_records
+    from ayar import api
 
-    data, _ = _data_config(args)
-    _refuse_overwrite(args, data)
-    records = _all_rows(data)
-    against = [r for f in args.against for r in load_records(f, data.format, data.columns)]
-    opts = CleanOptions(
+    source, inputs = _api_inputs(args)
+    result = api.clean(
+        source,
+        out=args.out,
+        to=args.to_format,
+        force=args.force,
+        against=args.against,
         dedup=not args.no_dedup,
         near_dup=not args.no_near_dup,
         near_threshold=args.threshold,
@@ -208,72 +192,19 @@ def clean(args) -> int:
         min_chars=args.min_chars,
         max_chars=args.max_chars,
         drop_empty=not args.keep_empty,
-        against=against,
+        **inputs,
     )
-    cleaned, report = run_clean(records, opts)
-    fmt = args.to_format or _input_format(data)
-    path = write_records(cleaned, fmt, args.out)
-    report_path = path.with_name(path.name + ".report.json")
-    report_path.write_text(
-        json.dumps({"input": data.train, "output": str(path), "format": fmt, **report.to_dict()}, indent=1)
-    )
-    out.print(report.format())
-    out.print(f"wrote {path} ({fmt}) and {report_path}")
+    out.print(result.report.format())
+    out.print(f"wrote {result.path} ({result.format}) and {result.report_path}")
     return 0
 
 
 def convert(args) -> int:
-    from ayar.data.writers import write_records
+    from ayar import api
 
     if not args.to_format:
         raise DataError("convert needs --to FORMAT (alpaca, messages, sharegpt, preference, hh, text, classification)")
-    data, _ = _data_config(args)
-    _refuse_overwrite(args, data)
-    records = _all_rows(data)
-    path = write_records(records, args.to_format, args.out)
-    out.print(f"wrote {len(records)} rows to {path} ({args.to_format})")
+    source, inputs = _api_inputs(args)
+    path = api.convert(source, to=args.to_format, out=args.out, force=args.force, **inputs)
+    out.print(f"wrote {path} ({args.to_format})")
     return 0
-
-
-def _refuse_overwrite(args, data) -> None:
-    """Inputs are never written, by any route: --out may not be an input file (a file, a folder's file, a glob's
-    match, a --config source, an --against file), nor a new file inside an input folder or matching an input
-    glob (the next read of that input would take it in). An existing output needs --force."""
-    import fnmatch
-
-    from ayar.data.dataset import parse_sources
-    from ayar.data.sources import is_glob, local_files
-
-    target = Path(args.out).expanduser().resolve()
-    specs = [src.path for src in parse_sources(data.train, data.format, data.columns)]
-    specs += [s for s in (data.validation, data.test) if s] + list(getattr(args, "against", []))
-    for spec in specs:
-        spec = str(spec)
-        if any(f.resolve() == target for f in local_files(spec)):
-            raise DataError(
-                f"--out {args.out} is an input file ({spec}); inputs are never modified: write to a new file"
-            )
-        root = Path(spec).expanduser()
-        if (root.is_dir() and target.is_relative_to(root.resolve())) or (
-            is_glob(spec)
-            and fnmatch.fnmatch(str(target), str(root.resolve()) if root.is_absolute() else str(Path.cwd() / root))
-        ):
-            raise DataError(
-                f"--out {args.out} is inside the input {spec}: the next read of it would take in the "
-                "output; write it somewhere else"
-            )
-    if target.exists() and not getattr(args, "force", False):
-        raise DataError(f"--out {args.out} exists: pass --force to replace it, or choose a new file")
-
-
-def _input_format(data) -> str:
-    """The format of the (first) input, for writing cleaned data back in kind."""
-    from ayar.data.dataset import parse_sources
-    from ayar.data.formats import detect_format, map_columns
-    from ayar.data.sources import read_rows
-
-    src = parse_sources(data.train, data.format, data.columns)[0]
-    if src.format != "auto":
-        return src.format
-    rows = read_rows(src.path)[:20]
-    return detect_format(map_columns(rows, src.columns) if src.columns else rows)
