@@ -78,22 +78,24 @@ class Plan:
         return self.memory.fits
 
 
-def configure(source=None, **overrides):
+def configure(source=None, /, *, kind=None, **overrides):
     """A validated TrainConfig from a TrainConfig, a YAML path, a dict shaped like the YAML, or None (defaults),
-    with overrides applied. Bad keys or values are one ConfigError naming each (with a did-you-mean)."""
+    with overrides applied. Bad keys or values are one ConfigError naming each (with a did-you-mean). `kind`:
+    another config class (RlaifConfig, EvalConfig) built the same way."""
     import dataclasses
 
     from ayar.config import TrainConfig, config_to_dict, load_config
     from ayar.config.loader import apply_overrides, from_dict
 
+    kind = kind or TrainConfig
     items = [f"{k.replace('__', '.')}={_yaml(v)}" for k, v in overrides.items()]
     if source is None or isinstance(source, (str, Path)):
-        return load_config(source, items)
+        return load_config(source, items, cls=kind)
     if dataclasses.is_dataclass(source):
         source = config_to_dict(source)
     if isinstance(source, dict):
-        return from_dict(TrainConfig, apply_overrides(source, items), where="dict")
-    raise TypeError(f"config: expected a TrainConfig, a YAML path or a dict, got {type(source).__name__}")
+        return from_dict(kind, apply_overrides(source, items), where="dict")
+    raise TypeError(f"config: expected a {kind.__name__}, a YAML path or a dict, got {type(source).__name__}")
 
 
 def train(source=None, /, *, resume: str | Path | None = None, **overrides) -> Run:
@@ -160,6 +162,55 @@ def create_app(source: str | Path | Run, **settings):
     from ayar.serve.settings import ServeSettings
 
     return make_app(ServeSettings(source=str(_path(source)), **settings))
+
+
+# --- RLAIF: what `ayar rlaif` does ------------------------------------------------------------------------------
+
+
+def rlaif(source=None, /, *, log=print, progress=None, **overrides) -> dict:
+    """Run the RLAIF loop as `ayar rlaif` does (synthesize -> sft -> label -> dpo, the steps `steps` names) from
+    an RlaifConfig, a YAML path or a dict; returns its state (per step: rows, skips with their reasons, the file
+    or run directory, seconds). Rerunning continues where it stopped. `progress(step, total)`: returns a
+    tick(n) callable, for a progress bar."""
+    from ayar.config import RlaifConfig
+    from ayar.rlaif.loop import run_rlaif
+
+    return run_rlaif(configure(source, kind=RlaifConfig, **overrides), log=log, progress=progress)
+
+
+def judge_agreement(
+    pairs,
+    /,
+    *,
+    judge_url: str | None = None,
+    judge_model: str = "gpt-4o-mini",
+    judge_key_env: str = "OPENAI_API_KEY",
+    judge_local: str | None = None,
+    constitution: str | None = None,
+    max_pairs: int = 0,
+    progress=None,
+) -> dict:
+    """How well a judge (an endpoint, or a local model or run) agrees with people on human-labelled preference
+    pairs, asked in both orders (`ayar rlaif agreement`): agreement, decisive agreement, position consistency,
+    tie rate, first-position rate, one row per pair."""
+    from ayar.config import JudgeConfig
+    from ayar.data.dataset import load_records
+    from ayar.errors import DataError
+    from ayar.rlaif.agreement import agreement
+    from ayar.rlaif.constitution import load_constitution
+    from ayar.rlaif.loop import make_judge
+
+    records = [r for r in load_records(str(pairs)) if r.kind == "preference"]
+    if not records:
+        raise DataError(f"{pairs}: no preference pairs (rows with prompt, chosen, rejected; or hh rows)")
+    judge = make_judge(JudgeConfig(url=judge_url, model=judge_model, key_env=judge_key_env, local=judge_local))
+    try:
+        records = records[:max_pairs] if max_pairs else records
+        tick = progress("agreement", len(records)) if progress else None
+        return agreement(records, judge, load_constitution(constitution), tick=tick)
+    finally:
+        if hasattr(judge, "close"):
+            judge.close()
 
 
 # --- data: what `ayar data lint|preview|clean|convert` do ------------------------------------------------------

@@ -24,7 +24,7 @@ LAYERS = [
     {"rundir"},
     {"infer"},
     {"training"},
-    {"eval", "exports"},
+    {"eval", "exports", "rlaif"},
     {"serve"},
     {"perf"},
     {"api"},

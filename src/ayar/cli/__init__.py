@@ -20,6 +20,10 @@ COMMANDS = {
     ),
     "compare": ("ayar.cli.compare", "Train one config with several methods (LoRA, DoRA, ...) and compare them."),
     "hpo": ("ayar.cli.hpo", "Search hyperparameters (optuna): trials as training runs, best config written out."),
+    "rlaif": (
+        "ayar.cli.rlaif",
+        "Preference data from AI feedback under a constitution, then SFT -> DPO; judge agreement with people.",
+    ),
     "data": ("ayar.cli.data", "Inspect, lint, preview, clean and convert training data."),
     "eval": ("ayar.cli.eval", "Evaluate a run against its base model (or a model alone): metrics, checks, report."),
     "export": ("ayar.cli.export", "Export a run as a merged model and verify it behaves like the run (release gate)."),
@@ -71,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"ayar {name}", description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    # a command whose options may come between its overrides (`ayar train cfg.yaml --nproc 2 lora.r=8`)
+    parse = parser.parse_intermixed_args if getattr(module, "INTERMIXED", False) else parser.parse_args
+    args = parse(argv[1:])
+    args.argv = argv[1:]  # as typed (a launcher re-runs the command in each process)
     from ayar.errors import AyarError
     from ayar.quiet import quiet_libraries
 

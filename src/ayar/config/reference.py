@@ -17,7 +17,16 @@ def config_reference(cls: type | None = None) -> str:
         hpo = [f"**`hpo:`** {doc}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         hints = typing.get_type_hints(HpoConfig)
         hpo += [_row(f, hints[f.name], "hpo.") for f in dataclasses.fields(HpoConfig)]
-        return config_reference(TrainConfig) + "\n" + "\n".join(hpo) + "\n"
+        from ayar.config.schema import RlaifConfig
+
+        rlaif = " ".join(RlaifConfig.__doc__.split())
+        return (
+            config_reference(TrainConfig)
+            + "\n"
+            + "\n".join(hpo)
+            + f"\n\n### `ayar rlaif` configs\n\n{rlaif}\n\n"
+            + config_reference(RlaifConfig)
+        )
     hints = typing.get_type_hints(cls)
     top = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
     lines = []

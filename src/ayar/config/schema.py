@@ -346,3 +346,58 @@ class HpoConfig:
         choices=("median", "none"),
     )
     seed: int = _f(42, "Sampler seed.")
+
+
+@dataclass
+class JudgeConfig:
+    """The feedback model: an OpenAI-compatible endpoint (`url`) or a local model / run directory (`local`)."""
+
+    url: Optional[str] = _f(None, "OpenAI-compatible base URL ending in /v1 (another run's `ayar serve` works).")
+    model: str = _f("gpt-4o-mini", "Model name sent to the endpoint.")
+    key_env: Optional[str] = _f("OPENAI_API_KEY", "Environment variable holding the endpoint's API key (if any).")
+    local: Optional[str] = _f(None, "A model or run directory to judge with locally, instead of an endpoint.")
+    timeout: float = _f(60.0, "Seconds to wait for one answer from the endpoint.", gt=0)
+    retries: int = _f(3, "Retries of a failed request (429, 5xx, timeout, a malformed answer), then skipped.", ge=0)
+    backoff: float = _f(1.0, "Seconds before the first retry, doubled each time.", ge=0)
+    concurrency: int = _f(4, "Requests in flight at once to the endpoint.", ge=1)
+    max_tokens: int = _f(256, "Token budget of a critique or a revision.", ge=1)
+
+
+@dataclass
+class RlaifConfig:
+    """`ayar rlaif`: preference data from AI feedback under a written constitution, then SFT and DPO. Each step
+    writes a file or a run directory under `out`; a rerun skips finished steps and finishes a half-done file."""
+
+    policy: str = _f("default", "The model being improved: `default`, a local model directory or a run directory.")
+    prompts: Union[str, dict, list] = _f(
+        "sample:hh", "Prompts (any `data.train` source): each row's conversation up to its last answer."
+    )
+    max_prompts: int = _f(0, "Use the first N prompts (0: all).", ge=0)
+    constitution: Optional[str] = _f(
+        None, "Constitution YAML (principles); default: ayar's own (harmless, helpful, ...)."
+    )
+    out: str = _f("rlaif", "Folder of the loop's files and runs.")
+    steps: list = _f(
+        ["synthesize", "sft", "label", "dpo"],
+        "Steps to run, in this order: synthesize (critique -> revision), sft (on the revisions), label (AI "
+        "preference pairs), dpo (on the pairs).",
+        choices=("synthesize", "sft", "label", "dpo"),
+    )
+    seed: int = _f(42, "Seed for principle sampling and the policy's samples.")
+    max_new_tokens: int = _f(128, "Token budget of the policy's answers.", ge=1)
+    temperature: float = _f(0.8, "Sampling temperature of the policy's two answers per prompt (label step).", gt=0)
+    top_p: float = _f(0.95, "Nucleus sampling of the policy's answers (label step).", gt=0, le=1)
+    batch_size: int = _f(8, "Prompts the policy answers together.", ge=1)
+    min_confidence: float = _f(
+        0.0, "Drop pairs whose judge confidence (from its probabilities, where known) is below this.", ge=0, le=1
+    )
+    order_rule: str = _f(
+        "strict",
+        "How the two orders' verdicts make a label: `strict` keeps a pair only when both orders pick the same "
+        "answer (a flip is a tie, dropped); `average` picks by the mean of both orders' probabilities (RLAIF's "
+        "position debiasing; needs a judge that exposes them, else strict).",
+        choices=("strict", "average"),
+    )
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "The feedback model."})
+    sft: dict = _f({}, "Training config of the sft step (as in a training YAML), e.g. `{training: {max_steps: 30}}`.")
+    dpo: dict = _f({}, "Training config of the dpo step, e.g. `{training: {max_steps: 50}, preference: {beta: 0.1}}`.")

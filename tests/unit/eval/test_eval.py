@@ -191,7 +191,7 @@ def test_judge_position_swap_removes_order_bias():
         assert (r["win_rate"], r["loss_rate"]) == (0.5, 0.5) and r["rows"][0]["winner"] == "tuned"
     finally:
         server.shutdown()
-    with pytest.raises(AyarError, match="judge endpoint http://127.0.0.1:9/v1 failed"):
+    with pytest.raises(AyarError, match="judge endpoint http://127.0.0.1:9/v1 failed on every pair"):
         pairwise(["q"], ["a"], ["b"], "http://127.0.0.1:9/v1", "judge")
 
 

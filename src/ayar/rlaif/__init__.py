@@ -1,0 +1,1 @@
+"""RLAIF and Constitutional AI: preference data from AI feedback under written principles, then SFT -> DPO."""
