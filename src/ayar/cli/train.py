@@ -8,7 +8,13 @@ examples:
   ayar train examples/quickstart.yaml --print-config
   ayar train --resume runs/quickstart-20261125-101500
   ayar train examples/dpo.yaml model.name=runs/quickstart-20261125-101500   (DPO from an SFT run)
+  ayar train examples/quickstart.yaml --nproc 2       (2 processes on this machine, through torchrun)
+  ayar train cfg.yaml --nproc 8 --nnodes 4 --node-rank 0 --rdzv-endpoint head:29500   (on each of 4 nodes)
+  torchrun --nproc_per_node 2 -m ayar train cfg.yaml   (or accelerate launch -m ayar train cfg.yaml)
 """
+
+
+INTERMIXED = True  # options may come between the overrides
 
 
 def add_arguments(p) -> None:
@@ -16,9 +22,51 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=32 training.max_steps=50")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    g = p.add_argument_group("several processes (data parallel, through torchrun)")
+    g.add_argument("--nproc", type=int, default=1, help="processes on this machine (one per GPU; gloo on CPU)")
+    g.add_argument("--nnodes", type=int, default=1, help="machines taking part (run the same command on each)")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 .. nnodes-1")
+    g.add_argument("--rdzv-endpoint", help="HOST:PORT where the machines meet (several machines)")
+
+
+def launch_command(args, argv: list[str]) -> list[str]:
+    """The torchrun command that runs this `ayar train` in `--nproc` processes (and `--nnodes` machines)."""
+    import sys
+
+    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        from ayar.errors import ConfigError
+
+        raise ConfigError("--nproc and --nnodes must be >= 1, and --node-rank between 0 and --nnodes - 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    if args.nnodes == 1:
+        cmd.append("--standalone")  # one machine: a local rendezvous on a free port
+    else:
+        if not args.rdzv_endpoint:
+            from ayar.errors import ConfigError
+
+            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+        cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", "ayar-train"]
+    skip = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"}
+    rest, it = [], iter(argv)
+    for a in it:
+        if a in skip:
+            next(it, None)
+        elif a.split("=", 1)[0] not in skip:
+            rest.append(a)
+    return cmd + ["-m", "ayar", "train", *rest]
 
 
 def run(args) -> int:
+    import os
+    import sys
+
+    if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ and not args.print_config:
+        import subprocess
+
+        cmd = launch_command(args, args.argv)
+        print("launch " + " ".join(cmd), file=sys.stderr)
+        return subprocess.call(cmd)
 
     import yaml
 

@@ -20,6 +20,8 @@ from ayar.data.render import IGNORE, Example
 from ayar.kernels import base_model, fused_decoder, varlen
 from ayar.plugins import load_callable
 from ayar.training import checkpoint as ckpt
+from ayar.training import distributed as dist
+from ayar.training.distributed import World
 from ayar.training.loss import loss_sum
 from ayar.training.optim import build_optimizer, build_scheduler
 
@@ -87,10 +89,11 @@ def length_groups(examples: list[Example], rows_per_pass: int) -> list[list[Exam
     return [ordered[i : i + rows_per_pass] for i in range(0, len(ordered), rows_per_pass)]
 
 
-def total_steps_for(n_examples: int, tcfg) -> int:
+def total_steps_for(n_examples: int, tcfg, world_size: int = 1) -> int:
+    """Optimizer steps of a run: max_steps, or epochs of global batches (batch_size x processes x grad_accum)."""
     if tcfg.max_steps > 0:
         return tcfg.max_steps
-    per_epoch = math.ceil(math.ceil(n_examples / tcfg.batch_size) / tcfg.grad_accum)
+    per_epoch = math.ceil(math.ceil(n_examples / (tcfg.batch_size * world_size)) / tcfg.grad_accum)
     return max(1, math.ceil(per_epoch * tcfg.epochs))
 
 
@@ -123,12 +126,16 @@ def run_loop(
     resume_from=None,
     callbacks: list[Callable[[LoopState], None]] = (),
     warn=print,
+    world: World | None = None,
 ) -> LoopResult:
-    """Train `model` on `train` as `plan` (training/plan.py: RunPlan with its layout) says."""
-    total = total_steps_for(len(train), tcfg)
+    """Train `model` on `train` as `plan` (training/plan.py: RunPlan with its layout) says; with several
+    processes (`world`, training/distributed.py) each reads its slice of every global micro-batch."""
+    world = world or World()
+    total = total_steps_for(len(train), tcfg, world.size)
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)
-    order = BatchOrder(len(train), tcfg.batch_size, tcfg.seed)
+    order = BatchOrder(len(train), tcfg.batch_size * world.size, tcfg.seed)
+    mine = slice(world.rank * tcfg.batch_size, (world.rank + 1) * tcfg.batch_size)
     state = LoopState()
     best_adapter = None
     if resume_from is not None:
@@ -144,13 +151,13 @@ def run_loop(
         for _ in range(tcfg.grad_accum):
             if state.micro >= order.per_epoch:
                 state.epoch, state.micro = state.epoch + 1, 0
-            examples = [train[i] for i in order.indices(state.epoch, state.micro)]
+            examples = [train[i] for i in order.indices(state.epoch, state.micro)[mine]]
             micro_batches += [
                 collate(group, pad_id, packed, share_prefix=fused) for group in length_groups(examples, per_pass)
             ]
             state.micro += 1
-        # Mean over every trained token of the optimizer step, whatever the micro-batch split.
-        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+        # Mean over every trained token of the optimizer step, whatever the micro-batch split (and the processes).
+        n_target = dist.total(world, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches))
         step_loss = 0.0
         for b in micro_batches:
             b = _to(b, device)
@@ -159,6 +166,8 @@ def run_loop(
                 (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
         trained = [p for p in model.parameters() if p.requires_grad]
+        dist.sum_gradients(world, trained)  # once per optimizer step, after the accumulation micro-steps
+        step_loss = dist.total(world, step_loss)
         if tcfg.max_grad_norm > 0:  # the norm before clipping, logged beside the loss either way
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, tcfg.max_grad_norm))
         else:
@@ -169,7 +178,7 @@ def run_loop(
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         dt = time.perf_counter() - t0
-        tokens = sum(example_tokens(b) for b in micro_batches)
+        tokens = dist.total(world, sum(example_tokens(b) for b in micro_batches))
         state.real_tokens += tokens
         state.train_seconds += dt
         record = {
@@ -181,20 +190,23 @@ def run_loop(
             "tokens_per_s": tokens / dt,
             "step_seconds": dt,
         }
-        if state.step % tcfg.logging_steps == 0 or state.step == total:
+        if world.main and (state.step % tcfg.logging_steps == 0 or state.step == total):
             on_log(record)
-        if on_progress:
+        if on_progress and world.main:
             on_progress(state, record)
 
         if val and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or state.step == total):
+            # every rank evaluates the whole validation split: the same number everywhere, the same decisions
             eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device, plan.autocast)
-            on_log({"step": state.step, "eval_loss": eval_loss})
+            if world.main:
+                on_log({"step": state.step, "eval_loss": eval_loss})
             state.last_eval, state.last_eval_step = eval_loss, state.step
             if state.best_eval is None or eval_loss < state.best_eval:
                 state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
                 if tcfg.early_stopping_patience:
                     best_adapter = _adapter_copy(model)
-                    ckpt.save_best(ckpt_root, best_adapter, state.step)
+                    if world.main:
+                        ckpt.save_best(ckpt_root, best_adapter, state.step)
             else:
                 state.bad_evals += 1
                 if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:
@@ -206,12 +218,18 @@ def run_loop(
                     )
 
         if tcfg.save_steps and state.step % tcfg.save_steps == 0 and state.step < total:
-            ckpt.save_checkpoint(
-                ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit
-            )
+            if world.main:
+                ckpt.save_checkpoint(
+                    ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit
+                )
+            dist.barrier(world)
         for cb in callbacks:
             cb(state)
-    ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit)
+    if world.main:
+        ckpt.save_checkpoint(
+            ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit
+        )
+    dist.barrier(world)
     if fused:
         fused_decoder.release(model)
     return LoopResult(state, total, best_adapter)

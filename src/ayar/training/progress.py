@@ -39,7 +39,7 @@ class TrainProgress:
         stats = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s" + (f"  {extra}" if extra else "")
         self.bar.update(self.task, completed=step, stats=stats)
         now = time.time()
-        if not self.interactive and (now - self._last_print > 10 or step == self.total):
+        if not self.interactive and not self.console.quiet and (now - self._last_print > 10 or step == self.total):
             self._last_print = now
             print(f"step {step}/{self.total}  {stats}  ETA {eta_s:.0f}s", file=sys.stderr, flush=True)
 

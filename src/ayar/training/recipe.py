@@ -16,6 +16,8 @@ from rich.console import Console
 from ayar.config import TrainConfig, config_to_dict
 from ayar.fsutil import write_atomic
 from ayar.rundir import RunDir
+from ayar.training import distributed
+from ayar.training.distributed import World
 from ayar.training.plots import plot_loss
 from ayar.training.tracking import Tracker
 
@@ -30,6 +32,7 @@ class Recipe:
     resuming: bool = False
     tracker: Tracker | None = None
     started: float = field(default_factory=time.perf_counter)
+    world: World = field(default_factory=World)  # several processes: only rank 0 writes, logs and prints
 
     @classmethod
     def open(cls, cfg: TrainConfig | None, resume: str | Path | None, console: Console | None = None) -> Recipe:
@@ -44,7 +47,8 @@ class Recipe:
         return cls(cfg or run.read_config(), console, run, resuming=True)
 
     def say(self, text: str) -> None:
-        self.console.print(text, soft_wrap=True, highlight=False)
+        if self.world.main:
+            self.console.print(text, soft_wrap=True, highlight=False)
 
     def start_over(self) -> None:
         """A resumed run with no complete checkpoint (killed before its first one): train it again from the
@@ -54,28 +58,34 @@ class Recipe:
         self.run.truncate_metrics(0)
 
     def create(self) -> RunDir:
-        """The run directory (a new one with its config.yaml; a resumed run is already there)."""
+        """The run directory (a new one with its config.yaml; a resumed run is already there). With several
+        processes rank 0 makes it and the others learn its path."""
         if self.run is None:
-            out = self.cfg.output
-            self.run = RunDir.create_at(out.path) if out.path else RunDir.create(out.dir, out.name)
-            self.run.write_config(config_to_dict(self.cfg))
+            if self.world.main:
+                out = self.cfg.output
+                self.run = RunDir.create_at(out.path) if out.path else RunDir.create(out.dir, out.name)
+                self.run.write_config(config_to_dict(self.cfg))
+            self.run = RunDir(Path(distributed.share(self.world, str(self.run.path) if self.run else None)))
         return self.run
 
     def record_start(self, tok, model_path: str, plan, trainable: int, total: int, data: dict, **extra) -> None:
         """Tokenizer and run.json for a new run (a resumed run keeps what it recorded)."""
         self.say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
-        if self.resuming:
+        if self.resuming or not self.world.main:
             return
         tok.save_pretrained(self.run.tokenizer)
         self.run.update_meta(**start_meta(self.cfg, model_path, plan, trainable, total, data), **extra)
 
     def open_tracker(self) -> Tracker:
         t = self.cfg.training
-        self.tracker = Tracker(t.tracker, self.run, config_to_dict(self.cfg), t.project, t.run_name)
+        kinds = t.tracker if self.world.main else "none"
+        self.tracker = Tracker(kinds, self.run, config_to_dict(self.cfg), t.project, t.run_name)
         return self.tracker
 
     def log(self, record: dict) -> None:
-        """One metrics record: metrics.jsonl and the tracker."""
+        """One metrics record: metrics.jsonl and the tracker (rank 0's)."""
+        if not self.world.main:
+            return
         self.run.append_metrics(record)
         self.tracker.log(record, record["step"])
 

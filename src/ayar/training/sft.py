@@ -20,6 +20,7 @@ from ayar.models.adapters import apply_method, parameter_counts, quantization_co
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
 from ayar.training import checkpoint as ckpt
+from ayar.training import distributed
 from ayar.training.allocator import tune_allocator
 from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
 from ayar.training.plan import decide
@@ -45,6 +46,9 @@ def train_sft(
 
     # --- setup: plan, model, data, passes -------------------------------------------------------------
     plan = decide(cfg)
+    r.world = world = distributed.start(plan)  # several processes (torchrun, accelerate launch): rank 0 writes
+    if not world.main:
+        r.console = Console(stderr=True, quiet=True)
     quantization = quantization_config(cfg.method, plan.placement.dtype) if plan.quantized else None
     model, tok, _, model_path = load_model_and_tokenizer(
         cfg.model, plan.placement, log=say, **({"quantization_config": quantization} if quantization else {})
@@ -54,7 +58,8 @@ def train_sft(
         + (f", {str(plan.autocast).removeprefix('torch.')} autocast" if plan.autocast is not None else "")
     )
     t0 = time.perf_counter()
-    data = prepare_data(cfg.data, tok, seed=tcfg.seed, log=say)
+    with distributed.main_first(world):  # rank 0 fills the tokenization cache, the others read it
+        data = prepare_data(cfg.data, tok, seed=tcfg.seed, log=say)
     st = data.stats
     say(
         f"data   {st['train_rows']} train rows ({st['train_tokens']:,} tokens, {st['trained_tokens']:,} trained), "
@@ -72,18 +77,23 @@ def train_sft(
         model.config.use_cache = False
     run = r.create()
     init_dir = run.path / "adapter_init"
-    if resume_from is None:
+    if resume_from is None and world.main:
         init_dir = save_initial(model, cfg.lora, init_dir)
     init_dir = init_dir if init_dir and Path(init_dir).is_dir() else None
     r.record_start(tok, model_path, plan, *parameter_counts(model), st, allocator=allocator)
     say(plan.passes_line())
-    if r.resuming:
+    if r.resuming and world.main:
         say(f"resume {resume_from.name}")
         run.truncate_metrics(start_step)
+    if world.active:
+        say(
+            f"world  {world.size} processes ({'nccl' if plan.device.startswith('cuda') else 'gloo'}), global batch "
+            f"{tcfg.batch_size} x {world.size} x {tcfg.grad_accum} accumulation"
+        )
 
     # --- fit ------------------------------------------------------------------------------------------
     r.open_tracker()
-    total_steps = total_steps_for(len(data.train), tcfg)
+    total_steps = total_steps_for(len(data.train), tcfg, world.size)
     wall = time.perf_counter()
     with TrainProgress(total_steps, start_step, r.console) as progress:
 
@@ -105,6 +115,7 @@ def train_sft(
             resume_from=resume_from,
             callbacks=callbacks,
             warn=say,
+            world=world,
         )
 
     # --- save -----------------------------------------------------------------------------------------
@@ -115,6 +126,9 @@ def train_sft(
             f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {s.best_step}, eval loss "
             f"{s.best_eval:.4f})"
         )
+    if not world.main:
+        distributed.stop(world)
+        return run
     r.save(model, tok, init_dir)
     meta = r.finish(
         _run_readme,
@@ -133,6 +147,7 @@ def train_sft(
         + (f", eval loss {meta['final_eval_loss']:.4f}" if meta["final_eval_loss"] is not None else "")
     )
     say(f"run    {run.path}   (ayar chat {run.path})")
+    distributed.stop(world)
     return run
 
 

@@ -21,6 +21,7 @@ from ayar.errors import DataError
 from ayar.models.adapters import parameter_counts
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
+from ayar.training import distributed
 from ayar.training.allocator import tune_allocator
 from ayar.training.optim import trainer_optimizer_args
 from ayar.training.plan import decide
@@ -56,6 +57,9 @@ def run_stage(
 
     # --- setup: plan, data (first: a wrong format fails before the model loads), model, trainer -------
     plan = decide(cfg)
+    r.world = world = distributed.start(plan)  # under torchrun / accelerate: the Trainer shares this group
+    if not world.main:
+        r.console = Console(stderr=True, quiet=True)
     splits = load_splits(cfg.data, seed=tcfg.seed)
     check_kinds(splits, stage)
     _lint(cfg, splits, say)
@@ -77,11 +81,13 @@ def run_stage(
         trainer.remove_callback(noisy)
     rows = {"train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test)}
     r.record_start(tok, model_path, plan, *parameter_counts(trainer.model), rows)
-    if r.resuming:
+    if r.resuming and world.main:
         say(f"resume {run.path}")
         run.truncate_metrics(_last_checkpoint_step(run))
-    elif stage.before is not None:
-        run.update_meta(before=stage.before(cfg, trainer, splits))
+    elif stage.before is not None and not r.resuming:
+        before = stage.before(cfg, trainer, splits)  # on every rank: it may evaluate through the Trainer
+        if world.main:
+            run.update_meta(before=before)
 
     # --- fit ------------------------------------------------------------------------------------------
     wall = time.perf_counter()
@@ -93,6 +99,9 @@ def run_stage(
         trainer.evaluate()
 
     # --- save -----------------------------------------------------------------------------------------
+    if not world.main:
+        distributed.stop(world)
+        return run
     r.save(trainer.model, tok)
     meta = r.finish(
         _readme,
@@ -108,6 +117,7 @@ def run_stage(
         + (f"; {summary}" if summary else "")
     )
     say(f"run    {run.path}")
+    distributed.stop(world)
     return run
 
 
@@ -162,6 +172,7 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         activation_checkpointing=False,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step
         **trainer_optimizer_args(t),
     )
 

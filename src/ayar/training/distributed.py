@@ -1,0 +1,118 @@
+"""Data-parallel training for ayar's own loop on torch.distributed, in processes started by the field's
+launchers: `torchrun -m ayar train ...`, `accelerate launch -m ayar train ...`, or `ayar train --nproc N`
+(which runs torchrun). Backend: nccl on CUDA, gloo on CPU.
+
+Each rank reads its own slice of every global micro-batch (training/loop.py BatchOrder), so the global batch is
+`batch_size` x processes x `grad_accum`. The loss of a step is the mean over every trained token of the global
+batch: ranks add their trained-token counts first, each divides its sum by that total, and the adapter's
+gradients are summed across ranks once per optimizer step, after the accumulation micro-steps (no sync on
+those). That is the gradient one process gets from the whole batch, so N processes train the same model as one
+(tested on gloo). Why not DDP's wrapper: its reducer needs the loss to come out of the wrapped module's
+forward, and the fused CPU path computes the loss outside it; the gradients of a LoRA adapter are a few MB,
+all-reduced here as one flat tensor, the collective DDP would issue.
+
+Only rank 0 writes the run directory, logs, trackers and checkpoints; the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class World:
+    size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def start(plan) -> World:
+    """The process group for a plan made under a launcher (plan.world_size > 1); nothing in a plain process."""
+    world = World(plan.world_size, plan.rank, int(os.environ.get("LOCAL_RANK", "0")))
+    if not world.active:
+        return world
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if plan.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend=backend)
+    return world
+
+
+def stop(world: World) -> None:
+    if world.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def total(world: World, value: float) -> float:
+    """`value` summed over the ranks."""
+    if not world.active:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def sum_gradients(world: World, params: list) -> None:
+    """Each trained parameter's gradient summed across ranks (one flat all-reduce per optimizer step)."""
+    if not world.active:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def share(world: World, value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if not world.active:
+        return value
+    import torch.distributed as dist
+
+    box = [value if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World):
+    """Rank 0 runs the block first (e.g. tokenization that fills the shared cache), then the others."""
+    if world.active and not world.main:
+        barrier(world)
+    yield
+    if world.active and world.main:
+        barrier(world)

@@ -1,0 +1,163 @@
+"""Data-parallel training on torch.distributed (gloo, 2 processes on this machine, started by torchrun through
+`ayar train --nproc 2`): the same losses and the same adapter as one process with the same global batch; only
+rank 0 writes the run directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import MATH_ROWS, write_jsonl
+
+
+def _train(args, cwd, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(cwd / "home"), **(env_extra or {})}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "ayar", "train", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
+    common = [
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        f"data.train={data}",
+        "data.val_ratio=0",
+        "data.lint=warn",
+        "training.max_steps=3",
+        "training.warmup_ratio=0",
+        "training.learning_rate=0.02",
+        "training.tracker=none",
+        "training.threads=1",
+        "lora.dropout=0",  # dropout masks depend on how rows are grouped into passes
+    ]
+    one = _train([*common, "training.batch_size=4", f"output.path={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _train([*common, "training.batch_size=2", f"output.path={tmp_path / 'two'}", "--nproc", "2"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "torch.distributed.run" in two.stderr and "world  2 processes (gloo)" in two.stderr
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3 and a[-1] < a[0]
+    assert all(abs(x - y) < 1e-4 for x, y in zip(a, b)), (a, b)
+    wa = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+    meta = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["plan"]["world_size"] == 2
+    # one metrics line per step (rank 0 only), one run directory
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == len(
+        (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    )
+
+
+def test_the_launch_command_is_torchruns():
+    from argparse import Namespace
+
+    from ayar.cli.train import launch_command
+
+    args = Namespace(nproc=8, nnodes=4, node_rank=1, rdzv_endpoint="head:29500")
+    cmd = launch_command(args, ["cfg.yaml", "--nproc", "8", "--nnodes=4", "--node-rank", "1", "lora.r=8",
+                                "--rdzv-endpoint", "head:29500"])  # fmt: skip
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"] and "--standalone" not in cmd
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "head:29500" and cmd[cmd.index("--node-rank") + 1] == "1"
+    assert cmd[-5:] == ["-m", "ayar", "train", "cfg.yaml", "lora.r=8"]
+    import pytest
+
+    from ayar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --rdzv-endpoint"):
+        launch_command(Namespace(nproc=2, nnodes=2, node_rank=0, rdzv_endpoint=None), [])
+
+
+def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path):
+    """DPO on transformers' Trainer in 2 processes (it wraps the model in DDP itself): one run directory,
+    written by rank 0 alone, with its adapter."""
+    from tests.unit.training.test_stages import PAIRS
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
+    args = [
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        f"data.train={data}",
+        "stage=dpo",
+        "data.val_ratio=0.25",
+        "training.max_steps=2",
+        "training.batch_size=2",
+        "training.tracker=none",
+        f"output.path={tmp_path / 'dpo'}",
+        "--nproc",
+        "2",
+    ]
+    done = _train(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("done   2 steps") == 1  # rank 1 prints nothing
+    steps = [json.loads(line)["step"] for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(1) <= 1  # one writer: no line twice
+    assert (tmp_path / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "dpo" / "run.json").read_text())["status"] == "completed"
+
+
+def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
+    """`--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT` on each of two "machines" (two commands on
+    127.0.0.1, one process each): they train as one run of world size 2."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home")}
+    env.pop("WORLD_SIZE", None)
+    common = [
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        f"data.train={data}",
+        "data.val_ratio=0",
+        "data.lint=warn",
+        "training.max_steps=2",
+        "training.batch_size=2",
+        "training.tracker=none",
+        "training.threads=1",
+        "--nnodes",
+        "2",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+    ]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ayar",
+                "train",
+                *common,
+                f"output.path={tmp_path / f'node{rank}'}",
+                "--node-rank",
+                str(rank),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    # the run is written by global rank 0 alone (each machine was given its own output.path)
+    written = [(tmp_path / f"node{r}" / "run.json").is_file() for r in (0, 1)]
+    assert sorted(written) == [False, True]
+    meta = json.loads((tmp_path / f"node{written.index(True)}" / "run.json").read_text())
+    assert meta["plan"]["world_size"] == 2 and meta["status"] == "completed"
