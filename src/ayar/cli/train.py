@@ -13,7 +13,6 @@ examples:
   torchrun --nproc_per_node 2 -m ayar train cfg.yaml   (or accelerate launch -m ayar train cfg.yaml)
 """
 
-
 INTERMIXED = True  # options may come between the overrides
 
 
