@@ -1,6 +1,6 @@
 """Data-parallel training for ayar's own loop on torch.distributed, in processes started by the field's
-launchers: `torchrun -m ayar train ...`, `accelerate launch -m ayar train ...`, or `ayar train --nproc N`
-(which runs torchrun). Backend: nccl on CUDA, gloo on CPU.
+launchers: `torchrun -m ayar train ...`, `accelerate launch --multi_gpu -m ayar train ...` (GPUs; it runs
+torchrun), or `ayar train --nproc N` (which runs torchrun). Backend: nccl on CUDA, gloo on CPU.
 
 Each rank reads its own slice of every global micro-batch (training/loop.py BatchOrder), so the global batch is
 `batch_size` x processes x `grad_accum`. The loss of a step is the mean over every trained token of the global
