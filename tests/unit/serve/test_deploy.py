@@ -70,3 +70,79 @@ def test_compose_and_prometheus_scrape_the_server_with_a_key():
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"][0]
     assert prom["metrics_path"] == "/metrics" and prom["authorization"]["type"] == "Bearer"
     assert prom["static_configs"][0]["targets"] == ["ayar:8000"] and "8000:8000" in ayar["ports"]
+
+
+# --- multi-node training: Kubernetes indexed Job + headless Service, Slurm --------------------------------
+
+
+def _render(*args):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(DEPLOY / "train" / "render_job.py"), *args], capture_output=True, text=True, check=True
+    ).stdout
+    return list(yaml.safe_load_all(out))
+
+
+@pytest.mark.parametrize("gpus", [8, 0])
+def test_the_training_job_is_valid_and_its_pods_meet_at_pod_0(gpus):
+    import kubernetes_validate as kv
+
+    from ayar.cli import train
+    from ayar.cli.train import launch_command
+
+    service, job = _render("--image", "r/ayar:1", "--nodes", "4", "--gpus-per-node", str(gpus), "--config", "/w/c.yaml")
+    for doc in (service, job):
+        kv.validate(doc, K8S_VERSION, strict=True)
+    pod = job["spec"]["template"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 4
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == pod["metadata"]["labels"]
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    container = pod["spec"]["containers"][0]
+    assert container["resources"].get("limits", {}).get("nvidia.com/gpu") == (gpus or None)
+    # the arguments are ones `ayar train` accepts once Kubernetes fills in the pod's index, and they start
+    # torchrun with this pod as node 2 of 4, meeting at pod 0 through the headless Service
+    argv = [a.replace("$(JOB_COMPLETION_INDEX)", "2") for a in container["args"]]
+    assert container["command"] == ["ayar"] and argv[0] == "train"
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_intermixed_args(argv[1:])
+    cmd = launch_command(args, argv[1:])
+    name = job["metadata"]["name"]
+    assert cmd[cmd.index("--nnodes") + 1] == "4" and cmd[cmd.index("--node-rank") + 1] == "2"
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == f"{name}-0.{name}:29500"
+    assert cmd[cmd.index("--nproc-per-node") + 1] == str(max(gpus, 1)) and cmd[-4:] == [
+        "-m",
+        "ayar",
+        "train",
+        "/w/c.yaml",
+    ]
+
+
+def test_the_committed_job_example_is_the_scripts_output():
+    args = ["--image", "registry.example.com/ayar:0.1.0", "--nodes", "4", "--gpus-per-node", "8"]
+    args += ["--config", "/work/configs/qwen-sft.yaml", "--name", "qwen-sft"]
+    assert _render(*args) == list(yaml.safe_load_all((DEPLOY / "train" / "job-example.yaml").read_text()))
+
+
+def test_the_slurm_scripts_torchrun_line_parses():
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    text = (DEPLOY / "train" / "slurm.sbatch").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("srun torchrun "))
+    env = {"SLURM_NNODES": "4", "GPUS_PER_NODE": "8", "HEAD": "node001", "SLURM_JOB_ID": "77", "CONFIG": "c.yaml"}
+    words = [
+        re.sub(r"\$(\w+)", lambda m: env[m.group(1)], w) for w in shlex.split(line)[2:] if w != '"$@"' and w != "$@"
+    ]
+    args = get_args_parser().parse_args(words)
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == (
+        "4",
+        "8",
+        "c10d",
+        "node001:29500",
+    )
+    assert args.module and args.training_script == "ayar" and args.training_script_args == ["train", "c.yaml"]
+    assert "#SBATCH --ntasks-per-node=1" in text  # one torchrun per node
