@@ -17,6 +17,7 @@ import torch
 
 from ayar.data.collate import collate
 from ayar.data.render import IGNORE, Example
+from ayar.errors import AyarError
 from ayar.kernels import base_model, fused_decoder, varlen
 from ayar.plugins import load_callable
 from ayar.training import checkpoint as ckpt
@@ -39,6 +40,7 @@ class LoopState:
     stopped_early: bool = False
     real_tokens: int = 0
     train_seconds: float = 0.0
+    world_size: int = 1  # the processes `micro` was counted with (a global micro-batch is batch_size x this)
 
 
 @dataclass
@@ -136,10 +138,11 @@ def run_loop(
     scheduler = build_scheduler(optimizer, tcfg, total)
     order = BatchOrder(len(train), tcfg.batch_size * world.size, tcfg.seed)
     mine = slice(world.rank * tcfg.batch_size, (world.rank + 1) * tcfg.batch_size)
-    state = LoopState()
+    state = LoopState(world_size=world.size)
     best_adapter = None
     if resume_from is not None:
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
+        state = continue_with(state, tcfg.batch_size, world.size)
         if tcfg.early_stopping_patience:
             best_adapter = ckpt.load_best(ckpt_root, state.best_step)
     device, packed, fused, per_pass = plan.device, plan.layout.packed, plan.layout.fused, plan.layout.per_pass
@@ -233,6 +236,23 @@ def run_loop(
     if fused:
         fused_decoder.release(model)
     return LoopResult(state, total, best_adapter)
+
+
+def continue_with(state: LoopState, batch_size: int, world_size: int) -> LoopState:
+    """A checkpoint's position in its epoch, for a resume with another number of processes: the same examples
+    are done, now counted in global micro-batches of batch_size x world_size (the epoch's order is the same)."""
+    if state.world_size == world_size:
+        return state
+    done = state.micro * batch_size * state.world_size
+    per_micro = batch_size * world_size
+    if done % per_micro:
+        raise AyarError(
+            f"this run's checkpoint is {done} examples into epoch {state.epoch}, which {world_size} processes of "
+            f"{batch_size} rows (global micro-batches of {per_micro}) cannot continue from exactly; resume with "
+            f"{state.world_size} processes, or a number whose global micro-batch divides {done}"
+        )
+    state.micro, state.world_size = done // per_micro, world_size
+    return state
 
 
 def example_tokens(batch: dict) -> int:

@@ -161,3 +161,53 @@ def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
     assert sorted(written) == [False, True]
     meta = json.loads((tmp_path / f"node{written.index(True)}" / "run.json").read_text())
     assert meta["plan"]["world_size"] == 2 and meta["status"] == "completed"
+
+
+def test_a_run_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
+    """DDP resumes with another number of processes: the checkpoint's position in the epoch (in global
+    micro-batches of 2 x 2 rows) is continued in micro-batches of 2 rows: no example skipped or repeated."""
+    import shutil
+
+    rows = MATH_ROWS * 2
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    run = tmp_path / "run"
+    args = [
+        f"model.name={tiny_model_dir}",
+        "model.dtype=float32",
+        f"data.train={data}",
+        "data.val_ratio=0",
+        "data.lint=warn",
+        "training.max_steps=2",
+        "training.save_steps=1",
+        "training.batch_size=2",
+        "training.tracker=none",
+        f"output.path={run}",
+        "--nproc",
+        "2",
+    ]
+    assert _train(args, tmp_path).returncode == 0
+    # as if killed after step 1: its checkpoint is the latest, the run unfinished
+    shutil.rmtree(run / "checkpoints" / "checkpoint-0000002")
+    shutil.rmtree(run / "adapter")
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    resumed = _train(["--resume", str(run)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert [r["step"] for r in records] == [1, 2]
+    # step 1 took rows 0-3 of the epoch's order (2 processes x 2); step 2 takes rows 4-5: 6 rows into the epoch
+    assert abs(records[1]["epoch"] - 6 / len(rows)) < 1e-4, records
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_position_another_world_cannot_continue_exactly_is_a_clear_error():
+    import pytest
+
+    from ayar.errors import AyarError
+    from ayar.training.loop import LoopState, continue_with
+
+    state = continue_with(LoopState(micro=4, world_size=2), 2, 4)  # 16 rows done: 2 global micro-batches of 8
+    assert (state.micro, state.world_size) == (2, 4)
+    assert continue_with(LoopState(micro=3, world_size=1), 2, 1).micro == 3  # the same world: unchanged
+    with pytest.raises(AyarError, match="6 examples into epoch 0, which 2 processes of 2 rows .* cannot continue"):
+        continue_with(LoopState(micro=3, world_size=1), 2, 2)
