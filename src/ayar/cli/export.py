@@ -5,6 +5,7 @@ examples:
   ayar export runs/quickstart-20261125-101500 --dtype bf16 --out models/quickstart
   ayar export runs/quickstart-20261125-101500 --to onnx --quant int8    ONNX Runtime GenAI model in RUN/export/onnx-int8
   ayar export runs/quickstart-20261125-101500 --to gguf --quant q8_0    GGUF + Ollama Modelfile in RUN/export/gguf-q8_0
+  ayar export runs/quickstart-20261125-101500 --to vllm                 adapter + launch.sh + k8s/ for vLLM on a GPU box
   ayar export runs/quickstart-20261125-101500 --no-verify
 
 The gate loads the export in its own runtime (transformers, onnxruntime-genai, llama.cpp), renders fixed prompts
@@ -22,10 +23,11 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--to",
         default="merged",
-        choices=("merged", "onnx", "gguf"),
+        choices=("merged", "onnx", "gguf", "vllm"),
         help="merged: transformers safetensors; onnx: ONNX Runtime GenAI with KV cache; "
-        "gguf: llama.cpp / Ollama (with a Modelfile)",
+        "gguf: llama.cpp / Ollama (with a Modelfile); vllm: a folder vLLM serves on a GPU box (--kind lora|merged)",
     )
+    p.add_argument("--kind", choices=("lora", "merged"), help="vllm: the adapter on its base (default) or merged")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype of a merged export")
     p.add_argument(
         "--quant",
@@ -54,7 +56,7 @@ def run(args) -> int:
     from ayar.api import export
 
     console = Console(stderr=True, highlight=False)
-    kind = args.dtype if args.to == "merged" else args.quant
+    kind = {"merged": args.dtype, "vllm": args.kind}.get(args.to, args.quant)
     result = export(
         args.run,
         to=args.to,

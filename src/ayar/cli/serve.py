@@ -4,7 +4,7 @@ examples:
   ayar serve runs/quickstart-20261125-101500
   ayar serve default --adapter math=runs/math-1 --adapter chat=runs/chat-2 --port 8080
   ayar serve runs/v2 --api-keys keys.txt --rate-limit 60 --alias assistant=v1:0.9,v2:0.1 --adapter v1=runs/v1
-  ayar serve runs/v2 --engine vllm          (print the equivalent vLLM command for a GPU box)
+  ayar serve runs/v2 --engine vllm          (run vLLM on the same base + adapters; without vLLM: print the command)
 
 Clients: any OpenAI client with base_url http://HOST:PORT/v1; `model` is `base`, the run's name or an
 adapter name (GET /v1/models lists them). API keys: --api-keys FILE (one per line, raw or sha256:<hex>)
@@ -54,7 +54,8 @@ def add_arguments(p) -> None:
         "--engine",
         choices=("ayar", "vllm"),
         default="ayar",
-        help="vllm: print the equivalent vLLM command (same adapters) for GPU scale-out, and exit",
+        help="vllm: run vLLM's server on the same base and adapters where it is installed (a GPU box); "
+        "elsewhere print the command and say what is missing",
     )
 
 
@@ -66,8 +67,7 @@ def run(args) -> int:
 
     settings = settings_from_args(args)
     if args.engine == "vllm":
-        print(vllm_command(settings))
-        return 0
+        return serve_with_vllm(settings)
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise AyarError("ayar serve needs the serve extra: pip install -e '.[serve]'")
     import uvicorn
@@ -119,6 +119,40 @@ def settings_from_args(args):
         history_turns=args.history_turns,
         aliases=aliases,
     )
+
+
+def serve_with_vllm(settings) -> int:
+    """Run vLLM's server on the same base and adapters where vLLM is installed; elsewhere say what is missing
+    and print the command for a GPU box."""
+    import importlib.util
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    command = vllm_command(settings)
+    if importlib.util.find_spec("vllm") is None or shutil.which("vllm") is None:
+        print(command)
+        print(
+            "vLLM is not installed here (it serves on NVIDIA GPUs: `pip install vllm` on a GPU box, then run the "
+            "command above; `ayar export RUN --to vllm` writes a folder with it, a launch script and Kubernetes "
+            "manifests)",
+            file=sys.stderr,
+        )
+        return 2
+    import os
+
+    argv, env = shlex.split(command), dict(os.environ)
+    if "--api-key" in argv:  # vLLM reads VLLM_API_KEY itself; a hashed key cannot be handed on
+        i = argv.index("--api-key")
+        del argv[i : i + 2]
+        plain = [k for k in settings.api_keys if not k.startswith("sha256:")]
+        if "VLLM_API_KEY" not in env and not plain:
+            print("the API keys are stored hashed: set VLLM_API_KEY for vLLM", file=sys.stderr)
+            return 2
+        env.setdefault("VLLM_API_KEY", plain[0] if plain else "")
+    print(f"launch {' '.join(argv)}", file=sys.stderr)
+    return subprocess.call(argv, env=env)
 
 
 def vllm_command(settings) -> str:

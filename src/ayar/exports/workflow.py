@@ -37,6 +37,18 @@ def _gguf(run_dir, out, kind, log, force=False):
     return export_gguf(run_dir, out, kind, log=log, force=force)
 
 
+def _vllm(run_dir, out, kind, log, force=False):
+    from ayar.exports.vllm import export_vllm
+
+    return export_vllm(run_dir, out, kind, log=log, force=force)
+
+
+def _load_vllm(path):
+    from ayar.exports.vllm import VllmArtifact
+
+    return VllmArtifact(path)
+
+
 def _load_merged(path):
     from ayar.exports.gate import MergedArtifact
 
@@ -59,6 +71,8 @@ FORMATS = {
     "merged": Format("fp32", ("fp32", "bf16", "fp16"), _merged, _load_merged),
     "onnx": Format("int8", ("fp32", "int8", "int4"), _onnx, _load_onnx),
     "gguf": Format("q8_0", ("f16", "q8_0", "q4_k_m", "q4_0"), _gguf, _load_gguf),
+    # for a GPU box: the adapter (or the merged model) with a launch script and Kubernetes manifests
+    "vllm": Format("lora", ("lora", "merged"), _vllm, _load_vllm),
 }
 
 
@@ -88,7 +102,7 @@ def export_run(
     log=print,
     force: bool = False,
 ) -> Export:
-    """Write RUN as `to` (merged, onnx, gguf) in `kind` (a dtype or quantization; default per format) to `out`
+    """Write RUN as `to` (merged, onnx, gguf, vllm) in `kind` (a dtype or quantization; default per format) to `out`
     (default RUN/export/TO-KIND), then, with `verify`, run the release gate on it. `out` must be new or empty;
     with `force` it may also hold an earlier export of ayar's, which is replaced (never anything else)."""
     from ayar.errors import AyarError
