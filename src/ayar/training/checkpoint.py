@@ -18,13 +18,16 @@ from ayar.fsutil import atomic_directory
 PREFIX = "checkpoint-"
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(
+    ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, rng: list | None = None
+) -> Path:
+    """`rng`: every process's random state (training/distributed.py gathers them), so each resumes its own."""
     final = ckpt_root / f"{PREFIX}{step:07d}"
     with atomic_directory(final, fsync=True) as tmp:  # fsync: data on disk before the rename makes it visible
         save_file(trained_state(model), tmp / "adapter.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save({"ranks": rng} if rng else rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state))
     _prune(ckpt_root, keep)
     return final
@@ -44,11 +47,14 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix(PREFIX))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
     load_trained_state(model, load_file(path / "adapter.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    if "ranks" in rng:  # each process its own state; with another number of processes, rank 0's for all
+        rng = rng["ranks"][rank] if len(rng["ranks"]) == world_size else rng["ranks"][0]
+    _set_rng_state(rng)
     return json.loads((path / "state.json").read_text())
 
 
@@ -108,7 +114,7 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     # Training draws randomness only from torch (dropout); the data order is derived from the seed.
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -101,6 +101,17 @@ def share(world: World, value):
     return box[0]
 
 
+def gather(world: World, value) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if not world.active:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(world: World) -> None:
     if world.active:
         import torch.distributed as dist

@@ -141,7 +141,7 @@ def run_loop(
     state = LoopState(world_size=world.size)
     best_adapter = None
     if resume_from is not None:
-        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
+        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, world.rank, world.size))
         state = continue_with(state, tcfg.batch_size, world.size)
         if tcfg.early_stopping_patience:
             best_adapter = ckpt.load_best(ckpt_root, state.best_step)
@@ -221,18 +221,10 @@ def run_loop(
                     )
 
         if tcfg.save_steps and state.step % tcfg.save_steps == 0 and state.step < total:
-            if world.main:
-                ckpt.save_checkpoint(
-                    ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit
-                )
-            dist.barrier(world)
+            _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit)
         for cb in callbacks:
             cb(state)
-    if world.main:
-        ckpt.save_checkpoint(
-            ckpt_root, state.step, model, optimizer, scheduler, _state_dict(state), tcfg.save_total_limit
-        )
-    dist.barrier(world)
+    _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit)
     if fused:
         fused_decoder.release(model)
     return LoopResult(state, total, best_adapter)
@@ -260,6 +252,14 @@ def example_tokens(batch: dict) -> int:
     if "example_tokens" in batch:
         return int(batch["example_tokens"])
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def _checkpoint(world: World, root, state: LoopState, model, optimizer, scheduler, keep: int) -> None:
+    """Rank 0 writes the checkpoint, with every rank's random state (each resumes its own dropout stream)."""
+    rng = dist.gather(world, ckpt.rng_state()) if world.active else None
+    if world.main:
+        ckpt.save_checkpoint(root, state.step, model, optimizer, scheduler, _state_dict(state), keep, rng)
+    dist.barrier(world)
 
 
 def _state_dict(state: LoopState) -> dict:

@@ -232,3 +232,43 @@ def test_a_position_another_world_cannot_continue_exactly_is_a_clear_error():
     assert continue_with(LoopState(micro=3, world_size=1), 2, 1).micro == 3  # the same world: unchanged
     with pytest.raises(AyarError, match="6 examples into epoch 0, which 2 processes of 2 rows .* cannot continue"):
         continue_with(LoopState(micro=3, world_size=1), 2, 2)
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_one(tiny_model_dir, tmp_path):
+    """SIGKILL to the whole process group (torchrun and both workers) part-way, then `--resume --nproc 2`: the
+    same per-step losses and adapter as the run that was never interrupted (dropout on: each rank resumes its
+    own random stream)."""
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 3)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home")}
+    env.pop("WORLD_SIZE", None)
+
+    def start(out):
+        args = [f"model.name={tiny_model_dir}", f"data.train={data}", "model.dtype=float32", "data.val_ratio=0",
+                "data.lint=warn", "data.cache=false", "training.max_steps=12", "training.save_steps=1",
+                "training.batch_size=2", "training.warmup_ratio=0", "training.tracker=none", "training.threads=1",
+                f"output.path={out}", "--nproc", "2"]  # fmt: skip
+        cmd = [sys.executable, "-m", "ayar", "train", *args]
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, **quiet)
+
+    ref = start(tmp_path / "ref")
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
+    run = tmp_path / "killed"
+    proc = start(run)
+    for _ in range(6000):  # bounded: 2 minutes; kill once step 3's checkpoint is complete
+        done = [p for p in (run / "checkpoints").glob("checkpoint-*") if (p / "state.json").is_file()]
+        if max((int(p.name.split("-")[1]) for p in done), default=0) >= 3 or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run / "run.json").read_text())["status"] == "running"  # killed part-way
+    resumed = _train(["--resume", str(run), "--nproc", "2"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(run) == losses(tmp_path / "ref")
+    wa = load_file(run / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
