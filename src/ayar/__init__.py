@@ -15,7 +15,7 @@ for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
 # functions are `ayar.lint`, `ayar.preview`, `ayar.clean`, `ayar.convert`)
 _API = {
     "Run", "Plan", "Cleaned", "configure", "create_app", "evaluate", "export", "load", "plan", "train",
-    "lint", "preview", "clean", "convert", "data_config", "rlaif", "judge_agreement",
+    "lint", "preview", "clean", "convert", "rlaif", "judge_agreement",
 }  # fmt: skip
 __all__ = ["__version__", *sorted(_API)]
 

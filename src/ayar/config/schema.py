@@ -221,7 +221,8 @@ class GrpoConfig:
         ["gsm8k_answer", "format"],
         "Reward functions, summed: built-ins `gsm8k_answer` (the number after "
         "`####` or the last number equals the reference), `format` (the answer ends with `#### <number>`), "
-        "`length` (penalty for answers over `target_length` tokens), or `module:function` / `file.py:function` "
+        "`length` (penalty for answers over `target_length` tokens), `model:RUN_DIR` (an ayar reward model's score: "
+        "a learned reward model in the loop), or `module:function` / `file.py:function` "
         "called as TRL reward functions fn(completions, **columns) -> list[float].",
     )
     num_generations: int = _f(4, "Answers sampled per prompt (the group whose rewards are compared).", ge=2)
@@ -380,8 +381,9 @@ class RlaifConfig:
     steps: list = _f(
         ["synthesize", "sft", "label", "dpo"],
         "Steps to run, in this order: synthesize (critique -> revision), sft (on the revisions), label (AI "
-        "preference pairs), dpo (on the pairs).",
-        choices=("synthesize", "sft", "label", "dpo"),
+        "preference pairs), dpo (on the pairs); or, instead of dpo, reward (a reward model on the pairs) and grpo "
+        "(the policy trained with that reward model's score as its reward).",
+        choices=("synthesize", "sft", "label", "dpo", "reward", "grpo"),
     )
     seed: int = _f(42, "Seed for principle sampling and the policy's samples.")
     max_new_tokens: int = _f(128, "Token budget of the policy's answers.", ge=1)
@@ -401,3 +403,7 @@ class RlaifConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "The feedback model."})
     sft: dict = _f({}, "Training config of the sft step (as in a training YAML), e.g. `{training: {max_steps: 30}}`.")
     dpo: dict = _f({}, "Training config of the dpo step, e.g. `{training: {max_steps: 50}, preference: {beta: 0.1}}`.")
+    reward: dict = _f({}, "Training config of the reward step (a reward model on the pairs, from `policy`).")
+    grpo: dict = _f(
+        {}, "Training config of the grpo step, e.g. `{grpo: {num_generations: 4}, training: {max_steps: 30}}`."
+    )

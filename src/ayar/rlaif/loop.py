@@ -6,6 +6,7 @@
     out/sft/                  sft: a run directory (ayar train), the policy for the label step
     out/pairs.jsonl           label: preference pairs with provenance (ayar data lint and stage: dpo take them)
     out/dpo/                  dpo: a run directory, chained from out/sft
+    out/reward/, out/grpo/    or instead: a reward model on the pairs, then GRPO with its score as the reward
     out/state.json            which steps finished, rows and skips per step
 
 A rerun skips finished steps, finishes a half-done file from where it stopped, and resumes a half-done run.
@@ -25,7 +26,7 @@ from ayar.rlaif.constitution import load_constitution
 from ayar.rlaif.rowlog import RowLog
 from ayar.rlaif.steps import Settings, label, synthesize
 
-ORDER = ("synthesize", "sft", "label", "dpo")
+ORDER = ("synthesize", "sft", "label", "dpo", "reward", "grpo")
 # what shaped finished work: a rerun with other values would mix two loops in one folder
 BINDING = (
     "policy", "prompts", "max_prompts", "constitution", "seed", "max_new_tokens", "temperature", "top_p", "order_rule",
@@ -149,7 +150,8 @@ def _write_sft_data(rows: RowLog, path: Path) -> Path:
 
 
 def _train(cfg: RlaifConfig, step: str, out: Path, log) -> Path:
-    """The sft or dpo step as an ordinary training run at out/<step> (resumed when a kill left it half done)."""
+    """A training step as an ordinary run at out/<step> (resumed when a kill left it half done): sft on the
+    revisions; dpo, or reward then grpo (with that reward model's score as the reward), on the pairs."""
     from ayar.config.loader import from_dict
     from ayar.config.schema import TrainConfig
     from ayar.rundir import RunDir
@@ -168,17 +170,23 @@ def _train(cfg: RlaifConfig, step: str, out: Path, log) -> Path:
     taken = [
         f"{step}.{k}" for k in ("model.name", "data.train", "output.path") if k.split(".")[1] in raw[k.split(".")[0]]
     ]
-    if taken or raw.get("stage") not in (None, step if step == "dpo" else "sft"):
+    if step == "grpo" and not (out / "reward" / "adapter").is_dir():
+        raise AyarError(f"rlaif grpo: {out / 'reward'} has no reward model yet: run the reward step first")
+    if taken or raw.get("stage") not in (None, step):
         raise ConfigError(
             f"{', '.join(taken) or step + '.stage'}: set by the rlaif loop (policy, its data, out/{step}); leave it out"
         )
     data = out / ("sft.jsonl" if step == "sft" else "pairs.jsonl")
     if not data.is_file():
         raise AyarError(f"rlaif {step}: {data} does not exist yet: run the step that writes it first")
-    raw["model"]["name"] = cfg.policy if step == "sft" else _policy(cfg, out)
+    # the reward model starts from the given policy (a scorer, not a chained policy)
+    raw["model"]["name"] = cfg.policy if step in ("sft", "reward") else _policy(cfg, out)
     raw["data"]["train"] = str(data)
     raw["output"]["path"] = str(run_dir)
-    raw["stage"] = "sft" if step == "sft" else "dpo"
+    raw["stage"] = step
+    if step == "grpo":
+        g = raw.setdefault("grpo", {})
+        g["rewards"] = [*(g.get("rewards") or []), f"model:{out / 'reward'}"]  # with any the config names
     return train(from_dict(TrainConfig, raw, where=f"rlaif {step} settings")).path
 
 

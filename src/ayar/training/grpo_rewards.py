@@ -45,6 +45,53 @@ def length_penalty(target: int):
     return length
 
 
+def model_reward(run_dir: str):
+    """`model:RUN_DIR`: an ayar reward model (a `stage: reward` run) scores each prompt + answer, rendered with
+    its chat template as its training rendered pairs; its scalar score is the reward (a learned reward model in
+    the loop, e.g. one trained on AI-labelled pairs by `ayar rlaif`)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ayar.errors import ConfigError
+
+    run = Path(run_dir)
+    meta_file, adapter = run / "run.json", run / "adapter"
+    if not meta_file.is_file() or not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"grpo.rewards: model:{run_dir} is not a finished ayar run directory (run.json, adapter/)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("stage") != "reward":
+        raise ConfigError(f"grpo.rewards: model:{run_dir} is a `stage: {meta.get('stage')}` run, not a reward model")
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = PeftModel.from_pretrained(model, adapter).eval()
+
+    def text(prompt, completion) -> str:
+        if isinstance(prompt, str):  # the alpaca template: plain-text prompt and answer
+            return prompt + _text(completion)
+        answer = completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
+        return tok.apply_chat_template(list(prompt) + answer, tokenize=False)
+
+    def reward(prompts, completions, **_) -> list[float]:
+        texts = [text(p, c) for p, c in zip(prompts, completions)]
+        side, tok.padding_side = tok.padding_side, "right"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                return model(**enc).logits[:, 0].float().tolist()
+        finally:
+            tok.padding_side = side
+
+    reward.__name__ = f"reward_model_{run.name}"
+    return reward
+
+
 def reward_functions(names: list[str], target_length: int) -> list:
     """grpo.rewards -> functions; unknown names are config errors, `module:function` is user code."""
     from ayar.errors import ConfigError
@@ -54,6 +101,8 @@ def reward_functions(names: list[str], target_length: int) -> list:
     for name in names:
         if name in builtins:
             funcs.append(builtins[name])
+        elif str(name).startswith("model:"):
+            funcs.append(model_reward(str(name).removeprefix("model:")))
         elif ":" in str(name):
             funcs.append(load_callable(name, "grpo.rewards"))
         else:

@@ -196,3 +196,40 @@ def test_a_bad_constitution_names_the_file_principle_and_field(tmp_path, text, p
     with pytest.raises(ConfigError, match=pattern) as err:
         load_constitution(f)
     assert str(f) in str(err.value)
+
+
+def test_reward_model_then_grpo_instead_of_dpo(tiny_model_dir, tmp_path, stub):
+    """steps: label -> reward -> grpo: a reward model on the AI-labelled pairs, then GRPO with its score as the
+    reward (training/grpo_rewards.py `model:RUN`)."""
+    train = "{training: {max_steps: 2, batch_size: 4, tracker: none}, data: {val_ratio: 0, lint: warn}}"
+    grpo = (
+        "{training: {max_steps: 1, batch_size: 4, tracker: none}, data: {val_ratio: 0, lint: warn}, "
+        "grpo: {num_generations: 2, max_completion_length: 8}}"
+    )
+    cfg = rlaif_config(
+        tiny_model_dir, tmp_path, stub, "rg", "steps=[label, reward, grpo]", f"reward={train}", f"grpo={grpo}"
+    )
+    state = run_rlaif(cfg, log=QUIET)
+    assert list(state["steps"]) == ["label", "reward", "grpo"]
+    out = tmp_path / "rg"
+    assert json.loads((out / "reward" / "run.json").read_text())["stage"] == "reward"
+    grpo_cfg = load_config(out / "grpo" / "config.yaml")
+    assert grpo_cfg.stage == "grpo" and grpo_cfg.grpo.rewards == [f"model:{out / 'reward'}"]
+    assert (out / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_reward_model_scores_what_it_was_trained_to_prefer(tiny_model_dir, tmp_path):
+    from ayar.training.dispatch import train
+    from ayar.training.grpo_rewards import reward_functions
+    from tests.unit.training.test_stages import PAIRS, config
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    run = train(config(tiny_model_dir, data, tmp_path / "runs", "stage=reward", "training.max_steps=30",
+                       "training.learning_rate=0.01", "data.val_ratio=0")).path  # fmt: skip
+    (score,) = reward_functions([f"model:{run}"], 200)
+    prompts = [[{"role": "user", "content": p["prompt"]}] for p in PAIRS]
+    chosen = score(prompts, [[{"role": "assistant", "content": p["chosen"]}] for p in PAIRS])
+    rejected = score(prompts, [[{"role": "assistant", "content": p["rejected"]}] for p in PAIRS])
+    assert len(chosen) == len(PAIRS) and sum(c > r for c, r in zip(chosen, rejected)) >= 0.8 * len(PAIRS)
+    with pytest.raises(ConfigError, match="not a finished ayar run directory"):
+        reward_functions([f"model:{tmp_path}"], 200)
