@@ -25,7 +25,7 @@ from ayar.training.allocator import tune_allocator
 from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
 from ayar.training.plan import decide
 from ayar.training.progress import TrainProgress
-from ayar.training.recipe import Recipe, loading_snippets
+from ayar.training.recipe import Recipe, loading_snippets, peak_rss_mb
 
 
 def train_sft(
@@ -120,6 +120,7 @@ def train_sft(
 
     # --- save -----------------------------------------------------------------------------------------
     s = result.state
+    rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
     if result.best_adapter is not None and s.best_step != s.step:
         ckpt.load_trained_state(model, result.best_adapter)
         say(
@@ -140,6 +141,7 @@ def train_sft(
         train_seconds=round(s.train_seconds, 2),
         wall_seconds=round(time.perf_counter() - wall, 2),
         tokens_per_s=round(s.real_tokens / max(s.train_seconds, 1e-9), 1),
+        **({"peak_rss_mb_per_rank": [round(x) for x in rss]} if rss else {}),
     )
     say(
         f"done   {s.step} steps in {meta['train_seconds']:.0f}s, {meta['tokens_per_s']:.0f} tokens/s, "
