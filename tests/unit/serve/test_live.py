@@ -107,3 +107,20 @@ def test_requests_under_load(server):
         "requests under load (8 clients x 5, live server)", ", ".join(f"{n} x {s}" for s, n in sorted(statuses.items()))
     )
     assert statuses == Counter({200: 39, 400: 1})
+
+
+def test_ayar_serve_of_a_run_works_as_an_rlaif_judge(server):
+    """The feedback client against ayar's own server: it refuses logprobs (400), so the client asks again
+    without them and keeps going; the tiny model's free text is an answer (ask), and its choice is a letter or a
+    counted skip (choose), never a crash."""
+    from ayar.infer.feedback import EndpointFeedback, Skipped
+
+    judge = EndpointFeedback(f"http://127.0.0.1:{server}/v1", "tuned", retries=1, backoff=0.01)
+    assert isinstance(judge.ask("What is 2 plus 2?", 8), str)
+    try:
+        choice = judge.choose("Which is better?\nOptions:\n(A) four\n(B) five\n\nAnswer with one letter, A or B.")
+        assert choice.letter in "AB" and choice.p_a is None
+    except Skipped as e:
+        assert e.kind == "malformed"
+    assert judge.logprobs is False  # learned from the server's 400
+    judge.close()
