@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ayar.errors import AyarError
+from ayar.exports.gate import MergedArtifact
 from ayar.fsutil import atomic_directory, claim_output, shareable
 
 KINDS = ("lora", "merged")
@@ -163,13 +164,14 @@ def _readme(run, name: str, kind: str, base: str, serve: list[str]) -> str:
     )
 
 
-class VllmArtifact:
+class VllmArtifact(MergedArtifact):
     """The export as a user of its folder gets it, without vLLM: the base the launch script names with the
-    adapter on top through plain peft (or the merged model), prompted through the exported chat template. The
-    part of the Engine protocol (infer/base.py) the gate reads."""
+    adapter on top through plain peft (or the merged model), prompted through the exported chat template."""
 
     def __init__(self, folder: str | Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ayar.data.render import stop_token_ids
 
         folder = Path(folder)
         adapters = sorted((folder / "adapters").iterdir()) if (folder / "adapters").is_dir() else []
@@ -184,17 +186,8 @@ class VllmArtifact:
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         self.model = model.eval()
-        from ayar.data.render import stop_token_ids
-
         # vLLM stops at EOS, the generation config's stop tokens and the chat template's end-of-turn token
         self.stop_ids = set(stop_token_ids(self.tok, model))
-
-    def token_name(self, i: int) -> str:
-        return self.tok.convert_ids_to_tokens(i)
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         with torch.no_grad():
@@ -206,7 +199,3 @@ class VllmArtifact:
                 pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
             )
         return out[0, len(ids) :].tolist()
-
-    def logprobs(self, ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), -1)
