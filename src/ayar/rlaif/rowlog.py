@@ -17,28 +17,29 @@ class RowLog:
         self.skipped_path = self.path.with_name(self.path.stem + ".skipped.jsonl")
         self.rows = _read(self.path)
         self.skipped = _read(self.skipped_path)
+        self._done = {r["id"] for r in (*self.rows, *self.skipped)}
 
     def done(self) -> set[int]:
-        return {r["id"] for r in self.rows} | {r["id"] for r in self.skipped}
+        return self._done
 
-    def check_prompt(self, key: int, prompt) -> None:
-        """A resumed file must belong to the same prompts: a changed prompt file would mix two datasets."""
+    def check_prompts(self, prompts: list) -> None:
+        """A resumed file must belong to the prompts given now: a changed prompt file would mix two datasets."""
         for r in (*self.rows, *self.skipped):
-            if r["id"] == key and r.get("prompt") != prompt:
+            if not 0 <= r["id"] < len(prompts) or r.get("prompt") != prompts[r["id"]]:
                 raise AyarError(
-                    f"{self.path}: row {key} was made for another prompt than the prompts given now: the prompts "
+                    f"{self.path}: row {r['id']} was made for another prompt than the prompts given now: the prompts "
                     "changed since this file was started. Use a new `out` folder (or remove this one)."
                 )
-            if r["id"] == key:
-                return
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
+        self._done.add(row["id"])
         _append(self.path, row)
 
     def skip(self, key: int, prompt, reason: str, detail: str = "") -> None:
         row = {"id": key, "prompt": prompt, "reason": reason, "detail": detail}
         self.skipped.append(row)
+        self._done.add(key)
         _append(self.skipped_path, row)
 
     def reasons(self) -> dict[str, int]:

@@ -49,7 +49,7 @@ def synthesize(prompts: list[list[dict]], policy, judge: Feedback, principles, l
             "judge": judge.name,
         }
 
-    for keys in _blocks(len(prompts), s.batch_size, log, tick):
+    for keys in _blocks(prompts, s.batch_size, log, tick):
         replies = policy.generate_batch(
             [prompts[k] for k in keys], s.batch_size, max_new_tokens=s.max_new_tokens, preset="deterministic"
         )
@@ -95,7 +95,7 @@ def label(prompts: list[list[dict]], policy, judge: Feedback, principles, log: R
             },
         }
 
-    for keys in _blocks(len(prompts), s.batch_size, log, tick):
+    for keys in _blocks(prompts, s.batch_size, log, tick):
         conversations = [prompts[k] for k in keys]
         samples = []
         for n in range(2):
@@ -114,9 +114,11 @@ def label(prompts: list[list[dict]], policy, judge: Feedback, principles, log: R
         _judge_all(todo, one, prompts, judge, log, s, tick)
 
 
-def _blocks(n: int, size: int, log: RowLog, tick):
+def _blocks(prompts: list, size: int, log: RowLog, tick):
     """The blocks of prompt indices with work left (the progress bar starts at what is done)."""
+    log.check_prompts(prompts)
     done = log.done()
+    n = len(prompts)
     tick(len([k for k in range(n) if k in done]))
     for start in range(0, n, size):
         keys = list(range(start, min(start + size, n)))
@@ -127,8 +129,6 @@ def _blocks(n: int, size: int, log: RowLog, tick):
 def _judge_all(todo: list, one, prompts, judge: Feedback, log: RowLog, s: Settings, tick) -> None:
     """Ask the feedback model about each item (several requests in flight for an endpoint) and record the rows
     in order; a Skipped item is recorded with its reason."""
-    for key, _ in todo:
-        log.check_prompt(key, prompts[key])
     workers = min(s.concurrency, getattr(judge, "max_concurrency", None) or s.concurrency)
 
     def attempt(item):

@@ -233,3 +233,22 @@ def test_a_reward_model_scores_what_it_was_trained_to_prefer(tiny_model_dir, tmp
     assert len(chosen) == len(PAIRS) and sum(c > r for c, r in zip(chosen, rejected)) >= 0.8 * len(PAIRS)
     with pytest.raises(ConfigError, match="not a finished ayar run directory"):
         reward_functions([f"model:{tmp_path}"], 200)
+
+
+def test_a_resumed_file_must_belong_to_the_prompts_given_now(tmp_path):
+    """The prompts file edited between runs (same path, so the config still matches): the rows already made
+    are checked against the prompts given now, and a mismatch stops the step instead of mixing two datasets."""
+    from ayar.errors import AyarError
+    from ayar.rlaif.rowlog import RowLog
+
+    log = RowLog(tmp_path / "pairs.jsonl")
+    first = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    log.add({"id": 0, "prompt": first[0]})
+    log.skip(1, first[1], "tie")
+    again = RowLog(tmp_path / "pairs.jsonl")
+    again.check_prompts(first)  # the same prompts: fine
+    assert again.done() == {0, 1}
+    with pytest.raises(AyarError, match="row 1 was made for another prompt"):
+        again.check_prompts([first[0], [{"role": "user", "content": "changed"}]])
+    with pytest.raises(AyarError, match="row 1 was made for another prompt"):
+        again.check_prompts(first[:1])
