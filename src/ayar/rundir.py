@@ -40,6 +40,8 @@ class RunDir:
     loss_plot = property(lambda self: self.path / "loss.png")
     readme = property(lambda self: self.path / "README.md")
     tensorboard = property(lambda self: self.path / "tb")
+    # a stop asked for (`ayar ui`'s Stop, or `touch RUN/STOP`): training checkpoints and ends at its next step
+    stop_request = property(lambda self: self.path / "STOP")
 
     @classmethod
     def create_at(cls, path: str | Path) -> "RunDir":

@@ -38,6 +38,7 @@ class LoopState:
     best_step: int | None = None
     bad_evals: int = 0
     stopped_early: bool = False
+    stopped: bool = False  # on request (RUN/STOP): checkpointed, to be resumed
     real_tokens: int = 0
     train_seconds: float = 0.0
     world_size: int = 1  # the processes `micro` was counted with (a global micro-batch is batch_size x this)
@@ -129,6 +130,7 @@ def run_loop(
     callbacks: list[Callable[[LoopState], None]] = (),
     warn=print,
     world: World | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> LoopResult:
     """Train `model` on `train` as `plan` (training/plan.py: RunPlan with its layout) says; with several
     processes (`world`, training/distributed.py) each reads its slice of every global micro-batch."""
@@ -143,12 +145,13 @@ def run_loop(
     if resume_from is not None:
         state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, world.rank, world.size))
         state = continue_with(state, tcfg.batch_size, world.size)
+        state.stopped = False  # the checkpoint of a stopped run says it stopped; resuming goes on
         if tcfg.early_stopping_patience:
             best_adapter = ckpt.load_best(ckpt_root, state.best_step)
     device, packed, fused, per_pass = plan.device, plan.layout.packed, plan.layout.fused, plan.layout.per_pass
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
     model.train()
-    while state.step < total and not state.stopped_early:
+    while state.step < total and not state.stopped_early and not state.stopped:
         t0 = time.perf_counter()
         micro_batches = []
         for _ in range(tcfg.grad_accum):
@@ -224,6 +227,7 @@ def run_loop(
             _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit)
         for cb in callbacks:
             cb(state)
+        state.stopped = bool(stop_requested and state.step < total and stop_requested())
     _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit)
     if fused:
         fused_decoder.release(model)

@@ -44,6 +44,7 @@ class Recipe:
                 RunDir.check_new(cfg.output.path)  # before minutes of loading, not after
             return cls(cfg, console)
         run = RunDir.open(resume)
+        run.stop_request.unlink(missing_ok=True)  # resuming a stopped run is asking it to go on
         return cls(cfg or run.read_config(), console, run, resuming=True)
 
     def say(self, text: str) -> None:
@@ -71,7 +72,10 @@ class Recipe:
     def record_start(self, tok, model_path: str, plan, trainable: int, total: int, data: dict, **extra) -> None:
         """Tokenizer and run.json for a new run (a resumed run keeps what it recorded)."""
         self.say(f"params {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)")
-        if self.resuming or not self.world.main:
+        if not self.world.main:
+            return
+        if self.resuming:
+            self.run.update_meta(status="running")
             return
         tok.save_pretrained(self.run.tokenizer)
         self.run.update_meta(**start_meta(self.cfg, model_path, plan, trainable, total, data), **extra)
@@ -81,6 +85,21 @@ class Recipe:
         kinds = t.tracker if self.world.main else "none"
         self.tracker = Tracker(kinds, self.run, config_to_dict(self.cfg), t.project, t.run_name)
         return self.tracker
+
+    def stop_requested(self) -> bool:
+        """Whether RUN/STOP exists (rank 0 looks; every rank gets its answer, so all stop at the same step)."""
+        asked = self.world.main and self.run is not None and self.run.stop_request.exists()
+        return bool(distributed.total(self.world, float(asked)))
+
+    def finish_stopped(self, step: int, total_steps: int) -> None:
+        """A run stopped on request after its checkpoint: run.json says so and how to continue."""
+        if self.tracker is not None:
+            self.tracker.close()
+        if not self.world.main:
+            return
+        self.run.stop_request.unlink(missing_ok=True)
+        self.run.update_meta(status="stopped", steps=step, total_steps=total_steps)
+        self.say(f"stopped at step {step} of {total_steps}, checkpoint saved: ayar train --resume {self.run.path}")
 
     def log(self, record: dict) -> None:
         """One metrics record: metrics.jsonl and the tracker (rank 0's)."""

@@ -80,7 +80,8 @@ def train_sft(
     if resume_from is None and world.main:
         init_dir = save_initial(model, cfg.lora, init_dir)
     init_dir = init_dir if init_dir and Path(init_dir).is_dir() else None
-    r.record_start(tok, model_path, plan, *parameter_counts(model), st, allocator=allocator)
+    total_steps = total_steps_for(len(data.train), tcfg, world.size)
+    r.record_start(tok, model_path, plan, *parameter_counts(model), st, allocator=allocator, total_steps=total_steps)
     say(plan.passes_line())
     if r.resuming and world.main:
         say(f"resume {resume_from.name}")
@@ -93,7 +94,6 @@ def train_sft(
 
     # --- fit ------------------------------------------------------------------------------------------
     r.open_tracker()
-    total_steps = total_steps_for(len(data.train), tcfg, world.size)
     wall = time.perf_counter()
     with TrainProgress(total_steps, start_step, r.console) as progress:
 
@@ -116,10 +116,15 @@ def train_sft(
             callbacks=callbacks,
             warn=say,
             world=world,
+            stop_requested=r.stop_requested,
         )
 
     # --- save -----------------------------------------------------------------------------------------
     s = result.state
+    if s.stopped:
+        r.finish_stopped(s.step, result.total_steps)
+        distributed.stop(world)
+        return run
     rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
     if result.best_adapter is not None and s.best_step != s.step:
         ckpt.load_trained_state(model, result.best_adapter)

@@ -93,6 +93,10 @@ def run_stage(
     wall = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=True if r.resuming else None)
     seconds = time.perf_counter() - wall
+    if logger.stopped:
+        r.finish_stopped(trainer.state.global_step, trainer.state.max_steps)
+        distributed.stop(world)
+        return run
     # a final evaluation, as SFT runs one (logged through the callback); `after` runs it with its measurement
     after = stage.after(cfg, trainer, splits) if stage.after is not None else {}
     if stage.after is None and trainer.eval_dataset is not None:
@@ -187,6 +191,7 @@ class _MetricsLog:
     def __init__(self, recipe: Recipe, renames: dict):
         self.recipe, self.renames, self.console = recipe, renames, recipe.console
         self.progress, self.started, self.first_step = None, 0.0, 0
+        self.stopped = False  # on request (RUN/STOP): the Trainer saved a checkpoint and ended
 
     def callback(self):
         from transformers import TrainerCallback
@@ -199,6 +204,12 @@ class _MetricsLog:
 
                 log.progress = TrainProgress(state.max_steps, state.global_step, log.console).__enter__()
                 log.started, log.first_step = time.perf_counter(), state.global_step
+                if log.recipe.world.main:
+                    log.recipe.run.update_meta(total_steps=state.max_steps)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step < state.max_steps and log.recipe.stop_requested():
+                    log.stopped = control.should_save = control.should_training_stop = True
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 log.write(state.global_step, logs or {})
