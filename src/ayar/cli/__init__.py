@@ -31,6 +31,7 @@ COMMANDS = {
     "plan": ("ayar.cli.plan", "Predict a training run's peak memory and whether it fits (before training)."),
     "chat": ("ayar.cli.chat", "Chat with a run directory or model (interactive, or one-shot with --prompt)."),
     "serve": ("ayar.cli.serve", "Serve a run or model over an OpenAI-compatible API (streaming, adapters, users)."),
+    "ui": ("ayar.cli.ui", "The web UI (gradio): train, watch runs, chat, evaluate, export and serve in a browser."),
     "config": ("ayar.cli.config", "Validate a config, show it resolved, or print the config reference."),
 }
 

@@ -43,7 +43,14 @@ def add_arguments(p) -> None:
     s.add_argument("--requests-per-client", type=int, default=2)
     s.add_argument("--max-tokens", type=int, default=48)
     s.add_argument("--max-batch", type=int, default=8, help="ayar's --max-batch")
-    s.add_argument("--sides", default="ayar,naive")
+    s.add_argument(
+        "--sides",
+        default="ayar,naive",
+        help="ayar, naive; on the run's GGUF export: ayar-gguf, ayar-serial, llama-server (needs --llama-server)",
+    )
+    s.add_argument(
+        "--llama-server", metavar="PATH", help="llama.cpp's server binary (benchmarks/build-llama-server.sh)"
+    )
     s.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
 
 
@@ -121,15 +128,16 @@ def run_serve(args) -> int:
         args.max_batch,
         tuple(args.sides.split(",")),
         log=lambda m: console.print(m),
+        llama_server=args.llama_server,
     )
     table = Table(
         "side",
         "clients",
         "tokens/s",
         "TTFT p50 s",
-        "TTFT p99 s",
+        "TTFT p95 s",
         "latency p50 s",
-        "latency p99 s",
+        "latency p95 s",
         "errors",
         title=(
             f"bench serve: {args.source}, max_tokens {args.max_tokens}, {args.requests_per_client} requests per client"
@@ -142,15 +150,15 @@ def run_serve(args) -> int:
                 str(c),
                 f"{m['tokens_per_s']:.1f}",
                 f"{m['ttft_p50']:.2f}",
-                f"{m['ttft_p99']:.2f}",
+                f"{m['ttft_p95']:.2f}",
                 f"{m['latency_p50']:.2f}",
-                f"{m['latency_p99']:.2f}",
+                f"{m['latency_p95']:.2f}",
                 str(m["errors"]),
             )
     out = Console(highlight=False)
     out.print(table)
-    for c, ratio in result.get("ratios", {}).items():
-        out.print(f"ayar/naive at {c} clients: {ratio:.2f}x tokens/s")
+    for pair, by_level in result.get("ratios", {}).items():
+        out.print(f"{pair} tokens/s: " + ", ".join(f"{r:.2f}x at {c} clients" for c, r in by_level.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

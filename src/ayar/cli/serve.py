@@ -1,7 +1,8 @@
 """Serve a run directory or model over an OpenAI-compatible HTTP API.
 
 examples:
-  ayar serve runs/quickstart-20261125-101500
+  ayar serve runs/quickstart-20261125-101500      (on a CPU: its gated GGUF export, built once if missing)
+  ayar serve runs/quickstart-20261125-101500 --backend transformers
   ayar serve default --adapter math=runs/math-1 --adapter chat=runs/chat-2 --port 8080
   ayar serve runs/v2 --api-keys keys.txt --rate-limit 60 --alias assistant=v1:0.9,v2:0.1 --adapter v1=runs/v1
   ayar serve runs/v2 --engine vllm          (run vLLM on the same base + adapters; without vLLM: print the command)
@@ -24,6 +25,13 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--adapter-root", help="folder that admin-loaded adapters must live in (enables POST /admin/adapters)"
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "transformers", "gguf", "onnx"),
+        help="auto (default): on a CPU, the fastest backend with an export of the run that passed its release gate "
+        "(a GGUF q8_0 one is built once if there is none); a failed gate falls back to transformers, with the reason",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -102,6 +110,7 @@ def settings_from_args(args):
     aliases = dict(parse_alias(a) for a in args.alias)
     return ServeSettings(
         source=args.source,
+        backend=args.backend,
         name=args.name,
         adapters=adapters,
         adapter_root=args.adapter_root,

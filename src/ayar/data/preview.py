@@ -47,7 +47,12 @@ def boundary_lines(tok, ex: Example) -> list[str]:
     ]
 
 
-def html_page(tok, examples: list[Example], title: str = "ayar data preview") -> str:
+STYLE = """pre{white-space:pre-wrap;border:1px solid #ccc;padding:.6rem}
+.t{background:#b6e3b6;color:#000} .p{color:#777} .meta{color:#555;font-size:.85rem}"""
+
+
+def html_sections(tok, examples: list[Example]) -> str:
+    """One <section> per example: its tokens, the trained ones (class t) highlighted, and the role boundaries."""
     blocks = []
     for ex in examples:
         spans = "".join(
@@ -60,12 +65,15 @@ def html_page(tok, examples: list[Example], title: str = "ayar data preview") ->
             f"<section><h3>{html.escape(ex.where)}</h3><p class=meta>{len(ex.input_ids)} tokens, {n_trained} trained"
             f"{' (truncated)' if ex.truncated else ''}</p><pre>{spans}</pre><p class=meta>{bounds}</p></section>"
         )
+    return "".join(blocks)
+
+
+def html_page(tok, examples: list[Example], title: str = "ayar data preview") -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}
-pre{{white-space:pre-wrap;border:1px solid #ccc;padding:.6rem}}
-.t{{background:#b6e3b6}} .p{{color:#777}} .meta{{color:#555;font-size:.85rem}}</style></head><body>
+{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1><p>Green: tokens the loss is computed on. Grey: context only (masked, label -100).
-Hover a token for its id.</p>{"".join(blocks)}</body></html>"""
+Hover a token for its id.</p>{html_sections(tok, examples)}</body></html>"""
 
 
 def write_html(tok, examples: list[Example], path: str | Path) -> Path:

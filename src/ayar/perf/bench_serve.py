@@ -1,12 +1,16 @@
 """`ayar bench serve`: ayar's server against a naive one that answers one request at a time with HF
-`generate` (the seed's FastAPI example), same model, same prompts, in one invocation.
+`generate` (the seed's FastAPI example), same model, same prompts, in one invocation. Sides on the run's GGUF export
+(RUN/export/gguf-q8_0, or a GGUF source itself): `ayar-gguf` (ayar's batched llama.cpp backend), `ayar-serial`
+(that backend as it was: rows in turn) and `llama-server` (llama.cpp's own server on the same file with the same
+number of parallel slots; benchmarks/build-llama-server.sh builds it). ayar's sides run with an API key (auth on),
+as a deployment would.
 
 Each server runs in its own subprocess on 127.0.0.1; closed-loop clients (each sends its next request
 when the previous answer is in) drive it at each concurrency level. Throughput counts the completion
 tokens the server reports; time to first token is measured on ayar's stream (the naive server cannot
 stream, so for it TTFT is the whole latency, which is what its users wait).
 
-    python -m ayar.perf.bench_serve SIDE SOURCE PORT MAX_BATCH     (a server; SIDE is ayar or naive)
+    python -m ayar.perf.bench_serve SIDE SOURCE PORT MAX_BATCH     (a server; SIDE is ayar, ayar-serial or naive)
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SIDES = ("ayar", "naive")
+GGUF_SIDES = ("ayar-gguf", "ayar-serial", "llama-server")
+KEY = "bench-key"  # ayar's sides run with authentication on
 
 
 def run_bench(
@@ -31,6 +38,7 @@ def run_bench(
     max_batch: int = 8,
     sides=SIDES,
     log=print,
+    llama_server: str | None = None,
 ) -> dict:
     from ayar.data.sources import _sample
 
@@ -39,15 +47,21 @@ def run_bench(
     for side in sides:
         port = _free_port()
         log(f"[{side}] starting its server on 127.0.0.1:{port}")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ayar.perf.bench_serve", side, source, str(port), str(max_batch)],
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
+        served = gguf_of(source) if side in GGUF_SIDES else source
+        command = [sys.executable, "-m", "ayar.perf.bench_serve", side, served, str(port), str(max_batch)]
+        if side == "llama-server":
+            command = _llama_server_command(llama_server, served, port, max_batch)
+        proc = subprocess.Popen(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
             _wait_ready(port, proc, side)
-            levels = {}
+            levels, first = {}, 0
             for c in concurrency:
-                levels[c] = asyncio.run(_drive(port, side, questions, c, c * requests_per_client, max_tokens))
+                # new questions at every level: a server's prompt cache (llama-server keeps past prompts in RAM)
+                # must not answer the next level's requests from the previous one's
+                total = c * requests_per_client
+                asked = questions[first : first + total] or questions
+                first += total
+                levels[c] = asyncio.run(_drive(port, side, asked, c, total, max_tokens))
                 log(
                     f"[{side}] {c:>2} clients: {levels[c]['tokens_per_s']:.1f} tok/s, TTFT p50 "
                     f"{levels[c]['ttft_p50']:.2f} s"
@@ -63,11 +77,47 @@ def run_bench(
         "requests_per_client": requests_per_client,
         "sides": results,
     }
-    if set(SIDES) <= set(results):
-        out["ratios"] = {
-            c: results["ayar"][c]["tokens_per_s"] / results["naive"][c]["tokens_per_s"] for c in concurrency
-        }
+    ratios = {}
+    for ours, other in (("ayar", "naive"), ("ayar-gguf", "llama-server"), ("ayar-gguf", "ayar-serial")):
+        if ours in results and other in results:
+            ratios[f"{ours}/{other}"] = {
+                c: results[ours][c]["tokens_per_s"] / results[other][c]["tokens_per_s"] for c in concurrency
+            }
+    if ratios:
+        out["ratios"] = ratios
     return out
+
+
+def gguf_of(source: str) -> str:
+    """The GGUF the llama.cpp sides serve: the source itself, or a run's q8_0 export."""
+    from ayar.errors import AyarError
+    from ayar.infer.gguf_engine import gguf_file
+
+    if gguf_file(source) is not None:
+        return source
+    folder = Path(source) / "export" / "gguf-q8_0"
+    if gguf_file(folder) is None:
+        raise AyarError(f"the llama.cpp sides need a GGUF: `ayar export {source} --to gguf` writes {folder}")
+    return str(folder)
+
+
+def _llama_server_command(binary: str | None, source: str, port: int, max_batch: int) -> list[str]:
+    """llama.cpp's server on the same GGUF, with ayar's shape: `max_batch` parallel slots of 2048 tokens each (a
+    KV stream per slot, as ayar's backend), all cores."""
+    from ayar.errors import AyarError
+    from ayar.infer.gguf_engine import gguf_file
+
+    gguf = gguf_file(source)
+    if not binary or gguf is None:
+        raise AyarError(
+            "the llama-server side needs --llama-server PATH (benchmarks/build-llama-server.sh builds it) and a GGUF "
+            "source (a .gguf file or an `ayar export --to gguf` folder)"
+        )
+    return [
+        binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(max_batch),
+        "--ctx-size", str(2048 * max_batch), "--threads", str(os.cpu_count()), "--no-kv-unified", "--no-webui",
+        "--log-disable",
+    ]  # fmt: skip
 
 
 async def _drive(port: int, side: str, questions: list[str], clients: int, total: int, max_tokens: int) -> dict:
@@ -115,7 +165,8 @@ async def _drive(port: int, side: str, questions: list[str], clients: int, total
             await one(client, queue.pop())
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+    headers = {"Authorization": f"Bearer {KEY}"} if side.startswith("ayar") else {}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=headers) as client:
         if side != "naive":  # the run's adapter if it has one, else the base model
             model = (await client.get("/v1/models")).json()["data"][-1]["id"]
         await asyncio.gather(*(worker(client) for _ in range(clients)))
@@ -128,8 +179,10 @@ async def _drive(port: int, side: str, questions: list[str], clients: int, total
         "completion_tokens": tokens,
         "tokens_per_s": tokens / wall,
         "ttft_p50": _pct(ttft, 50),
+        "ttft_p95": _pct(ttft, 95),
         "ttft_p99": _pct(ttft, 99),
         "latency_p50": _pct(latency, 50),
+        "latency_p95": _pct(latency, 95),
         "latency_p99": _pct(latency, 99),
     }
 
@@ -158,7 +211,8 @@ def _wait_ready(port: int, proc, side: str, timeout: float = 600) -> None:
         if proc.poll() is not None:
             raise AyarError(f"the {side} benchmark server exited with code {proc.returncode} (its error is above)")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+            path = "/health" if side == "llama-server" else "/ready"
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -202,8 +256,18 @@ def _serve(side: str, source: str, port: int, max_batch: int) -> None:
     if side == "naive":
         app = _naive_app(engine)
     else:
-        settings = ServeSettings(source=source, db="sqlite://", max_batch=max_batch, max_queue=1024, cache_size=0)
-        app = create_app(settings, backend=backend_for(engine, "bench"))
+        settings = ServeSettings(
+            source=source, db="sqlite://", max_batch=max_batch, max_queue=1024, cache_size=0, api_keys=[KEY]
+        )
+        backend = backend_for(engine, "bench", max_batch)
+        if side == "ayar-serial":  # ayar-gguf is the default backend of a GGUF engine
+            from ayar.infer.gguf_engine import GgufEngine
+            from ayar.serve.backend_gguf import SerialGgufBackend
+
+            if not isinstance(engine, GgufEngine):
+                raise SystemExit("the ayar-serial side is the llama.cpp backend's rows-in-turn version: a GGUF source")
+            backend = SerialGgufBackend(engine, "bench")
+        app = create_app(settings, backend=backend)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -27,13 +28,22 @@ def build_backend(settings: ServeSettings, log=print) -> HFBackend:
     from ayar.infer.exported import ExportedEngine
     from ayar.infer.load import load_engine
 
+    if settings.backend != "transformers":
+        from ayar.serve.backend_choice import choose_backend
+
+        choice = choose_backend(settings, log)
+        log(f"backend {choice.backend}: {choice.reason}" + (f"\nwarning: {choice.warning}" if choice.warning else ""))
+        if choice.source != settings.source:  # served under the run's name, whatever runtime answers
+            settings = dataclasses.replace(
+                settings, source=choice.source, name=settings.name or Path(settings.source).resolve().name
+            )
     engine = load_engine(settings.source, log=log)
     path = Path(settings.source)
     exported = isinstance(engine, ExportedEngine)
     if exported and settings.adapters:
         raise AyarError("--adapter needs the transformers backend: an ONNX or GGUF export has its adapter merged in")
     name = settings.name or (path.resolve().name if (path / "run.json").is_file() or exported else "model")
-    backend = backend_for(engine, name)
+    backend = backend_for(engine, name, settings.max_batch)
     for adapter, where in settings.adapters.items():
         if not valid_name(adapter):
             raise AyarError(f"--adapter {adapter}=...: name it with letters, digits, '_', '-', '.' (not 'base')")
@@ -41,7 +51,7 @@ def build_backend(settings: ServeSettings, log=print) -> HFBackend:
     return backend
 
 
-def backend_for(engine, name: str):
+def backend_for(engine, name: str, max_batch: int = 8):
     """The serving backend of a loaded engine, by the engine's type: transformers (adapters per row),
     onnxruntime-genai or llama.cpp."""
     from ayar.infer.gguf_engine import GgufEngine
@@ -49,9 +59,10 @@ def backend_for(engine, name: str):
     from ayar.serve.backend_gguf import GgufBackend
     from ayar.serve.backend_onnx import OnnxBackend
 
-    for engine_type, backend_type in ((OnnxEngine, OnnxBackend), (GgufEngine, GgufBackend)):
-        if isinstance(engine, engine_type):
-            return backend_type(engine, name)
+    if isinstance(engine, OnnxEngine):
+        return OnnxBackend(engine, name)
+    if isinstance(engine, GgufEngine):
+        return GgufBackend(engine, name, max_batch)  # max_batch rows share one llama.cpp context
     return HFBackend(engine, name)
 
 

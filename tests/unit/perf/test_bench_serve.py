@@ -1,0 +1,37 @@
+"""`ayar bench serve` on a GGUF: ayar's batched llama.cpp backend and its rows-in-turn version driven by the same
+clients, with authentication on; every side reports each level and the ratios are computed (timings are reported,
+never asserted). The llama-server side needs its binary and a GGUF, and says so."""
+
+from __future__ import annotations
+
+import pytest
+
+from ayar.errors import AyarError
+from tests.unit.exports.test_export import gguf_run  # noqa: F401
+from tests.unit.serve.test_backend_gguf import engine  # noqa: F401  (fixture: a tiny GGUF's engine)
+
+
+def test_bench_serve_on_a_gguf_with_the_serial_side(engine):  # noqa: F811
+    from ayar.perf.bench_serve import run_bench
+
+    source = engine.source  # the export file
+    result = run_bench(source, (1, 3), 1, 6, 2, ("ayar-gguf", "ayar-serial"), log=lambda *_: None)
+    for side in ("ayar-gguf", "ayar-serial"):
+        for c in (1, 3):
+            m = result["sides"][side][c]
+            assert m["errors"] == 0 and m["requests"] == c and m["completion_tokens"] > 0, (side, c, m)
+            assert m["ttft_p95"] <= m["latency_p95"] + 1e-9
+    assert set(result["ratios"]["ayar-gguf/ayar-serial"]) == {1, 3}
+
+
+def test_the_llama_server_side_says_what_it_needs(tmp_path):
+    from ayar.perf.bench_serve import _llama_server_command, gguf_of
+
+    with pytest.raises(AyarError, match="the llama.cpp sides need a GGUF: `ayar export"):
+        gguf_of(str(tmp_path))
+    with pytest.raises(AyarError, match="needs --llama-server PATH"):
+        _llama_server_command(None, str(tmp_path), 8000, 8)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    command = _llama_server_command("/opt/llama-server", str(tmp_path), 8000, 8)
+    assert command[:3] == ["/opt/llama-server", "-m", str(tmp_path / "m.gguf")]
+    assert command[command.index("--parallel") + 1] == "8" and command[command.index("--ctx-size") + 1] == "16384"
