@@ -184,6 +184,17 @@ def from_dict(cls: type, raw: dict, where: str = "config"):
     return obj
 
 
+def dotted(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys: {"lora": {"r": 8}} -> {"lora.r": 8} (what overrides and trackers use)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

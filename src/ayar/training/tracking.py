@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ayar.config.loader import dotted
 from ayar.errors import ConfigError
 
 
@@ -24,7 +25,7 @@ class _MLflow:
         self.mlflow = _require("mlflow")
         self.mlflow.set_experiment(project)
         self.mlflow.start_run(run_name=name)
-        self.mlflow.log_params({k: v for k, v in _flatten(config).items() if v is not None})
+        self.mlflow.log_params({k: _param(v) for k, v in dotted(config).items() if v is not None})
 
     def log(self, nums: dict, step: int) -> None:
         self.mlflow.log_metrics(nums, step=step)
@@ -88,11 +89,5 @@ def _require(name: str):
         ) from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if not isinstance(v, list) else ",".join(map(str, v))
-    return out
+def _param(value):
+    return ",".join(map(str, value)) if isinstance(value, list) else value

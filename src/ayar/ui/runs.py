@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ayar.config.loader import dotted
 from ayar.ui.jobs import Jobs
 from ayar.ui.workspace import Workspace
 
@@ -144,7 +145,7 @@ def curves(runs: list[Path], key: str = "run") -> list[dict]:
 
 def compare(runs: list[Path]) -> list[list]:
     """Side by side: what differs in their configs and what they reached."""
-    configs = {run: _flat(_config(run)) for run in runs}
+    configs = {run: dotted(_config(run)) for run in runs}
     keys = sorted({k for c in configs.values() for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs.values()}) > 1]
     rows = [[k, *(_short(configs[r].get(k)) for r in runs)] for k in differ if not k.startswith("output.")]
@@ -167,16 +168,6 @@ def _config(run: Path) -> dict:
         return yaml.safe_load((run / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _short(value) -> str:
