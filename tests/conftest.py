@@ -32,6 +32,67 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     return train_sft(cfg).path
 
 
+@pytest.fixture(scope="session")
+def gguf_run(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer (from the bundled GGUF): llama.cpp's converter
+    recognizes known tokenizers only, so the random ones of the other tests would not convert."""
+    import torch
+    import transformers as tf
+
+    from ayar.config import load_config
+    from ayar.models.default import find_default_gguf
+    from ayar.training.sft import train_sft
+
+    gguf = find_default_gguf()
+    tmp = tmp_path_factory.mktemp("ggufrun")
+    tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.5,
+    )
+    model = tf.LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    data = write_jsonl(tmp / "d.jsonl", MATH_ROWS)
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tmp / 'model'}",
+            "model.dtype=float32",
+            f"data.train={data}",
+            f"output.dir={tmp / 'runs'}",
+            "training.tracker=none",
+            "training.max_steps=2",
+            "data.val_ratio=0.2",
+            "data.cache=false",
+        ],
+    )
+    return train_sft(cfg).path
+
+
+@pytest.fixture(scope="session")
+def gguf_engine(gguf_run, tmp_path_factory):
+    """A llama.cpp engine on an f16 GGUF export of gguf_run (llama-cpp-python needed)."""
+    pytest.importorskip("llama_cpp")
+    from ayar.exports.gguf import export_gguf
+    from ayar.infer.gguf_engine import GgufEngine
+
+    out = export_gguf(gguf_run, tmp_path_factory.mktemp("gguf") / "g", "f16", log=lambda *_: None)
+    return GgufEngine(out)
+
+
 @pytest.fixture(autouse=True)
 def _ayar_home(tmp_path_factory, monkeypatch):
     # Tests never write to the user's cache, except the slow tier, which sets its own.

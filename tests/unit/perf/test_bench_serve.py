@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 
 from ayar.errors import AyarError
-from tests.unit.exports.test_export import gguf_run  # noqa: F401
-from tests.unit.serve.test_backend_gguf import engine  # noqa: F401  (fixture: a tiny GGUF's engine)
 
 
-def test_bench_serve_on_a_gguf_with_the_serial_side(engine):  # noqa: F811
+def test_bench_serve_on_a_gguf_with_the_serial_side(gguf_engine):
+    engine = gguf_engine
     from ayar.perf.bench_serve import run_bench
 
     source = engine.source  # the export file

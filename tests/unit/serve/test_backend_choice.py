@@ -11,12 +11,11 @@ import pytest
 from ayar.errors import AyarError
 from ayar.serve.backend_choice import EXPORTS, choose_backend
 from ayar.serve.settings import ServeSettings
-from tests.unit.exports.test_export import gguf_run  # noqa: F401  (a tiny Llama run that converts to GGUF)
 
 pytest.importorskip("llama_cpp")
 
 
-def test_auto_builds_the_gated_gguf_once_then_reuses_it_and_serves_it(gguf_run, tmp_path, monkeypatch):  # noqa: F811
+def test_auto_builds_the_gated_gguf_once_then_reuses_it_and_serves_it(gguf_run, tmp_path, monkeypatch):
     # f16: a random tiny model's near-tied logits fail q8_0's agreement bar (the default kind, for real models)
     monkeypatch.setitem(EXPORTS, "gguf", ("gguf", "f16"))
     run = tmp_path / "run"

@@ -7,19 +7,14 @@ from __future__ import annotations
 import pytest
 
 from ayar.serve.backend import Row, Sampling
-from tests.unit.exports.test_export import gguf_run  # noqa: F401  (the fixture: a tiny Llama run to export)
 
 pytest.importorskip("llama_cpp")
-QUIET = {"log": lambda *_: None}
 PROMPTS = ["What is 7 plus 5?", "hi", "Write one long sentence about the sea and the wind, and the boats on it."]
 
 
-@pytest.fixture(scope="module")
-def engine(gguf_run, tmp_path_factory):  # noqa: F811
-    from ayar.exports.gguf import export_gguf
-    from ayar.infer.gguf_engine import GgufEngine
-
-    return GgufEngine(export_gguf(gguf_run, tmp_path_factory.mktemp("gguf") / "g", "f16", **QUIET))
+@pytest.fixture
+def engine(gguf_engine):
+    return gguf_engine
 
 
 def rows(engine, n_tokens=12, sampling=Sampling(), prompts=PROMPTS):
