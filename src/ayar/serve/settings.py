@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 @dataclass
 class ServeSettings:
     source: str = "default"  # run directory, local model directory, or `default`
-    # transformers | gguf | onnx | auto (the fastest gated export of the run: serve/choose.py; `ayar serve`'s default)
+    # transformers | gguf | onnx | auto (the fastest gated export of a run: serve/backend_choice.py; `ayar serve`'s
+    # default)
     backend: str = "transformers"
     name: str | None = None  # public name of the source's adapter (default: the run directory's name)
     adapters: dict[str, str] = field(default_factory=dict)  # extra adapters: name -> run dir / adapter folder
