@@ -38,3 +38,26 @@ def test_the_login_file(tmp_path):
         app.read_auth(f)
     with pytest.raises(AyarError, match="cannot read it"):
         app.read_auth(tmp_path / "missing.txt")
+
+
+def test_the_refresh_reads_the_runs_and_sends_only_what_changed(tmp_path):
+    import json
+
+    from ayar.ui.jobs import Jobs
+
+    ws = Workspace.open(tmp_path)
+    jobs = Jobs(ws.jobs)
+    empty = app._page_state(ws, jobs, None)
+    assert len(empty) == 10 and empty[2].startswith("no runs yet")
+    run = ws.runs / "r"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "completed", "total_steps": 2}))
+    (run / "config.yaml").write_text("stage: sft\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    state = app._page_state(ws, jobs, None)  # no run picked: the newest
+    assert state[1]["value"] == "r" and "step 2 of 2" in state[2] and list(state[3]["value"]) == [2.0, 1.5]
+    again = app._page_state(ws, jobs, "r")
+    assert [app._key(v) for v in again] == [app._key(v) for v in state]  # unchanged: every output skipped
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n')
+    changed = app._page_state(ws, jobs, "r")
+    assert app._key(changed[3]) != app._key(state[3]) and app._key(changed[5]) == app._key(state[5])
