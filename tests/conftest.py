@@ -83,6 +83,44 @@ def gguf_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gguf_lora_runs(gguf_run, tmp_path_factory):
+    """Two more runs on gguf_run's base, trained hard on different answers (so each adapter changes what the model
+    says), each with a gated GGUF LoRA export (f16 base) and a merged f16 GGUF export."""
+    pytest.importorskip("llama_cpp")
+    import json
+
+    from ayar.config import load_config
+    from ayar.exports.workflow import export_run
+    from ayar.training.sft import train_sft
+
+    base = json.loads((gguf_run / "run.json").read_text())["base_model"]
+    tmp, runs = tmp_path_factory.mktemp("ggufloras"), {}
+    for name, answer in (("upper", "YES YES YES. The answer is 42."), ("lower", "no, never; it is 7 and only 7.")):
+        rows = [{**r, "output": answer} for r in MATH_ROWS]
+        cfg = load_config(
+            None,
+            [
+                f"model.name={base}",
+                "model.dtype=float32",
+                f"data.train={write_jsonl(tmp / f'{name}.jsonl', rows)}",
+                f"output.dir={tmp / 'runs'}",
+                f"output.name={name}",
+                "training.tracker=none",
+                "training.max_steps=8",
+                "training.learning_rate=0.02",
+                "data.val_ratio=0",
+                "data.cache=false",
+            ],
+        )
+        run = train_sft(cfg).path
+        quiet = {"log": lambda *_: None, "max_new_tokens": 8}
+        assert export_run(run, "gguf", "lora-f16", **quiet).ok
+        export_run(run, "gguf", "f16", verify=False, **quiet)
+        runs[name] = run
+    return runs
+
+
+@pytest.fixture(scope="session")
 def gguf_engine(gguf_run, tmp_path_factory):
     """A llama.cpp engine on an f16 GGUF export of gguf_run (llama-cpp-python needed)."""
     pytest.importorskip("llama_cpp")

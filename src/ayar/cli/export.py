@@ -5,6 +5,7 @@ examples:
   ayar export runs/quickstart-20261125-101500 --dtype bf16 --out models/quickstart
   ayar export runs/quickstart-20261125-101500 --to onnx --quant int8    ONNX Runtime GenAI model in RUN/export/onnx-int8
   ayar export runs/quickstart-20261125-101500 --to gguf --quant q8_0    GGUF + Ollama Modelfile in RUN/export/gguf-q8_0
+  ayar export runs/quickstart-20261125-101500 --to gguf --kind lora     base GGUF + GGUF LoRA in RUN/export/gguf-lora-q8_0
   ayar export runs/quickstart-20261125-101500 --to vllm                 adapter + launch.sh + k8s/ for vLLM on a GPU box
   ayar export runs/quickstart-20261125-101500 --no-verify
 
@@ -27,7 +28,12 @@ def add_arguments(p) -> None:
         help="merged: transformers safetensors; onnx: ONNX Runtime GenAI with KV cache; "
         "gguf: llama.cpp / Ollama (with a Modelfile); vllm: a folder vLLM serves on a GPU box (--kind lora|merged)",
     )
-    p.add_argument("--kind", choices=("lora", "merged"), help="vllm: the adapter on its base (default) or merged")
+    p.add_argument(
+        "--kind",
+        choices=("lora", "merged"),
+        help="vllm: the adapter on its base (default) or merged; gguf: merged (default) or lora (the base GGUF in "
+        "--quant q8_0|f16 and the adapter as a GGUF LoRA beside it, for adapters chosen per request)",
+    )
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype of a merged export")
     p.add_argument(
         "--quant",
@@ -57,6 +63,8 @@ def run(args) -> int:
 
     console = Console(stderr=True, highlight=False)
     kind = {"merged": args.dtype, "vllm": args.kind}.get(args.to, args.quant)
+    if args.to == "gguf" and args.kind == "lora":
+        kind = f"lora-{args.quant or 'q8_0'}"
     result = export(
         args.run,
         to=args.to,

@@ -50,6 +50,8 @@ TOLERANCE = {
     "fp16": 0.95,
     "f16": 0.95,
     "q8_0": 0.90,
+    "lora-f16": 0.95,  # GGUF base + GGUF LoRA, applied unmerged by llama.cpp
+    "lora-q8_0": 0.90,
     "q4_k_m": 0.75,
     "q4_0": 0.75,
     "int8": 0.85,

@@ -85,15 +85,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
         first = quant if quant in CONVERTED else "f16"
         converted = Path(tmp) / f"model-{first}.gguf"
         log(f"converting to GGUF ({first}) with llama.cpp's convert_hf_to_gguf.py")
-        proc = subprocess.run(
-            [sys.executable, str(script), str(merged), "--outfile", str(converted), "--outtype", first],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "NO_LOCAL_GGUF": "1"},
-        )
-        if proc.returncode != 0 or not converted.is_file():
-            tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
-            raise AyarError(f"llama.cpp's converter failed on {merged} (exit {proc.returncode}):\n{tail}")
+        convert(script, [str(merged), "--outfile", str(converted), "--outtype", first], converted)
         if quant in QUANTIZED:
             log(f"quantizing to {quant} with llama.cpp")
             _quantize(converted, Path(tmp) / target.name, QUANTIZED[quant])
@@ -104,6 +96,19 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", log=p
     shareable(out)
     log(f"wrote {target} and {out / 'Modelfile'} (ollama create NAME -f {out / 'Modelfile'})")
     return target
+
+
+def convert(script: Path, args: list[str], out: Path) -> None:
+    """Run one of llama.cpp's converter scripts (from its own folder, whose `gguf` wins there) to write `out`."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_LOCAL_GGUF": "1"},
+    )
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+        raise AyarError(f"llama.cpp's {script.name} failed (exit {proc.returncode}) on {args[0]}:\n{tail}")
 
 
 def _quantize(src: Path, dst: Path, ftype: int) -> None:

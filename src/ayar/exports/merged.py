@@ -84,14 +84,14 @@ def export_merged(
     with atomic_directory(out, mark=f"ayar export --to merged --dtype {dtype} of {run.path}") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        _write_legacy_rope(Path(tmp) / "config.json")
+        write_legacy_rope(Path(tmp) / "config.json")
         (Path(tmp) / "README.md").write_text(_model_card(run, dtype))
     shareable(out)
     log(f"wrote {out}")
     return out
 
 
-def _write_legacy_rope(config_path: Path) -> None:
+def write_legacy_rope(config_path: Path) -> None:
     """transformers 5 writes `rope_parameters`; readers built on transformers 4.x look for `rope_theta`
     and silently fall back to 10000 without it. Write both."""
     cfg = json.loads(config_path.read_text())

@@ -33,7 +33,10 @@ def _onnx(run_dir, out, kind, log, force=False):
 
 def _gguf(run_dir, out, kind, log, force=False):
     from ayar.exports.gguf import export_gguf
+    from ayar.exports.gguf_lora import export_gguf_lora
 
+    if kind.startswith("lora-"):  # the base and the adapter as two GGUFs, not merged
+        return export_gguf_lora(run_dir, out, kind, log=log, force=force)
     return export_gguf(run_dir, out, kind, log=log, force=force)
 
 
@@ -70,7 +73,7 @@ def _load_gguf(path):
 FORMATS = {
     "merged": Format("fp32", ("fp32", "bf16", "fp16"), _merged, _load_merged),
     "onnx": Format("int8", ("fp32", "int8", "int4"), _onnx, _load_onnx),
-    "gguf": Format("q8_0", ("f16", "q8_0", "q4_k_m", "q4_0"), _gguf, _load_gguf),
+    "gguf": Format("q8_0", ("f16", "q8_0", "q4_k_m", "q4_0", "lora-q8_0", "lora-f16"), _gguf, _load_gguf),
     # for a GPU box: the adapter (or the merged model) with a launch script and Kubernetes manifests
     "vllm": Format("lora", ("lora", "merged"), _vllm, _load_vllm),
 }

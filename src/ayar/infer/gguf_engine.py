@@ -17,11 +17,19 @@ from ayar.infer.exported import ExportedEngine
 
 
 def gguf_file(path) -> Path | None:
-    """The GGUF to load for `path`: the file itself, or the only *.gguf in an export folder."""
+    """The GGUF model to load for `path`: the file itself, or the only model *.gguf in an export folder (a GGUF
+    LoRA export holds the base model and `adapter-*.gguf`)."""
     path = Path(str(path))
     if path.is_file() and path.suffix == ".gguf":
         return path
-    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    found = [f for f in sorted(path.glob("*.gguf")) if not f.name.startswith("adapter")] if path.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+def gguf_adapter(path) -> Path | None:
+    """The GGUF LoRA of a GGUF LoRA export folder (`ayar export --to gguf --kind lora`), or None."""
+    path = Path(str(path))
+    found = sorted(path.glob("adapter*.gguf")) if path.is_dir() else []
     return found[0] if len(found) == 1 else None
 
 
@@ -58,8 +66,10 @@ class GgufEngine(ExportedEngine):
         from llama_cpp import Llama
 
         super().__init__(path, generation)
+        self.adapter = gguf_adapter(path)  # applied by llama.cpp over the base, unmerged
         self.llm = Llama(
             model_path=str(gguf_file(path) or path),
+            lora_path=str(self.adapter) if self.adapter else None,
             n_ctx=2048,
             logits_all=True,
             verbose=False,

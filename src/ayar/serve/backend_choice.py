@@ -2,8 +2,9 @@
 fastest backend for which the run has an export that passed its release gate, building the GGUF one once (q8_0,
 gated, kept in RUN/export/) when there is none. Measured on this project's CPUs (benchmarks/README.md): llama.cpp
 (GGUF) is the fastest, then onnxruntime-genai (int8), then transformers. A failed gate falls back to the
-transformers backend with a warning naming the failed check; what needs transformers (adapters per request, a
-GPU, a model that is not a run) keeps it, and the reason is said either way."""
+transformers backend with a warning naming the failed check; what needs transformers (a GPU, a model that is not a
+run) keeps it, and the reason is said either way. Adapters chosen per request are served by llama.cpp from GGUF LoRA
+exports on one base GGUF (built and gated once per run, like the GGUF export), or by transformers."""
 
 from __future__ import annotations
 
@@ -40,12 +41,10 @@ def choose_backend(settings, log=print, build=None) -> Choice:
         if wanted in EXPORTS and not is_run:
             raise AyarError(f"--backend {wanted} serves an export of a run: give a run directory, or the export itself")
         return Choice(source, "transformers", why)
-    if settings.adapters or settings.adapter_root:
-        if wanted != "auto":
-            raise AyarError(f"--backend {wanted}: adapters chosen per request need the transformers backend")
-        return Choice(source, "transformers", "adapters chosen per request need it")
     if wanted == "auto" and _gpu():
         return Choice(source, "transformers", "a GPU: the transformers backend (or --engine vllm) serves it there")
+    if settings.adapters or settings.adapter_root:
+        return _with_adapters(settings, wanted, log, build)
     order = [wanted] if wanted != "auto" else list(EXPORTS)
     folder = {b: run / "export" / "-".join(EXPORTS[b]) for b in order}
     for backend in order:  # an export that already passed its gate, fastest first
@@ -77,6 +76,57 @@ def choose_backend(settings, log=print, build=None) -> Choice:
     if wanted != "auto":
         raise AyarError(f"--backend {wanted} cannot serve this run: {failed[0]}")
     return Choice(source, "transformers", "no gated export could serve it", "falling back: " + " | ".join(failed))
+
+
+def _with_adapters(settings, wanted: str, log, build) -> Choice:
+    """Adapters chosen per request: llama.cpp serves them when the run and every adapter run have a gated GGUF LoRA
+    export (built once where missing) on the same base; otherwise transformers (auto) or an error."""
+    source = settings.source
+    if wanted == "onnx":
+        raise AyarError("--backend onnx: adapters chosen per request need --backend gguf or transformers")
+    if settings.adapter_root and wanted == "auto":  # what an admin loads later may have no GGUF LoRA export
+        return Choice(source, "transformers", "adapters loaded at run time (--adapter-root) need it")
+    fmt, kind = EXPORTS["gguf"][0], f"lora-{EXPORTS['gguf'][1]}"
+    runs = {"the served run": Path(source), **{f"adapter {n}": Path(p) for n, p in settings.adapters.items()}}
+    failed, base = [], _applies_to(Path(source))
+    for what, run in runs.items():
+        if not (run / "run.json").is_file():
+            if run.suffix != ".gguf" and not any(run.glob("adapter*.gguf")):
+                failed.append(f"{what} ({run}) is neither a run directory nor a GGUF LoRA")
+            continue
+        if _applies_to(run) != base:
+            failed.append(f"{what} was trained on {_applies_to(run)}, the served run on {base}")
+            continue
+        folder = run / "export" / f"{fmt}-{kind}"
+        gate = _gate(folder)
+        if gate is None and not _missing("gguf"):
+            log(f"backend: no gated GGUF LoRA export of {run} yet: building it once ({folder})")
+            try:
+                (build or _build)(str(run), fmt, kind, log)
+            except AyarError as e:
+                failed.append(f"{what}: the GGUF LoRA export failed ({e})")
+            gate = _gate(folder)
+        if gate is None:
+            failed.append(f"{what}: {_missing('gguf') or 'no GGUF LoRA export'}")
+        elif not gate["ok"]:
+            bad = "; ".join(f"{c['name']}: {c['detail']}" for c in gate.get("checks", []) if not c["ok"])
+            failed.append(f"{what}: GGUF LoRA release gate failed: {bad}")
+    if not failed:
+        folder = Path(source) / "export" / f"{fmt}-{kind}"
+        return Choice(
+            str(folder), "gguf", f"GGUF LoRA exports of the run and its {len(settings.adapters)} adapter(s) passed "
+            f"their release gates: one base ({folder}), adapters applied per request by llama.cpp"
+        )  # fmt: skip
+    if wanted != "auto":
+        raise AyarError(f"--backend gguf cannot serve these adapters: {failed[0]}")
+    return Choice(source, "transformers", "adapters chosen per request", "falling back: " + " | ".join(failed))
+
+
+def _applies_to(run: Path) -> str:
+    from ayar.exports.gguf_lora import applies_to
+    from ayar.rundir import RunDir
+
+    return applies_to(RunDir.open(run))
 
 
 def _gate(folder: Path) -> dict | None:

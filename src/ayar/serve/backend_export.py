@@ -17,8 +17,11 @@ class ExportBackend:
         self.stop_ids = set(engine.stop_ids)
         self.context_window = engine.context_window
         self.default_model = name
-        self.adapters: dict[str, str] = {}
         self.lock = threading.Lock()
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return {}
 
     def model_names(self) -> list[str]:
         return [self.default_model]

@@ -9,7 +9,14 @@ rest is removed and prefilled, as llama-server's prompt cache does; each row sam
 own temperature, top-p and seeded generator, so a row gets the same tokens whoever shares the step. The model
 weights are the engine's (loaded once); the batch, context and sampling loop are ours, through llama-cpp-python's
 low-level API, because its high-level `Llama` holds one sequence. `SerialGgufBackend` is the earlier rows-in-turn
-version, kept for the benchmark's comparison. The adapter is merged in: one model name."""
+version, kept for the benchmark's comparison.
+
+Adapters: a merged GGUF export is one model name. A GGUF LoRA export (`--kind lora`) is a base with the run's adapter
+applied by llama.cpp unmerged: the base answers as `base`, the run under its name, and more GGUF LoRAs on the same
+base load under their own names (`--adapter`, POST /admin/adapters). llama.cpp applies one set of adapters to a whole
+`llama_decode`, so a step with rows of several adapters makes one decode per adapter (the cost is measured by
+`ayar bench serve --adapters`); a row's KV cells were computed with its adapter, so a slot's prompt cache is reused
+only by a row of the same adapter."""
 
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ayar.errors import AyarError
-from ayar.serve.backend import Row, _accept, _close, fail_rows
+from ayar.serve.backend import BASE, Row, _accept, _close, fail_rows
 from ayar.serve.backend_export import ExportBackend
 
 
@@ -32,6 +39,7 @@ class _Slot:
     fed: list[int] | None = None  # those tokens (the slot's prompt cache once the row is done)
     next: int | None = None  # the sampled token to feed next
     rng: np.random.Generator | None = None
+    adapter: str | None = None  # the row's LoRA (None: the GGUF's own weights)
 
 
 class GgufBackend(ExportBackend):
@@ -61,11 +69,73 @@ class GgufBackend(ExportBackend):
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
         self.batch = L.llama_batch_init(params.n_batch, 0, 1)
         self.slots: list[_Slot] = []
-        self.cached: dict[int, list[int]] = {}  # free sequence id -> the tokens its KV cells still hold
+        # free sequence id -> (the adapter they were computed with, the tokens its KV cells still hold)
+        self.cached: dict[int, tuple[str | None, list[int]]] = {}
         self.waiting: list[Row] = []  # rows beyond the slots (a request with more rows than --max-batch)
+        self.loras: dict[str, object] = {}  # public name -> llama.cpp adapter
+        self.in_use: str | None = None  # the adapter set on the context now
+        # a GGUF LoRA export: the base under `base`, the run's adapter under the run's name
+        self.base_name = BASE if engine.adapter else name
+        if engine.adapter:
+            self._load(name, engine.adapter)
         import atexit
 
         atexit.register(self.close)
+
+    # --- adapters ----------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, str]:
+        return {name: name for name in self.loras}
+
+    def model_names(self) -> list[str]:
+        return [self.base_name, *self.loras] if self.base_name == BASE else [self.base_name]
+
+    def load_adapter(self, name: str, path) -> None:
+        """A GGUF LoRA (a .gguf, a GGUF LoRA export, or a run with a gated one) under `name`."""
+        from ayar.exports.gguf_lora import lora_file
+
+        if self.base_name != BASE:
+            raise AyarError(
+                "this GGUF has its run's adapter merged in: serve a GGUF LoRA export (ayar export RUN --to gguf --kind "
+                "lora) to choose adapters per request"
+            )
+        self._load(name, lora_file(path))
+
+    def _load(self, name: str, file) -> None:
+        with self.lock:
+            if name in self.loras or name == BASE:
+                raise AyarError(f"an adapter named {name!r} is already loaded: unload it first or pick another name")
+            lora = self.L.llama_adapter_lora_init(self.engine.llm._model.model, str(file).encode())
+            if not lora:
+                raise AyarError(f"llama.cpp could not load {file} as a LoRA of this model (one made for another base?)")
+            self.loras[name] = lora
+            self._forget(name)
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name not in self.loras:
+                raise KeyError(name)
+            self._use(None)
+            self.L.llama_adapter_lora_free(self.loras.pop(name))
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Prompt caches computed with an adapter of this name are stale once it is (re)loaded."""
+        self.cached = {seq: c for seq, c in self.cached.items() if c[0] != name}
+
+    def _use(self, adapter: str | None) -> None:
+        if adapter == self.in_use:
+            return
+        L = self.L
+        if adapter is None:
+            rc = L.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            rc = L.llama_set_adapters_lora(
+                self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(self.loras[adapter]), 1, (L.ctypes.c_float * 1)(1.0)
+            )
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not set the adapter {adapter!r} (error {rc})")
+        self.in_use = adapter
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -95,25 +165,32 @@ class GgufBackend(ExportBackend):
         with self.lock:
             self._leave()
             self._seat()
-            if not self.slots:
-                return
-            fed = self._fill()
-            rc = self.L.llama_decode(self.ctx, self.batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc} for {self.batch.n_tokens} tokens")
-            for slot, n, out in fed:
-                slot.n_past += n
-                if out is None:
-                    continue
-                logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, out), shape=(self.n_vocab,))
-                token = _sample(logits, slot)
-                _accept(self, slot.row, token)
-                slot.next = token
-                if slot.row.finish is None and slot.n_past + 1 >= self.slot_context:  # its cells are full
-                    _close(slot.row, "length")
+            groups: dict[str | None, list[_Slot]] = {}
+            for s in self.slots:
+                groups.setdefault(s.adapter, []).append(s)
+            for adapter in sorted(groups, key=lambda a: a != self.in_use):  # the adapter set now first
+                self._use(adapter)
+                self._decode(groups[adapter])
             self._leave()
 
-    def _fill(self) -> list[tuple[_Slot, int, int | None]]:
+    def _decode(self, slots: list[_Slot]) -> None:
+        """One llama_decode for these slots (all of one adapter), then each decoding row's next token."""
+        fed = self._fill(slots)
+        rc = self.L.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for {self.batch.n_tokens} tokens")
+        for slot, n, out in fed:
+            slot.n_past += n
+            if out is None:
+                continue
+            logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, out), shape=(self.n_vocab,))
+            token = _sample(logits, slot)
+            _accept(self, slot.row, token)
+            slot.next = token
+            if slot.row.finish is None and slot.n_past + 1 >= self.slot_context:  # its cells are full
+                _close(slot.row, "length")
+
+    def _fill(self, slots: list[_Slot]) -> list[tuple[_Slot, int, int | None]]:
         """One token for every decoding row, then prompt chunks for rows still being prefilled, within the
         batch size; returns (slot, tokens fed, batch index of its logits or None)."""
         b, fed, n = self.batch, [], 0
@@ -124,13 +201,13 @@ class GgufBackend(ExportBackend):
             b.seq_id[n][0] = seq
             n += 1
 
-        for s in self.slots:
+        for s in slots:
             if not s.todo and s.next is not None:
                 put(s.next, s.n_past, s.seq, True)
                 s.fed.append(s.next)
                 fed.append((s, 1, n - 1))
         room = self.chunk
-        for s in self.slots:
+        for s in slots:
             if s.todo and room > 0:
                 take, s.todo = s.todo[:room], s.todo[room:]
                 for i, token in enumerate(take):
@@ -150,15 +227,27 @@ class GgufBackend(ExportBackend):
             row = self.waiting.pop(0)
             if row.finish is not None:
                 continue
+            if row.model not in (BASE, self.base_name, *self.loras):  # its adapter was unloaded while it waited
+                _close(row, "unloaded")
+                continue
+            adapter = row.model if row.model in self.loras else None
             prompt = row.prompt_ids
-            seq = max(sorted(free), key=lambda q: _common(self.cached.get(q, []), prompt))
+
+            def reusable(q: int) -> int:  # cells computed with another adapter are of no use to this row
+                cached = self.cached.get(q, (None, []))
+                return _common(cached[1], prompt) if cached[0] == adapter else 0
+
+            seq = max(sorted(free), key=reusable)
             free.discard(seq)
-            keep = min(_common(self.cached.pop(seq, []), prompt), len(prompt) - 1)
+            keep = min(reusable(seq), len(prompt) - 1)
+            self.cached.pop(seq, None)
             if not self.L.llama_memory_seq_rm(self.memory, seq, keep, -1):  # a model that cannot cut: start over
                 self.L.llama_memory_seq_rm(self.memory, seq, -1, -1)
                 keep = 0
             rng = np.random.default_rng(row.sampling.seed)
-            self.slots.append(_Slot(row, seq, list(prompt[keep:]), n_past=keep, fed=list(prompt[:keep]), rng=rng))
+            self.slots.append(
+                _Slot(row, seq, list(prompt[keep:]), n_past=keep, fed=list(prompt[:keep]), rng=rng, adapter=adapter)
+            )
 
     def _leave(self) -> None:
         """Rows that finished or were cancelled leave; their KV cells are freed for the next row."""
@@ -166,10 +255,12 @@ class GgufBackend(ExportBackend):
         for s in self.slots:
             if s.row.finish is None and s.row.cancelled():
                 _close(s.row, "cancelled")
+            if s.row.finish is None and s.adapter is not None and s.adapter not in self.loras:
+                _close(s.row, "unloaded")  # its adapter was unloaded while it ran
             if s.row.finish is None:
                 keep.append(s)
-            else:  # its cells hold exactly what was fed (a row cancelled mid-prefill: the part fed so far)
-                self.cached[s.seq] = s.fed
+            elif s.adapter is None or s.adapter in self.loras:  # its cells hold exactly what was fed
+                self.cached[s.seq] = (s.adapter, s.fed)
         self.slots = keep
         for r in self.waiting:
             if r.finish is None and r.cancelled():

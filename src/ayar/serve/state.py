@@ -39,9 +39,7 @@ def build_backend(settings: ServeSettings, log=print) -> HFBackend:
             )
     engine = load_engine(settings.source, log=log)
     path = Path(settings.source)
-    exported = isinstance(engine, ExportedEngine)
-    if exported and settings.adapters:
-        raise AyarError("--adapter needs the transformers backend: an ONNX or GGUF export has its adapter merged in")
+    exported = isinstance(engine, ExportedEngine)  # adapters: on a GGUF LoRA export only (its backend says so)
     name = settings.name or (path.resolve().name if (path / "run.json").is_file() or exported else "model")
     backend = backend_for(engine, name, settings.max_batch)
     for adapter, where in settings.adapters.items():

@@ -380,3 +380,19 @@ def test_a_failed_swap_puts_the_earlier_folder_back(tmp_path, monkeypatch):
             (tmp / "new.txt").write_text("new")
     assert (final / "keep.txt").read_text() == "earlier" and not (final / "new.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_gguf_lora_export_keeps_the_base_and_passes_the_gate(gguf_run, tmp_path):
+    import llama_cpp  # noqa: F401
+
+    from ayar.exports.workflow import export_run
+    from ayar.infer.gguf_engine import gguf_adapter, gguf_file
+
+    result = export_run(gguf_run, "gguf", "lora-f16", out=tmp_path / "lora", max_new_tokens=12, **quiet)
+    folder = result.folder
+    assert gguf_file(folder).name == "model-f16.gguf" and gguf_adapter(folder).name == "adapter-f16.gguf"
+    assert gguf_adapter(folder).stat().st_size < gguf_file(folder).stat().st_size / 4  # the LoRA only
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-f16.gguf\nADAPTER ./adapter-f16.gguf\n")
+    assert json.loads((folder / "lora.json").read_text())["base"] == "f16"
+    assert result.gate.ok, [c for c in result.gate.checks if not c.ok]

@@ -40,7 +40,7 @@ def test_rows_together_equal_rows_alone_and_llama_cpp_own_generate(engine):
     while backend.active:
         backend.step()
     assert [r.ids for r in together] == alone and all(r.finish in ("stop", "length") for r in together)
-    assert not backend.slots and all(len(t) > 10 for t in backend.cached.values())  # kept as prompt caches
+    assert not backend.slots and all(len(t) > 10 and a is None for a, t in backend.cached.values())  # kept as prompt caches
     cached = dict(backend.cached)
     reused = rows(engine)  # the same prompts again: seated on their cached prefixes, the same answers
     backend.run(reused)
@@ -98,3 +98,67 @@ def test_a_prompt_longer_than_a_rows_context_fails_alone(engine):
     long, short = Row(list(range(100, 140)), 4), Row(engine.prompt_ids([{"role": "user", "content": "hi"}])[:10], 4)
     backend.run([long, short])
     assert long.finish == "error" and short.finish in ("stop", "length")
+
+
+def test_adapters_per_request_give_each_row_its_merged_export_answer(gguf_lora_runs):
+    """One base GGUF, the runs' GGUF LoRAs applied unmerged by llama.cpp: rows of two adapters and of the base in one
+    server give each the greedy answer of that run's merged GGUF export (and the base GGUF's)."""
+    from ayar.infer.gguf_engine import GgufEngine
+    from ayar.serve.backend_gguf import GgufBackend
+
+    upper, lower = gguf_lora_runs["upper"], gguf_lora_runs["lower"]
+    served = GgufEngine(upper / "export" / "gguf-lora-f16")
+    backend = GgufBackend(served, "upper", max_batch=4)
+    backend.load_adapter("lower", lower)  # a run directory: its gated GGUF LoRA export
+    assert backend.model_names() == ["base", "upper", "lower"] and backend.default_model == "upper"
+    merged = {
+        "upper": GgufEngine(upper / "export" / "gguf-f16"),
+        "lower": GgufEngine(lower / "export" / "gguf-f16"),
+        "base": GgufEngine(upper / "export" / "gguf-lora-f16" / "model-f16.gguf"),
+    }
+    prompts = PROMPTS[:2]
+    mixed = [Row(served.prompt_ids([{"role": "user", "content": p}]), 10, model=m) for p in prompts for m in merged]
+    backend.admit(mixed[:4])
+    backend.step()  # the last two join a running batch
+    backend.admit(mixed[4:])
+    while backend.active:
+        backend.step()
+    answers = {}
+    for r in mixed:
+        expected = [t for t in merged[r.model].greedy(r.prompt_ids, 10) if t not in served.stop_ids]
+        assert r.ids == expected, r.model
+        answers.setdefault(r.model, []).append(r.ids)
+    assert len({str(a) for a in answers.values()}) == 3  # the adapters matter: three different answers
+    # a slot's prompt cache is reused by rows of its own adapter only: the same rows again give the same answers
+    again = [Row(r.prompt_ids, 10, model=r.model) for r in reversed(mixed)]
+    backend.run(again)
+    assert [r.ids for r in again] == [r.ids for r in reversed(mixed)]
+
+
+def test_adapter_load_unload_and_refusals(gguf_lora_runs, gguf_engine, tmp_path):
+    from ayar.errors import AyarError
+    from ayar.infer.gguf_engine import GgufEngine
+    from ayar.serve.backend_gguf import GgufBackend
+
+    upper, lower = gguf_lora_runs["upper"], gguf_lora_runs["lower"]
+    backend = GgufBackend(GgufEngine(upper / "export" / "gguf-lora-f16"), "upper", max_batch=2)
+    backend.load_adapter("lower", lower / "export" / "gguf-lora-f16" / "adapter-f16.gguf")  # the file itself
+    with pytest.raises(AyarError, match="already loaded"):
+        backend.load_adapter("lower", lower)
+    waiting = [Row(backend.engine.prompt_ids([{"role": "user", "content": "hi"}]), 6, model="lower") for _ in range(3)]
+    backend.admit(waiting)  # 2 seated, 1 waiting for a slot
+    backend.step()
+    backend.unload_adapter("lower")
+    backend.step()
+    assert [r.finish for r in waiting] == ["unloaded"] * 3 and "lower" not in backend.model_names()
+    with pytest.raises(AyarError, match="no GGUF LoRA export that passed"):
+        backend.load_adapter("x", _run_without_lora(tmp_path))
+    with pytest.raises(AyarError, match="merged in"):  # a merged GGUF has no base to put adapters on
+        GgufBackend(gguf_engine, "m").load_adapter("lower", lower)
+
+
+def _run_without_lora(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    return run
