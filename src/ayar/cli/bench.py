@@ -46,10 +46,17 @@ def add_arguments(p) -> None:
     s.add_argument(
         "--sides",
         default="ayar,naive",
-        help="ayar, naive; on the run's GGUF export: ayar-gguf, ayar-serial, llama-server (needs --llama-server)",
+        help="ayar, naive; on the run's GGUF export: ayar-gguf, ayar-serial, llama-server (needs --llama-server); "
+        "on its GGUF LoRA export: ayar-gguf-lora, ayar-gguf-2lora (with --second-adapter)",
     )
     s.add_argument(
         "--llama-server", metavar="PATH", help="llama.cpp's server binary (benchmarks/build-llama-server.sh)"
+    )
+    s.add_argument(
+        "--second-adapter",
+        metavar="RUN",
+        help="ayar-gguf-2lora: another run on the same base (with a GGUF LoRA export), or a GGUF LoRA file; requests "
+        "alternate between it and the run's adapter (default: the run's adapter again under a second name)",
     )
     s.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
 
@@ -129,6 +136,7 @@ def run_serve(args) -> int:
         tuple(args.sides.split(",")),
         log=lambda m: console.print(m),
         llama_server=args.llama_server,
+        second_adapter=args.second_adapter,
     )
     table = Table(
         "side",

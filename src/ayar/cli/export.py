@@ -5,7 +5,7 @@ examples:
   ayar export runs/quickstart-20261125-101500 --dtype bf16 --out models/quickstart
   ayar export runs/quickstart-20261125-101500 --to onnx --quant int8    ONNX Runtime GenAI model in RUN/export/onnx-int8
   ayar export runs/quickstart-20261125-101500 --to gguf --quant q8_0    GGUF + Ollama Modelfile in RUN/export/gguf-q8_0
-  ayar export runs/quickstart-20261125-101500 --to gguf --kind lora     base GGUF + GGUF LoRA in RUN/export/gguf-lora-q8_0
+  ayar export runs/quickstart-20261125-101500 --to gguf --kind lora     base + LoRA GGUFs in RUN/export/gguf-lora-q8_0
   ayar export runs/quickstart-20261125-101500 --to vllm                 adapter + launch.sh + k8s/ for vLLM on a GPU box
   ayar export runs/quickstart-20261125-101500 --no-verify
 

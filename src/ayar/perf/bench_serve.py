@@ -2,15 +2,18 @@
 `generate` (the seed's FastAPI example), same model, same prompts, in one invocation. Sides on the run's GGUF export
 (RUN/export/gguf-q8_0, or a GGUF source itself): `ayar-gguf` (ayar's batched llama.cpp backend), `ayar-serial`
 (that backend as it was: rows in turn) and `llama-server` (llama.cpp's own server on the same file with the same
-number of parallel slots; benchmarks/build-llama-server.sh builds it). ayar's sides run with an API key (auth on),
-as a deployment would.
+number of parallel slots; benchmarks/build-llama-server.sh builds it). On the run's GGUF LoRA export
+(RUN/export/gguf-lora-q8_0: the base and the adapter apart): `ayar-gguf-lora` (every request to the run's adapter,
+applied unmerged) and `ayar-gguf-2lora` (a second adapter loaded, `--second-adapter`, requests alternating between
+the two: a step with rows of both makes one decode per adapter). ayar's sides run with an API key (auth on), as a
+deployment would.
 
 Each server runs in its own subprocess on 127.0.0.1; closed-loop clients (each sends its next request
 when the previous answer is in) drive it at each concurrency level. Throughput counts the completion
 tokens the server reports; time to first token is measured on ayar's stream (the naive server cannot
 stream, so for it TTFT is the whole latency, which is what its users wait).
 
-    python -m ayar.perf.bench_serve SIDE SOURCE PORT MAX_BATCH     (a server; SIDE is ayar, ayar-serial or naive)
+    python -m ayar.perf.bench_serve SIDE SOURCE PORT MAX_BATCH [SECOND_ADAPTER]     (a server of one side)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 SIDES = ("ayar", "naive")
 GGUF_SIDES = ("ayar-gguf", "ayar-serial", "llama-server")
+LORA_SIDES = ("ayar-gguf-lora", "ayar-gguf-2lora")
 KEY = "bench-key"  # ayar's sides run with authentication on
 
 
@@ -39,6 +43,7 @@ def run_bench(
     sides=SIDES,
     log=print,
     llama_server: str | None = None,
+    second_adapter: str | None = None,
 ) -> dict:
     from ayar.data.sources import _sample
 
@@ -47,8 +52,10 @@ def run_bench(
     for side in sides:
         port = _free_port()
         log(f"[{side}] starting its server on 127.0.0.1:{port}")
-        served = gguf_of(source) if side in GGUF_SIDES else source
+        served = gguf_of(source) if side in GGUF_SIDES else lora_of(source) if side in LORA_SIDES else source
         command = [sys.executable, "-m", "ayar.perf.bench_serve", side, served, str(port), str(max_batch)]
+        if side == "ayar-gguf-2lora":
+            command.append(second_adapter or str(Path(lora_of(source)) / "adapter-f16.gguf"))
         if side == "llama-server":
             command = _llama_server_command(llama_server, served, port, max_batch)
         proc = subprocess.Popen(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -78,14 +85,31 @@ def run_bench(
         "sides": results,
     }
     ratios = {}
-    for ours, other in (("ayar", "naive"), ("ayar-gguf", "llama-server"), ("ayar-gguf", "ayar-serial")):
+    pairs = [("ayar", "naive"), ("ayar-gguf", "llama-server"), ("ayar-gguf", "ayar-serial")]
+    pairs += [("ayar-gguf-lora", "ayar-gguf"), ("ayar-gguf-2lora", "ayar-gguf-lora")]
+    for ours, other in pairs:
         if ours in results and other in results:
             ratios[f"{ours}/{other}"] = {
                 c: results[ours][c]["tokens_per_s"] / results[other][c]["tokens_per_s"] for c in concurrency
             }
     if ratios:
         out["ratios"] = ratios
+    if "ayar-gguf-2lora" in sides:
+        out["second_adapter"] = second_adapter or "the run's own adapter loaded again under a second name"
     return out
+
+
+def lora_of(source: str) -> str:
+    """The GGUF LoRA export the adapter sides serve (RUN/export/gguf-lora-q8_0, else -f16)."""
+    from ayar.errors import AyarError
+    from ayar.exports.gguf_lora import KINDS
+    from ayar.infer.gguf_engine import gguf_adapter
+
+    for kind in KINDS:
+        folder = Path(source) / "export" / f"gguf-{kind}"
+        if gguf_adapter(folder) is not None:
+            return str(folder)
+    raise AyarError(f"the adapter sides need a GGUF LoRA export: `ayar export {source} --to gguf --kind lora`")
 
 
 def gguf_of(source: str) -> str:
@@ -123,13 +147,13 @@ def _llama_server_command(binary: str | None, source: str, port: int, max_batch:
 async def _drive(port: int, side: str, questions: list[str], clients: int, total: int, max_tokens: int) -> dict:
     import httpx
 
-    queue, model = list(range(total)), "bench"
+    queue, models = list(range(total)), ["bench"]
     ttft, latency, tokens, errors = [], [], 0, 0
 
     async def one(client: httpx.AsyncClient, i: int):
         nonlocal tokens, errors
         body = {
-            "model": model,
+            "model": models[i % len(models)],
             "messages": [{"role": "user", "content": questions[i % len(questions)]}],
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -167,12 +191,14 @@ async def _drive(port: int, side: str, questions: list[str], clients: int, total
     started = time.perf_counter()
     headers = {"Authorization": f"Bearer {KEY}"} if side.startswith("ayar") else {}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=headers) as client:
-        if side != "naive":  # the run's adapter if it has one, else the base model
-            model = (await client.get("/v1/models")).json()["data"][-1]["id"]
+        if side != "naive":  # the run's adapter if it has one, else the base model; both adapters on 2lora
+            served = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+            models = served[-2:] if side == "ayar-gguf-2lora" else served[-1:]
         await asyncio.gather(*(worker(client) for _ in range(clients)))
     wall = time.perf_counter() - started
     return {
         "clients": clients,
+        "models": models,
         "requests": total,
         "errors": errors,
         "wall_s": wall,
@@ -244,7 +270,7 @@ def _naive_app(engine):
     return app
 
 
-def _serve(side: str, source: str, port: int, max_batch: int) -> None:
+def _serve(side: str, source: str, port: int, max_batch: int, second: str | None = None) -> None:
     import uvicorn
 
     from ayar.infer.load import load_engine
@@ -267,9 +293,11 @@ def _serve(side: str, source: str, port: int, max_batch: int) -> None:
             if not isinstance(engine, GgufEngine):
                 raise SystemExit("the ayar-serial side is the llama.cpp backend's rows-in-turn version: a GGUF source")
             backend = SerialGgufBackend(engine, "bench")
+        if side == "ayar-gguf-2lora":
+            backend.load_adapter("bench-2", second)
         app = create_app(settings, backend=backend)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6])

@@ -34,3 +34,18 @@ def test_the_llama_server_side_says_what_it_needs(tmp_path):
     command = _llama_server_command("/opt/llama-server", str(tmp_path), 8000, 8)
     assert command[:3] == ["/opt/llama-server", "-m", str(tmp_path / "m.gguf")]
     assert command[command.index("--parallel") + 1] == "8" and command[command.index("--ctx-size") + 1] == "16384"
+
+
+def test_bench_serve_adapter_sides_alternate_two_adapters(gguf_lora_runs):
+    from ayar.perf.bench_serve import lora_of, run_bench
+
+    upper, lower = gguf_lora_runs["upper"], gguf_lora_runs["lower"]
+    sides = ("ayar-gguf-lora", "ayar-gguf-2lora")
+    result = run_bench(str(upper), (1, 2), 2, 6, 2, sides, log=lambda *_: None, second_adapter=str(lower))
+    assert result["sides"]["ayar-gguf-lora"][2]["models"] == ["bench"]  # the run's adapter, unmerged
+    assert result["sides"]["ayar-gguf-2lora"][2]["models"] == ["bench", "bench-2"]  # alternating
+    for side in sides:
+        assert all(m["errors"] == 0 and m["completion_tokens"] > 0 for m in result["sides"][side].values()), side
+    assert set(result["ratios"]["ayar-gguf-2lora/ayar-gguf-lora"]) == {1, 2}
+    with pytest.raises(AyarError, match="--to gguf --kind lora"):
+        lora_of(str(upper.parent))

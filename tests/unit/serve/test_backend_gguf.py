@@ -40,7 +40,9 @@ def test_rows_together_equal_rows_alone_and_llama_cpp_own_generate(engine):
     while backend.active:
         backend.step()
     assert [r.ids for r in together] == alone and all(r.finish in ("stop", "length") for r in together)
-    assert not backend.slots and all(len(t) > 10 and a is None for a, t in backend.cached.values())  # kept as prompt caches
+    assert not backend.slots and all(
+        len(t) > 10 and a is None for a, t in backend.cached.values()
+    )  # kept as prompt caches
     cached = dict(backend.cached)
     reused = rows(engine)  # the same prompts again: seated on their cached prefixes, the same answers
     backend.run(reused)
