@@ -191,8 +191,13 @@ class GgufBackend(ExportBackend):
                 _close(slot.row, "length")
 
     def _fill(self, slots: list[_Slot]) -> list[tuple[_Slot, int, int | None]]:
-        """One token for every decoding row, then prompt chunks for rows still being prefilled, within the
-        batch size; returns (slot, tokens fed, batch index of its logits or None)."""
+        """One token for every decoding row and prompt chunks for rows still being prefilled (at most `chunk`
+        prompt tokens a step); returns (slot, tokens fed, batch index of its logits or None).
+
+        In sequence order: with a KV stream per sequence, llama.cpp cuts a batch into micro-batches of consecutive,
+        increasing sequence ids only (llama_batch_allocr::split_equal, `sequential`), each one a whole pass over
+        the weights. Eight rows fed in seating order (3, 0, 5, ...) took several passes a step, about twice the
+        time of one (benchmarks/README.md); in order, and seated low (_seat), they take one."""
         b, fed, n = self.batch, [], 0
 
         def put(token: int, pos: int, seq: int, logits: bool) -> None:
@@ -201,14 +206,13 @@ class GgufBackend(ExportBackend):
             b.seq_id[n][0] = seq
             n += 1
 
-        for s in slots:
+        room = self.chunk
+        for s in sorted(slots, key=lambda s: s.seq):
             if not s.todo and s.next is not None:
                 put(s.next, s.n_past, s.seq, True)
                 s.fed.append(s.next)
                 fed.append((s, 1, n - 1))
-        room = self.chunk
-        for s in slots:
-            if s.todo and room > 0:
+            elif s.todo and room > 0:
                 take, s.todo = s.todo[:room], s.todo[room:]
                 for i, token in enumerate(take):
                     put(token, s.n_past + i, s.seq, not s.todo and i == len(take) - 1)
@@ -219,9 +223,10 @@ class GgufBackend(ExportBackend):
         return fed
 
     def _seat(self) -> None:
-        """Waiting rows into free slots, each where the cached tokens share the longest prefix with its prompt
-        (kept; the rest of the slot's cells removed). At least the prompt's last token is decoded again: its
-        logits give the first answer token."""
+        """Waiting rows into free slots: the lowest free one (see _fill: busy slots stay contiguous), unless another
+        holds a prefix of the prompt longer by PREFIX_UNIT tokens or more (a conversation going on); the slot's
+        cached prefix is kept, the rest of its cells removed. At least the prompt's last token is decoded again:
+        its logits give the first answer token."""
         free = set(range(self.n_slots)) - {s.seq for s in self.slots}
         while self.waiting and free:
             row = self.waiting.pop(0)
@@ -237,7 +242,7 @@ class GgufBackend(ExportBackend):
                 cached = self.cached.get(q, (None, []))
                 return _common(cached[1], prompt) if cached[0] == adapter else 0
 
-            seq = max(sorted(free), key=reusable)
+            seq = max(free, key=lambda q: (reusable(q) // PREFIX_UNIT, -q))
             free.discard(seq)
             keep = min(reusable(seq), len(prompt) - 1)
             self.cached.pop(seq, None)
@@ -272,6 +277,9 @@ class GgufBackend(ExportBackend):
         with self.lock:
             self.L.llama_memory_clear(self.memory, True)
             self.slots, self.waiting, self.cached = [], [], {}
+
+
+PREFIX_UNIT = 256  # tokens of prompt cache worth seating a row away from the lowest free slot
 
 
 def _common(a: list[int], b: list[int]) -> int:
