@@ -1,15 +1,63 @@
-"""Predict a training run's peak memory before it starts, and whether it fits this machine.
+"""Predict a training run's peak memory before it starts, and whether it fits this machine or another one.
 
 examples:
   ayar plan examples/quickstart.yaml
   ayar plan examples/quickstart.yaml training.batch_size=32 data.max_length=2048
+  ayar plan model.name=models/llama-3.1-8b method=qlora lora.r=32 data.max_length=2048 --device cuda --gpu-memory 24GB
+  ayar plan cfg.yaml method=full --device cuda --gpu-memory 80GB --nproc 8 --strategy zero3
+
+A model folder holding only config.json is enough (nothing is downloaded): without a tokenizer the plan assumes
+every row is data.max_length tokens long. With --nproc the numbers are per process (per GPU).
 """
+
+_UNITS = {"": 2**30, "gb": 2**30, "gib": 2**30, "mb": 2**20, "mib": 2**20, "tb": 2**40}
 
 
 def add_arguments(p) -> None:
+    from ayar.training.memory import STRATEGIES
+
     p.add_argument("config", nargs="?", help="training YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.batch_size=16")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    t = p.add_argument_group("a target that is not this machine")
+    t.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device type (default: this machine's)")
+    t.add_argument("--gpu-memory", metavar="SIZE", help="memory per device, e.g. 24GB, 80GB, 16000MB")
+    t.add_argument("--nproc", type=int, default=1, help="data-parallel processes (GPUs) in all (default 1)")
+    t.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="how ranks share the model (default ddp)")
+    t.add_argument("--offload", action="store_true", help="ZeRO / FSDP offload to CPU RAM")
+
+
+def memory_size(text: str) -> int:
+    import re
+
+    from ayar.errors import AyarError
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+    if not m or m.group(2).lower() not in _UNITS:
+        raise AyarError(f"--gpu-memory {text!r}: write a size such as 24GB, 80GB or 16000MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def target_of(args):
+    """The Target of the flags, or None for this machine."""
+    from ayar.errors import AyarError
+    from ayar.training.memory import Sharding
+    from ayar.training.plan import Target
+
+    if args.device is None and args.gpu_memory is None and args.nproc == 1 and args.strategy == "ddp":
+        return None
+    if args.nproc < 1:
+        raise AyarError(f"--nproc {args.nproc}: at least 1")
+    device = args.device or ("cuda" if args.gpu_memory else "cpu")
+    memory = memory_size(args.gpu_memory) if args.gpu_memory else None
+    if device == "cuda" and memory is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AyarError(
+                "--device cuda on a machine without a GPU: say how much memory it has, e.g. --gpu-memory 24GB"
+            )
+    return Target(device, memory, Sharding(args.nproc, args.strategy, args.offload))
 
 
 def run(args) -> int:
@@ -21,7 +69,12 @@ def run(args) -> int:
 
     config, overrides = config_and_overrides(args.config, args.overrides)
     cfg = load_config(config, overrides)
-    plan, fixes, layout = plan_for_config(cfg, log=lambda m: None)
+    target = target_of(args)
+    notes = []
+    plan, fixes, layout = plan_for_config(cfg, log=notes.append, target=target)
+    if not args.json:
+        for note in notes:
+            print(f"note: {note}")
     if args.json:
         print(
             json.dumps(
@@ -35,6 +88,9 @@ def run(args) -> int:
                     "trained": plan.trained,
                     "suggestions": fixes,
                     "layout": vars(layout),
+                    "offloaded": plan.offloaded,
+                    "per_rank": plan.per_rank,
+                    "notes": notes,
                 },
                 indent=1,
             )

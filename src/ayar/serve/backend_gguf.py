@@ -223,10 +223,11 @@ class GgufBackend(ExportBackend):
         return fed
 
     def _seat(self) -> None:
-        """Waiting rows into free slots: the lowest free one (see _fill: busy slots stay contiguous), unless another
-        holds a prefix of the prompt longer by PREFIX_UNIT tokens or more (a conversation going on); the slot's
-        cached prefix is kept, the rest of its cells removed. At least the prompt's last token is decoded again:
-        its logits give the first answer token."""
+        """Waiting rows into free slots: the one that keeps the seats of the row's adapter in the fewest runs of
+        consecutive ids, the lowest of those (see _fill: each run is a pass), unless another holds a prefix of the
+        prompt longer by PREFIX_UNIT tokens or more (a conversation going on); the slot's cached prefix is kept,
+        the rest of its cells removed. At least the prompt's last token is decoded again: its logits give the
+        first answer token."""
         free = set(range(self.n_slots)) - {s.seq for s in self.slots}
         while self.waiting and free:
             row = self.waiting.pop(0)
@@ -242,7 +243,8 @@ class GgufBackend(ExportBackend):
                 cached = self.cached.get(q, (None, []))
                 return _common(cached[1], prompt) if cached[0] == adapter else 0
 
-            seq = max(free, key=lambda q: (reusable(q) // PREFIX_UNIT, -q))
+            group = {s.seq for s in self.slots if s.adapter == adapter}  # its adapter's rows decode together
+            seq = max(free, key=lambda q: (reusable(q) // PREFIX_UNIT, -_runs(group | {q}), -q))
             free.discard(seq)
             keep = min(reusable(seq), len(prompt) - 1)
             self.cached.pop(seq, None)
@@ -280,6 +282,11 @@ class GgufBackend(ExportBackend):
 
 
 PREFIX_UNIT = 256  # tokens of prompt cache worth seating a row away from the lowest free slot
+
+
+def _runs(seats: set[int]) -> int:
+    """Runs of consecutive ids: the passes llama.cpp makes for a batch of these sequences."""
+    return sum(1 for q in seats if q - 1 not in seats)
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -95,6 +95,8 @@ class MemoryPlan:
     device: str = "cpu"
     tokens: int = 0  # tokens in the largest micro-batch
     trained: int = 0
+    offloaded: int = 0  # bytes a rank keeps in CPU RAM instead (ZeRO / FSDP offload), not in `total`
+    per_rank: str = ""  # how the numbers are per process (sharding), when there are several
 
     @property
     def total(self) -> int:
@@ -111,8 +113,66 @@ class MemoryPlan:
             f"  {'predicted peak':<24}{gb(self.total)}   (largest micro-batch: {self.tokens} tokens, "
             f"{self.trained} trained)"
         )
-        lines.append(f"  {'available':<24}{gb(self.available)}   ({self.device})")
+        lines.append(
+            f"  {'available':<24}{gb(self.available)}   ({self.device}{', per rank' if self.per_rank else ''})"
+        )
+        if self.offloaded:
+            lines.append(f"  {'offloaded to CPU RAM':<24}{gb(self.offloaded)}   (per rank, not in the peak above)")
+        if self.per_rank:
+            lines.append(f"  {self.per_rank}")
         return "\n".join(lines)
+
+
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How N data-parallel processes split what training holds: ddp (every rank all of it), zero2 (gradients and
+    optimizer states split), zero3 / fsdp (weights split too, each layer gathered whole while it computes);
+    `offload`: optimizer states (zero2), and weights (zero3), or weights, gradients and states (fsdp) in CPU RAM."""
+
+    nproc: int = 1
+    strategy: str = "ddp"
+    offload: bool = False
+
+
+def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
+    """The plan of one rank. Activations, logits and the runtime are each rank's own (its micro-batch)."""
+    import math
+
+    n, strategy, parts = sharding.nproc, sharding.strategy, dict(plan.parts)
+    states = next(k for k in parts if k.startswith(("adapter + grads", "grads + AdamW")))
+    adapter = states.startswith("adapter")
+    trainable = shape.lora_params if adapter else shape.params
+    grads = trainable * 4 if adapter else parts[states] - trainable * 8  # full: states = grads + AdamW's 8 bytes
+    adam = trainable * 8
+    offloaded = 0
+    if strategy == "ddp" and n > 1:  # the gradients all-reduced as one flat tensor (training/distributed.py)
+        parts["gradient all-reduce buffer"] = grads
+    if strategy in ("zero3", "fsdp"):
+        whole = parts["weights"]
+        parts["weights"] = math.ceil(whole / n)
+        if n > 1:  # the layer computing and the next one, prefetched
+            parts["gathered layers"] = 2 * whole // shape.layers
+        if sharding.offload:
+            offloaded += parts.pop("weights")
+    if strategy in ("zero2", "zero3", "fsdp"):
+        parts[states] = math.ceil(parts[states] / n)
+        if sharding.offload:
+            moved = math.ceil((adam + (grads if strategy == "fsdp" else 0)) / n)
+            parts[states] -= moved
+            offloaded += moved
+    how = {
+        "ddp": "every rank holds the whole model and its optimizer",
+        "zero2": "gradients and optimizer states split across ranks",
+        "zero3": "weights, gradients and optimizer states split across ranks",
+        "fsdp": "weights, gradients and optimizer states split across ranks (FSDP full shard)",
+    }[strategy]
+    note = f"per rank of {n} ({strategy}: {how}{', offloaded to CPU' if sharding.offload else ''})"
+    if n == 1 and not sharding.offload:
+        note = ""
+    return MemoryPlan(parts, plan.available, plan.device, plan.tokens, plan.trained, offloaded, note)
 
 
 def model_shape(hf_config, target_modules, r: int) -> Shape:
@@ -331,6 +391,7 @@ def plan_layout(
     available: int | None = None,
     batch_size: int | None = None,
     per_pass: int | None = None,
+    sharding: Sharding | None = None,
 ) -> MemoryPlan:
     p = largest_pass(
         examples,
@@ -346,7 +407,7 @@ def plan_layout(
         and cfg.method != "full"
         and not any("lm_head" in m or "embed" in m for m in (cfg.lora.modules_to_save or []))
     )
-    return plan_memory(
+    plan = plan_memory(
         shape,
         weight_dtype=weight_dtype,
         device=device,
@@ -363,16 +424,19 @@ def plan_layout(
         packed=layout.packed,
         chunked_logits=chunked,
     )
+    return per_rank(plan, shape, sharding) if sharding else plan
 
 
 def suggestions(
-    shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int, layout: Layout
+    shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int, layout: Layout, sharding=None
 ) -> list[str]:
     """Settings that would fit, each changing one thing (the effective batch is kept where possible)."""
     import dataclasses
 
     fits = lambda **kw: (
-        plan_layout(shape, cfg, examples, weight_dtype, device, kw.pop("layout", layout), available, **kw).fits
+        plan_layout(
+            shape, cfg, examples, weight_dtype, device, kw.pop("layout", layout), available, sharding=sharding, **kw
+        ).fits
     )
     out = []
     if not layout.checkpointing and fits(layout=dataclasses.replace(layout, checkpointing=True)):
@@ -390,11 +454,12 @@ def suggestions(
         if fits(batch_size=b):
             out.append(f"training.batch_size={b} training.grad_accum={ga * bs // b} (same effective batch)")
             break
+    shard = {"sharding": sharding}
     for max_len in (cfg.data.max_length // 2, cfg.data.max_length // 4):
         if (
             max_len >= 64
             and plan_layout(
-                shape, cfg, [_Clip(e, max_len) for e in examples], weight_dtype, device, layout, available
+                shape, cfg, [_Clip(e, max_len) for e in examples], weight_dtype, device, layout, available, **shard
             ).fits
         ):
             out.append(f"data.max_length={max_len} (longer rows are truncated)")

@@ -20,7 +20,7 @@ import torch
 
 from ayar.errors import AyarError
 from ayar.models.device import Placement, choose_placement
-from ayar.training.memory import Layout, MemoryPlan, Shape
+from ayar.training.memory import Layout, MemoryPlan, Shape, Sharding
 
 
 @dataclass(frozen=True)
@@ -168,27 +168,59 @@ def predicted_layout(shape: Shape, cfg, device: str, checkpointing: bool = False
 # --- memory -----------------------------------------------------------------------------------------------
 
 
-def plan_memory_for(shape: Shape, cfg, examples, placement: Placement, layout: Layout | None = None):
+def plan_memory_for(
+    shape: Shape,
+    cfg,
+    examples,
+    placement: Placement,
+    layout: Layout | None = None,
+    available: int | None = None,
+    sharding: Sharding | None = None,
+):
     """(memory plan, settings that would fit, layout): the plan for `layout` (default: the predicted one)
     with gradient checkpointing as configured, or, left to auto, on only when the run cannot fit without
-    it."""
+    it. `available` and `sharding`: another machine's memory per device and processes (`Target`)."""
     from ayar.training.memory import plan_layout, suggestions
 
     dtype, device = placement.dtype_name, placement.device
     choice = cfg.training.gradient_checkpointing
     layout = dataclasses.replace(layout or predicted_layout(shape, cfg, device), checkpointing=bool(choice))
-    plan = plan_layout(shape, cfg, examples, dtype, device, layout)
+    plan = plan_layout(shape, cfg, examples, dtype, device, layout, available, sharding=sharding)
     if choice is None and not plan.fits:
         with_checkpointing = dataclasses.replace(layout, checkpointing=True)
-        plan_ckpt = plan_layout(shape, cfg, examples, dtype, device, with_checkpointing, plan.available)
+        ckpt = (shape, cfg, examples, dtype, device, with_checkpointing, plan.available)
+        plan_ckpt = plan_layout(*ckpt, sharding=sharding)
         if plan_ckpt.fits:
             return plan_ckpt, [], with_checkpointing
-    fixes = [] if plan.fits else suggestions(shape, cfg, examples, dtype, device, plan.available, layout)
+    fixes = [] if plan.fits else suggestions(shape, cfg, examples, dtype, device, plan.available, layout, sharding)
     return plan, fixes, layout
 
 
-def plan_for_config(cfg, log=print):
-    """Plan a TrainConfig without loading the weights: model config, tokenizer and (cached) tokenized data."""
+@dataclass(frozen=True)
+class Target:
+    """A machine to plan for that is not this one (`ayar plan --device cuda --gpu-memory 24GB --nproc 8`)."""
+
+    device: str = "cuda"
+    memory: int | None = None  # bytes per device; None: this machine's free memory
+    sharding: Sharding = Sharding()
+
+
+def target_placement(cfg, device: str) -> Placement:
+    """The placement a run would get on the target: the configured dtype, else bf16 on a GPU (assumed one that has
+    it: Ampere or newer) and this machine's rule on a CPU; full fine-tuning keeps fp32 master weights (`decide`)."""
+    if cfg.model.dtype != "auto" or device != "cuda":
+        placement = dataclasses.replace(choose_placement("cpu", cfg.model.dtype), device=device)
+    else:
+        placement = Placement(device, torch.bfloat16, "assumed: a GPU with bf16 (set model.dtype=float16 for older)")
+    if cfg.method == "full":
+        placement = dataclasses.replace(placement, dtype=torch.float32)
+    return placement
+
+
+def plan_for_config(cfg, log=print, target: Target | None = None):
+    """Plan a TrainConfig without loading the weights: model config, tokenizer and (cached) tokenized data. A model
+    folder with a config.json only (no weights, no tokenizer) plans rows of `data.max_length` tokens each, the worst
+    case, and says so through `log`. `target`: plan for another machine (device, memory, processes, sharding)."""
     from transformers import AutoConfig
 
     from ayar.data.dataset import prepare_data
@@ -197,8 +229,34 @@ def plan_for_config(cfg, log=print):
 
     path = resolve_model_path(cfg.model.name, log=log)
     shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r)
-    data = prepare_data(dataclasses.replace(cfg.data, lint="off"), load_tokenizer(path), seed=cfg.training.seed)
-    return plan_memory_for(shape, cfg, data.train, decide(cfg).placement)
+    if _has_tokenizer(path):
+        tok = load_tokenizer(path)
+        examples = prepare_data(dataclasses.replace(cfg.data, lint="off"), tok, seed=cfg.training.seed).train
+    else:
+        n = cfg.data.max_length
+        log(f"{path} has no tokenizer: planning {cfg.training.batch_size} rows of {n} tokens each (the worst case)")
+        examples = [_Row(n) for _ in range(cfg.training.batch_size)]
+    if target is None:
+        return plan_memory_for(shape, cfg, examples, decide(cfg).placement)
+    placement = target_placement(cfg, target.device)
+    return plan_memory_for(shape, cfg, examples, placement, None, target.memory, target.sharding)
+
+
+def _has_tokenizer(path: str) -> bool:
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id, resolved from the local cache by the tokenizer loader
+        return True
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+class _Row:
+    """A planned example of `n` tokens, all of them trained."""
+
+    def __init__(self, n: int):
+        self.input_ids = range(n)
+        self.n_trained = n
 
 
 def _check_memory(cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say):

@@ -166,23 +166,31 @@ def _run_without_lora(tmp_path):
     return run
 
 
-def test_rows_fill_the_lowest_free_slots_and_the_batch_is_in_sequence_order(engine):
-    """llama.cpp cuts a batch into one pass per run of consecutive sequence ids (a KV stream per sequence): the
-    backend keeps busy slots low and contiguous and feeds tokens in sequence order."""
+def test_rows_take_seats_that_keep_the_batch_in_one_pass_and_feed_in_sequence_order(engine):
+    """llama.cpp cuts a batch into one pass per run of consecutive sequence ids (a KV stream per sequence): a new
+    row takes the free seat that leaves the fewest runs (the lowest of those, even where another seat's prompt
+    cache shares a few more tokens), and tokens are fed in sequence order."""
     from ayar.serve.backend_gguf import GgufBackend
 
-    backend = GgufBackend(engine, "m", max_batch=4)
-    first = rows(engine, n_tokens=40, prompts=["a", "b", "What is 7 plus 3?", "d"])
-    backend.admit(first)
-    backend.step()
-    assert sorted(s.seq for s in backend.slots) == [0, 1, 2, 3]
-    backend.slots[0].row.cancelled = lambda: True  # the row in seat 0 and the one in seat 2 leave
-    next(s for s in backend.slots if s.seq == 2).row.cancelled = lambda: True
-    backend.step()
-    late = rows(engine, n_tokens=4, prompts=["What is 7 plus 5?"])
-    backend.admit(late)
-    # the lowest free seat, though seat 2's cache shares more of the prompt (a few tokens: not worth a gap)
-    assert {s.seq for s in backend.slots if s.row is late[0]} == {0}
-    backend._fill(backend.slots)  # seat 0 prefilling, seats 1 and 3 decoding
+    def seated(leaving: tuple[int, ...], prompts=("a", "b", "c", "d")) -> tuple[GgufBackend, Row]:
+        backend = GgufBackend(engine, "m", max_batch=4)
+        backend.admit(rows(engine, n_tokens=40, prompts=list(prompts)))
+        backend.step()
+        assert sorted(s.seq for s in backend.slots) == [0, 1, 2, 3]
+        for s in backend.slots:
+            if s.seq in leaving:
+                s.row.cancelled = lambda: True
+        backend.step()
+        late = rows(engine, n_tokens=4, prompts=["What is 7 plus 5?"])[0]
+        backend.admit([late])
+        return backend, late
+
+    # seats 1, 2 busy: 0 and 3 both keep one run; 0, though seat 3's cache shares more of the prompt
+    backend, late = seated((0, 3), prompts=("a", "b", "c", "What is 7 plus 3?"))
+    assert [s.seq for s in backend.slots if s.row is late] == [0]
+    backend._fill(backend.slots)  # seat 0 prefilling, seats 1 and 2 decoding
     seqs = [backend.batch.seq_id[i][0] for i in range(backend.batch.n_tokens)]
-    assert seqs == sorted(seqs) and sorted(set(seqs)) == [0, 1, 3] and seqs.count(0) > 1
+    assert seqs == sorted(seqs) and sorted(set(seqs)) == [0, 1, 2] and seqs.count(0) > 1
+    # seats 1, 3 busy: seat 2 joins them into one run, seat 0 would leave two
+    backend, late = seated((0, 2))
+    assert [s.seq for s in backend.slots if s.row is late] == [2]

@@ -345,3 +345,75 @@ print(rss() - at300)
         subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
     )
     assert grew < 20, f"{grew:.0f} MB more after 200 more matmul shapes"  # uncapped: ~125 MB
+
+
+# --- a target that is not this machine (`ayar plan --device cuda --gpu-memory ... --nproc ... --strategy ...`) ---
+
+LLAMA_8B = {  # Llama 3.1 8B's published dimensions: a config.json alone, no weights, no tokenizer
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture
+def config_only(tmp_path):
+    folder = tmp_path / "llama-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_8B))
+    return folder
+
+
+def test_per_rank_shards_what_each_strategy_shards():
+    from ayar.training.memory import Shape, Sharding, per_rank
+
+    shape = Shape(params=8_000, layers=4, hidden=8, intermediate=16, kv=8, vocab=32, lora_params=100)
+    full = MemoryPlan({"weights": 32_000, "grads + AdamW (full)": 8_000 * 12, "activations": 500}, 10**6)
+    lora = MemoryPlan({"weights": 16_000, "adapter + grads + AdamW": 1_600, "activations": 500}, 10**6)
+    assert per_rank(full, shape, Sharding(1)).parts == full.parts  # one process: nothing changes
+    ddp = per_rank(full, shape, Sharding(4, "ddp")).parts
+    assert ddp["weights"] == 32_000 and ddp["gradient all-reduce buffer"] == 8_000 * 4
+    z2 = per_rank(full, shape, Sharding(4, "zero2")).parts
+    assert z2["weights"] == 32_000 and z2["grads + AdamW (full)"] == 8_000 * 12 // 4 and z2["activations"] == 500
+    z3 = per_rank(full, shape, Sharding(4, "zero3")).parts
+    assert z3["weights"] == 8_000 and z3["gathered layers"] == 2 * 32_000 // 4
+    off = per_rank(lora, shape, Sharding(2, "fsdp", offload=True))
+    assert "weights" not in off.parts and off.offloaded == 16_000 // 2 + (100 * 8 + 100 * 4) // 2
+    assert off.parts["adapter + grads + AdamW"] == 1_600 // 2 - (100 * 8 + 100 * 4) // 2
+    assert "per rank of 2 (fsdp" in off.per_rank and "offloaded" in off.table()
+
+
+def test_plan_a_gpu_this_machine_does_not_have_from_a_config_alone(config_only, capsys):
+    from ayar.cli import main
+
+    def plan(*args):
+        code = main(["plan", f"model.name={config_only}", "data.max_length=2048", "training.batch_size=1", *args])
+        return code, json.loads(capsys.readouterr().out)
+
+    code, qlora = plan("method=qlora", "lora.r=32", "--device", "cuda", "--gpu-memory", "24GB", "--json")
+    assert code == 0 and qlora["fits"] and qlora["device"] == "cuda" and qlora["available"] == 24 * 2**30
+    assert qlora["tokens"] == 2048 and "worst case" in qlora["notes"][-1]  # no tokenizer: rows of max_length
+    assert 4 * 2**30 < qlora["parts"]["weights"] < 9 * 2**30  # 4-bit linears + fp32 embeddings and head
+    code, full = plan("method=full", "--device", "cuda", "--gpu-memory", "80GB", "--json")
+    assert code == 1 and not full["fits"] and full["parts"]["weights"] > 29 * 2**30  # fp32 master weights
+    code, sharded = plan("method=full", "--device", "cuda", "--gpu-memory", "80GB", "--nproc", "8", "--strategy",
+                         "zero3", "--json")  # fmt: skip
+    assert code == 0 and sharded["parts"]["weights"] == pytest.approx(full["parts"]["weights"] / 8, rel=1e-6)
+    assert "per rank of 8 (zero3" in sharded["per_rank"]
+
+
+def test_plan_target_refusals(config_only):
+    from ayar.cli import main
+    from ayar.cli.plan import memory_size
+
+    assert memory_size("24GB") == 24 * 2**30 and memory_size("16000 MB") == 16000 * 2**20 and memory_size("1.5tb")
+    assert main(["plan", f"model.name={config_only}", "--gpu-memory", "lots"]) == 2  # a clear error, no traceback
+    if not torch.cuda.is_available():
+        assert main(["plan", f"model.name={config_only}", "--device", "cuda"]) == 2  # how much memory: say it
