@@ -97,21 +97,30 @@ def test_the_launch_command_is_torchruns():
         launch_command(Namespace(nproc=2, nnodes=2, node_rank=0, rdzv_endpoint=None), [])
 
 
-@pytest.mark.parametrize("stage", ["dpo", "reward"])
+@pytest.mark.parametrize("stage", ["dpo", "reward", "grpo", "classification"])
 def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stage):
-    """DPO and reward models on transformers' Trainer in 2 processes (it wraps the model in DDP itself): one run
-    directory, written by rank 0 alone, with its adapter."""
-    from tests.unit.training.test_stages import PAIRS
+    """DPO, reward models, GRPO and classification on transformers' Trainer in 2 processes (it wraps the model in
+    DDP itself): one run directory, written by rank 0 alone, with its adapter."""
+    from tests.unit.training.test_stages import DIGITS, LABELLED, PAIRS
 
-    data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
+    if stage == "grpo":
+        (tmp_path / "rewards.py").write_text(DIGITS)
+        data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+        extra = ["stage=grpo", f"grpo.rewards=[{tmp_path / 'rewards.py'}:digits]", "grpo.max_completion_length=8",
+                 "grpo.num_generations=4", "training.batch_size=4"]  # fmt: skip
+    elif stage == "classification":
+        data = write_jsonl(tmp_path / "c.jsonl", LABELLED)
+        extra = ["task=classification", "data.format=classification", "training.batch_size=2"]
+    else:
+        data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
+        extra = [f"stage={stage}", "training.batch_size=2"]
     args = [
         f"model.name={tiny_model_dir}",
         "model.dtype=float32",
         f"data.train={data}",
-        f"stage={stage}",
+        *extra,
         "data.val_ratio=0.25",
         "training.max_steps=2",
-        "training.batch_size=2",
         "training.tracker=none",
         f"output.path={tmp_path / stage}",
         "--nproc",
