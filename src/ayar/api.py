@@ -139,11 +139,12 @@ def export(
     return export_run(_path(run), to, kind, out, verify, max_new_tokens, log=log, force=force)
 
 
-def plan(source=None, /, **overrides) -> Plan:
-    """Predict a run's peak memory without loading weights, as `ayar plan` does."""
+def plan(source=None, /, *, target=None, **overrides) -> Plan:
+    """Predict a run's peak memory without loading weights, as `ayar plan` does. `target`: another machine,
+    `ayar.training.plan.Target(device, memory per device in bytes, Sharding(nproc, strategy, offload))`."""
     from ayar.training.plan import plan_for_config
 
-    memory, fixes, layout = plan_for_config(configure(source, **overrides), log=lambda *_: None)
+    memory, fixes, layout = plan_for_config(configure(source, **overrides), log=lambda *_: None, target=target)
     return Plan(memory, fixes, layout)
 
 

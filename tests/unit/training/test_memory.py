@@ -407,6 +407,13 @@ def test_plan_a_gpu_this_machine_does_not_have_from_a_config_alone(config_only, 
                          "zero3", "--json")  # fmt: skip
     assert code == 0 and sharded["parts"]["weights"] == pytest.approx(full["parts"]["weights"] / 8, rel=1e-6)
     assert "per rank of 8 (zero3" in sharded["per_rank"]
+    import ayar
+    from ayar.training.memory import Sharding
+    from ayar.training.plan import Target
+
+    overrides = {"model__name": str(config_only), "data__max_length": 2048, "training__batch_size": 1}
+    same = ayar.plan(method="full", target=Target("cuda", 80 * 2**30, Sharding(8, "zero3")), **overrides)
+    assert same.fits and same.memory.total == sharded["total"]  # the Python API answers as the command does
 
 
 def test_plan_target_refusals(config_only):
