@@ -14,9 +14,9 @@ version, kept for the benchmark's comparison.
 Adapters: a merged GGUF export is one model name. A GGUF LoRA export (`--kind lora`) is a base with the run's adapter
 applied by llama.cpp unmerged: the base answers as `base`, the run under its name, and more GGUF LoRAs on the same
 base load under their own names (`--adapter`, POST /admin/adapters). llama.cpp applies one set of adapters to a whole
-`llama_decode`, so a step with rows of several adapters makes one decode per adapter (the cost is measured by
-`ayar bench serve --adapters`); a row's KV cells were computed with its adapter, so a slot's prompt cache is reused
-only by a row of the same adapter."""
+`llama_decode`, so a step with rows of several adapters makes one decode per adapter (its cost: `ayar bench serve
+--sides ayar-gguf-lora,ayar-gguf-2lora`); a row's KV cells were computed with its adapter, so a slot's prompt cache
+is reused only by a row of the same adapter."""
 
 from __future__ import annotations
 
@@ -112,9 +112,14 @@ class GgufBackend(ExportBackend):
             self._forget(name)
 
     def unload_adapter(self, name: str) -> None:
+        """Rows of this adapter, running or waiting, end at once (`unloaded`): their cells are of no use to a
+        later adapter of the same name."""
         with self.lock:
             if name not in self.loras:
                 raise KeyError(name)
+            for row in [s.row for s in self.slots if s.adapter == name] + [r for r in self.waiting if r.model == name]:
+                if row.finish is None:
+                    _close(row, "unloaded")
             self._use(None)
             self.L.llama_adapter_lora_free(self.loras.pop(name))
             self._forget(name)
@@ -197,7 +202,7 @@ class GgufBackend(ExportBackend):
         In sequence order: with a KV stream per sequence, llama.cpp cuts a batch into micro-batches of consecutive,
         increasing sequence ids only (llama_batch_allocr::split_equal, `sequential`), each one a whole pass over
         the weights. Eight rows fed in seating order (3, 0, 5, ...) took several passes a step, about twice the
-        time of one (benchmarks/README.md); in order, and seated low (_seat), they take one."""
+        time of one (benchmarks/README.md); in order, and seated in runs (_seat), they take one."""
         b, fed, n = self.batch, [], 0
 
         def put(token: int, pos: int, seq: int, logits: bool) -> None:
@@ -262,11 +267,9 @@ class GgufBackend(ExportBackend):
         for s in self.slots:
             if s.row.finish is None and s.row.cancelled():
                 _close(s.row, "cancelled")
-            if s.row.finish is None and s.adapter is not None and s.adapter not in self.loras:
-                _close(s.row, "unloaded")  # its adapter was unloaded while it ran
             if s.row.finish is None:
                 keep.append(s)
-            elif s.adapter is None or s.adapter in self.loras:  # its cells hold exactly what was fed
+            elif s.row.finish != "unloaded":  # its cells hold exactly what was fed
                 self.cached[s.seq] = (s.adapter, s.fed)
         self.slots = keep
         for r in self.waiting:
