@@ -44,7 +44,13 @@ def target_of(args):
     from ayar.training.memory import Sharding
     from ayar.training.plan import Target
 
-    if args.device is None and args.gpu_memory is None and args.nproc == 1 and args.strategy == "ddp":
+    if (
+        args.device is None
+        and args.gpu_memory is None
+        and args.nproc == 1
+        and args.strategy == "ddp"
+        and not args.offload
+    ):
         return None
     if args.nproc < 1:
         raise AyarError(f"--nproc {args.nproc}: at least 1")
