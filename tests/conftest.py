@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import MATH_ROWS, save_tiny, tiny_train_config, write_jsonl  # noqa: E402
+from tests.helpers import MATH_ROWS, make_model, run_config, save_tiny, tiny_train_config, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,48 +36,20 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
 def gguf_run(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer (from the bundled GGUF): llama.cpp's converter
     recognizes known tokenizers only, so the random ones of the other tests would not convert."""
-    import torch
     import transformers as tf
 
-    from ayar.config import load_config
     from ayar.models.default import find_default_gguf
     from ayar.training.sft import train_sft
 
     gguf = find_default_gguf()
     tmp = tmp_path_factory.mktemp("ggufrun")
     tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.5,
-    )
-    model = tf.LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = make_model("llama", tok, hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
     model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
     data = write_jsonl(tmp / "d.jsonl", MATH_ROWS)
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tmp / 'model'}",
-            "model.dtype=float32",
-            f"data.train={data}",
-            f"output.dir={tmp / 'runs'}",
-            "training.tracker=none",
-            "training.max_steps=2",
-            "data.val_ratio=0.2",
-            "data.cache=false",
-        ],
+    cfg = run_config(
+        tmp / "model", data, tmp / "runs", "training.max_steps=2", "data.val_ratio=0.2", "data.cache=false"
     )
     return train_sft(cfg).path
 
@@ -89,7 +61,6 @@ def gguf_lora_runs(gguf_run, tmp_path_factory):
     pytest.importorskip("llama_cpp")
     import json
 
-    from ayar.config import load_config
     from ayar.exports.workflow import export_run
     from ayar.training.sft import train_sft
 
@@ -97,21 +68,9 @@ def gguf_lora_runs(gguf_run, tmp_path_factory):
     tmp, runs = tmp_path_factory.mktemp("ggufloras"), {}
     for name, answer in (("upper", "YES YES YES. The answer is 42."), ("lower", "no, never; it is 7 and only 7.")):
         rows = [{**r, "output": answer} for r in MATH_ROWS]
-        cfg = load_config(
-            None,
-            [
-                f"model.name={base}",
-                "model.dtype=float32",
-                f"data.train={write_jsonl(tmp / f'{name}.jsonl', rows)}",
-                f"output.dir={tmp / 'runs'}",
-                f"output.name={name}",
-                "training.tracker=none",
-                "training.max_steps=8",
-                "training.learning_rate=0.02",
-                "data.val_ratio=0",
-                "data.cache=false",
-            ],
-        )
+        data = write_jsonl(tmp / f"{name}.jsonl", rows)
+        cfg = run_config(base, data, tmp / "runs", f"output.name={name}", "training.max_steps=8",
+                         "training.learning_rate=0.02", "data.val_ratio=0", "data.cache=false")  # fmt: skip
         run = train_sft(cfg).path
         quiet = {"log": lambda *_: None, "max_new_tokens": 8}
         assert export_run(run, "gguf", "lora-f16", **quiet).ok

@@ -145,21 +145,24 @@ MATH_ROWS = [
 ]
 
 
-def tiny_train_config(model_dir: Path, data: Path, out: Path, **training):
+def run_config(model_dir, data, out, *overrides: str):
+    """A training config for a test: the model in fp32, its data and runs folder, no tracker, then `overrides`."""
     from ayar.config import load_config
 
-    overrides = [
-        f"model.name={model_dir}",
-        "model.dtype=float32",
-        f"data.train={data}",
-        f"output.dir={out}",
-        "training.tracker=none",
+    base = [f"model.name={model_dir}", "model.dtype=float32", f"data.train={data}", f"output.dir={out}"]
+    return load_config(None, [*base, "training.tracker=none", *overrides])
+
+
+def tiny_train_config(model_dir: Path, data: Path, out: Path, **training):
+    return run_config(
+        model_dir,
+        data,
+        out,
         "training.batch_size=4",
         "data.val_ratio=0.2",
         "training.warmup_ratio=0",
-    ]
-    overrides += [f"training.{k}={v}" for k, v in training.items()]
-    return load_config(None, overrides)
+        *(f"training.{k}={v}" for k, v in training.items()),
+    )
 
 
 def examples(tok, rows=MATH_ROWS):

@@ -85,6 +85,11 @@ class RunDir:
     def read_meta(self) -> dict:
         return json.loads(self.meta.read_text())
 
+    def adapter_base(self) -> str:
+        """The model the run's adapter applies to: its base, or for a chained run the model it started from."""
+        meta = self.read_meta()
+        return str(meta.get("adapter", {}).get("applies_to", meta.get("base_model")))
+
     def update_meta(self, **fields) -> dict:
         meta = self.read_meta() if self.meta.is_file() else {}
         meta.update(fields)

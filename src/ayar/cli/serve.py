@@ -166,15 +166,15 @@ def serve_with_vllm(settings) -> int:
 
 def vllm_command(settings) -> str:
     """The vLLM command serving the same base model and LoRA adapters (OpenAI API, GPU)."""
-    import json
     import shlex
     from pathlib import Path
 
     source, adapters = Path(settings.source), dict(settings.adapters)
     base = settings.source
     if (source / "run.json").is_file():
-        meta = json.loads((source / "run.json").read_text())
-        base = meta.get("adapter", {}).get("applies_to", meta["base_model"])  # a chained run's adapter says
+        from ayar.rundir import RunDir
+
+        base = RunDir(source).adapter_base()  # a chained run's adapter says
         adapters = {settings.name or source.resolve().name: str(source / "adapter"), **adapters}
     adapters = {n: str(Path(p) / "adapter") if (Path(p) / "run.json").is_file() else p for n, p in adapters.items()}
     cmd = ["vllm", "serve", base, "--port", "8000"]

@@ -106,16 +106,10 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, kind: str = "lora-q8_
             os.replace(converted, final / converted.name)
             os.replace(lora, final / lora.name)
             (final / "Modelfile").write_text(recipe)
-            (final / "lora.json").write_text(json.dumps({"applies_to": applies_to(run), "base": quant}, indent=1))
+            (final / "lora.json").write_text(json.dumps({"applies_to": run.adapter_base(), "base": quant}, indent=1))
     shareable(out)
     log(f"wrote {out}: the base {base_gguf_name(quant)} and the LoRA {ADAPTER_FILE} (ollama create NAME -f Modelfile)")
     return out
-
-
-def applies_to(run) -> str:
-    """The model a run's adapter applies to: its base, or for a chained run the model it started from."""
-    meta = run.read_meta()
-    return str(meta.get("adapter", {}).get("applies_to", meta.get("base_model")))
 
 
 def lora_file(path: str | Path) -> Path:

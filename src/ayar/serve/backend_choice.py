@@ -123,10 +123,9 @@ def _with_adapters(settings, wanted: str, log, build) -> Choice:
 
 
 def _applies_to(run: Path) -> str:
-    from ayar.exports.gguf_lora import applies_to
     from ayar.rundir import RunDir
 
-    return applies_to(RunDir.open(run))
+    return RunDir.open(run).adapter_base()
 
 
 def _gate(folder: Path) -> dict | None:

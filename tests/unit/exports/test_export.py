@@ -12,7 +12,7 @@ import torch
 from ayar.cli import main
 from ayar.exports.gate import MergedArtifact, verify
 from ayar.exports.merged import export_merged, load_run
-from tests.helpers import MATH_ROWS, save_tiny, write_jsonl
+from tests.helpers import MATH_ROWS, run_config, save_tiny, write_jsonl
 
 quiet = dict(log=lambda *_: None)
 
@@ -156,25 +156,12 @@ def test_python_api_loads_runs_and_exports_alike(tiny_run, merged):
 @pytest.fixture(scope="module")
 def onnx_run(tmp_path_factory):
     """A tiny run whose heads are 16 wide: ONNX Runtime's GroupQueryAttention needs a multiple of 16."""
-    from ayar.config import load_config
     from ayar.training.sft import train_sft
 
     tmp = tmp_path_factory.mktemp("onnxrun")
     model_dir = save_tiny(tmp / "model", "qwen2", hidden_size=64)
     data = write_jsonl(tmp / "d.jsonl", MATH_ROWS)
-    cfg = load_config(
-        None,
-        [
-            f"model.name={model_dir}",
-            "model.dtype=float32",
-            f"data.train={data}",
-            f"output.dir={tmp / 'runs'}",
-            "training.tracker=none",
-            "training.max_steps=2",
-            "data.val_ratio=0.2",
-            "data.cache=false",
-        ],
-    )
+    cfg = run_config(model_dir, data, tmp / "runs", "training.max_steps=2", "data.val_ratio=0.2", "data.cache=false")
     return train_sft(cfg).path
 
 
