@@ -23,6 +23,7 @@ from tests.helpers import (
     loop_plan,
     make_model,
     make_tokenizer,
+    run_config,
     tiny_train_config,
     write_jsonl,
 )
@@ -271,28 +272,13 @@ def test_bf16_base_with_fp32_adapters_trains_under_autocast(tiny_model_dir):
 def test_peft_variants_train_and_round_trip(tiny_model_dir, tmp_path, overrides):
     import torch
 
-    from ayar.config import load_config
     from ayar.infer.load import load_engine
     from ayar.training.sft import train_sft
 
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_model_dir}",
-            "model.dtype=float32",
-            f"data.train={data}",
-            f"output.dir={tmp_path / 'runs'}",
-            "training.tracker=none",
-            "training.max_steps=8",
-            "training.batch_size=4",
-            "data.val_ratio=0.2",
-            "data.cache=false",
-            "training.warmup_ratio=0",
-            "training.learning_rate=5e-3",
-            *overrides,
-        ],
-    )
+    cfg = run_config(tiny_model_dir, data, tmp_path / "runs", "training.max_steps=8", "training.batch_size=4",
+                     "data.val_ratio=0.2", "data.cache=false", "training.warmup_ratio=0", "training.learning_rate=5e-3",
+                     *overrides)  # fmt: skip
     run = train_sft(cfg)
     losses = [m["loss"] for m in run.read_metrics() if "loss" in m]
     assert losses[-1] < losses[0], losses  # it trains
