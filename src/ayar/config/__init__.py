@@ -3,6 +3,7 @@
 from ayar.config.loader import apply_overrides, config_to_dict, load_config
 from ayar.config.schema import (
     DataConfig,
+    DistributedConfig,
     EvalConfig,
     GenerationConfig,
     HpoConfig,
@@ -17,6 +18,7 @@ from ayar.config.schema import (
 
 __all__ = [
     "DataConfig",
+    "DistributedConfig",
     "EvalConfig",
     "GenerationConfig",
     "HpoConfig",

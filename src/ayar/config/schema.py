@@ -256,6 +256,35 @@ class OutputConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How several processes share the training (`ayar train --nproc N`, torchrun, accelerate launch)."""
+
+    strategy: str = _f(
+        "ddp",
+        "`ddp`: every process holds the whole model and the gradients are summed once per optimizer step. `fsdp`: "
+        "torch's FSDP2 (`fully_shard`), weights, gradients and optimizer states split across the processes, each "
+        "decoder layer gathered whole only while it computes; checkpoints sharded (torch.distributed.checkpoint). "
+        "`deepspeed`: ZeRO (stage `zero_stage`) through accelerate's DeepSpeed plugin, for the TRL stages "
+        "(`ayar train` writes the DeepSpeed config; see docs/training.md).",
+        choices=("ddp", "fsdp", "deepspeed"),
+    )
+    shard: str = _f(
+        "full",
+        "FSDP: `full` (split across every process) or `hybrid` (split within a node, replicated across nodes: "
+        "less traffic between nodes).",
+        choices=("full", "hybrid"),
+    )
+    offload: bool = _f(
+        False,
+        "Keep what is split in CPU RAM between uses (FSDP: weights, gradients, optimizer states; DeepSpeed: optimizer "
+        "states, and weights with ZeRO-3). GPUs only: on a CPU it is there already.",
+    )
+    zero_stage: int = _f(
+        2, "DeepSpeed ZeRO stage: 2 (gradients + optimizer states split) or 3 (weights too).", ge=2, le=3
+    )
+
+
+@dataclass
 class TrainConfig:
     """Everything `ayar train` needs. YAML sections map to the fields below."""
 
@@ -292,6 +321,10 @@ class TrainConfig:
         default_factory=GenerationConfig, metadata={"help": "Defaults for `ayar chat` on this run."}
     )
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where the run directory goes."})
+    distributed: DistributedConfig = field(
+        default_factory=DistributedConfig,
+        metadata={"help": "Several processes: data parallel, FSDP or DeepSpeed (`ayar train --nproc N`)."},
+    )
 
 
 @dataclass

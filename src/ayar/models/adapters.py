@@ -51,9 +51,10 @@ def _get_peft_model(model, config):
     return peft_model
 
 
-def save_trained(model, out, init_dir=None) -> None:
+def save_trained(model, out, init_dir=None, state_dict: dict | None = None) -> None:
     """Save the trained adapter (or the whole model for `full`). `init_dir`: the initial adapter of a
-    PiSSA/OLoRA run (`save_initial`), against which the adapter is converted to fit the original base."""
+    PiSSA/OLoRA run (`save_initial`), against which the adapter is converted to fit the original base.
+    `state_dict`: the weights to save instead of the model's own (FSDP: gathered whole from the split model)."""
     from pathlib import Path
 
     from ayar.fsutil import atomic_directory
@@ -62,7 +63,7 @@ def save_trained(model, out, init_dir=None) -> None:
         if init_dir is not None:
             model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=str(init_dir))
         else:
-            model.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
 
 
 def save_initial(model, lora_cfg, out) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,16 +17,30 @@ from safetensors.torch import load_file, save_file
 from ayar.fsutil import atomic_directory
 
 PREFIX = "checkpoint-"
+SHARDS = "sharded"  # a checkpoint's sub-folder of torch.distributed.checkpoint files (FSDP, training/sharding.py)
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, rng: list | None = None
+    ckpt_root: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    rng: list | None = None,
+    shards: Callable[[Path], None] | None = None,
 ) -> Path:
-    """`rng`: every process's random state (training/distributed.py gathers them), so each resumes its own."""
+    """`rng`: every process's random state (training/distributed.py gathers them), so each resumes its own.
+    `shards(folder)`: writes the trained weights and optimizer states split across processes (FSDP,
+    training/sharding.py) instead of whole ones."""
     final = ckpt_root / f"{PREFIX}{step:07d}"
     with atomic_directory(final, fsync=True) as tmp:  # fsync: data on disk before the rename makes it visible
-        save_file(trained_state(model), tmp / "adapter.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if shards is not None:
+            shards(tmp)
+        else:
+            save_file(trained_state(model), tmp / "adapter.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"ranks": rng} if rng else rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state))
@@ -47,9 +62,24 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix(PREFIX))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
-    load_trained_state(model, load_file(path / "adapter.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1, shards: Callable | None = None
+) -> dict:
+    """`shards(folder)`: reads a split checkpoint (FSDP); one written whole cannot be read split, nor the reverse."""
+    split = (path / SHARDS).is_dir()
+    if split != (shards is not None):
+        from ayar.errors import AyarError
+
+        how = "fsdp in several processes (--nproc N)" if split else "ddp, or in one process"
+        raise AyarError(
+            f"{path} was written {'split across processes (FSDP)' if split else 'whole'}: resume it with "
+            f"distributed.strategy {how}"
+        )
+    if shards is not None:
+        shards(path)
+    else:
+        load_trained_state(model, load_file(path / "adapter.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     if "ranks" in rng:  # each process its own state; with another number of processes, rank 0's for all

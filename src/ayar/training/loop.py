@@ -22,6 +22,7 @@ from ayar.kernels import base_model, fused_decoder, varlen
 from ayar.plugins import load_callable
 from ayar.training import checkpoint as ckpt
 from ayar.training import distributed as dist
+from ayar.training import sharding
 from ayar.training.distributed import World
 from ayar.training.loss import loss_sum
 from ayar.training.optim import build_optimizer, build_scheduler
@@ -49,6 +50,7 @@ class LoopResult:
     state: LoopState
     total_steps: int
     best_adapter: dict | None
+    trained_state: dict | None = None  # FSDP: the trained weights gathered whole (rank 0), to save
 
 
 class BatchOrder:
@@ -101,7 +103,10 @@ def total_steps_for(n_examples: int, tcfg, world_size: int = 1) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device: str, autocast=None) -> float | None:
+def evaluate(
+    model, examples: list[Example], batch_size: int, pad_id: int, device: str, autocast=None, root=None
+) -> float | None:
+    """Mean loss per trained token. `root`: the FSDP root unit (training/sharding.py) the loss runs through."""
     if not examples:
         return None
     was_training = model.training
@@ -109,7 +114,7 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = _to(collate(examples[i : i + batch_size], pad_id), device)
-        s, n = loss_sum(model, batch, autocast=autocast)
+        s, n = root(batch, autocast=autocast) if root is not None else loss_sum(model, batch, autocast=autocast)
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -133,9 +138,11 @@ def run_loop(
     stop_requested: Callable[[], bool] | None = None,
 ) -> LoopResult:
     """Train `model` on `train` as `plan` (training/plan.py: RunPlan with its layout) says; with several
-    processes (`world`, training/distributed.py) each reads its slice of every global micro-batch."""
+    processes (`world`, training/distributed.py) each reads its slice of every global micro-batch; under FSDP
+    (plan.strategy, training/sharding.py) the model is split across them first."""
     world = world or World()
     total = total_steps_for(len(train), tcfg, world.size)
+    root = sharding.shard(model, plan.distributed, plan.device, world.size) if plan.strategy == "fsdp" else None
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)
     order = BatchOrder(len(train), tcfg.batch_size * world.size, tcfg.seed)
@@ -143,7 +150,10 @@ def run_loop(
     state = LoopState(world_size=world.size)
     best_adapter = None
     if resume_from is not None:
-        state = LoopState(**ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, world.rank, world.size))
+        shards = (lambda folder: sharding.load_shards(folder, root, optimizer)) if root is not None else None
+        state = LoopState(
+            **ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, world.rank, world.size, shards)
+        )
         state = continue_with(state, tcfg.batch_size, world.size)
         state.stopped = False  # the checkpoint of a stopped run says it stopped; resuming goes on
         if tcfg.early_stopping_patience:
@@ -165,19 +175,25 @@ def run_loop(
         # Mean over every trained token of the optimizer step, whatever the micro-batch split (and the processes).
         n_target = dist.total(world, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches))
         step_loss = 0.0
-        for b in micro_batches:
+        for i, b in enumerate(micro_batches):
             b = _to(b, device)
             with attention_through_backward(model, b):
-                s, _ = loss_sum(model, b, loss_fn, fused, plan.autocast)
+                if root is not None:  # FSDP: gradients reduce-scattered in the step's last backward only
+                    sharding.sync_gradients(root, i == len(micro_batches) - 1)
+                    s, _ = root(b, loss_fn, fused, plan.autocast)
+                else:
+                    s, _ = loss_sum(model, b, loss_fn, fused, plan.autocast)
                 (s / n_target).backward()
             step_loss += float(s.detach()) / n_target
         trained = [p for p in model.parameters() if p.requires_grad]
-        dist.sum_gradients(world, trained)  # once per optimizer step, after the accumulation micro-steps
+        if root is None:
+            dist.sum_gradients(world, trained)  # once per optimizer step, after the accumulation micro-steps
         step_loss = dist.total(world, step_loss)
         if tcfg.max_grad_norm > 0:  # the norm before clipping, logged beside the loss either way
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, tcfg.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tcfg.max_grad_norm)
         else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None]))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
+        grad_norm = float(sharding.whole(grad_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -203,14 +219,14 @@ def run_loop(
 
         if val and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or state.step == total):
             # every rank evaluates the whole validation split: the same number everywhere, the same decisions
-            eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device, plan.autocast)
+            eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device, plan.autocast, root)
             if world.main:
                 on_log({"step": state.step, "eval_loss": eval_loss})
             state.last_eval, state.last_eval_step = eval_loss, state.step
             if state.best_eval is None or eval_loss < state.best_eval:
                 state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
                 if tcfg.early_stopping_patience:
-                    best_adapter = _adapter_copy(model)
+                    best_adapter = sharding.trained_state(root) if root is not None else _adapter_copy(model)
                     if world.main:
                         ckpt.save_best(ckpt_root, best_adapter, state.step)
             else:
@@ -224,14 +240,15 @@ def run_loop(
                     )
 
         if tcfg.save_steps and state.step % tcfg.save_steps == 0 and state.step < total:
-            _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit)
+            _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit, root)
         for cb in callbacks:
             cb(state)
         state.stopped = bool(stop_requested and state.step < total and stop_requested())
-    _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit)
+    _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit, root)
     if fused:
         fused_decoder.release(model)
-    return LoopResult(state, total, best_adapter)
+    whole = sharding.trained_state(root) if root is not None and not state.stopped else None
+    return LoopResult(state, total, best_adapter, whole)
 
 
 def continue_with(state: LoopState, batch_size: int, world_size: int) -> LoopState:
@@ -258,11 +275,20 @@ def example_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-def _checkpoint(world: World, root, state: LoopState, model, optimizer, scheduler, keep: int) -> None:
-    """Rank 0 writes the checkpoint, with every rank's random state (each resumes its own dropout stream)."""
+def _checkpoint(world: World, folder, state: LoopState, model, optimizer, scheduler, keep: int, root=None) -> None:
+    """Rank 0 writes the checkpoint, with every rank's random state (each resumes its own dropout stream). FSDP
+    (`root`): every rank writes its shards into the temp folder rank 0 makes, before rank 0 completes it."""
     rng = dist.gather(world, ckpt.rng_state()) if world.active else None
+    shards = None
+    if root is not None:
+
+        def shards(tmp):
+            sharding.save_shards(dist.share(world, tmp), root, optimizer)
+
     if world.main:
-        ckpt.save_checkpoint(root, state.step, model, optimizer, scheduler, _state_dict(state), keep, rng)
+        ckpt.save_checkpoint(folder, state.step, model, optimizer, scheduler, _state_dict(state), keep, rng, shards)
+    elif shards is not None:
+        shards(None)
     dist.barrier(world)
 
 

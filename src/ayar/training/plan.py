@@ -30,6 +30,8 @@ class RunPlan:
     quantized: bool = False  # QLoRA/QDoRA: the base loaded in 4-bit NF4
     world_size: int = 1
     rank: int = 0
+    strategy: str = "single"  # one process; several: `ddp` or `fsdp` (distributed.strategy, training/sharding.py)
+    distributed: object | None = None  # the config's `distributed` section (FSDP's shard and offload options)
     layout: Layout | None = None  # the passes, once the model and data are known (SFT's own loop)
     not_fused_because: str | None = None
     return_memory: bool = False  # hand freed memory back at once (training/allocator.py)
@@ -51,6 +53,8 @@ class RunPlan:
         tcfg = cfg.training
         packed = padding_free(model, tcfg, self.device)
         why_not = not_fused_because(model, tcfg, self.device, packed)
+        if self.strategy == "fsdp" and why_not is None:
+            why_not = "FSDP splits the weights, the fused decoder reads them whole"
         checkpointing, release, memory = bool(tcfg.gradient_checkpointing), bool(tcfg.return_memory), None
         if tcfg.memory_check != "off":
             from ayar.training.memory import model_shape
@@ -69,6 +73,7 @@ class RunPlan:
             "autocast": _name(self.autocast),
             "quantized": self.quantized,
             "world_size": self.world_size,
+            "strategy": self.strategy,
         }
         if self.layout is not None:
             out["return_memory"] = self.return_memory
@@ -107,7 +112,64 @@ def decide(cfg) -> RunPlan:
     if cfg.method == "full" and placement.dtype != torch.float32:
         autocast = placement.dtype
         placement = dataclasses.replace(placement, dtype=torch.float32)
-    return RunPlan(placement, autocast, cfg.method in ("qlora", "qdora"), *launcher_world())
+    world_size, rank = launcher_world()
+    strategy = cfg.distributed.strategy if world_size > 1 else "single"
+    check_strategy(cfg, strategy, placement.device)
+    quantized = cfg.method in ("qlora", "qdora")
+    return RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed)
+
+
+def check_strategy(cfg, strategy: str, device: str) -> None:
+    """Refuse, before anything loads, what a distributed strategy cannot run (each with the way out)."""
+    from ayar.models.adapters import CONVERTED_INITS
+
+    d = cfg.distributed
+    own_loop = cfg.stage == "sft" and cfg.task == "causal_lm"
+    if strategy in ("fsdp", "deepspeed") and d.offload and not device.startswith("cuda"):
+        raise AyarError(
+            "distributed.offload keeps split weights in CPU RAM between uses on a GPU; on a CPU they are there "
+            "already: remove distributed.offload"
+        )
+    if strategy == "fsdp" and not own_loop:
+        raise AyarError(
+            f"distributed.strategy fsdp runs ayar's own loop (stage sft); stage {cfg.stage} / task {cfg.task} runs "
+            "on a transformers Trainer: use distributed.strategy deepspeed (zero_stage: 3 splits the weights too) "
+            "or ddp"
+        )
+    if strategy == "deepspeed":
+        if own_loop:
+            raise AyarError(
+                "distributed.strategy deepspeed runs the Trainer-based stages (dpo, reward, grpo, classification); "
+                "ayar's own loop (stage sft) splits weights, gradients and optimizer states as ZeRO-3 does with "
+                "distributed.strategy: fsdp"
+            )
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise AyarError(
+                "distributed.strategy deepspeed needs DeepSpeed, which is not installed: pip install -e "
+                "'.[deepspeed]' (or use distributed.strategy: ddp)"
+            ) from None
+    if strategy != "fsdp":
+        return
+    if cfg.method in ("qlora", "qdora"):
+        raise AyarError(
+            f"distributed.strategy fsdp cannot split the 4-bit weights of method {cfg.method}: use method "
+            f"{'dora' if cfg.method == 'qdora' else 'lora'} (bf16 base, split across the processes), or strategy ddp"
+        )
+    if cfg.lora.init in CONVERTED_INITS and cfg.method != "full":
+        raise AyarError(
+            f"lora.init {cfg.lora.init} under distributed.strategy fsdp: converting the adapter for the original base "
+            "needs the whole model in one process; use lora.init: default, or strategy ddp"
+        )
+    from ayar.models.load import starting_point
+
+    if cfg.method != "full" and starting_point(cfg.model.name)[1]:
+        raise AyarError(
+            f"model.name {cfg.model.name} is a run whose adapter this one would continue from; under "
+            "distributed.strategy fsdp the adapters are not stacked at the end: export that run merged (ayar export "
+            "RUN --to merged) and point model.name at the merged model, or use strategy ddp"
+        )
 
 
 def launcher_world() -> tuple[int, int]:

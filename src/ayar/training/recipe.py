@@ -108,23 +108,24 @@ class Recipe:
         self.run.append_metrics(record)
         self.tracker.log(record, record["step"])
 
-    def save(self, model, tok, init_dir=None) -> Path:
+    def save(self, model, tok, init_dir=None, state_dict: dict | None = None) -> Path:
         """Save what was trained where plain transformers / peft load it, with the tokenizer beside it
         (safetensors, atomically). A run that started from earlier runs (their adapters merged into its base
         in memory, e.g. DPO after SFT) keeps what it trained in stage_adapter/ and writes to adapter/ one
         adapter that applies to the original base alone (the earlier ones stacked in); where stacking would
         not be exact it saves that merged start to start_model/ and points adapter/ at it. Either way
-        `PeftModel.from_pretrained(<base named in adapter_config.json>, adapter/)` is the run's model."""
+        `PeftModel.from_pretrained(<base named in adapter_config.json>, adapter/)` is the run's model.
+        `state_dict`: the trained weights gathered whole, for a model split across processes (FSDP)."""
         from ayar.models.adapters import save_trained
 
         if self.cfg.method == "full":
-            save_trained(model, self.run.full_model, init_dir)
+            save_trained(model, self.run.full_model, init_dir, state_dict)
             tok.save_pretrained(self.run.full_model)
             return self.run.full_model
         meta = self.run.read_meta()
         earlier = meta.get("merged_adapters") or []
         if not earlier:
-            save_trained(model, self.run.adapter, init_dir)
+            save_trained(model, self.run.adapter, init_dir, state_dict)
             tok.save_pretrained(self.run.adapter)
             return self.run.adapter
         save_trained(model, self.run.stage_adapter, init_dir)

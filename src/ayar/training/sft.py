@@ -126,8 +126,12 @@ def train_sft(
         distributed.stop(world)
         return run
     rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
+    whole = result.trained_state  # FSDP: the trained weights gathered whole on rank 0 (the model stays split)
     if result.best_adapter is not None and s.best_step != s.step:
-        ckpt.load_trained_state(model, result.best_adapter)
+        if whole is not None:
+            whole = result.best_adapter
+        else:
+            ckpt.load_trained_state(model, result.best_adapter)
         say(
             f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {s.best_step}, eval loss "
             f"{s.best_eval:.4f})"
@@ -135,7 +139,7 @@ def train_sft(
     if not world.main:
         distributed.stop(world)
         return run
-    r.save(model, tok, init_dir)
+    r.save(model, tok, init_dir, whole)
     meta = r.finish(
         _run_readme,
         steps=s.step,

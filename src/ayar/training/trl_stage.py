@@ -21,7 +21,7 @@ from ayar.errors import DataError
 from ayar.models.adapters import parameter_counts
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
-from ayar.training import distributed
+from ayar.training import distributed, zero
 from ayar.training.allocator import tune_allocator
 from ayar.training.optim import trainer_optimizer_args
 from ayar.training.plan import decide
@@ -103,10 +103,12 @@ def run_stage(
         trainer.evaluate()
 
     # --- save -----------------------------------------------------------------------------------------
+    split = plan.strategy == "deepspeed" and cfg.distributed.zero_stage == 3  # ZeRO-3 holds a part of each weight
+    whole = zero.trained_state(trainer.model) if split else None
     if not world.main:
         distributed.stop(world)
         return run
-    r.save(trainer.model, tok)
+    r.save(trainer.model, tok, state_dict=whole)
     meta = r.finish(
         _readme,
         steps=trainer.state.global_step,
@@ -178,6 +180,7 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step
         **trainer_optimizer_args(t),
+        **({"deepspeed": zero.deepspeed_config(cfg, plan)} if plan.strategy == "deepspeed" else {}),
     )
 
 

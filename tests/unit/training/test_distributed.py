@@ -97,6 +97,7 @@ def test_the_launch_command_is_torchruns():
         launch_command(Namespace(nproc=2, nnodes=2, node_rank=0, rdzv_endpoint=None), [])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", ["dpo", "reward", "grpo", "classification"])
 def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stage):
     """DPO, reward models, GRPO and classification on transformers' Trainer in 2 processes (it wraps the model in
@@ -135,6 +136,7 @@ def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stag
     assert json.loads((tmp_path / stage / "run.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.distributed
 def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
     """`--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT` on each of two "machines" (two commands on
     127.0.0.1, one process each): they train as one run of world size 2, with the losses of 2 local processes."""
@@ -194,6 +196,7 @@ def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
     assert len(a) == 2 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5, (a, b)
 
 
+@pytest.mark.distributed
 def test_a_run_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
     """DDP resumes with another number of processes: the checkpoint's position in the epoch (in global
     micro-batches of 2 x 2 rows) is continued in micro-batches of 2 rows: no example skipped or repeated."""
@@ -244,6 +247,7 @@ def test_a_position_another_world_cannot_continue_exactly_is_a_clear_error():
         continue_with(LoopState(micro=3, world_size=1), 2, 2)
 
 
+@pytest.mark.distributed
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_one(tiny_model_dir, tmp_path):
     """SIGKILL to the whole process group (torchrun and both workers) part-way, then `--resume --nproc 2`: the
     same per-step losses and adapter as the run that was never interrupted (dropout on: each rank resumes its

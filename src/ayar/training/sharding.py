@@ -1,0 +1,132 @@
+"""FSDP for ayar's own loop (`distributed.strategy: fsdp`): torch's FSDP2 (`fully_shard`), one unit per decoder
+layer (the classes the model names in `_no_split_modules`, as accelerate's transformer auto-wrap does) and the rest
+(embeddings, final norm, head) in the root unit. Each rank keeps 1/N of every weight, gradient and optimizer state;
+a layer's weights are gathered whole only while it computes (forward, and again in backward).
+
+The loss is computed inside the root unit's forward (`Sharded.forward`): the loss reads the head's weight itself
+(training/loss.py, never the full logits), and FSDP hands out whole weights only inside a unit's forward. Gradients
+are summed across ranks (the loss is already divided by the global trained-token count, training/loop.py), in
+reduce-scatters of plain sums (gloo has no pre-scaled sum), once per optimizer step: the accumulation micro-steps
+skip the sync.
+
+Checkpoints are sharded (torch.distributed.checkpoint): every rank writes its own part of the trained weights and
+optimizer states into the checkpoint folder; at the end the trained weights are gathered whole on rank 0 and saved
+as a plain adapter or model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ayar.errors import ConfigError
+from ayar.kernels import base_model
+from ayar.training.checkpoint import SHARDS
+from ayar.training.loss import loss_sum
+
+
+class Sharded(torch.nn.Module):
+    """The model with its loss in the forward: the root FSDP unit."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None):
+        return loss_sum(self.model, batch, loss_fn, fused, autocast)
+
+
+def layer_classes(model) -> set[type]:
+    """The module classes FSDP gives a unit each: the model's own `_no_split_modules` (its decoder layer)."""
+    base = base_model(model)
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    found = {type(m) for m in base.modules() if type(m).__name__ in names}
+    if not found:
+        raise ConfigError(
+            f"distributed.strategy fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to "
+            "shard by; use distributed.strategy: ddp"
+        )
+    return found
+
+
+def mesh_for(dcfg, device: str, world_size: int):
+    """The process mesh: one dimension (full shard), or nodes x processes per node (hybrid: split within a node,
+    replicated across nodes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if dcfg.shard == "full":
+        return init_device_mesh(kind, (world_size,))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % per_node:
+        raise ConfigError(f"distributed.shard hybrid: {world_size} processes do not divide into nodes of {per_node}")
+    return init_device_mesh(kind, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model, dcfg, device: str, world_size: int) -> Sharded:
+    """`model` split across the ranks in place; the returned root unit computes the loss."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    mesh = mesh_for(dcfg, device, world_size)
+    offload = CPUOffloadPolicy() if dcfg.offload else OffloadPolicy()
+    classes = tuple(layer_classes(model))
+    units = [m for m in model.modules() if isinstance(m, classes)]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, offload_policy=offload)
+    root = fully_shard(Sharded(model), mesh=mesh, offload_policy=offload)
+    for unit in [*units, root]:
+        unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
+        unit.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+def sync_gradients(root: Sharded, on: bool) -> None:
+    """Reduce-scatter gradients in this backward (the last micro-step of an optimizer step) or keep them local."""
+    root.set_requires_gradient_sync(on)
+
+
+def whole(x) -> torch.Tensor | float:
+    """A DTensor (a sharded weight, a norm over sharded gradients) gathered whole; anything else as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def trained_state(root: Sharded) -> dict:
+    """The trained weights gathered whole, on rank 0 ({} on the others; every rank must call it), named as in the
+    model's own state_dict (what `save_pretrained(state_dict=...)` takes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(root, options=opts)
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def _state(root: Sharded, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(root, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def save_shards(folder: Path, root: Sharded, optimizer) -> None:
+    """Every rank writes its part of the trained weights and optimizer states into `folder`/sharded (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state(root, optimizer), checkpoint_id=str(Path(folder) / SHARDS))
+
+
+def load_shards(folder: Path, root: Sharded, optimizer) -> None:
+    """The trained weights and optimizer states of a sharded checkpoint, each rank its part (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _state(root, optimizer)
+    dcp.load(state, checkpoint_id=str(Path(folder) / SHARDS))
+    set_state_dict(
+        root,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
