@@ -56,16 +56,36 @@ def launch_command(args, argv: list[str]) -> list[str]:
     return cmd + ["-m", "ayar", "train", *rest]
 
 
+def launch(torchrun_args: list[str]) -> int:
+    """torchrun (torch.distributed.run) with these arguments, in this process: where a worker fails, its own error
+    (printed once, by rank 0) ends the output, with one line here instead of torchrun's traceback."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    try:
+        torchrun(parse_args(torchrun_args))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        print(
+            f"error: {len(e.failures)} of the training processes ended with exit code "
+            f"{', '.join(map(str, codes))}; the first error is above",
+            file=sys.stderr,
+        )
+        return next((c for c in codes if c > 0), 1)
+    return 0
+
+
 def run(args) -> int:
     import os
     import sys
 
     if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ and not args.print_config:
-        import subprocess
-
         cmd = launch_command(args, args.argv)
         print("launch " + " ".join(cmd), file=sys.stderr)
-        return subprocess.call(cmd)
+        return launch(cmd[3:])
 
     import yaml
 

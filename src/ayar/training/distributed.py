@@ -121,9 +121,12 @@ def barrier(world: World) -> None:
 
 @contextlib.contextmanager
 def main_first(world: World):
-    """Rank 0 runs the block first (e.g. tokenization that fills the shared cache), then the others."""
+    """Rank 0 runs the block first (e.g. tokenization that fills the shared cache), then the others. Where it fails
+    (bad data), the others are let through to meet the same error and end as cleanly, not stuck at the barrier."""
     if world.active and not world.main:
         barrier(world)
-    yield
-    if world.active and world.main:
-        barrier(world)
+    try:
+        yield
+    finally:
+        if world.active and world.main:
+            barrier(world)

@@ -88,8 +88,8 @@ def train_sft(
         run.truncate_metrics(start_step)
     if world.active:
         say(
-            f"world  {world.size} processes ({'nccl' if plan.device.startswith('cuda') else 'gloo'}), global batch "
-            f"{tcfg.batch_size} x {world.size} x {tcfg.grad_accum} accumulation"
+            f"world  {world.size} processes ({'nccl' if plan.device.startswith('cuda') else 'gloo'}, "
+            f"{_strategy(cfg)}), global batch {tcfg.batch_size} x {world.size} x {tcfg.grad_accum} accumulation"
         )
 
     # --- fit ------------------------------------------------------------------------------------------
@@ -160,6 +160,13 @@ def train_sft(
     say(f"run    {run.path}   (ayar chat {run.path})")
     distributed.stop(world)
     return run
+
+
+def _strategy(cfg: TrainConfig) -> str:
+    d = cfg.distributed
+    if d.strategy == "fsdp":
+        return f"FSDP {d.shard} shard, a unit per decoder layer"
+    return "data parallel"
 
 
 def _run_readme(run: RunDir, cfg: TrainConfig, meta: dict) -> str:

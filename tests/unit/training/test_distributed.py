@@ -66,7 +66,7 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_model
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         if "--nproc" in extra:
-            assert "torch.distributed.run" in done.stderr and "world  2 processes (gloo)" in done.stderr
+            assert "torch.distributed.run" in done.stderr and "world  2 processes (gloo, data parallel)" in done.stderr
     assert_same_training(tmp_path / "one", tmp_path / "two")
     assert_same_training(tmp_path / "one", tmp_path / "accum")
     meta = json.loads((tmp_path / "two" / "run.json").read_text())
