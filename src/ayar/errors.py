@@ -15,3 +15,7 @@ class DataError(AyarError):
 
 class ModelError(AyarError):
     """A model or tokenizer could not be loaded."""
+
+
+class SaidElsewhere(AyarError):
+    """Another process of the same run (rank 0) met the error and printed it; this one ends without repeating it."""

@@ -81,15 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     parse = parser.parse_intermixed_args if getattr(module, "INTERMIXED", False) else parser.parse_args
     args = parse(argv[1:])
     args.argv = argv[1:]  # as typed (a launcher re-runs the command in each process)
-    from ayar.errors import AyarError
+    from ayar.errors import AyarError, SaidElsewhere
     from ayar.quiet import quiet_libraries
 
     quiet_libraries()
     try:
         return int(module.run(args) or 0)
     except AyarError as e:
-        if os.environ.get("RANK", "0") == "0":  # under a launcher every process meets the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, SaidElsewhere):  # rank 0 says it (several processes: training/distributed.py)
+            import time
+
+            time.sleep(10)  # ending first would have the launcher stop rank 0 before it has said why
+            return 2
+        rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+        print(("" if rank == "0" else f"[rank {rank}] ") + f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -121,12 +121,22 @@ def barrier(world: World) -> None:
 
 @contextlib.contextmanager
 def main_first(world: World):
-    """Rank 0 runs the block first (e.g. tokenization that fills the shared cache), then the others. Where it fails
-    (bad data), the others are let through to meet the same error and end as cleanly, not stuck at the barrier."""
-    if world.active and not world.main:
-        barrier(world)
+    """Rank 0 runs the block first (e.g. converting the default model, tokenizing into the shared cache), then the
+    others. Where it fails (bad data), rank 0 says why and the others end quietly (SaidElsewhere) instead of
+    waiting at the barrier or repeating the message."""
+    if not world.active:
+        yield
+        return
+    if not world.main:
+        if not share(world, None):
+            from ayar.errors import SaidElsewhere
+
+            raise SaidElsewhere("rank 0 stopped the run")
+        yield
+        return
     try:
         yield
-    finally:
-        if world.active and world.main:
-            barrier(world)
+    except BaseException:
+        share(world, False)
+        raise
+    share(world, True)

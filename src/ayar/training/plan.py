@@ -32,6 +32,7 @@ class RunPlan:
     rank: int = 0
     strategy: str = "single"  # one process; several: `ddp` or `fsdp` (distributed.strategy, training/sharding.py)
     distributed: object | None = None  # the config's `distributed` section (FSDP's shard and offload options)
+    liger: bool = False  # Liger's Triton kernels patched in (CUDA with liger-kernel installed; kernels/liger.py)
     layout: Layout | None = None  # the passes, once the model and data are known (SFT's own loop)
     not_fused_because: str | None = None
     return_memory: bool = False  # hand freed memory back at once (training/allocator.py)
@@ -74,6 +75,7 @@ class RunPlan:
             "quantized": self.quantized,
             "world_size": self.world_size,
             "strategy": self.strategy,
+            "liger": self.liger,
         }
         if self.layout is not None:
             out["return_memory"] = self.return_memory
@@ -115,8 +117,11 @@ def decide(cfg) -> RunPlan:
     world_size, rank = launcher_world()
     strategy = cfg.distributed.strategy if world_size > 1 else "single"
     check_strategy(cfg, strategy, placement.device)
+    from ayar.kernels import liger
+
     quantized = cfg.method in ("qlora", "qdora")
-    return RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed)
+    use_liger = liger.applies(placement.device)
+    return RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed, use_liger)
 
 
 def check_strategy(cfg, strategy: str, device: str) -> None:

@@ -50,12 +50,14 @@ def train_sft(
     if not world.main:
         r.console = Console(stderr=True, quiet=True)
     quantization = quantization_config(cfg.method, plan.placement.dtype) if plan.quantized else None
-    model, tok, _, model_path = load_model_and_tokenizer(
-        cfg.model, plan.placement, log=say, **({"quantization_config": quantization} if quantization else {})
-    )
+    with distributed.main_first(world):  # rank 0 converts the default model once (the first run), the others load it
+        model, tok, _, model_path = load_model_and_tokenizer(
+            cfg.model, plan.placement, log=say, **({"quantization_config": quantization} if quantization else {})
+        )
     say(
         f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})"
         + (f", {str(plan.autocast).removeprefix('torch.')} autocast" if plan.autocast is not None else "")
+        + (", Liger kernels" if plan.liger else "")
     )
     t0 = time.perf_counter()
     with distributed.main_first(world):  # rank 0 fills the tokenization cache, the others read it
@@ -68,6 +70,10 @@ def train_sft(
         + f"; {'tokenized data from cache' if st['tokenization_cached'] else 'tokenized'} in "
         f"{time.perf_counter() - t0:.1f}s"
     )
+    if plan.liger:
+        from ayar.kernels import liger
+
+        liger.apply(model)
     model = apply_method(model, cfg.method, cfg.lora)
     plan = plan.with_passes(cfg, model, data.train, say)
     allocator = tune_allocator() if plan.return_memory and plan.device == "cpu" else None

@@ -60,14 +60,15 @@ def run_stage(
     r.world = world = distributed.start(plan)  # under torchrun / accelerate: the Trainer shares this group
     if not world.main:
         r.console = Console(stderr=True, quiet=True)
-    splits = load_splits(cfg.data, seed=tcfg.seed)
-    check_kinds(splits, stage)
-    _lint(cfg, splits, say)
-    say(f"data   {len(splits.train)} train rows, {len(splits.val)} validation rows ({stage.name})")
-    auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
-    model, tok, _, model_path = load_model_and_tokenizer(
-        cfg.model, plan.placement, log=say, auto_class=auto, **stage.model_kwargs(cfg, splits)
-    )
+    with distributed.main_first(world):  # bad data said once, by rank 0; the default model converted once
+        splits = load_splits(cfg.data, seed=tcfg.seed)
+        check_kinds(splits, stage)
+        _lint(cfg, splits, say)
+        say(f"data   {len(splits.train)} train rows, {len(splits.val)} validation rows ({stage.name})")
+        auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
+        model, tok, _, model_path = load_model_and_tokenizer(
+            cfg.model, plan.placement, log=say, auto_class=auto, **stage.model_kwargs(cfg, splits)
+        )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find each row's last token by it
     say(f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})")
