@@ -61,7 +61,10 @@ class RunPlan:
             from ayar.training.memory import model_shape
 
             shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
-            memory, checkpointing, release = _check_memory(cfg, shape, examples, self.placement, packed, why_not, say)
+            sharding = Sharding(self.world_size, "fsdp" if self.strategy == "fsdp" else "ddp")
+            memory, checkpointing, release = _check_memory(
+                cfg, shape, examples, self.placement, packed, why_not, say, sharding if self.world_size > 1 else None
+            )
         layout = Layout(rows_per_pass(tcfg, self.device, why_not is None), packed, why_not is None, checkpointing)
         return dataclasses.replace(self, layout=layout, not_fused_because=why_not, return_memory=release, memory=memory)
 
@@ -326,12 +329,20 @@ class _Row:
         self.n_trained = n
 
 
-def _check_memory(cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say):
+def _check_memory(
+    cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say, sharding=None
+):
     """(memory plan, gradient checkpointing, return memory). Checkpointing: `training.gradient_checkpointing`,
     or auto: when needed to fit. Return memory: `training.return_memory`, or auto: when the plan is tight,
-    since the default allocator's peak can run up to 2x above what training holds, and returning costs speed."""
+    since the default allocator's peak can run up to 2x above what training holds, and returning costs speed.
+    `sharding`: several processes, planned per process (on a CPU they share this machine's RAM)."""
     layout = Layout(rows_per_pass(cfg.training, placement.device, why_not is None), packed, why_not is None)
-    plan, fixes, layout = plan_memory_for(shape, cfg, examples, placement, layout)
+    available = None
+    if sharding is not None and placement.device == "cpu":
+        from ayar.training.memory import available_memory
+
+        available = available_memory("cpu") // int(os.environ.get("LOCAL_WORLD_SIZE", sharding.nproc))
+    plan, fixes, layout = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding)
     release = cfg.training.return_memory
     if release is None:
         release = 2 * plan.total > plan.available
@@ -342,8 +353,9 @@ def _check_memory(cfg, shape: Shape, examples, placement: Placement, packed: boo
             if layout.checkpointing and cfg.training.gradient_checkpointing is None
             else ""
         )
+        each = " per process" if sharding is not None else ""
         say(
-            f"memory predicted peak {gb(plan.total)} of {gb(plan.available)} available{auto}"
+            f"memory predicted peak {gb(plan.total)}{each} of {gb(plan.available)} available{each}{auto}"
             + (", freed memory returned at once" if release else "")
         )
         return plan, layout.checkpointing, release

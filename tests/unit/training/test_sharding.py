@@ -133,3 +133,28 @@ def test_one_process_ignores_the_strategy(monkeypatch):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert decide(load_config(None, ["distributed.strategy=fsdp", "model.device=cpu"])).strategy == "single"
+
+
+def test_the_run_plans_memory_per_process(tiny_model_dir, monkeypatch):
+    """Under FSDP a process plans its share of the weights, gradients and AdamW states; on a CPU the processes
+    share the machine's RAM, so each is given its part of it."""
+    import dataclasses
+
+    from ayar.config import load_config
+    from ayar.models.load import load_model_and_tokenizer
+    from ayar.training import memory
+    from ayar.training.plan import decide
+    from tests.helpers import examples
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: 8 * 2**30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "method=full", "model.device=cpu"])
+    plan = decide(cfg)
+    model, tok, _, _ = load_model_and_tokenizer(cfg.model, plan.placement, log=lambda *_: None)
+    rows = examples(tok)
+    lines = []
+    one = plan.with_passes(cfg, model, rows, lines.append)
+    fsdp = dataclasses.replace(plan, world_size=2, strategy="fsdp").with_passes(cfg, model, rows, lines.append)
+    assert one.memory.available == 8 * 2**30 and fsdp.memory.available == 4 * 2**30
+    assert fsdp.memory.parts["weights"] < one.memory.parts["weights"]
+    assert "per process of 4.0 GB available per process" in lines[-1]
