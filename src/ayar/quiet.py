@@ -29,3 +29,11 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def name_deepspeed_accelerator(device: str) -> None:
+    """Where DeepSpeed is installed, transformers and TRL import it, and it guesses its accelerator at import with a
+    warning on every run without a GPU: tell it which one (a user's own DS_ACCELERATOR is kept)."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.startswith("cuda") else "cpu")

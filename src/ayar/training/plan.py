@@ -112,7 +112,10 @@ def decide(cfg) -> RunPlan:
     """The decisions made before the model loads. Full fine-tuning keeps fp32 master weights and computes
     in the half dtype the placement picks (autocast); adapters train in fp32 over a half-precision base
     anyway; QLoRA loads the base in 4-bit and computes in the placement's dtype."""
+    from ayar.quiet import name_deepspeed_accelerator
+
     placement = choose_placement(cfg.model.device, cfg.model.dtype)
+    name_deepspeed_accelerator(placement.device)
     autocast = None
     if cfg.method == "full" and placement.dtype != torch.float32:
         autocast = placement.dtype

@@ -66,3 +66,35 @@ def test_full_fine_tuning_autocast_reaches_the_loss(tiny_model_dir, tmp_path, mo
     meta = train_sft(cfg).read_meta()
     assert meta["plan"]["autocast"] == "bfloat16" and meta["dtype"] == "float32"
     assert calls and {autocast for _, autocast in calls} == {torch.bfloat16}
+
+
+def test_the_plan_on_a_gpu(tiny_model_dir, monkeypatch):
+    """What a run decides on CUDA, without one (CUDA faked; not yet run on a GPU): bf16 where the GPU has it (else
+    fp16), full fine-tuning as fp32 master weights under autocast, the whole micro-batch in one pass, padding-free
+    only when packing is asked for (flash-attention takes packed rows; ayar's per-example CPU attention is off), the
+    fused CPU decoder off, Liger's kernels when installed, nccl for several processes."""
+    from ayar.kernels import liger
+    from ayar.models.load import load_model_and_tokenizer
+    from tests.helpers import examples
+
+    model, tok, _, _ = load_model_and_tokenizer(  # before CUDA is faked (libraries probe it as they import)
+        load_config(None, [f"model.name={tiny_model_dir}"]).model,
+        decide(load_config(None, ["model.device=cpu"])).placement,
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(liger, "installed", lambda: True)
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.device=cuda", "training.memory_check=off"])
+    plan = decide(cfg)
+    assert (plan.device, plan.placement.dtype, plan.autocast, plan.liger) == ("cuda", torch.bfloat16, None, True)
+    full = decide(load_config(None, [f"model.name={tiny_model_dir}", "model.device=cuda", "method=full"]))
+    assert full.placement.dtype == torch.float32 and full.autocast == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert decide(cfg).placement.dtype == torch.float16
+    passes = plan.with_passes(cfg, model, examples(tok), lambda *_: None)
+    assert passes.layout.per_pass == 0 and not passes.layout.packed and not passes.layout.fused
+    packed = load_config(None, [f"model.name={tiny_model_dir}", "model.device=cuda", "training.memory_check=off",
+                                "training.packing=true"])  # fmt: skip
+    on_gpu = decide(packed).with_passes(packed, model, examples(tok), lambda *_: None)
+    assert on_gpu.layout.packed and not on_gpu.layout.fused, on_gpu.not_fused_because
+    assert "CPU only" in on_gpu.not_fused_because

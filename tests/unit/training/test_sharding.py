@@ -14,8 +14,9 @@ from tests.unit.training.test_distributed import COMMON, _train, assert_same_tra
 
 
 def test_fsdp_lora_trains_what_one_process_does(tiny_model_dir, tmp_path):
-    """LoRA, batch 4 x 2 processes and 2 x 2 processes x 2 accumulation steps (hybrid shard), against 8 x 1: the
-    same per-step losses (1e-5 relative) and adapter after 10 steps; the checkpoints are sharded (a part per rank)."""
+    """LoRA, batch 4 x 2 processes (gradient checkpointing) and 2 x 2 processes x 2 accumulation steps (hybrid
+    shard), against 8 x 1: the same per-step losses (1e-5 relative) and adapter after 10 steps; the checkpoints are
+    sharded (a part per rank)."""
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     # the reference without the fused decoder too (FSDP does not take it): the same kernels on both sides. At
     # test_distributed's rate of 0.02 the loss bounces after step 5 and step 1's float-order difference (~4e-8)
@@ -24,7 +25,8 @@ def test_fsdp_lora_trains_what_one_process_does(tiny_model_dir, tmp_path):
     fsdp = ["distributed.strategy=fsdp", "--nproc", "2"]
     runs = {
         "one": ["training.batch_size=8", "training.fused=false"],
-        "fsdp": ["training.batch_size=4", "training.save_steps=5", *fsdp],
+        # with gradient checkpointing: each layer's forward recomputed in backward gathers its weights again
+        "fsdp": ["training.batch_size=4", "training.save_steps=5", "training.gradient_checkpointing=true", *fsdp],
         # hybrid: split within the node (here both processes), replicated across nodes (one here): a 2-D mesh
         "accum": ["training.batch_size=2", "training.grad_accum=2", "distributed.shard=hybrid", *fsdp],
     }
