@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     s = sub.add_parser("serve", help="ayar serve vs a naive server answering one request at a time with HF generate")
     s.add_argument("source", nargs="?", default="default", help="run directory or model (default: the default model)")
     s.add_argument("--concurrency", default="1,8,32", help="client counts to measure (default 1,8,32)")
-    s.add_argument("--requests-per-client", type=int, default=2)
+    s.add_argument("--requests-per-client", type=int, default=4)
     s.add_argument("--max-tokens", type=int, default=48)
     s.add_argument("--max-batch", type=int, default=8, help="ayar's --max-batch")
     s.add_argument(

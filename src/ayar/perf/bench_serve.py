@@ -11,7 +11,10 @@ deployment would.
 Each server runs in its own subprocess on 127.0.0.1; closed-loop clients (each sends its next request
 when the previous answer is in) drive it at each concurrency level. Throughput counts the completion
 tokens the server reports; time to first token is measured on ayar's stream (the naive server cannot
-stream, so for it TTFT is the whole latency, which is what its users wait).
+stream, so for it TTFT is the whole latency, which is what its users wait). Every side first answers one
+uncounted warm-up request (a server's first request pays one-time costs: with 2 requests at 1 client it was half
+the figure), and every request opens its own connection (llama-server closes idle keep-alive connections, and a
+request sent on one as it closes fails).
 
     python -m ayar.perf.bench_serve SIDE SOURCE PORT MAX_BATCH [SECOND_ADAPTER]     (a server of one side)
 """
@@ -37,7 +40,7 @@ KEY = "bench-key"  # ayar's sides run with authentication on
 def run_bench(
     source: str,
     concurrency=(1, 8, 32),
-    requests_per_client: int = 2,
+    requests_per_client: int = 4,
     max_tokens: int = 48,
     max_batch: int = 8,
     sides=SIDES,
@@ -68,7 +71,7 @@ def run_bench(
                 total = c * requests_per_client
                 asked = questions[first : first + total] or questions
                 first += total
-                levels[c] = asyncio.run(_drive(port, side, asked, c, total, max_tokens))
+                levels[c] = asyncio.run(_drive(port, side, asked, c, total, max_tokens, warm_up=not levels))
                 log(
                     f"[{side}] {c:>2} clients: {levels[c]['tokens_per_s']:.1f} tok/s, TTFT p50 "
                     f"{levels[c]['ttft_p50']:.2f} s"
@@ -82,6 +85,7 @@ def run_bench(
         "max_tokens": max_tokens,
         "max_batch": max_batch,
         "requests_per_client": requests_per_client,
+        "method": "one uncounted warm-up request per side first; a new connection per request for every side",
         "sides": results,
     }
     ratios = {}
@@ -144,34 +148,36 @@ def _llama_server_command(binary: str | None, source: str, port: int, max_batch:
     ]  # fmt: skip
 
 
-async def _drive(port: int, side: str, questions: list[str], clients: int, total: int, max_tokens: int) -> dict:
+async def _drive(
+    port: int, side: str, questions: list[str], clients: int, total: int, max_tokens: int, warm_up: bool = False
+) -> dict:
     import httpx
 
     queue, models = list(range(total)), ["bench"]
     ttft, latency, tokens, errors = [], [], 0, 0
 
-    async def one(client: httpx.AsyncClient, i: int):
+    async def one(client: httpx.AsyncClient, i: int, counted: bool = True):
+        """One request; `counted=False`: the warm-up, its own question, its figures dropped."""
         nonlocal tokens, errors
+        question = "What is 2 + 3? Answer in one sentence." if i < 0 else questions[i % len(questions)]
         body = {
             "model": models[i % len(models)],
-            "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+            "messages": [{"role": "user", "content": question}],
             "max_tokens": max_tokens,
             "temperature": 0,
         }
-        start = time.perf_counter()
+        start, first, got = time.perf_counter(), None, 0
         if side == "naive":
             r = await client.post("/v1/chat/completions", json=body)
             if r.status_code != 200:
-                errors += 1
+                errors += counted
                 return
-            ttft.append(time.perf_counter() - start)
-            tokens += r.json()["usage"]["completion_tokens"]
+            first, got = time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
         else:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
-            first = None
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 if r.status_code != 200:
-                    errors += 1
+                    errors += counted
                     return
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -180,20 +186,29 @@ async def _drive(port: int, side: str, questions: list[str], clients: int, total
                     if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                         first = time.perf_counter() - start
                     if chunk.get("usage"):
-                        tokens += chunk["usage"]["completion_tokens"]
+                        got += chunk["usage"]["completion_tokens"]
+        if counted:
             ttft.append(first if first is not None else time.perf_counter() - start)
-        latency.append(time.perf_counter() - start)
+            latency.append(time.perf_counter() - start)
+            tokens += got
 
     async def worker(client):
         while queue:
             await one(client, queue.pop())
 
-    started = time.perf_counter()
     headers = {"Authorization": f"Bearer {KEY}"} if side.startswith("ayar") else {}
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, headers=headers) as client:
+    # a connection per request, for every side: llama-server closes idle keep-alive connections, and a request
+    # sent on one as it closes fails ("Server disconnected without sending a response")
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=600, headers=headers, limits=fresh
+    ) as client:
         if side != "naive":  # the run's adapter if it has one, else the base model; both adapters on 2lora
             served = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
             models = served[-2:] if side == "ayar-gguf-2lora" else served[-1:]
+        if warm_up:  # one request first, not counted: a server's first one pays its one-time costs
+            await one(client, -1, counted=False)
+        started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
     wall = time.perf_counter() - started
     return {

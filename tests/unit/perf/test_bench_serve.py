@@ -20,7 +20,9 @@ def test_bench_serve_on_a_gguf_with_the_serial_side(gguf_engine):
             m = result["sides"][side][c]
             assert m["errors"] == 0 and m["requests"] == c and m["completion_tokens"] > 0, (side, c, m)
             assert m["ttft_p95"] <= m["latency_p95"] + 1e-9
+            assert m["completion_tokens"] <= 6 * c  # the warm-up request before level 1 is not counted
     assert set(result["ratios"]["ayar-gguf/ayar-serial"]) == {1, 3}
+    assert "warm-up" in result["method"]
 
 
 def test_the_llama_server_side_says_what_it_needs(tmp_path):
