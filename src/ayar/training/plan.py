@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ayar.errors import AyarError
+from ayar.kernels import liger
 from ayar.models.device import Placement, choose_placement
+from ayar.quiet import name_deepspeed_accelerator
 from ayar.training.memory import Layout, MemoryPlan, Shape, Sharding
 
 
@@ -112,8 +114,6 @@ def decide(cfg) -> RunPlan:
     """The decisions made before the model loads. Full fine-tuning keeps fp32 master weights and computes
     in the half dtype the placement picks (autocast); adapters train in fp32 over a half-precision base
     anyway; QLoRA loads the base in 4-bit and computes in the placement's dtype."""
-    from ayar.quiet import name_deepspeed_accelerator
-
     placement = choose_placement(cfg.model.device, cfg.model.dtype)
     name_deepspeed_accelerator(placement.device)
     autocast = None
@@ -123,8 +123,6 @@ def decide(cfg) -> RunPlan:
     world_size, rank = launcher_world()
     strategy = cfg.distributed.strategy if world_size > 1 else "single"
     check_strategy(cfg, strategy, placement.device)
-    from ayar.kernels import liger
-
     quantized = cfg.method in ("qlora", "qdora")
     use_liger = liger.applies(placement.device)
     return RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed, use_liger)

@@ -95,7 +95,7 @@ def train_sft(
     if world.active:
         say(
             f"world  {world.size} processes ({'nccl' if plan.device.startswith('cuda') else 'gloo'}, "
-            f"{_strategy(cfg)}), global batch {tcfg.batch_size} x {world.size} x {tcfg.grad_accum} accumulation"
+            f"{_strategy(plan)}), global batch {tcfg.batch_size} x {world.size} x {tcfg.grad_accum} accumulation"
         )
 
     # --- fit ------------------------------------------------------------------------------------------
@@ -168,10 +168,9 @@ def train_sft(
     return run
 
 
-def _strategy(cfg: TrainConfig) -> str:
-    d = cfg.distributed
-    if d.strategy == "fsdp":
-        return f"FSDP {d.shard} shard, a unit per decoder layer"
+def _strategy(plan) -> str:
+    if plan.strategy == "fsdp":
+        return f"FSDP {plan.distributed.shard} shard, a unit per decoder layer"
     return "data parallel"
 
 
