@@ -66,8 +66,9 @@ test: install lint
 test-slow: install
 	$(BIN)/python -m pytest tests -q -m slow
 
-# The rest of the multi-process runs (resumes, two "nodes", each Trainer stage, FSDP full fine-tuning, DeepSpeed
-# ZeRO-2/3, FSDP resumed in 4 processes): ~8 minutes here. `make test` keeps the core equalities (DDP and FSDP against one process).
+# The rest of the multi-process runs (resumes, two "nodes", each Trainer stage, FSDP full fine-tuning, FSDP resumed
+# in 4 processes, DeepSpeed ZeRO-2/3): ~8 minutes here. `make test` keeps the core equalities (DDP and FSDP against
+# one process).
 test-distributed: install
 	$(BIN)/python -m pytest tests -q -m distributed
 
