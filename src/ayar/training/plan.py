@@ -159,6 +159,18 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
                 "distributed.strategy deepspeed needs DeepSpeed, which is not installed: pip install -e "
                 "'.[deepspeed]' (or use distributed.strategy: ddp)"
             ) from None
+    split = (
+        "fsdp" if strategy == "fsdp" else "deepspeed ZeRO-3" if strategy == "deepspeed" and d.zero_stage == 3 else None
+    )
+    if split and cfg.method != "full":
+        from ayar.models.load import starting_point
+
+        if starting_point(cfg.model.name)[1]:
+            raise AyarError(
+                f"model.name {cfg.model.name} is a run whose adapter this one would continue from; under {split} the "
+                "weights are split and the adapters are not stacked at the end: export that run merged (ayar export "
+                "RUN --to merged) and point model.name at the merged model, or use strategy ddp"
+            )
     if strategy != "fsdp":
         return
     if cfg.method in ("qlora", "qdora"):
@@ -170,14 +182,6 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
         raise AyarError(
             f"lora.init {cfg.lora.init} under distributed.strategy fsdp: converting the adapter for the original base "
             "needs the whole model in one process; use lora.init: default, or strategy ddp"
-        )
-    from ayar.models.load import starting_point
-
-    if cfg.method != "full" and starting_point(cfg.model.name)[1]:
-        raise AyarError(
-            f"model.name {cfg.model.name} is a run whose adapter this one would continue from; under "
-            "distributed.strategy fsdp the adapters are not stacked at the end: export that run merged (ayar export "
-            "RUN --to merged) and point model.name at the merged model, or use strategy ddp"
         )
 
 

@@ -35,6 +35,18 @@ COMMON = [
 ]
 
 
+def as_if_killed(run, *steps: int) -> None:
+    """The run as a kill after an earlier checkpoint leaves it: checkpoints `steps` and the final adapter gone,
+    run.json still `running`."""
+    import shutil
+
+    for step in steps:
+        shutil.rmtree(run / "checkpoints" / f"checkpoint-{step:07d}")
+    shutil.rmtree(run / "adapter")
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+
+
 def losses(run):
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -200,8 +212,6 @@ def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
 def test_a_run_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
     """DDP resumes with another number of processes: the checkpoint's position in the epoch (in global
     micro-batches of 2 x 2 rows) is continued in micro-batches of 2 rows: no example skipped or repeated."""
-    import shutil
-
     rows = MATH_ROWS * 2
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     run = tmp_path / "run"
@@ -221,10 +231,7 @@ def test_a_run_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
     ]
     assert _train(args, tmp_path).returncode == 0
     # as if killed after step 1: its checkpoint is the latest, the run unfinished
-    shutil.rmtree(run / "checkpoints" / "checkpoint-0000002")
-    shutil.rmtree(run / "adapter")
-    meta = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    as_if_killed(run, 2)
     resumed = _train(["--resume", str(run)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]

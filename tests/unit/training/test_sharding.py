@@ -3,14 +3,13 @@ and the same adapter / model as one process with the same global batch, a sharde
 uninterrupted run, and the refusals."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.helpers import MATH_ROWS, write_jsonl
-from tests.unit.training.test_distributed import COMMON, _train, assert_same_training, losses
+from tests.unit.training.test_distributed import COMMON, _train, as_if_killed, assert_same_training, losses
 
 
 def test_fsdp_lora_trains_what_one_process_does(tiny_model_dir, tmp_path):
@@ -88,11 +87,7 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny_model_dir, t
     assert done.returncode == 0, done.stderr[-3000:]
     ref_losses = losses(run)
     ref = load_file(run / "adapter" / "adapter_model.safetensors")
-    for step in (3, 4):  # as if killed after step 2
-        shutil.rmtree(run / "checkpoints" / f"checkpoint-000000{step}")
-    shutil.rmtree(run / "adapter")
-    meta = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    as_if_killed(run, 3, 4)  # after step 2
     resumed = _train(["--resume", str(run), "--nproc", "2"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume checkpoint-0000002" in resumed.stderr
@@ -177,10 +172,7 @@ def test_a_sharded_checkpoint_resumes_in_another_number_of_processes(tiny_model_
                 f"distributed.strategy={strategy}", f"output.path={run}", "--nproc", "2"]  # fmt: skip
         done = _train(args, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        shutil.rmtree(run / "checkpoints" / "checkpoint-0000004")
-        shutil.rmtree(run / "adapter")
-        meta = json.loads((run / "run.json").read_text())
-        (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+        as_if_killed(run, 4)
         resumed = _train(["--resume", str(run), "--nproc", "4"], tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resume checkpoint-0000002" in resumed.stderr and "world  4 processes" in resumed.stderr
@@ -191,3 +183,29 @@ def test_a_sharded_checkpoint_resumes_in_another_number_of_processes(tiny_model_
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
         steps[strategy] = [r["loss"] for r in records]
     assert max(abs(x - y) / abs(x) for x, y in zip(steps["fsdp"], steps["ddp"])) < 1e-5, steps
+
+
+@pytest.mark.parametrize(
+    "strategy, split", [(["distributed.strategy=fsdp"], "fsdp"), (["distributed.strategy=deepspeed",
+                        "distributed.zero_stage=3", "stage=dpo"], "deepspeed ZeRO-3")]
+)  # fmt: skip
+def test_a_run_that_continues_an_earlier_adapter_is_refused_where_weights_are_split(tmp_path, monkeypatch, strategy,
+                                                                                    split):  # fmt: skip
+    """The earlier adapters are stacked into the saved one from the model's own weights, which FSDP and ZeRO-3 hold
+    split: refused before loading (ZeRO-2 and DDP keep whole weights and stack as one process does)."""
+    from ayar.config import load_config
+    from ayar.errors import AyarError
+    from ayar.training.plan import decide
+
+    earlier = tmp_path / "sft-run"
+    (earlier / "adapter").mkdir(parents=True)
+    (earlier / "adapter" / "adapter_config.json").write_text("{}")
+    (earlier / "run.json").write_text(json.dumps({"base_model": "base"}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config(None, [f"model.name={earlier}", "model.device=cpu", *strategy])
+    with pytest.raises(AyarError, match=f"under {split} the weights are split and the adapters are not stacked"):
+        decide(cfg)
+    zero2 = load_config(None, [f"model.name={earlier}", "model.device=cpu", "distributed.strategy=deepspeed",
+                               "stage=dpo"])  # fmt: skip
+    assert decide(zero2).strategy == "deepspeed"
