@@ -80,6 +80,23 @@ def load_model(
     return model.to(placement.device)
 
 
+def empty_model(path: str, placement: Placement, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    """The model's modules without its weights (on the meta device: no memory), for the FSDP processes other than
+    rank 0: they receive their parts of the weights from rank 0 as the model is split (training/sharding.py)
+    instead of each reading the whole model first."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, "model", e) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=placement.dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+
+
 def starting_point(name: str) -> tuple[str, list[str]]:
     """`model.name` -> (base model, adapters merged into it, in order). An ayar run directory stands for its
     own starting point plus its adapter, so a stage can continue from an earlier run (DPO after SFT)."""
@@ -105,15 +122,27 @@ def merge_adapters(model, adapters: list[str], log=print):
     return model
 
 
-def load_model_and_tokenizer(model_cfg, placement: Placement | None = None, log=print, auto_class=None, **model_kwargs):
+def load_model_and_tokenizer(
+    model_cfg, placement: Placement | None = None, log=print, auto_class=None, empty: bool = False, **model_kwargs
+):
     """Returns (model, tokenizer, placement, resolved_path). `placement`: where and in which dtype (a run
     plan's decision); default: chosen from the config's device and dtype. `auto_class`: the transformers Auto class
     (default AutoModelForCausalLM; AutoModelForSequenceClassification for classifiers and reward models),
-    `model_kwargs` go to its from_pretrained (num_labels, id2label)."""
+    `model_kwargs` go to its from_pretrained (num_labels, id2label). `empty`: the model without its weights
+    (`empty_model`; a causal LM starting from the base model itself)."""
     base, adapters = starting_point(model_cfg.name)
     path = resolve_model_path(base, log=log)
     placement = placement or choose_placement(model_cfg.device, model_cfg.dtype)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
+    if empty:
+        if adapters or auto_class is not None or model_kwargs:
+            raise ValueError("an empty model is a causal LM from its base alone")  # the plan refuses these first
+        return (
+            empty_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code),
+            tok,
+            placement,
+            path,
+        )
     model = load_model(
         path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs
     )

@@ -73,20 +73,44 @@ def total(world: World, value: float) -> float:
     return float(t.item())
 
 
-def sum_gradients(world: World, params: list) -> None:
-    """Each trained parameter's gradient summed across ranks (one flat all-reduce per optimizer step)."""
+BUCKET_BYTES = 25 * 2**20  # gradients all-reduced together, at most (DDP's default bucket_cap_mb)
+
+
+def sum_gradients(world: World, params: list, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Each trained parameter's gradient summed across ranks, once per optimizer step: consecutive gradients
+    in buckets of up to `bucket_bytes` (one all-reduce each, few collectives for an adapter's many small
+    tensors), so the extra memory is one bucket, not a second copy of every gradient (a full fine-tune)."""
     if not world.active:
         return
     import torch
+
+    bucket, size = [], 0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        bucket.append(p)
+        size += p.grad.numel() * 4
+        if size >= bucket_bytes:
+            _sum_bucket(bucket)
+            bucket, size = [], 0
+    if bucket:
+        _sum_bucket(bucket)
+
+
+def _sum_bucket(params: list) -> None:
+    import torch
     import torch.distributed as dist
 
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    grads = [p.grad for p in params]
+    if len(grads) == 1 and grads[0].dtype == torch.float32 and grads[0].is_contiguous():
+        dist.all_reduce(grads[0])  # in place: a tensor as large as a bucket needs no copy
+        return
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat)
     offset = 0
-    for p, g in zip(params, grads):
+    for g in grads:
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 

@@ -142,7 +142,11 @@ def run_loop(
     (plan.strategy, training/sharding.py) the model is split across them first."""
     world = world or World()
     total = total_steps_for(len(train), tcfg, world.size)
-    root = sharding.shard(model, plan.distributed, plan.device, world.size) if plan.strategy == "fsdp" else None
+    root = (
+        sharding.shard(model, plan.distributed, plan.device, world.size, world.rank)
+        if plan.strategy == "fsdp"
+        else None
+    )
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)
     order = BatchOrder(len(train), tcfg.batch_size * world.size, tcfg.seed)

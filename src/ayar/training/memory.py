@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ayar.training.distributed import BUCKET_BYTES
+
 # Constants (see benchmarks/README.md, "memory planner").
 RUNTIME_BYTES_CPU = 500 * 2**20  # python + torch + transformers + tokenizer: 470 MB RSS measured before the model loads
 RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond tensors (an estimate)
@@ -148,8 +150,8 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
     grads = trainable * 4 if adapter else parts[states] - trainable * 8  # full: states = grads + AdamW's 8 bytes
     adam = trainable * 8
     offloaded = 0
-    if strategy == "ddp" and n > 1:  # the gradients all-reduced as one flat tensor (training/distributed.py)
-        parts["gradient all-reduce buffer"] = grads
+    if strategy == "ddp" and n > 1:  # the gradients all-reduced in buckets (training/distributed.py)
+        parts["gradient all-reduce buffer"] = min(grads, BUCKET_BYTES)
     if strategy in ("zero3", "fsdp"):
         whole = parts["weights"]
         parts["weights"] = math.ceil(whole / n)

@@ -45,6 +45,18 @@ class RunPlan:
         return self.placement.device
 
     @property
+    def reads_weights(self) -> bool:
+        """Whether this process loads the model's weights: under FSDP only rank 0 does; the others build the model
+        empty and receive their parts as it is split (training/sharding.py), never holding the whole model."""
+        return self.strategy != "fsdp" or self.rank == 0
+
+    @property
+    def load_placement(self) -> Placement:
+        """Where the weights are loaded: under FSDP into CPU RAM (splitting the model moves each rank's part to its
+        device: a GPU never holds the whole model); elsewhere where they train."""
+        return dataclasses.replace(self.placement, device="cpu") if self.strategy == "fsdp" else self.placement
+
+    @property
     def is_main(self) -> bool:
         """The process that writes the run directory, logs and trackers."""
         return self.rank == 0

@@ -52,7 +52,11 @@ def train_sft(
     quantization = quantization_config(cfg.method, plan.placement.dtype) if plan.quantized else None
     with distributed.main_first(world):  # rank 0 converts the default model once (the first run), the others load it
         model, tok, _, model_path = load_model_and_tokenizer(
-            cfg.model, plan.placement, log=say, **({"quantization_config": quantization} if quantization else {})
+            cfg.model,
+            plan.load_placement,
+            log=say,
+            empty=not plan.reads_weights,
+            **({"quantization_config": quantization} if quantization else {}),
         )
     say(
         f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})"

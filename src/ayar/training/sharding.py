@@ -65,21 +65,40 @@ def mesh_for(dcfg, device: str, world_size: int):
     return init_device_mesh(kind, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
-def shard(model, dcfg, device: str, world_size: int) -> Sharded:
-    """`model` split across the ranks in place; the returned root unit computes the loss."""
+def shard(model, dcfg, device: str, world_size: int, rank: int) -> Sharded:
+    """`model` split across the ranks in place, with rank 0's weights; the returned root unit computes the loss.
+    Only rank 0 needs the weights: the other ranks may hold the model empty (meta device, models/load.py
+    `empty_model`) and receive their parts from rank 0, so no rank but 0 ever holds the whole model."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = mesh_for(dcfg, device, world_size)
     offload = CPUOffloadPolicy() if dcfg.offload else OffloadPolicy()
     classes = tuple(layer_classes(model))
     units = [m for m in model.modules() if isinstance(m, classes)]
+    whole = model.state_dict() if rank == 0 else {}  # the whole weights, kept until the parts are handed out
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=offload)
     root = fully_shard(Sharded(model), mesh=mesh, offload_policy=offload)
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
+    _from_rank0(root, {f"model.{k}": v for k, v in whole.items()}, mesh.device_type, bool(dcfg.offload))
     return root
+
+
+def _from_rank0(root: Sharded, whole: dict, device_type: str, offload: bool) -> None:
+    """Every rank's part of rank 0's weights (`whole`, {} elsewhere), sent by rank 0 (collective). A rank holding
+    the model empty gets memory for its parts first; buffers outside the state dict (rotary frequencies) are
+    copied from rank 0 as they are."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*root.parameters(), *root.buffers()]):
+        root.to_empty(device="cpu" if offload else device_type)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload)
+    set_model_state_dict(root, whole, options=opts)
+    for buffer in root.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def sync_gradients(root: Sharded, on: bool) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import save_tiny
+from tests.helpers import free_port, save_tiny
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -35,12 +34,6 @@ GOOD = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -50,7 +43,7 @@ def ui(tmp_path):
     """`ayar ui` on 127.0.0.1 in a working folder holding a tiny model and a data file with one broken row."""
     save_tiny(tmp_path / "tiny")
     _jsonl(tmp_path / "data.jsonl", [*GOOD[:5], {"instruction": "Say hi", "output": ""}, *GOOD[5:]])
-    port = _port()
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     log = open(tmp_path / "ui.log", "wb")
     proc = subprocess.Popen(
