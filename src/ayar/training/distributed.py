@@ -88,11 +88,12 @@ def sum_gradients(world: World, params: list, bucket_bytes: int = BUCKET_BYTES) 
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        bucket.append(p)
-        size += p.grad.numel() * 4
-        if size >= bucket_bytes:
+        n = p.grad.numel() * 4
+        if bucket and size + n > bucket_bytes:
             _sum_bucket(bucket)
             bucket, size = [], 0
+        bucket.append(p)  # a gradient larger than a bucket gets one to itself, summed in place
+        size += n
     if bucket:
         _sum_bucket(bucket)
 
@@ -103,7 +104,7 @@ def _sum_bucket(params: list) -> None:
 
     grads = [p.grad for p in params]
     if len(grads) == 1 and grads[0].dtype == torch.float32 and grads[0].is_contiguous():
-        dist.all_reduce(grads[0])  # in place: a tensor as large as a bucket needs no copy
+        dist.all_reduce(grads[0])  # in place: no copy
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat)
