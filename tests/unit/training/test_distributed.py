@@ -315,14 +315,14 @@ def _sum(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     params = _gradients(rank)
     big = params[0].grad
-    sum_gradients(World(2, rank), params, bucket_bytes=256)  # the 300-float gradient fills a bucket by itself
+    sum_gradients(World(2, rank), params, bucket_bytes=256)  # the 300-float gradient is larger than a bucket
     torch.save({"grads": [p.grad for p in params], "in_place": params[0].grad is big}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_gradients_are_summed_across_ranks_in_buckets(tmp_path):
     """Each gradient is the sum of both ranks' (a missing one counts as zeros), in its own dtype; a gradient as
-    large as a bucket is summed in place, the small ones together."""
+    larger than a bucket is summed in place."""
     torch.multiprocessing.spawn(_sum, args=(free_port(), str(tmp_path)), nprocs=2)
     expected = [
         a.grad + b.grad if a.grad is not None else torch.zeros_like(a) for a, b in zip(_gradients(0), _gradients(1))
