@@ -321,7 +321,7 @@ def _sum(rank: int, port: int, out: str) -> None:
 
 
 def test_gradients_are_summed_across_ranks_in_buckets(tmp_path):
-    """Each gradient is the sum of both ranks' (a missing one counts as zeros), in its own dtype; a gradient as
+    """Each gradient is the sum of both ranks' (a missing one counts as zeros), in its own dtype; a gradient
     larger than a bucket is summed in place."""
     torch.multiprocessing.spawn(_sum, args=(free_port(), str(tmp_path)), nprocs=2)
     expected = [
