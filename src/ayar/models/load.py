@@ -134,18 +134,14 @@ def load_model_and_tokenizer(
     path = resolve_model_path(base, log=log)
     placement = placement or choose_placement(model_cfg.device, model_cfg.dtype)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
+    if empty and (adapters or auto_class is not None or model_kwargs):
+        raise ValueError("an empty model is a causal LM from its base alone")  # the plan refuses these first
     if empty:
-        if adapters or auto_class is not None or model_kwargs:
-            raise ValueError("an empty model is a causal LM from its base alone")  # the plan refuses these first
-        return (
-            empty_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code),
-            tok,
-            placement,
-            path,
+        model = empty_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code)
+    else:
+        model = load_model(
+            path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs
         )
-    model = load_model(
-        path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs
-    )
     return merge_adapters(model, adapters, log), tok, placement, path
 
 
