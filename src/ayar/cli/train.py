@@ -10,7 +10,8 @@ examples:
   ayar train examples/dpo.yaml model.name=runs/quickstart-20261125-101500   (DPO from an SFT run)
   ayar train examples/quickstart.yaml --nproc 2       (2 processes on this machine, through torchrun)
   ayar train cfg.yaml --nproc 8 --nnodes 4 --node-rank 0 --rdzv-endpoint head:29500   (on each of 4 nodes)
-  torchrun --nproc_per_node 2 -m ayar train cfg.yaml   (GPUs: accelerate launch --multi_gpu -m ayar train ...)
+  torchrun --nproc_per_node 2 -m ayar train cfg.yaml
+  accelerate launch --multi_gpu --num_processes 2 -m ayar train cfg.yaml
 """
 
 INTERMIXED = True  # options may come between the overrides

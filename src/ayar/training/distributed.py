@@ -1,6 +1,6 @@
 """Data-parallel training for ayar's own loop on torch.distributed, in processes started by the field's
-launchers: `torchrun -m ayar train ...`, `accelerate launch --multi_gpu -m ayar train ...` (GPUs; it runs
-torchrun), or `ayar train --nproc N` (which runs torchrun). Backend: nccl on CUDA, gloo on CPU.
+launchers: `torchrun -m ayar train ...`, `accelerate launch --multi_gpu -m ayar train ...` (it runs
+torchrun; on CPU too), or `ayar train --nproc N` (which runs torchrun). Backend: nccl on CUDA, gloo on CPU.
 
 Each rank reads its own slice of every global micro-batch (training/loop.py BatchOrder), so the global batch is
 `batch_size` x processes x `grad_accum`. The loss of a step is the mean over every trained token of the global
@@ -8,8 +8,8 @@ batch: ranks add their trained-token counts first, each divides its sum by that 
 gradients are summed across ranks once per optimizer step, after the accumulation micro-steps (no sync on
 those). That is the gradient one process gets from the whole batch, so N processes train the same model as one
 (tested on gloo). Why not DDP's wrapper: its reducer needs the loss to come out of the wrapped module's
-forward, and the fused CPU path computes the loss outside it; the gradients of a LoRA adapter are a few MB,
-all-reduced here as one flat tensor, the collective DDP would issue.
+forward, and the fused CPU path computes the loss outside it. The gradients are all-reduced in buckets of up to
+25 MB, as DDP's reducer does (`sum_gradients`); a LoRA adapter's fit in one.
 
 Only rank 0 writes the run directory, logs, trackers and checkpoints; the others wait at a barrier.
 """

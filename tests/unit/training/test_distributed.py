@@ -151,6 +151,35 @@ def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stag
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_accelerate_launch_runs_ayar_train_as_users_type_it(tiny_model_dir, tmp_path, stage):
+    """`accelerate launch --multi_gpu --num_processes 2 -m ayar train ...` (accelerate's torchrun path; on a
+    machine without GPUs its processes meet on gloo): ayar's own loop trains what `--nproc 2` trains, to the
+    last digit, and a Trainer stage runs in the same 2 processes."""
+    from tests.unit.training.test_stages import PAIRS
+
+    rows = MATH_ROWS * 2 if stage == "sft" else PAIRS[:8]
+    common = [f"model.name={tiny_model_dir}", f"data.train={write_jsonl(tmp_path / 'd.jsonl', rows)}", *COMMON,
+              f"stage={stage}", "training.max_steps=3", "training.batch_size=2"]  # fmt: skip
+    # accelerate's own config file, if a user has one, must not decide how this runs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home"),
+           "HF_HOME": str(tmp_path / "hf")}  # fmt: skip
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--main_process_port", str(free_port())]  # fmt: skip
+    done = subprocess.run([*launch, "-m", "ayar", "train", *common, f"output.path={tmp_path / 'acc'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((tmp_path / "acc" / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["plan"]["world_size"] == 2
+    assert (tmp_path / "acc" / "adapter" / "adapter_model.safetensors").is_file()
+    if stage == "sft":
+        ours = _train([*common, f"output.path={tmp_path / 'nproc'}", "--nproc", "2"], tmp_path)
+        assert ours.returncode == 0, ours.stderr[-3000:]
+        assert losses(tmp_path / "acc") == losses(tmp_path / "nproc") and len(losses(tmp_path / "acc")) == 3
+
+
+@pytest.mark.distributed
 def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
     """`--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT` on each of two "machines" (two commands on
     127.0.0.1, one process each): they train as one run of world size 2, with the losses of 2 local processes."""
