@@ -194,12 +194,3 @@ def loop_plan(model, tcfg, examples=()):
         model=ModelConfig(device="cpu", dtype="float32"), training=dataclasses.replace(tcfg, memory_check="off")
     )
     return decide(cfg).with_passes(cfg, model, list(examples))
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a server or a process group the test starts)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Bottom to top: a package may import its own layer's utilities and anything in a lower layer, never higher.
 LAYERS = [
-    {"version", "errors", "fsutil", "hub", "quiet", "plugins"},
+    {"version", "errors", "fsutil", "netutil", "hub", "quiet", "plugins"},
     {"config", "metrics"},
     {"data"},
     {"kernels"},

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ayar.netutil import free_port
 
 SIDES = ("ayar", "naive")
 GGUF_SIDES = ("ayar-gguf", "ayar-serial", "llama-server")
@@ -53,7 +54,7 @@ def run_bench(
     questions = [json.loads(line)["instruction"] for line in _sample("gsm8k").read_text().splitlines() if line.strip()]
     results = {}
     for side in sides:
-        port = _free_port()
+        port = free_port()
         log(f"[{side}] starting its server on 127.0.0.1:{port}")
         served = gguf_of(source) if side in GGUF_SIDES else lora_of(source) if side in LORA_SIDES else source
         command = [sys.executable, "-m", "ayar.perf.bench_serve", side, served, str(port), str(max_batch)]
@@ -234,12 +235,6 @@ def _pct(values: list[float], p: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, round(p) - 1))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(port: int, proc, side: str, timeout: float = 600) -> None:

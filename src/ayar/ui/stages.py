@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 
 from ayar.errors import AyarError
+from ayar.netutil import free_port
 from ayar.ui.jobs import Job, Jobs
 from ayar.ui.workspace import Workspace
 
@@ -129,12 +129,6 @@ client = OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="{key or "unused"
 reply = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "What is 12 * 7?"}}])
 print(reply.choices[0].message.content)
 ```"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _refuse_busy(jobs: Jobs, run: Path, kind: str) -> None:

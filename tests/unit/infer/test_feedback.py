@@ -5,6 +5,7 @@ import pytest
 
 from ayar.errors import AyarError
 from ayar.infer.feedback import EndpointFeedback, EngineFeedback, Skipped, parse_letter
+from ayar.netutil import free_port
 from tests.unit.rlaif.stub_judge import StubJudge
 
 COMPARE = "Which is better?\nOptions:\n(A) {a}\n(B) {b}\n\nAnswer with one letter, A or B."
@@ -56,11 +57,7 @@ def test_an_endpoint_without_logprobs_is_asked_without_them(tmp_path):
 def test_a_wrong_url_or_a_dead_endpoint_stops_with_a_clear_error(stub):
     with pytest.raises(AyarError, match="answered 404 .*check the URL"):
         judge_at(stub.url.replace("/v1", "/nope")).ask("hello", 8)
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     dead = judge_at(f"http://127.0.0.1:{port}/v1", retries=0, give_up_after=3)
     for _ in range(2):
         with pytest.raises(Skipped, match="connection"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 
 import pytest
 
+from ayar.netutil import free_port
 from ayar.serve.app import create_app
 from ayar.serve.settings import ServeSettings
 
@@ -25,9 +25,7 @@ def server(tiny_run, tmp_path_factory):
     backend = backend_for(load_engine(tiny_run, log=lambda *_: None), "tuned")
     db = tmp_path_factory.mktemp("live") / "users.db"
     app = create_app(ServeSettings(source="unused", db=f"sqlite:///{db}", admin_keys=["adm"]), backend=backend)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from ayar.netutil import free_port
 from ayar.serve.app import create_app
 from ayar.serve.auth import KeyRing, RateLimiter, hash_key
 from ayar.serve.backend import BASE, HFBackend, Row, Sampling
@@ -506,13 +507,9 @@ def test_cancelled_row_stops_generating(backend):
 @contextlib.contextmanager
 def live_server(app):
     """The app under uvicorn on 127.0.0.1 (a free port), in a thread; yields the base URL."""
-    import socket
-
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import MATH_ROWS, free_port, write_jsonl
+from ayar.netutil import free_port
+from tests.helpers import MATH_ROWS, write_jsonl
 
 
 def _train(args, cwd, env_extra=None):
@@ -183,11 +184,7 @@ def test_accelerate_launch_runs_ayar_train_as_users_type_it(tiny_model_dir, tmp_
 def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
     """`--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT` on each of two "machines" (two commands on
     127.0.0.1, one process each): they train as one run of world size 2, with the losses of 2 local processes."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home")}
     env.pop("WORLD_SIZE", None)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import MATH_ROWS, free_port, save_tiny, write_jsonl
+from ayar.netutil import free_port
+from tests.helpers import MATH_ROWS, save_tiny, write_jsonl
 from tests.unit.training.test_distributed import COMMON, _train, as_if_killed, assert_same_training, losses
 
 
