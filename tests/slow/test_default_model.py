@@ -34,6 +34,19 @@ def test_conversion_is_done_once_and_loads(real_home):
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
 
 
+def test_converting_the_default_model_leaves_the_random_state_as_it_was(tmp_path):
+    """A run's first use of the default model converts it on rank 0 alone: that must not change which adapter
+    initialization the run's seed gives (the conversion builds a randomly initialized model first)."""
+    import torch
+
+    from ayar.models.default import convert_gguf, find_default_gguf
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    convert_gguf(find_default_gguf(), tmp_path / "model")
+    assert torch.equal(torch.get_rng_state(), before) and (tmp_path / "model" / "model.safetensors").is_file()
+
+
 def test_twenty_lora_steps_then_chat(real_home, tmp_path):
     from ayar.infer.load import load_engine
     from ayar.training.sft import train_sft

@@ -56,7 +56,17 @@ def ensure_default_model(log=print) -> Path:
 
 
 def convert_gguf(gguf: Path, target: Path) -> None:
-    """GGUF -> plain HF model directory (safetensors + tokenizer + chat template), written atomically."""
+    """GGUF -> plain HF model directory (safetensors + tokenizer + chat template), written atomically. The
+    caller's random state is left as it was: the model built here is initialized randomly before the GGUF's
+    weights replace it, and a run that converts the default model (its first) must draw the same adapter
+    initialization from its seed as every later run, and as its other processes, which do not convert."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        _convert_gguf(gguf, target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -73,6 +73,18 @@ def total(world: World, value: float) -> float:
     return float(t.item())
 
 
+def same_start(world: World, params: list) -> None:
+    """Rank 0's values of `params` on every rank (collective), as DDP's wrapper does when it wraps a model: the
+    replicas then start equal even if something before the adapter's initialization drew other random numbers
+    on one rank than on another (summed gradients applied to unequal weights would train N different models)."""
+    if not world.active:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
 BUCKET_BYTES = 25 * 2**20  # gradients all-reduced together, at most (DDP's default bucket_cap_mb)
 
 

@@ -147,6 +147,8 @@ def run_loop(
         if plan.strategy == "fsdp"
         else None
     )
+    if root is None:
+        dist.same_start(world, [p for p in model.parameters() if p.requires_grad])  # FSDP sends rank 0's itself
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)
     order = BatchOrder(len(train), tcfg.batch_size * world.size, tcfg.seed)

@@ -67,9 +67,7 @@ class RunPlan:
         the first step, when the predicted peak cannot fit (`training.memory_check`)."""
         tcfg = cfg.training
         packed = padding_free(model, tcfg, self.device)
-        why_not = not_fused_because(model, tcfg, self.device, packed)
-        if self.strategy == "fsdp" and why_not is None:
-            why_not = "FSDP splits the weights, the fused decoder reads them whole"
+        why_not = not_fused_because(model, tcfg, self.device, packed, self.strategy)
         checkpointing, release, memory = bool(tcfg.gradient_checkpointing), bool(tcfg.return_memory), None
         if tcfg.memory_check != "off":
             from ayar.training.memory import model_shape
@@ -225,14 +223,17 @@ def padding_free(model, tcfg, device: str) -> bool:
     return tcfg.packing or varlen.supported(base_model(model).config, device)
 
 
-def not_fused_because(model, tcfg, device: str, packed: bool) -> str | None:
-    """Why this run's passes do not take the fused decoder (None: they do, and its layer plan is built)."""
+def not_fused_because(model, tcfg, device: str, packed: bool, strategy: str = "ddp") -> str | None:
+    """Why this run's passes do not take the fused decoder (None: they do, and its layer plan is built: the
+    plan restacks weights into new tensors and holds them, so it is built only for a run that uses it)."""
     from ayar.kernels import fused_decoder
 
     if not tcfg.fused:
         return "training.fused is false"
     if not packed:
         return "padded rows"
+    if strategy == "fsdp":
+        return "FSDP splits the weights, the fused decoder reads them whole"
     return None if fused_decoder.usable(model, device) else fused_decoder.reason(model, device)
 
 
@@ -326,7 +327,12 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
     if target is None:
         return plan_memory_for(shape, cfg, examples, decide(cfg).placement)
     placement = target_placement(cfg, target.device)
-    return plan_memory_for(shape, cfg, examples, placement, None, target.memory, target.sharding)
+    memory = target.memory
+    if memory is None and target.device == "cpu":  # this machine's RAM, shared by its processes (as training plans)
+        from ayar.training.memory import available_memory
+
+        memory = available_memory("cpu") // target.sharding.nproc
+    return plan_memory_for(shape, cfg, examples, placement, None, memory, target.sharding)
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -346,12 +352,22 @@ class _Row:
         self.n_trained = n
 
 
+def return_memory(asked: bool | None, plan, sharding=None) -> bool:
+    """Whether freed memory is handed back at once: as asked (`training.return_memory`), or when the allocator's
+    kept heap could outgrow what is available: glibc's peak RSS was measured up to 2x above what training holds
+    (benchmarks/README.md), and up to 2.5x under FSDP, which gathers and frees each layer's weights twice a pass."""
+    if asked is not None:
+        return asked
+    growth = 2.5 if sharding is not None and sharding.strategy == "fsdp" else 2.0
+    return growth * plan.total > plan.available
+
+
 def _check_memory(
     cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say, sharding=None
 ):
     """(memory plan, gradient checkpointing, return memory). Checkpointing: `training.gradient_checkpointing`,
-    or auto: when needed to fit. Return memory: `training.return_memory`, or auto: when the plan is tight,
-    since the default allocator's peak can run up to 2x above what training holds, and returning costs speed.
+    or auto: when needed to fit. Return memory: `return_memory` (as asked, or when the plan is tight: returning
+    costs speed).
     `sharding`: several processes, planned per process (on a CPU they share this machine's RAM)."""
     layout = Layout(rows_per_pass(cfg.training, placement.device, why_not is None), packed, why_not is None)
     available = None
@@ -360,9 +376,7 @@ def _check_memory(
 
         available = available_memory("cpu") // int(os.environ.get("LOCAL_WORLD_SIZE", sharding.nproc))
     plan, fixes, layout = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding)
-    release = cfg.training.return_memory
-    if release is None:
-        release = 2 * plan.total > plan.available
+    release = return_memory(cfg.training.return_memory, plan, sharding)
     gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
     if plan.fits:
         auto = (

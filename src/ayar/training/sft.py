@@ -42,7 +42,7 @@ def train_sft(
     start_step = ckpt.checkpoint_step(resume_from) if resume_from else 0
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    torch.manual_seed(tcfg.seed)  # LoRA init; resume overwrites weights and RNG from the checkpoint
+    torch.manual_seed(tcfg.seed)  # resume overwrites weights and RNG from the checkpoint
 
     # --- setup: plan, model, data, passes -------------------------------------------------------------
     plan = decide(cfg)
@@ -78,6 +78,7 @@ def train_sft(
         from ayar.kernels import liger
 
         liger.apply(model)
+    torch.manual_seed(tcfg.seed)  # the adapter's initialization depends on the seed alone, not on the steps above
     model = apply_method(model, cfg.method, cfg.lora)
     plan = plan.with_passes(cfg, model, data.train, say)
     allocator = tune_allocator() if plan.return_memory and plan.device == "cpu" else None

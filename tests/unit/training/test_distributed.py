@@ -359,3 +359,41 @@ def test_gradients_are_summed_across_ranks_in_buckets(tmp_path):
         for g, e in zip(got["grads"], expected, strict=True):
             assert g.dtype == e.dtype and g.shape == e.shape
             torch.testing.assert_close(g, e, rtol=1e-3 if e.dtype == torch.float16 else 1e-6, atol=1e-6)
+
+
+def _train_rank(rank: int, port: int, model_dir: str, data: str, out: str, perturb: bool) -> None:
+    """Rank `rank` of a 2-process `train_sft` (the environment torchrun gives); with `perturb`, rank 1 draws a
+    random number just before the adapter is initialized, as a rank that converted the default model did."""
+    from pathlib import Path
+
+    from ayar.training import sft
+    from tests.helpers import tiny_train_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank), AYAR_HOME=f"{out}/home{rank}")  # fmt: skip
+    apply = sft.apply_method
+
+    def drawn_first(*args, **kwargs):
+        if perturb and rank == 1:
+            torch.rand(1)
+        return apply(*args, **kwargs)
+
+    sft.apply_method = drawn_first
+    cfg = tiny_train_config(Path(model_dir), Path(data), Path(out), max_steps=3, threads=1, tracker="none")
+    cfg.data.val_ratio, cfg.data.lint, cfg.data.cache = 0, "warn", False
+    cfg.model.dtype, cfg.lora.dropout, cfg.output.path = "float32", 0.0, f"{out}/run"
+    sft.train_sft(cfg)
+
+
+def test_the_replicas_start_from_rank_0s_adapter(tiny_model_dir, tmp_path):
+    """A rank whose random numbers went another way before the adapter's initialization still trains rank 0's
+    adapter (it is broadcast, as DDP's wrapper does): the same run as when no rank drew differently."""
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
+    for name, perturb in (("same", False), ("drawn", True)):
+        (tmp_path / name).mkdir()
+        args = (free_port(), str(tiny_model_dir), str(data), str(tmp_path / name), perturb)
+        torch.multiprocessing.spawn(_train_rank, args=args, nprocs=2)
+    assert losses(tmp_path / "same" / "run") == losses(tmp_path / "drawn" / "run")
+    wa = load_file(tmp_path / "same" / "run" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "drawn" / "run" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -416,6 +416,19 @@ def test_plan_a_gpu_this_machine_does_not_have_from_a_config_alone(config_only, 
     assert same.fits and same.memory.total == sharded["total"]  # the Python API answers as the command does
 
 
+def test_processes_planned_on_this_cpu_share_its_memory(config_only, capsys):
+    """`ayar plan --nproc 2` without a GPU: each process gets half this machine's RAM, as a run with
+    `--nproc 2` plans it (training/plan.py _check_memory)."""
+    from ayar.cli import main
+    from ayar.training.memory import available_memory
+
+    code = main(["plan", f"model.name={config_only}", "training.batch_size=1", "--nproc", "2", "--strategy", "fsdp",
+                 "--json"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert code == (0 if out["fits"] else 1) and out["device"] == "cpu" and "per rank of 2 (fsdp" in out["per_rank"]
+    assert out["available"] == pytest.approx(available_memory("cpu") / 2, rel=0.1)
+
+
 def test_plan_target_refusals(config_only):
     from ayar.cli import main
     from ayar.cli.plan import memory_size

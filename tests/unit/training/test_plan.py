@@ -98,3 +98,38 @@ def test_the_plan_on_a_gpu(tiny_model_dir, monkeypatch):
     on_gpu = decide(packed).with_passes(packed, model, examples(tok), lambda *_: None)
     assert on_gpu.layout.packed and not on_gpu.layout.fused, on_gpu.not_fused_because
     assert "CPU only" in on_gpu.not_fused_because
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_fused_decoders_layer_plan_is_built_only_for_a_run_that_takes_it(tiny_model_dir, monkeypatch, strategy):
+    """Building it restacks q/k/v and gate/up into new tensors and holds them: under FSDP, which does not take it,
+    that would keep a copy of those weights (and the loaded ones) for the whole run."""
+    from ayar.kernels import base_model
+    from ayar.models.adapters import apply_method
+    from ayar.models.load import load_model_and_tokenizer
+    from tests.helpers import examples
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.device=cpu", "model.dtype=float32",
+                             f"distributed.strategy={strategy}", "training.memory_check=off"])  # fmt: skip
+    plan = decide(cfg)
+    model, tok, _, _ = load_model_and_tokenizer(cfg.model, plan.load_placement, log=lambda *_: None)
+    model = apply_method(model, cfg.method, cfg.lora)
+    q = base_model(model).get_decoder().layers[0].self_attn.q_proj
+    loaded = q.base_layer.weight.data_ptr()
+    plan = plan.with_passes(cfg, model, examples(tok))
+    assert plan.layout.fused is (strategy == "ddp")
+    assert hasattr(base_model(model), "_ayar_fused_plan") is (strategy == "ddp")
+    assert (q.base_layer.weight.data_ptr() == loaded) is (strategy == "fsdp")
+
+
+def test_freed_memory_is_returned_as_asked_or_when_the_kept_heap_could_outgrow_the_machine():
+    from ayar.training.memory import MemoryPlan, Sharding
+    from ayar.training.plan import return_memory
+
+    plan = MemoryPlan({"weights": 45}, available=100)  # 2x its size fits, 2.5x does not
+    assert not return_memory(None, plan) and not return_memory(None, plan, Sharding(2, "ddp"))
+    assert return_memory(None, plan, Sharding(2, "fsdp"))  # FSDP's gathered-and-freed layers keep more heap
+    assert return_memory(None, MemoryPlan({"weights": 55}, available=100))
+    assert return_memory(True, plan) and not return_memory(False, MemoryPlan({"weights": 90}, available=100))
