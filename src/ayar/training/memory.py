@@ -156,7 +156,13 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
         whole = parts["weights"]
         parts["weights"] = math.ceil(whole / n)
         if n > 1:  # the layer computing and the next one, prefetched
-            parts["gathered layers"] = 2 * whole // shape.layers
+            gathered = 2 * whole // shape.layers
+            if strategy == "fsdp" and shape.linear_params:
+                # FSDP2 keeps the root unit (embeddings, head, final norm) gathered from forward to backward
+                per_weight = whole / shape.params
+                root = shape.params - shape.linear_params  # outside the decoder layers' linears (norms: a few KB)
+                gathered = int(per_weight * (2 * shape.linear_params / shape.layers + root))
+            parts["gathered layers"] = gathered
         if sharding.offload:
             offloaded += parts.pop("weights")
     if strategy in ("zero2", "zero3", "fsdp"):

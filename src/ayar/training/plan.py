@@ -355,7 +355,8 @@ class _Row:
 def return_memory(asked: bool | None, plan, sharding=None) -> bool:
     """Whether freed memory is handed back at once: as asked (`training.return_memory`), or when the allocator's
     kept heap could outgrow what is available: glibc's peak RSS was measured up to 2x above what training holds
-    (benchmarks/README.md), and up to 2.5x under FSDP, which gathers and frees each layer's weights twice a pass."""
+    (benchmarks/README.md), and 2.3x under FSDP (2.5x allowed), which gathers and frees each layer's weights twice a
+    pass."""
     if asked is not None:
         return asked
     growth = 2.5 if sharding is not None and sharding.strategy == "fsdp" else 2.0

@@ -384,6 +384,11 @@ def test_per_rank_shards_what_each_strategy_shards():
     assert z2["weights"] == 32_000 and z2["grads + AdamW (full)"] == 8_000 * 12 // 4 and z2["activations"] == 500
     z3 = per_rank(full, shape, Sharding(4, "zero3")).parts
     assert z3["weights"] == 8_000 and z3["gathered layers"] == 2 * 32_000 // 4
+    # FSDP2 keeps its root unit (here 2,000 weights outside the layers' linears) gathered through the step
+    with_linears = Shape(params=8_000, layers=4, hidden=8, intermediate=16, kv=8, vocab=32, lora_params=100,
+                         linear_params=6_000)  # fmt: skip
+    assert per_rank(full, with_linears, Sharding(4, "fsdp")).parts["gathered layers"] == 4 * (2 * 6_000 // 4 + 2_000)
+    assert per_rank(full, with_linears, Sharding(4, "zero3")).parts["gathered layers"] == 2 * 32_000 // 4
     off = per_rank(lora, shape, Sharding(2, "fsdp", offload=True))
     assert "weights" not in off.parts and off.offloaded == 16_000 // 2 + (100 * 8 + 100 * 4) // 2
     assert off.parts["adapter + grads + AdamW"] == 1_600 // 2 - (100 * 8 + 100 * 4) // 2
