@@ -154,7 +154,7 @@ class TrainingConfig:
         None,
         "On Linux CPUs, hand freed memory back to the system at once (glibc's mmap "
         "threshold held fixed): peak RSS then follows what training holds (it ran up to 2x "
-        "above it), at a speed cost (30% measured on a 2-core VM). Unset (auto): on only when "
+        "above it), at a speed cost (0.6-0.7x the tokens/s measured: benchmarks/README.md). Unset (auto): on only when "
         "the memory plan leaves less than its own size free (1.5x its size under FSDP).",
     )
     packing: bool = _f(
