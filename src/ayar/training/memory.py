@@ -155,14 +155,13 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
     if strategy in ("zero3", "fsdp"):
         whole = parts["weights"]
         parts["weights"] = math.ceil(whole / n)
-        if n > 1:  # the layer computing and the next one, prefetched
-            gathered = 2 * whole // shape.layers
-            if strategy == "fsdp" and shape.linear_params:
-                # FSDP2 keeps the root unit (embeddings, head, final norm) gathered from forward to backward
-                per_weight = whole / shape.params
-                root = shape.params - shape.linear_params  # outside the decoder layers' linears (norms: a few KB)
-                gathered = int(per_weight * (2 * shape.linear_params / shape.layers + root))
-            parts["gathered layers"] = gathered
+        if n > 1 and strategy == "fsdp" and shape.linear_params:
+            # two decoder layers (the one computing, the next prefetched) and FSDP2's root unit (embeddings, head,
+            # final norm), which stays gathered from forward to backward
+            root = shape.params - shape.linear_params  # outside the decoder layers' linears (norms: a few KB)
+            parts["gathered layers"] = int(whole / shape.params * (2 * shape.linear_params / shape.layers + root))
+        elif n > 1:  # the layer computing and the next one, prefetched
+            parts["gathered layers"] = 2 * whole // shape.layers
         if sharding.offload:
             offloaded += parts.pop("weights")
     if strategy in ("zero2", "zero3", "fsdp"):
@@ -373,6 +372,11 @@ def available_memory(device: str) -> int:
     except (OSError, ValueError):
         pass
     return avail
+
+
+def cpu_memory_per_process(processes: int) -> int:
+    """This machine's available RAM split evenly among `processes` running on it: they share it."""
+    return available_memory("cpu") // processes
 
 
 def largest_pass(examples, batch_size: int, packed: bool, per_pass: int = 0) -> Pass:

@@ -329,9 +329,9 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
     placement = target_placement(cfg, target.device)
     memory = target.memory
     if memory is None and target.device == "cpu":  # this machine's RAM, shared by its processes (as training plans)
-        from ayar.training.memory import available_memory
+        from ayar.training.memory import cpu_memory_per_process
 
-        memory = available_memory("cpu") // target.sharding.nproc
+        memory = cpu_memory_per_process(target.sharding.nproc)
     return plan_memory_for(shape, cfg, examples, placement, None, memory, target.sharding)
 
 
@@ -373,9 +373,9 @@ def _check_memory(
     layout = Layout(rows_per_pass(cfg.training, placement.device, why_not is None), packed, why_not is None)
     available = None
     if sharding is not None and placement.device == "cpu":
-        from ayar.training.memory import available_memory
+        from ayar.training.memory import cpu_memory_per_process
 
-        available = available_memory("cpu") // int(os.environ.get("LOCAL_WORLD_SIZE", sharding.nproc))
+        available = cpu_memory_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", sharding.nproc)))
     plan, fixes, layout = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding)
     release = return_memory(cfg.training.return_memory, plan, sharding)
     gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
