@@ -262,16 +262,17 @@ class DistributedConfig:
     strategy: str = _f(
         "ddp",
         "`ddp`: every process holds the whole model and the gradients are summed once per optimizer step. `fsdp`: "
-        "torch's FSDP2 (`fully_shard`), weights, gradients and optimizer states split across the processes, each "
-        "decoder layer gathered whole only while it computes; checkpoints sharded (torch.distributed.checkpoint). "
-        "`deepspeed`: ZeRO (stage `zero_stage`) through accelerate's DeepSpeed plugin, for the TRL stages "
-        "(`ayar train` writes the DeepSpeed config; see docs/training.md).",
+        "torch's FSDP2 (`fully_shard`; the TRL stages through accelerate's FSDP plugin), weights, gradients and "
+        "optimizer states split across the processes, each decoder layer gathered whole only while it computes; "
+        "checkpoints sharded (torch.distributed.checkpoint). `deepspeed`: ZeRO (stage `zero_stage`) through "
+        "accelerate's DeepSpeed plugin, for the TRL stages (`ayar train` writes the DeepSpeed config; see "
+        "docs/training.md).",
         choices=("ddp", "fsdp", "deepspeed"),
     )
     shard: str = _f(
         "full",
         "FSDP: `full` (split across every process) or `hybrid` (split within a node, replicated across nodes: "
-        "less traffic between nodes).",
+        "less traffic between nodes; ayar's own loop, stage sft).",
         choices=("full", "hybrid"),
     )
     offload: bool = _f(

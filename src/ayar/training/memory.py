@@ -159,7 +159,9 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
             # two decoder layers (the one computing, the next prefetched) and FSDP2's root unit (embeddings, head,
             # final norm), which stays gathered from forward to backward
             root = shape.params - shape.linear_params  # outside the decoder layers' linears (norms: a few KB)
-            parts["gathered layers"] = int(whole / shape.params * (2 * shape.linear_params / shape.layers + root))
+            parts["gathered layers + root unit"] = int(
+                whole / shape.params * (2 * shape.linear_params / shape.layers + root)
+            )
         elif n > 1:  # the layer computing and the next one, prefetched
             parts["gathered layers"] = 2 * whole // shape.layers
         if sharding.offload:

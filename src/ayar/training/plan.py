@@ -149,11 +149,10 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
             "distributed.offload keeps split weights in CPU RAM between uses on a GPU; on a CPU they are there "
             "already: remove distributed.offload"
         )
-    if strategy == "fsdp" and not own_loop:
+    if strategy == "fsdp" and not own_loop and d.shard == "hybrid":
         raise AyarError(
-            f"distributed.strategy fsdp runs ayar's own loop (stage sft); stage {cfg.stage} / task {cfg.task} runs "
-            "on a transformers Trainer: use distributed.strategy deepspeed (zero_stage: 3 splits the weights too) "
-            "or ddp"
+            f"distributed.shard hybrid is for ayar's own loop (stage sft); stage {cfg.stage} / task {cfg.task} runs "
+            "on a transformers Trainer, which splits across every process: use distributed.shard: full"
         )
     if strategy == "deepspeed":
         if own_loop:

@@ -1,7 +1,8 @@
-"""FSDP for ayar's own loop (`distributed.strategy: fsdp`): torch's FSDP2 (`fully_shard`), one unit per decoder
-layer (the classes the model names in `_no_split_modules`, as accelerate's transformer auto-wrap does) and the rest
-(embeddings, final norm, head) in the root unit. Each rank keeps 1/N of every weight, gradient and optimizer state;
-a layer's weights are gathered whole only while it computes (forward, and again in backward).
+"""FSDP (`distributed.strategy: fsdp`). ayar's own loop (stage sft) splits the model itself with torch's FSDP2
+(`fully_shard`): one unit per decoder layer (the classes the model names in `_no_split_modules`, as accelerate's
+transformer auto-wrap does) and the rest (embeddings, final norm, head) in the root unit. Each rank keeps 1/N of
+every weight, gradient and optimizer state; a layer's weights are gathered whole only while it computes (forward,
+and again in backward).
 
 The loss is computed inside the root unit's forward (`Sharded.forward`): the loss reads the head's weight itself
 (training/loss.py, never the full logits), and FSDP hands out whole weights only inside a unit's forward. Gradients
@@ -12,11 +13,16 @@ skip the sync.
 Checkpoints are sharded (torch.distributed.checkpoint): every rank writes its own part of the trained weights and
 optimizer states into the checkpoint folder; at the end the trained weights are gathered whole on rank 0 and saved
 as a plain adapter or model.
+
+The Trainer-based stages (DPO family, reward, GRPO, classification) run on accelerate's FSDP plugin (FSDP2, the
+same units: accelerate's transformer auto-wrap), asked for through TrainingArguments (`trainer_args`); their
+weights are gathered whole at the end by the same `trained_state`.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -111,14 +117,60 @@ def whole(x) -> torch.Tensor | float:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
-def trained_state(root: Sharded) -> dict:
-    """The trained weights gathered whole, on rank 0 ({} on the others; every rank must call it), named as in the
-    model's own state_dict (what `save_pretrained(state_dict=...)` takes)."""
+def trained_state(root) -> dict:
+    """The trained weights of a model split by FSDP2 (our `Sharded` root, or a model accelerate split) gathered
+    whole, on rank 0 ({} on the others; every rank must call it), named as in the model's own state_dict (what
+    `save_pretrained(state_dict=...)` takes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = get_model_state_dict(root, options=opts)
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    return {k.removeprefix("model."): v for k, v in state.items()} if isinstance(root, Sharded) else state
+
+
+def trainer_args(dcfg) -> dict:
+    """The TrainingArguments fields that run a Trainer-based stage on accelerate's FSDP plugin: FSDP2, one unit per
+    decoder layer (accelerate's transformer auto-wrap reads `_no_split_modules`, as `layer_classes` does), sharded
+    checkpoints (one part per rank, torch.distributed.checkpoint), CPU offload when asked."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": True,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "cpu_offload": bool(dcfg.offload),
+        },
+    }
+
+
+@contextmanager
+def accelerate_fsdp_on_cpu(on: bool):
+    """accelerate starts its FSDP plugin only on accelerators: several CPU processes stay `MULTI_CPU`, plain data
+    parallel, and the plugin is dropped without a word (accelerate/state.py). torch's FSDP2 runs on CPU over gloo
+    (our own loop uses it), so while a Trainer makes its Accelerator (`on`: a CPU run under strategy fsdp), a
+    CPU run is given FSDP as a GPU run is. The caller checks that the Trainer did get it (`trainer.is_fsdp_enabled`)."""
+    if not on:
+        yield
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    make = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        make(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if self._mixed_precision != "no":  # what accelerate does for its own FSDP runs
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = make
 
 
 def _state(root: Sharded, optimizer) -> dict:

@@ -17,11 +17,11 @@ from rich.console import Console
 
 from ayar.config import TrainConfig
 from ayar.data.dataset import Splits, enforce_lint, load_splits
-from ayar.errors import DataError
+from ayar.errors import AyarError, DataError
 from ayar.models.adapters import parameter_counts
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
-from ayar.training import distributed, zero
+from ayar.training import distributed, sharding, zero
 from ayar.training.allocator import tune_allocator
 from ayar.training.optim import trainer_optimizer_args
 from ayar.training.plan import decide
@@ -75,7 +75,13 @@ def run_stage(
     run = r.create()
     logger = _MetricsLog(r, stage.renames)
     r.open_tracker()
-    trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, plan), [logger.callback()])
+    with sharding.accelerate_fsdp_on_cpu(plan.strategy == "fsdp" and plan.device == "cpu"):
+        trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, plan), [logger.callback()])
+    if plan.strategy == "fsdp" and not trainer.is_fsdp_enabled:  # never train another strategy than the one asked
+        raise AyarError(
+            f"distributed.strategy fsdp: accelerate did not start FSDP for this {stage.name} run on {plan.device}; "
+            "use distributed.strategy ddp or deepspeed"
+        )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # our progress line replaces the raw log dicts
@@ -86,9 +92,7 @@ def run_stage(
         say(f"resume {run.path}")
         run.truncate_metrics(_last_checkpoint_step(run))
     elif stage.before is not None and not r.resuming:
-        before = stage.before(cfg, trainer, splits)  # on every rank: it may evaluate through the Trainer
-        if world.main:
-            run.update_meta(before=before)
+        trainer.add_callback(_at_train_begin(lambda: _measure_before(stage, cfg, trainer, splits, r)))
 
     # --- fit ------------------------------------------------------------------------------------------
     wall = time.perf_counter()
@@ -104,8 +108,12 @@ def run_stage(
         trainer.evaluate()
 
     # --- save -----------------------------------------------------------------------------------------
-    split = plan.strategy == "deepspeed" and cfg.distributed.zero_stage == 3  # ZeRO-3 holds a part of each weight
-    whole = zero.trained_state(trainer.model) if split else None
+    # ZeRO-3 and FSDP hold a part of each weight: gathered whole (every rank takes part) for rank 0 to save
+    whole = None
+    if plan.strategy == "deepspeed" and cfg.distributed.zero_stage == 3:
+        whole = zero.trained_state(trainer.model)
+    elif plan.strategy == "fsdp":
+        whole = sharding.trained_state(trainer.model)
     if not world.main:
         distributed.stop(world)
         return run
@@ -182,7 +190,28 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step
         **trainer_optimizer_args(t),
         **({"deepspeed": zero.deepspeed_config(cfg, plan)} if plan.strategy == "deepspeed" else {}),
+        **(sharding.trainer_args(cfg.distributed) if plan.strategy == "fsdp" else {}),
     )
+
+
+def _measure_before(stage: Stage, cfg: TrainConfig, trainer, splits: Splits, r: Recipe) -> None:
+    """The stage's held-out measurement before training, on every rank (it evaluates through the Trainer), kept
+    by rank 0. Taken as training starts: accelerate's FSDP2 splits the model together with its optimizer, in
+    train() (it refuses the model alone), and one moment for every strategy keeps their runs comparable."""
+    before = stage.before(cfg, trainer, splits)
+    if r.world.main:
+        r.run.update_meta(before=before)
+
+
+def _at_train_begin(action):
+    """A Trainer callback running `action` once training has prepared the model, before the first step."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            action()
+
+    return Callback()
 
 
 # the stage metric shown beside the loss in the progress line, when the stage logs it

@@ -387,7 +387,9 @@ def test_per_rank_shards_what_each_strategy_shards():
     # FSDP2 keeps its root unit (here 2,000 weights outside the layers' linears) gathered through the step
     with_linears = Shape(params=8_000, layers=4, hidden=8, intermediate=16, kv=8, vocab=32, lora_params=100,
                          linear_params=6_000)  # fmt: skip
-    assert per_rank(full, with_linears, Sharding(4, "fsdp")).parts["gathered layers"] == 4 * (2 * 6_000 // 4 + 2_000)
+    assert per_rank(full, with_linears, Sharding(4, "fsdp")).parts["gathered layers + root unit"] == 4 * (
+        2 * 6_000 // 4 + 2_000
+    )
     assert per_rank(full, with_linears, Sharding(4, "zero3")).parts["gathered layers"] == 2 * 32_000 // 4
     off = per_rank(lora, shape, Sharding(2, "fsdp", offload=True))
     assert "weights" not in off.parts and off.offloaded == 16_000 // 2 + (100 * 8 + 100 * 4) // 2

@@ -1,6 +1,6 @@
 """FSDP (`distributed.strategy: fsdp`, training/sharding.py) on gloo, 2 processes on this machine: the same losses
 and the same adapter / model as one process with the same global batch, a sharded checkpoint resumed to the
-uninterrupted run, and the refusals."""
+uninterrupted run, and the refusals; the Trainer stages on accelerate's FSDP plugin, against data parallel."""
 
 import json
 import os
@@ -107,8 +107,9 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny_model_dir, t
         (["lora.init=pissa"], "lora.init pissa under distributed.strategy fsdp"),
         (["distributed.offload=true"], "on a CPU they are there already: remove distributed.offload"),
         (
-            ["stage=dpo"],
-            "stage dpo / task causal_lm runs on a transformers Trainer: use distributed.strategy deepspeed",
+            ["stage=dpo", "distributed.shard=hybrid"],
+            "shard hybrid is for ayar's own loop .* stage dpo / task causal_lm runs on a transformers Trainer, which "
+            "splits across every process: use distributed.shard: full",
         ),
     ],
 )
@@ -281,3 +282,101 @@ def test_the_ranks_but_0_receive_their_parts_of_the_weights(tmp_path):
         for a, b in zip(got["rotary"], ranks[0]["rotary"], strict=True):
             assert torch.equal(a, b)
     assert torch.equal(ranks[0]["rotary"][0], whole.model.rotary_emb.inv_freq)
+
+
+def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path):
+    """strategy fsdp for a Trainer stage: TrainingArguments carry accelerate's FSDP plugin arguments (FSDP2, a unit
+    per decoder layer, sharded checkpoints, offload when asked), which accelerate's plugin accepts."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    from ayar.config import load_config
+    from ayar.models.device import Placement
+    from ayar.training.plan import RunPlan
+    from ayar.training.trl_stage import training_kwargs
+
+    for offload in (False, True):
+        cfg = load_config(
+            None, ["stage=dpo", "distributed.strategy=fsdp", f"distributed.offload={str(offload).lower()}"]
+        )
+        plan = RunPlan(Placement("cpu", torch.float32, "test"), world_size=8, strategy="fsdp")
+        args = TrainingArguments(**training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path), plan))
+        got = args.fsdp_plugin_args
+        assert got["fsdp_version"] == 2 and got["reshard_after_forward"] is True
+        assert got["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and "transformer_cls_names_to_wrap" not in got
+        assert got["state_dict_type"] == "SHARDED_STATE_DICT" and got.get("cpu_offload", False) is offload
+        assert "deepspeed" not in training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path), plan)
+        plugin = FullyShardedDataParallelPlugin(**got)
+        assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+
+
+def _stage_args(stage, tmp_path, tiny_model_dir):
+    from tests.unit.training.test_stages import DIGITS, LABELLED, PAIRS
+
+    extra = [f"stage={stage}", "training.batch_size=2"]
+    if stage == "classification":
+        data = write_jsonl(tmp_path / "c.jsonl", LABELLED)
+        extra = ["task=classification", "data.format=classification", "training.batch_size=2"]
+    elif stage == "grpo":
+        (tmp_path / "rewards.py").write_text(DIGITS)
+        data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+        extra = ["stage=grpo", f"grpo.rewards=[{tmp_path / 'rewards.py'}:digits]", "grpo.max_completion_length=8",
+                 "grpo.num_generations=4", "training.batch_size=4"]  # fmt: skip
+    else:
+        data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
+    return [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data}", *extra,
+            "data.val_ratio=0.25", "training.warmup_ratio=0", "lora.dropout=0", "training.learning_rate=0.01",
+            "training.tracker=none", "--nproc", "2"]  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["dpo", "reward", "grpo", "classification"])
+def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_dir, tmp_path, stage):
+    """DPO, a reward model, GRPO (its sampling included) and a classifier in 2 processes on accelerate's FSDP plugin
+    (on this CPU too: ayar lifts accelerate's accelerator-only gate, training/sharding.py): the adapter (and score
+    head) of the data-parallel run, its held-out measurement before training, and checkpoints split a part per
+    rank."""
+    common = [*_stage_args(stage, tmp_path, tiny_model_dir), "training.max_steps=3"]
+    for name, extra in {"ddp": [], "fsdp": ["distributed.strategy=fsdp", "training.save_steps=3"]}.items():
+        done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ref = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 0  # it trained
+    assert got.keys() == ref.keys()
+    for k in ref:  # gradients reduce-scattered instead of all-reduced: float sums in another order
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+    meta, ref_meta = (json.loads((tmp_path / n / "run.json").read_text()) for n in ("fsdp", "ddp"))
+    assert meta["plan"]["strategy"] == "fsdp" and meta["status"] == "completed"
+    if stage != "dpo":
+        assert meta["before"] and meta["before"].keys() == ref_meta["before"].keys()
+        assert meta["before"] == pytest.approx(ref_meta["before"], rel=1e-4)
+    parts = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "checkpoint-3").glob("*/*.distcp"))
+    assert parts == ["__0_0.distcp", "__0_0.distcp", "__1_0.distcp", "__1_0.distcp"]  # model and optimizer
+
+
+@pytest.mark.distributed
+def test_a_trainer_stage_resumes_its_sharded_checkpoint(tiny_model_dir, tmp_path):
+    """DPO under FSDP killed after its step-2 checkpoint and resumed with `--resume --nproc 2`: steps 3-4 and the
+    adapter as the run that went on."""
+    import shutil
+
+    run = tmp_path / "run"
+    args = [*_stage_args("dpo", tmp_path, tiny_model_dir), "training.max_steps=4", "training.save_steps=2",
+            "distributed.strategy=fsdp", f"output.path={run}"]  # fmt: skip
+    done = _train(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref_losses, ref = losses(run), load_file(run / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run / "adapter")
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
+    resumed = _train(["--resume", str(run), "--nproc", "2"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(run) == pytest.approx(ref_losses, rel=1e-6) and len(ref_losses) == 4
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5)
