@@ -98,18 +98,22 @@ def configure(source=None, /, *, kind=None, **overrides):
     raise TypeError(f"config: expected a {kind.__name__}, a YAML path or a dict, got {type(source).__name__}")
 
 
-def train(source=None, /, *, resume: str | Path | None = None, **overrides) -> Run:
+def train(source=None, /, *, resume: str | Path | None = None, nproc: int = 1, **overrides) -> Run:
     """Fine-tune as `ayar train` does (any stage: SFT, DPO family, reward, GRPO, classification) and return the
-    Run. `resume`: continue that run directory from its last checkpoint (no config then)."""
+    Run. `resume`: continue that run directory from its last checkpoint (no config then). `nproc`: train in that
+    many processes on this machine (one per GPU; `ayar train --nproc`, through torchrun), as `distributed.strategy`
+    says; this process waits for them."""
+    from ayar.training import launch
     from ayar.training.dispatch import train as run_training
 
-    if resume is not None:
-        if source is not None or overrides:
-            from ayar.errors import ConfigError
+    if resume is not None and (source is not None or overrides):
+        from ayar.errors import ConfigError
 
-            raise ConfigError("resume continues a run with its saved config: give no config or overrides with it")
-        return Run(run_training(resume=resume).path)
-    return Run(run_training(configure(source, **overrides)).path)
+        raise ConfigError("resume continues a run with its saved config: give no config or overrides with it")
+    cfg = configure(source, **overrides) if resume is None else None
+    if nproc > 1 and not launch.under_launcher():
+        return Run(launch.train_in_processes(cfg, nproc, resume))
+    return Run(run_training(cfg, resume=resume).path)
 
 
 def evaluate(run: Run | str | Path, data: str | None = None, **options):

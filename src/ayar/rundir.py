@@ -63,14 +63,19 @@ class RunDir:
 
     @classmethod
     def create(cls, parent: str, name: str) -> "RunDir":
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(parent) / f"{name}-{stamp}"
-        n = 1
-        while path.exists():
-            n += 1
-            path = Path(parent) / f"{name}-{stamp}-{n}"
+        path = cls.new_path(parent, name)
         path.mkdir(parents=True)
         return cls(path)
+
+    @staticmethod
+    def new_path(parent: str | Path, name: str, taken=lambda path: False) -> Path:
+        """PARENT/NAME-STAMP for a new run (-2, -3, ... when that exists or is `taken` already)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, n = Path(parent) / f"{name}-{stamp}", 1
+        while path.exists() or taken(path):
+            n += 1
+            path = Path(parent) / f"{name}-{stamp}-{n}"
+        return path
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":

@@ -51,6 +51,22 @@ def test_train_plan_chat_evaluate_export_load(tiny_model_dir, tmp_path):
         ayar.train(source, resume=run.path)
 
 
+def test_training_in_several_processes_fails_with_the_workers_error(tiny_model_dir, tmp_path, capfd):
+    """`ayar.train(cfg, nproc=2)` runs torchrun here (the web UI's Processes field calls it; a run that trains is in
+    tests/unit/ui/test_train_form.py): a run the processes refuse raises one error, after theirs."""
+    from ayar.errors import AyarError
+
+    source = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "missing.jsonl")}}
+    with pytest.raises(AyarError, match="training in 2 processes failed"):
+        ayar.train(source, nproc=2, **{"output.dir": str(tmp_path / "runs")})
+    assert "missing.jsonl" in capfd.readouterr().err  # the workers' own message, said before ours
+    with pytest.raises(AyarError, match="output.path .* exists and is not an empty folder"):
+        (tmp_path / "taken").mkdir()
+        (tmp_path / "taken" / "x").write_text("mine")
+        ayar.train(source, nproc=2, **{"output.path": str(tmp_path / "taken")})
+    assert (tmp_path / "taken" / "x").read_text() == "mine"
+
+
 def test_data_functions_lint_preview_clean_convert(tiny_model_dir, tmp_path):
     bad = write_jsonl(tmp_path / "d.jsonl", [*MATH_ROWS, {"instruction": "Say hi", "output": ""}, MATH_ROWS[0]])
     report = ayar.lint(bad, model=str(tiny_model_dir))

@@ -31,22 +31,8 @@ def add_arguments(p) -> None:
 
 def launch_command(args, argv: list[str]) -> list[str]:
     """The torchrun command that runs this `ayar train` in `--nproc` processes (and `--nnodes` machines)."""
-    import sys
+    from ayar.training.launch import torchrun_command
 
-    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        from ayar.errors import ConfigError
-
-        raise ConfigError("--nproc and --nnodes must be >= 1, and --node-rank between 0 and --nnodes - 1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
-    if args.nnodes == 1:
-        cmd.append("--standalone")  # one machine: a local rendezvous on a free port
-    else:
-        if not args.rdzv_endpoint:
-            from ayar.errors import ConfigError
-
-            raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
-        cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", "ayar-train"]
     skip = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"}
     rest, it = [], iter(argv)
     for a in it:
@@ -54,39 +40,18 @@ def launch_command(args, argv: list[str]) -> list[str]:
             next(it, None)
         elif a.split("=", 1)[0] not in skip:
             rest.append(a)
-    return cmd + ["-m", "ayar", "train", *rest]
-
-
-def launch(torchrun_args: list[str]) -> int:
-    """torchrun (torch.distributed.run) with these arguments, in this process: where a worker fails, its own error
-    (printed once, by rank 0) ends the output, with one line here instead of torchrun's traceback."""
-    import sys
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
-    from torch.distributed.run import run as torchrun
-
-    try:
-        torchrun(parse_args(torchrun_args))
-    except ChildFailedError as e:
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        print(
-            f"error: {len(e.failures)} of the training processes ended with exit code "
-            f"{', '.join(map(str, codes))}; the first error is above",
-            file=sys.stderr,
-        )
-        return next((c for c in codes if c > 0), 1)
-    return 0
+    return torchrun_command(rest, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
 
 
 def run(args) -> int:
-    import os
     import sys
 
-    if (args.nproc > 1 or args.nnodes > 1) and "WORLD_SIZE" not in os.environ and not args.print_config:
+    from ayar.training.launch import run_torchrun, under_launcher
+
+    if (args.nproc > 1 or args.nnodes > 1) and not under_launcher() and not args.print_config:
         cmd = launch_command(args, args.argv)
         print("launch " + " ".join(cmd), file=sys.stderr)
-        return launch(cmd[3:])
+        return run_torchrun(cmd)
 
     import yaml
 

@@ -73,6 +73,9 @@ def build(ws: Workspace, jobs: Jobs | None = None):
                     lr = gr.Number(defaults.learning_rate, label="Learning rate")
                     lora_r = gr.Number(defaults.lora_r, label="LoRA rank", precision=0)
                     max_length = gr.Number(defaults.max_length, label="Max tokens per row", precision=0)
+                    processes = gr.Number(
+                        defaults.processes, label="Processes (one per GPU)", precision=0, minimum=1, elem_id="processes"
+                    )
                     name = gr.Textbox(label="Run name", placeholder="sft-lora", elem_id="run-name")
                 with gr.Accordion("Advanced: any config key, as YAML", open=False):
                     advanced = gr.Code(
@@ -90,6 +93,7 @@ def build(ws: Workspace, jobs: Jobs | None = None):
                     lr,
                     lora_r,
                     max_length,
+                    processes,
                     name,
                     advanced,
                 ]

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import html
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ayar.errors import AyarError
+from ayar.rundir import RunDir
 from ayar.ui.jobs import Job, Jobs
 from ayar.ui.workspace import Workspace
 
@@ -37,6 +37,7 @@ class TrainForm:
     learning_rate: float = 2e-4
     lora_r: int = 16
     max_length: int = 512
+    processes: int = 1  # training processes on this machine (one per GPU; on a CPU they share its cores)
     name: str = ""
     advanced: str = ""  # YAML merged over the rest: any config key (`training: {batch_size: 4}`)
 
@@ -149,14 +150,10 @@ def start(form: TrainForm, ws: Workspace, jobs: Jobs) -> Job:
 
     source = config_dict(form, ws)
     api.configure(source)  # refused here, with the message, rather than in the job's log
-    name = source["output"].pop("name")
-    path = ws.runs / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    n = 1
-    while path.exists() or any(j.run == str(path) for j in jobs.all()):
-        n += 1
-        path = ws.runs / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    taken = {j.run for j in jobs.all()}
+    path = RunDir.new_path(ws.runs, source["output"].pop("name"), lambda p: str(p) in taken)
     source["output"] = {"path": str(path)}
-    return jobs.start("train", {"config": source}, path)
+    return jobs.start("train", {"config": source, "nproc": int(form.processes)}, path)
 
 
 def resume(run: Path, jobs: Jobs) -> Job:
@@ -164,7 +161,9 @@ def resume(run: Path, jobs: Jobs) -> Job:
     running = jobs.latest(run, "train")
     if running is not None and jobs.alive(running):
         raise AyarError(f"{run.name} is still training")
-    return jobs.start("train", {"resume": str(run)}, run)
+    meta = RunDir(run).read_meta() if RunDir(run).meta.is_file() else {}
+    world = meta.get("plan", {}).get("world_size", 1)  # in as many processes as it ran
+    return jobs.start("train", {"resume": str(run), "nproc": world}, run)
 
 
 def parse_columns(text: str) -> dict:

@@ -12,7 +12,10 @@ from pathlib import Path
 def _train(args: dict) -> dict:
     from ayar import api
 
-    run = api.train(resume=args["resume"]) if args.get("resume") else api.train(args["config"])
+    nproc = int(args.get("nproc") or 1)
+    run = (
+        api.train(resume=args["resume"], nproc=nproc) if args.get("resume") else api.train(args["config"], nproc=nproc)
+    )
     return {"run": str(run.path), "status": run.meta.get("status")}
 
 

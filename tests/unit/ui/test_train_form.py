@@ -110,3 +110,26 @@ def _wait(jobs, job, timeout=240):
     while jobs.alive(job) and time.time() < deadline:
         time.sleep(0.3)
     assert not jobs.alive(job), jobs.tail(job)
+
+
+def test_a_run_in_two_processes_from_the_form_and_resumed_in_as_many(ws):
+    """The form's Processes field: the job trains through `ayar.train(cfg, nproc=2)` (torchrun's processes, the
+    run where the page follows it); Resume asks for as many processes as the run had."""
+    jobs = Jobs(ws.jobs)
+    job = train_form.start(form(processes=2, advanced="training: {batch_size: 2, threads: 1}"), ws, jobs)
+    assert job.args["nproc"] == 2
+    _wait(jobs, job)
+    assert jobs.result(job)["state"] == "done", jobs.tail(job)
+    run = ws.runs / job.run.split("/")[-1]
+    meta = ayar.Run(run).meta
+    assert meta["status"] == "completed" and meta["plan"]["world_size"] == 2, meta
+    assert [p.name for p in ws.runs.glob("sft-lora-*")] == [run.name]  # where the page looked, and only there
+
+    class Recorded:  # what Resume would start, without starting it
+        def latest(self, *_):
+            return None
+
+        def start(self, kind, args, run):
+            return args
+
+    assert train_form.resume(run, Recorded()) == {"resume": str(run), "nproc": 2}
