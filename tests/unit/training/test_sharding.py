@@ -375,6 +375,9 @@ def test_a_trainer_stage_resumes_its_sharded_checkpoint(tiny_model_dir, tmp_path
     (run / "run.json").write_text(json.dumps({**meta, "status": "running"}))
     resumed = _train(["--resume", str(run), "--nproc", "2"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # from the checkpoint, not over again (a run started over would give the same losses too)
+    assert f"resume {run}" in resumed.stderr and "starting it over" not in resumed.stderr
+    assert "step 1/4" not in resumed.stderr and "step 4/4" in resumed.stderr
     assert losses(run) == pytest.approx(ref_losses, rel=1e-6) and len(ref_losses) == 4
     got = load_file(run / "adapter" / "adapter_model.safetensors")
     assert got.keys() == ref.keys()
