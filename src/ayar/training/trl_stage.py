@@ -66,8 +66,9 @@ def run_stage(
         _lint(cfg, splits, say)
         say(f"data   {len(splits.train)} train rows, {len(splits.val)} validation rows ({stage.name})")
         auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
+        # under FSDP into CPU RAM, on GPUs too: splitting moves each part to its GPU, none holds the whole model
         model, tok, _, model_path = load_model_and_tokenizer(
-            cfg.model, plan.placement, log=say, auto_class=auto, **stage.model_kwargs(cfg, splits)
+            cfg.model, plan.load_placement, log=say, auto_class=auto, **stage.model_kwargs(cfg, splits)
         )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find each row's last token by it

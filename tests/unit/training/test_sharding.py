@@ -312,6 +312,33 @@ def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded
         assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
 
 
+def test_a_trainer_stage_under_fsdp_loads_the_model_into_cpu_ram_on_gpus_too(monkeypatch, tmp_path):
+    """accelerate's FSDP2 (`fully_shard`) moves each part to its GPU: loaded into CPU RAM first, no GPU ever holds
+    the whole model (the Trainer leaves an FSDP model where it is); data parallel loads onto the GPU."""
+    from ayar.config import load_config
+    from ayar.models.device import Placement
+    from ayar.training import preference, trl_stage
+    from ayar.training.plan import RunPlan
+    from tests.unit.training.test_stages import PAIRS
+
+    class Loading(Exception):
+        pass
+
+    def load(model_cfg, placement, **kwargs):
+        raise Loading(placement)
+
+    monkeypatch.setattr(trl_stage, "load_model_and_tokenizer", load)
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
+    for strategy, device in (("fsdp", "cpu"), ("ddp", "cuda")):
+        plan = RunPlan(Placement("cuda", torch.bfloat16, "test"), strategy=strategy)
+        monkeypatch.setattr(trl_stage, "decide", lambda cfg: plan)
+        cfg = load_config(None, ["stage=dpo", f"data.train={data}", f"output.path={tmp_path / strategy}"])
+        with pytest.raises(Loading) as loading:
+            trl_stage.run_stage(cfg, preference.STAGE)
+        placement = loading.value.args[0]
+        assert (placement.device, placement.dtype) == (device, torch.bfloat16)
+
+
 def _stage_args(stage, tmp_path, tiny_model_dir):
     from tests.unit.training.test_stages import DIGITS, LABELLED, PAIRS
 
