@@ -65,14 +65,12 @@ def train_in_processes(cfg, nproc: int, resume: str | Path | None = None) -> Pat
     from ayar.config import config_to_dict
     from ayar.rundir import RunDir
 
-    if resume is not None:
-        args, path = ["--resume", str(resume)], Path(resume)
-    else:
-        out = cfg.output
-        path = RunDir.check_new(out.path) if out.path else RunDir.new_path(out.dir, out.name)
-        args = []
     with tempfile.TemporaryDirectory(prefix="ayar-launch-") as tmp:
-        if resume is None:
+        if resume is not None:
+            path, args = Path(resume), ["--resume", str(resume)]
+        else:
+            out = cfg.output
+            path = RunDir.check_new(out.path) if out.path else RunDir.new_path(out.dir, out.name)
             config = Path(tmp) / "config.yaml"
             config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             args = [str(config), f"output.path={path}"]

@@ -161,7 +161,8 @@ def resume(run: Path, jobs: Jobs) -> Job:
     running = jobs.latest(run, "train")
     if running is not None and jobs.alive(running):
         raise AyarError(f"{run.name} is still training")
-    meta = RunDir(run).read_meta() if RunDir(run).meta.is_file() else {}
+    run_dir = RunDir(run)
+    meta = run_dir.read_meta() if run_dir.meta.is_file() else {}
     world = meta.get("plan", {}).get("world_size", 1)  # in as many processes as it ran
     return jobs.start("train", {"resume": str(run), "nproc": world}, run)
 

@@ -12,10 +12,7 @@ from pathlib import Path
 def _train(args: dict) -> dict:
     from ayar import api
 
-    nproc = int(args.get("nproc") or 1)
-    run = (
-        api.train(resume=args["resume"], nproc=nproc) if args.get("resume") else api.train(args["config"], nproc=nproc)
-    )
+    run = api.train(args.get("config"), resume=args.get("resume") or None, nproc=int(args.get("nproc") or 1))
     return {"run": str(run.path), "status": run.meta.get("status")}
 
 

@@ -112,11 +112,8 @@ def test_the_launch_command_is_torchruns():
         launch_command(Namespace(nproc=2, nnodes=2, node_rank=0, rdzv_endpoint=None), [])
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("stage", ["dpo", "reward", "grpo", "classification"])
-def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stage):
-    """DPO, reward models, GRPO and classification on transformers' Trainer in 2 processes (it wraps the model in
-    DDP itself): one run directory, written by rank 0 alone, with its adapter."""
+def stage_inputs(stage: str, tmp_path) -> list[str]:
+    """The data and stage overrides of a small run of a Trainer stage (dpo, reward, grpo, classification)."""
     from tests.unit.training.test_stages import DIGITS, LABELLED, PAIRS
 
     if stage == "grpo":
@@ -130,11 +127,18 @@ def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stag
     else:
         data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
         extra = [f"stage={stage}", "training.batch_size=2"]
+    return [f"data.train={data}", *extra]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["dpo", "reward", "grpo", "classification"])
+def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stage):
+    """DPO, reward models, GRPO and classification on transformers' Trainer in 2 processes (it wraps the model in
+    DDP itself): one run directory, written by rank 0 alone, with its adapter."""
     args = [
         f"model.name={tiny_model_dir}",
         "model.dtype=float32",
-        f"data.train={data}",
-        *extra,
+        *stage_inputs(stage, tmp_path),
         "data.val_ratio=0.25",
         "training.max_steps=2",
         "training.tracker=none",

@@ -11,7 +11,14 @@ from safetensors.torch import load_file
 
 from ayar.netutil import free_port
 from tests.helpers import MATH_ROWS, save_tiny, write_jsonl
-from tests.unit.training.test_distributed import COMMON, _train, as_if_killed, assert_same_training, losses
+from tests.unit.training.test_distributed import (
+    COMMON,
+    _train,
+    as_if_killed,
+    assert_same_training,
+    losses,
+    stage_inputs,
+)
 
 
 def test_fsdp_lora_trains_what_one_process_does(tiny_model_dir, tmp_path):
@@ -340,20 +347,7 @@ def test_a_trainer_stage_under_fsdp_loads_the_model_into_cpu_ram_on_gpus_too(mon
 
 
 def _stage_args(stage, tmp_path, tiny_model_dir):
-    from tests.unit.training.test_stages import DIGITS, LABELLED, PAIRS
-
-    extra = [f"stage={stage}", "training.batch_size=2"]
-    if stage == "classification":
-        data = write_jsonl(tmp_path / "c.jsonl", LABELLED)
-        extra = ["task=classification", "data.format=classification", "training.batch_size=2"]
-    elif stage == "grpo":
-        (tmp_path / "rewards.py").write_text(DIGITS)
-        data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
-        extra = ["stage=grpo", f"grpo.rewards=[{tmp_path / 'rewards.py'}:digits]", "grpo.max_completion_length=8",
-                 "grpo.num_generations=4", "training.batch_size=4"]  # fmt: skip
-    else:
-        data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
-    return [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data}", *extra,
+    return [f"model.name={tiny_model_dir}", "model.dtype=float32", *stage_inputs(stage, tmp_path),
             "data.val_ratio=0.25", "training.warmup_ratio=0", "lora.dropout=0", "training.learning_rate=0.01",
             "training.tracker=none", "--nproc", "2"]  # fmt: skip
 
