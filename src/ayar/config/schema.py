@@ -283,6 +283,15 @@ class DistributedConfig:
     zero_stage: int = _f(
         2, "DeepSpeed ZeRO stage: 2 (gradients + optimizer states split) or 3 (weights too).", ge=2, le=3
     )
+    loading: str = _f(
+        "auto",
+        "FSDP: which processes read the model's weights. `rank0`: rank 0 alone, the others receive their parts as the "
+        "model is split (none but rank 0 holds the whole model; rank 0 holds it beside its part while it sends). "
+        "`every_rank`: each process reads the file and keeps its part (the processes of a machine share the file's "
+        "pages where it is stored in the loaded dtype). `auto`: `rank0` for ayar's own loop, and for the Trainer "
+        "stages where loading converts the weights' dtype; `every_rank` otherwise (benchmarks/README.md).",
+        choices=("auto", "rank0", "every_rank"),
+    )
 
 
 @dataclass

@@ -80,21 +80,33 @@ def load_model(
     return model.to(placement.device)
 
 
-def empty_model(path: str, placement: Placement, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
-    """The model's modules without its weights (on the meta device: no memory), for the FSDP processes other than
-    rank 0: they receive their parts of the weights from rank 0 as the model is split (training/sharding.py)
-    instead of each reading the whole model first."""
-    import torch
+def empty_model(
+    path: str,
+    placement: Placement,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    auto_class=None,
+    **kwargs,
+):
+    """The model's modules without its weights, for the FSDP processes other than rank 0: they receive their parts
+    of rank 0's weights as the model is split (training/sharding.py; accelerate's `cpu_ram_efficient_loading` for
+    the Trainer stages) instead of each reading the whole model first. Parameters on the meta device (no memory);
+    buffers real (accelerate's `init_empty_weights(include_buffers=False)`): the rotary frequencies, which no state
+    dict holds and FSDP does not send, are computed from the config as in a loaded model. `kwargs` set config
+    fields (num_labels, id2label) as `from_pretrained` would."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(path, "model", e) from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
+    with init_empty_weights(include_buffers=False):
+        model = (auto_class or AutoModelForCausalLM).from_config(
             config, dtype=placement.dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
+    model.tie_weights()  # the context makes each parameter anew as it is set: tied embeddings came apart
+    return model
 
 
 def starting_point(name: str) -> tuple[str, list[str]]:
@@ -110,6 +122,26 @@ def starting_point(name: str) -> tuple[str, list[str]]:
         raise ModelError(f"{path} is an ayar run without a finished adapter/: point model.name at a completed run")
     trained = path / "stage_adapter" if (path / "stage_adapter").is_dir() else path / "adapter"
     return meta["base_model"], [*meta.get("merged_adapters", []), str(trained.resolve())]
+
+
+def stored_dtype(name: str):
+    """The dtype a model's weights are stored in (its config.json's `dtype`), without loading or converting
+    anything; None where that is not known here (a hub id, the default model before its first conversion)."""
+    import torch
+
+    base = starting_point(name)[0]
+    if base in ("default", "", None):
+        from ayar.models.default import default_model_dir
+
+        path = default_model_dir()
+    else:
+        path = Path(str(base)).expanduser()
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, dtype, None) if isinstance(dtype, str) else None
 
 
 def merge_adapters(model, adapters: list[str], log=print):
@@ -129,19 +161,17 @@ def load_model_and_tokenizer(
     plan's decision); default: chosen from the config's device and dtype. `auto_class`: the transformers Auto class
     (default AutoModelForCausalLM; AutoModelForSequenceClassification for classifiers and reward models),
     `model_kwargs` go to its from_pretrained (num_labels, id2label). `empty`: the model without its weights
-    (`empty_model`; a causal LM starting from the base model itself)."""
+    (`empty_model`; starting from the base model itself)."""
     base, adapters = starting_point(model_cfg.name)
     path = resolve_model_path(base, log=log)
     placement = placement or choose_placement(model_cfg.device, model_cfg.dtype)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
-    if empty and (adapters or auto_class is not None or model_kwargs):
-        raise ValueError("an empty model is a causal LM from its base alone")  # the plan refuses these first
-    if empty:
-        model = empty_model(path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code)
-    else:
-        model = load_model(
-            path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs
-        )
+    if empty and adapters:
+        raise ValueError("an empty model cannot merge adapters")  # the plan refuses these first
+    load = empty_model if empty else load_model
+    model = load(
+        path, placement, model_cfg.attn_implementation, model_cfg.trust_remote_code, auto_class, **model_kwargs
+    )
     return merge_adapters(model, adapters, log), tok, placement, path
 
 

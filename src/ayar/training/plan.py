@@ -38,6 +38,7 @@ class RunPlan:
     layout: Layout | None = None  # the passes, once the model and data are known (SFT's own loop)
     not_fused_because: str | None = None
     return_memory: bool = False  # hand freed memory back at once (training/allocator.py)
+    rank0_loading: bool = True  # under FSDP only rank 0 reads the weights (`reads_weights`)
     memory: MemoryPlan | None = None
 
     @property
@@ -46,9 +47,10 @@ class RunPlan:
 
     @property
     def reads_weights(self) -> bool:
-        """Whether this process loads the model's weights: under FSDP only rank 0 does; the others build the model
-        empty and receive their parts as it is split (training/sharding.py), never holding the whole model."""
-        return self.strategy != "fsdp" or self.rank == 0
+        """Whether this process loads the model's weights: under FSDP with rank-0 loading only rank 0 does; the
+        others build the model empty and receive their parts as it is split (training/sharding.py), never holding
+        the whole model."""
+        return self.strategy != "fsdp" or self.rank == 0 or not self.rank0_loading
 
     @property
     def load_placement(self) -> Placement:
@@ -92,6 +94,8 @@ class RunPlan:
             "strategy": self.strategy,
             "liger": self.liger,
         }
+        if self.strategy == "fsdp":
+            out["rank0_loading"] = self.rank0_loading
         if self.layout is not None:
             out["return_memory"] = self.return_memory
         if self.memory is not None:
@@ -135,7 +139,24 @@ def decide(cfg) -> RunPlan:
     check_strategy(cfg, strategy, placement.device)
     quantized = cfg.method in ("qlora", "qdora")
     use_liger = liger.applies(placement.device)
-    return RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed, use_liger)
+    plan = RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed, use_liger)
+    return dataclasses.replace(plan, rank0_loading=rank0_loading(cfg, plan))
+
+
+def rank0_loading(cfg, plan: RunPlan) -> bool:
+    """Under FSDP, whether only rank 0 reads the weights (`distributed.loading`). `auto`: for our own loop, yes
+    (sharding.shard). For the Trainer stages (accelerate's `cpu_ram_efficient_loading`): where loading converts
+    the weights' dtype, as each process would hold a converted copy of the whole model; not where the file is in
+    the loaded dtype: then the processes map the same file (pages a machine's processes share) and split it in
+    place, while accelerate's rank-0 path holds rank 0's whole state dict beside its part (measured:
+    benchmarks/README.md)."""
+    from ayar.models.load import stored_dtype
+
+    if plan.strategy != "fsdp" or cfg.distributed.loading != "auto":
+        return cfg.distributed.loading != "every_rank"
+    if cfg.stage == "sft" and cfg.task == "causal_lm":
+        return True
+    return stored_dtype(cfg.model.name) != plan.load_placement.dtype
 
 
 def check_strategy(cfg, strategy: str, device: str) -> None:

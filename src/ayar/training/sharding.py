@@ -128,10 +128,12 @@ def trained_state(root) -> dict:
     return {k.removeprefix("model."): v for k, v in state.items()} if isinstance(root, Sharded) else state
 
 
-def trainer_args(dcfg) -> dict:
+def trainer_args(dcfg, rank0_loading: bool) -> dict:
     """The TrainingArguments fields that run a Trainer-based stage on accelerate's FSDP plugin: FSDP2, one unit per
     decoder layer (accelerate's transformer auto-wrap reads `_no_split_modules`, as `layer_classes` does), sharded
-    checkpoints (one part per rank, torch.distributed.checkpoint), CPU offload when asked."""
+    checkpoints (one part per rank, torch.distributed.checkpoint), CPU offload when asked. With `rank0_loading`
+    (the plan's) rank 0's weights are sent to the others as the model is split (`cpu_ram_efficient_loading`): they
+    hold it empty (RunPlan.reads_weights)."""
     return {
         "fsdp": True,
         "fsdp_config": {
@@ -140,8 +142,23 @@ def trainer_args(dcfg) -> dict:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "state_dict_type": "SHARDED_STATE_DICT",
             "cpu_offload": bool(dcfg.offload),
+            "cpu_ram_efficient_loading": rank0_loading,
         },
     }
+
+
+def trainable_in_memory(model) -> None:
+    """A model held empty (a rank but 0 under the Trainer stages' FSDP) gets memory, left unfilled, for the weights
+    it trains (LoRA, a score head): accelerate matches the optimizer's parameters to their split parts by memory
+    address, and every meta tensor has address 0, so all would be matched to one part. The values come from rank 0
+    as the model is split; the frozen weights stay empty."""
+    made: dict[int, torch.nn.Parameter] = {}  # a weight shared by two modules (tied) stays shared
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta and p.requires_grad:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"))
+                module._parameters[name] = made[id(p)]
 
 
 @contextmanager

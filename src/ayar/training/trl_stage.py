@@ -25,7 +25,7 @@ from ayar.training import distributed, sharding, zero
 from ayar.training.allocator import tune_allocator
 from ayar.training.optim import trainer_optimizer_args
 from ayar.training.plan import decide
-from ayar.training.recipe import Recipe, loading_snippets
+from ayar.training.recipe import Recipe, loading_snippets, peak_rss_mb
 
 
 @dataclass
@@ -66,9 +66,15 @@ def run_stage(
         _lint(cfg, splits, say)
         say(f"data   {len(splits.train)} train rows, {len(splits.val)} validation rows ({stage.name})")
         auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
-        # under FSDP into CPU RAM, on GPUs too: splitting moves each part to its GPU, none holds the whole model
+        # under FSDP into CPU RAM, on GPUs too: splitting moves each part to its GPU, none holds the whole model;
+        # with rank-0 loading the others build it empty and accelerate sends them their parts (plan.rank0_loading)
         model, tok, _, model_path = load_model_and_tokenizer(
-            cfg.model, plan.load_placement, log=say, auto_class=auto, **stage.model_kwargs(cfg, splits)
+            cfg.model,
+            plan.load_placement,
+            log=say,
+            auto_class=auto,
+            empty=not plan.reads_weights,
+            **stage.model_kwargs(cfg, splits),
         )
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find each row's last token by it
@@ -83,6 +89,8 @@ def run_stage(
             f"distributed.strategy fsdp: accelerate did not start FSDP for this {stage.name} run on {plan.device}; "
             "use distributed.strategy ddp or deepspeed"
         )
+    if not plan.reads_weights:
+        sharding.trainable_in_memory(trainer.model)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # our progress line replaces the raw log dicts
@@ -115,6 +123,7 @@ def run_stage(
         whole = zero.trained_state(trainer.model)
     elif plan.strategy == "fsdp":
         whole = sharding.trained_state(trainer.model)
+    rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
     if not world.main:
         distributed.stop(world)
         return run
@@ -126,6 +135,7 @@ def run_stage(
         train_seconds=round(seconds, 2),
         after=after,
         fallback_loss=output.training_loss,
+        **({"peak_rss_mb_per_rank": [round(x) for x in rss]} if rss else {}),
     )
     summary = ", ".join(f"{k} {_fmt(meta.get('before', {}).get(k))} -> {_fmt(v)}" for k, v in after.items())
     say(
@@ -191,7 +201,7 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step
         **trainer_optimizer_args(t),
         **({"deepspeed": zero.deepspeed_config(cfg, plan)} if plan.strategy == "deepspeed" else {}),
-        **(sharding.trainer_args(cfg.distributed) if plan.strategy == "fsdp" else {}),
+        **(sharding.trainer_args(cfg.distributed, plan.rank0_loading) if plan.strategy == "fsdp" else {}),
     )
 
 

@@ -94,3 +94,28 @@ def test_tracker_that_is_not_installed_says_how_to_get_it(tmp_path):
         pytest.skip("mlflow is installed here")
     with pytest.raises(ConfigError, match="pip install mlflow"):
         Tracker("mlflow", RunDir(tmp_path), {})
+
+
+def test_an_empty_model_has_no_weights_but_the_loaded_models_buffers_and_ties(tmp_path):
+    """What an FSDP rank but 0 builds (models/load.py `empty_model`): every parameter on the meta device (no memory),
+    tied embeddings still one tensor, the rotary frequencies (which no state dict holds and FSDP does not send)
+    real and equal to the loaded model's; a classifier's config fields as `from_pretrained` sets them."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ayar.models.load import empty_model, load_model
+    from tests.helpers import save_tiny
+
+    path = str(save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True))
+    placement = device.choose_placement("cpu", "float32")
+    loaded, empty = load_model(path, placement), empty_model(path, placement)
+    assert all(p.is_meta for p in empty.parameters())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    assert empty.state_dict().keys() == loaded.state_dict().keys()
+    buffers = dict(loaded.named_buffers())
+    assert buffers and dict(empty.named_buffers()).keys() == buffers.keys()
+    for name, b in empty.named_buffers():
+        assert not b.is_meta and torch.equal(b, buffers[name])
+    labels = {"num_labels": 3, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
+    classifier = empty_model(path, placement, auto_class=AutoModelForSequenceClassification, **labels)
+    assert classifier.score.weight.shape[0] == 3 and classifier.config.id2label[2] == "c"
+    assert classifier.score.weight.is_meta

@@ -291,9 +291,12 @@ def test_the_ranks_but_0_receive_their_parts_of_the_weights(tmp_path):
     assert torch.equal(ranks[0]["rotary"][0], whole.model.rotary_emb.inv_freq)
 
 
-def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path):
+def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path, monkeypatch):
     """strategy fsdp for a Trainer stage: TrainingArguments carry accelerate's FSDP plugin arguments (FSDP2, a unit
-    per decoder layer, sharded checkpoints, offload when asked), which accelerate's plugin accepts."""
+    per decoder layer, sharded checkpoints, offload when asked, rank 0's weights sent to the others), which
+    accelerate's plugin accepts."""
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # set by the arguments: restored after
+        monkeypatch.setenv(name, "false")
     from types import SimpleNamespace
 
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -314,14 +317,17 @@ def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded
         assert got["fsdp_version"] == 2 and got["reshard_after_forward"] is True
         assert got["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and "transformer_cls_names_to_wrap" not in got
         assert got["state_dict_type"] == "SHARDED_STATE_DICT" and got.get("cpu_offload", False) is offload
+        assert got["cpu_ram_efficient_loading"] is True  # rank 0's weights sent to the others, which hold none
         assert "deepspeed" not in training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path), plan)
         plugin = FullyShardedDataParallelPlugin(**got)
         assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+        assert plugin.cpu_ram_efficient_loading
 
 
 def test_a_trainer_stage_under_fsdp_loads_the_model_into_cpu_ram_on_gpus_too(monkeypatch, tmp_path):
     """accelerate's FSDP2 (`fully_shard`) moves each part to its GPU: loaded into CPU RAM first, no GPU ever holds
-    the whole model (the Trainer leaves an FSDP model where it is); data parallel loads onto the GPU."""
+    the whole model (the Trainer leaves an FSDP model where it is); with rank-0 loading by rank 0 alone (the others
+    build it empty and receive their parts); data parallel loads onto the GPU, every rank."""
     from ayar.config import load_config
     from ayar.models.device import Placement
     from ayar.training import preference, trl_stage
@@ -331,19 +337,67 @@ def test_a_trainer_stage_under_fsdp_loads_the_model_into_cpu_ram_on_gpus_too(mon
     class Loading(Exception):
         pass
 
-    def load(model_cfg, placement, **kwargs):
-        raise Loading(placement)
+    def load(model_cfg, placement, empty=False, **kwargs):
+        raise Loading(placement, empty)
 
     monkeypatch.setattr(trl_stage, "load_model_and_tokenizer", load)
+    # the rank's decision without its process group: loading (the stub) stops the run before any collective
+    monkeypatch.setattr(trl_stage.distributed, "start", lambda plan: trl_stage.distributed.World())
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
-    for strategy, device in (("fsdp", "cpu"), ("ddp", "cuda")):
-        plan = RunPlan(Placement("cuda", torch.bfloat16, "test"), strategy=strategy)
+    for strategy, rank, rank0_loading, device, empty in (("fsdp", 0, True, "cpu", False),
+                                                         ("fsdp", 1, True, "cpu", True),
+                                                         ("fsdp", 1, False, "cpu", False),
+                                                         ("ddp", 1, True, "cuda", False)):  # fmt: skip
+        plan = RunPlan(Placement("cuda", torch.bfloat16, "test"), world_size=2, rank=rank, strategy=strategy,
+                       rank0_loading=rank0_loading)  # fmt: skip
         monkeypatch.setattr(trl_stage, "decide", lambda cfg: plan)
-        cfg = load_config(None, ["stage=dpo", f"data.train={data}", f"output.path={tmp_path / strategy}"])
+        out = tmp_path / f"{strategy}{rank}{rank0_loading}"
+        cfg = load_config(None, ["stage=dpo", f"data.train={data}", f"output.path={out}"])
         with pytest.raises(Loading) as loading:
             trl_stage.run_stage(cfg, preference.STAGE)
-        placement = loading.value.args[0]
-        assert (placement.device, placement.dtype) == (device, torch.bfloat16)
+        placement, got_empty = loading.value.args
+        assert (placement.device, placement.dtype, got_empty) == (device, torch.bfloat16, empty)
+
+
+def _stored_in_bf16(src, dst):
+    """The model at `src` saved again with its weights in bfloat16 (loaded in float32, it is converted)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def test_the_trainer_stages_load_on_rank_0_alone_where_loading_converts_the_weights(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    """Under FSDP our own loop always loads on rank 0 alone; a Trainer stage where the weights are converted as they
+    load (each process would hold its own converted copy), not where the file is in the loaded dtype (the processes
+    map the same file): decided in the plan, recorded in run.json, and passed to accelerate; `distributed.loading`
+    decides otherwise where asked."""
+    from types import SimpleNamespace
+
+    from ayar.config import load_config
+    from ayar.training.plan import decide
+    from ayar.training.trl_stage import training_kwargs
+
+    bf16 = _stored_in_bf16(tiny_model_dir, tmp_path / "bf16")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # set by the arguments: restored after
+        monkeypatch.setenv(name, "false")
+    cases = [("sft", tiny_model_dir, "auto", True), ("dpo", tiny_model_dir, "auto", False),
+             ("dpo", bf16, "auto", True), ("reward", bf16, "auto", True), ("dpo", tmp_path / "missing", "auto", True),
+             ("dpo", tiny_model_dir, "rank0", True), ("dpo", bf16, "every_rank", False),
+             ("sft", tiny_model_dir, "every_rank", False)]  # fmt: skip
+    for stage, model, loading, expected in cases:
+        cfg = load_config(None, [f"stage={stage}", f"model.name={model}", "model.device=cpu", "model.dtype=float32",
+                                 "distributed.strategy=fsdp", f"distributed.loading={loading}"])  # fmt: skip
+        plan = decide(cfg)
+        assert (plan.rank0_loading, plan.reads_weights) == (expected, not expected), (stage, model, loading)
+        assert plan.summary()["rank0_loading"] is expected
+        if stage != "sft":
+            args = training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path), plan)
+            assert args["fsdp_config"]["cpu_ram_efficient_loading"] is expected
 
 
 def _stage_args(stage, tmp_path, tiny_model_dir):
@@ -358,8 +412,11 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
     """DPO, a reward model, GRPO (its sampling included) and a classifier in 2 processes on accelerate's FSDP plugin
     (on this CPU too: ayar lifts accelerate's accelerator-only gate, training/sharding.py): the adapter (and score
     head) of the data-parallel run, its held-out measurement before training, and checkpoints split a part per
-    rank."""
-    common = [*_stage_args(stage, tmp_path, tiny_model_dir), "training.max_steps=3"]
+    rank; with rank 0 alone reading the weights (DPO, reward) and with every process reading them."""
+    # DPO and the reward model from a file in bfloat16 (converted as it loads: rank 0 alone reads it), the others
+    # from one in float32 (every process maps it)
+    model = _stored_in_bf16(tiny_model_dir, tmp_path / "bf16") if stage in ("dpo", "reward") else tiny_model_dir
+    common = [*_stage_args(stage, tmp_path, model), "training.max_steps=3"]
     for name, extra in {"ddp": [], "fsdp": ["distributed.strategy=fsdp", "training.save_steps=3"]}.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -371,6 +428,8 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
         torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
     meta, ref_meta = (json.loads((tmp_path / n / "run.json").read_text()) for n in ("fsdp", "ddp"))
     assert meta["plan"]["strategy"] == "fsdp" and meta["status"] == "completed"
+    assert len(meta["peak_rss_mb_per_rank"]) == 2 and min(meta["peak_rss_mb_per_rank"]) > 0
+    assert meta["plan"]["rank0_loading"] is (stage in ("dpo", "reward"))
     if stage != "dpo":
         assert meta["before"] and meta["before"].keys() == ref_meta["before"].keys()
         assert meta["before"] == pytest.approx(ref_meta["before"], rel=1e-4)

@@ -1,0 +1,102 @@
+"""Which FSDP processes should read the weights of a Trainer stage: peak RSS per rank, rank 0 alone against every rank.
+
+A 0.48B-parameter Llama with random weights (SmolLM2's tokenizer; 1.9 GB in fp32), big enough that the whole model
+outweighs what each of 2 processes holds while training, stored twice: in fp32 (loaded as stored) and in bf16
+(converted to fp32 as it loads, on a CPU without bf16). Each file is trained by `examples/dpo.yaml` (2 steps, 1 row
+of 128 tokens per process, FSDP, 2 processes x 1 thread, memory returned at once) with `distributed.loading` rank0
+and every_rank, in turn; run.json records each rank's peak RSS.
+
+    .venv/bin/python benchmarks/fsdp_loading.py [--rounds 1] [--out benchmarks/results-fsdp-loading.json]
+
+Needs the default model converted once (any `ayar train` with `model.name: default` does it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_models(folder: Path) -> dict[str, Path]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ayar.models.default import ensure_default_model
+
+    src = ensure_default_model()
+    config = AutoConfig.from_pretrained(src)
+    config.update(
+        {
+            "hidden_size": 1536,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "head_dim": 96,
+        }  # fmt: skip
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        path = folder / dtype
+        model.to(getattr(torch, dtype)).save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+            shutil.copy(src / name, path / name)
+        out[dtype] = path
+    return out
+
+
+def train(model: Path, loading: str, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "ayar", "train", str(ROOT / "examples" / "dpo.yaml"), f"model.name={model}",
+           "model.dtype=float32", "distributed.strategy=fsdp", f"distributed.loading={loading}",
+           "training.max_steps=2", "training.eval_steps=0", "data.val_ratio=0.02", "training.tracker=none",
+           "training.threads=1", "training.batch_size=1", "data.max_length=128", "training.return_memory=true",
+           f"output.path={out}", "--nproc", "2"]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = json.loads((out / "run.json").read_text())
+    return {
+        "peak_rss_mb_per_rank": meta["peak_rss_mb_per_rank"],
+        "rank0_loading": meta["plan"]["rank0_loading"],
+        "final_loss": meta["final_loss"],
+        "train_seconds": meta["train_seconds"],
+    }
+
+
+def machine() -> str:
+    """The CPU's name, its cores and whether it has native bf16 (AVX512-BF16), which decides the default dtype."""
+    import os
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    bf16 = "avx512_bf16" in info
+    return f"{name or platform.machine()}, {os.cpu_count()} cores, {'with' if bf16 else 'no'} AVX512-BF16"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results-fsdp-loading.json"))
+    args = ap.parse_args()
+    results = {"machine": machine(), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = make_models(Path(tmp))
+        for r in range(args.rounds):
+            for stored, path in models.items():
+                for loading in ("every_rank", "rank0"):
+                    got = train(path, loading, Path(tmp) / f"run-{stored}-{loading}-{r}")
+                    results["runs"].append({"stored": stored, "loading": loading, "round": r + 1, **got})
+                    print(json.dumps(results["runs"][-1]), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
