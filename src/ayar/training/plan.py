@@ -152,11 +152,16 @@ def rank0_loading(cfg, plan: RunPlan) -> bool:
     benchmarks/README.md)."""
     from ayar.models.load import stored_dtype
 
-    if plan.strategy != "fsdp" or cfg.distributed.loading != "auto":
-        return cfg.distributed.loading != "every_rank"
-    if cfg.stage == "sft" and cfg.task == "causal_lm":
+    if cfg.distributed.loading != "auto":
+        return cfg.distributed.loading == "rank0"
+    if plan.strategy != "fsdp" or own_loop(cfg):
         return True
     return stored_dtype(cfg.model.name) != plan.load_placement.dtype
+
+
+def own_loop(cfg) -> bool:
+    """Whether the run trains on ayar's own loop (causal-LM SFT); every other stage and task on a Trainer."""
+    return cfg.stage == "sft" and cfg.task == "causal_lm"
 
 
 def check_strategy(cfg, strategy: str, device: str) -> None:
@@ -164,19 +169,18 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
     from ayar.models.adapters import CONVERTED_INITS
 
     d = cfg.distributed
-    own_loop = cfg.stage == "sft" and cfg.task == "causal_lm"
     if strategy in ("fsdp", "deepspeed") and d.offload and not device.startswith("cuda"):
         raise AyarError(
             "distributed.offload keeps split weights in CPU RAM between uses on a GPU; on a CPU they are there "
             "already: remove distributed.offload"
         )
-    if strategy == "fsdp" and not own_loop and d.shard == "hybrid":
+    if strategy == "fsdp" and not own_loop(cfg) and d.shard == "hybrid":
         raise AyarError(
             f"distributed.shard hybrid is for ayar's own loop (stage sft); stage {cfg.stage} / task {cfg.task} runs "
             "on a transformers Trainer, which splits across every process: use distributed.shard: full"
         )
     if strategy == "deepspeed":
-        if own_loop:
+        if own_loop(cfg):
             raise AyarError(
                 "distributed.strategy deepspeed runs the Trainer-based stages (dpo, reward, grpo, classification); "
                 "ayar's own loop (stage sft) splits weights, gradients and optimizer states as ZeRO-3 does with "
