@@ -1,12 +1,14 @@
-"""Which FSDP processes should read the weights of a Trainer stage: peak RSS per rank, rank 0 alone against every rank.
+"""Which FSDP processes should read the weights: peak RSS per rank for each `distributed.loading`.
 
 A 0.48B-parameter Llama with random weights (SmolLM2's tokenizer; 1.9 GB in fp32), big enough that the whole model
 outweighs what each of 2 processes holds while training, stored twice: in fp32 (loaded as stored) and in bf16
-(converted to fp32 as it loads, on a CPU without bf16). Each file is trained by `examples/dpo.yaml` (2 steps, 1 row
-of 128 tokens per process, FSDP, 2 processes x 1 thread, memory returned at once) with `distributed.loading` rank0
-and every_rank, in turn; run.json records each rank's peak RSS.
+(converted to fp32 as it loads, on a CPU without bf16). Each file is trained (2 steps, 1 row of 128 tokens per
+process, FSDP, 2 processes x 1 thread, memory returned at once) with each loading in turn; run.json records each
+rank's peak RSS. `--stage dpo` (a Trainer stage, `examples/dpo.yaml`): rank0 against every_rank. `--stage sft`
+(ayar's own loop, `examples/quickstart.yaml`, LoRA; `--method full` too): rank0 against parts.
 
-    .venv/bin/python benchmarks/fsdp_loading.py [--rounds 1] [--out benchmarks/results-fsdp-loading.json]
+    .venv/bin/python benchmarks/fsdp_loading.py [--stage dpo] [--rounds 1] [--out benchmarks/results-fsdp-loading.json]
+    .venv/bin/python benchmarks/fsdp_loading.py --stage sft --out benchmarks/results-fsdp-parts.json
 
 Needs the default model converted once (any `ayar train` with `model.name: default` does it).
 """
@@ -55,9 +57,13 @@ def make_models(folder: Path) -> dict[str, Path]:
     return out
 
 
-def train(model: Path, loading: str, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "ayar", "train", str(ROOT / "examples" / "dpo.yaml"), f"model.name={model}",
-           "model.dtype=float32", "distributed.strategy=fsdp", f"distributed.loading={loading}",
+LOADINGS = {"dpo": ("every_rank", "rank0"), "sft": ("rank0", "parts")}
+CONFIGS = {"dpo": "dpo.yaml", "sft": "quickstart.yaml"}
+
+
+def train(model: Path, loading: str, out: Path, stage: str = "dpo", method: str = "lora") -> dict:
+    cmd = [sys.executable, "-m", "ayar", "train", str(ROOT / "examples" / CONFIGS[stage]), f"model.name={model}",
+           f"method={method}", "model.dtype=float32", "distributed.strategy=fsdp", f"distributed.loading={loading}",
            "training.max_steps=2", "training.eval_steps=0", "data.val_ratio=0.02", "training.tracker=none",
            "training.threads=1", "training.batch_size=1", "data.max_length=128", "training.return_memory=true",
            f"output.path={out}", "--nproc", "2"]  # fmt: skip
@@ -65,7 +71,7 @@ def train(model: Path, loading: str, out: Path) -> dict:
     meta = json.loads((out / "run.json").read_text())
     return {
         "peak_rss_mb_per_rank": meta["peak_rss_mb_per_rank"],
-        "rank0_loading": meta["plan"]["rank0_loading"],
+        "loading": meta["plan"]["loading"],
         "final_loss": meta["final_loss"],
         "train_seconds": meta["train_seconds"],
     }
@@ -84,17 +90,22 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--stage", choices=sorted(LOADINGS), default="dpo")
+    ap.add_argument("--methods", default="lora", help="comma-separated, e.g. lora,full (--stage sft)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results-fsdp-loading.json"))
     args = ap.parse_args()
     results = {"machine": machine(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         models = make_models(Path(tmp))
         for r in range(args.rounds):
-            for stored, path in models.items():
-                for loading in ("every_rank", "rank0"):
-                    got = train(path, loading, Path(tmp) / f"run-{stored}-{loading}-{r}")
-                    results["runs"].append({"stored": stored, "loading": loading, "round": r + 1, **got})
-                    print(json.dumps(results["runs"][-1]), flush=True)
+            for method in args.methods.split(","):
+                for stored, path in models.items():
+                    for loading in LOADINGS[args.stage]:
+                        out = Path(tmp) / f"run-{method}-{stored}-{loading}-{r}"
+                        got = train(path, loading, out, args.stage, method)
+                        row = {"stage": args.stage, "method": method, "stored": stored, "round": r + 1, **got}
+                        results["runs"].append(row)
+                        print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -44,11 +44,61 @@ def _get_peft_model(model, config):
 
     from ayar.kernels.dropout import use_fast_dropout
 
+    empty = {name for name, p in model.named_parameters() if p.is_meta}
+    originals = _stand_in(model) if empty else {}
     # peft keeps adapter weights in fp32 when the base is bf16/fp16 (autocast_adapter_dtype): stable updates.
     peft_model = get_peft_model(model, config)
     if next(model.parameters()).device.type == "cpu":
         use_fast_dropout(peft_model)
+    if empty:
+        _empty_again(peft_model, originals, empty)
     return peft_model
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the model before peft wrapped it, as its weight files name it:
+    `base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight` -> `model.layers.0.self_attn.q_proj.weight`
+    (a module trained in full, `modules_to_save`, is named after the weight its copy starts from)."""
+    name = name.removeprefix("base_model.model.")
+    for part in (".base_layer", ".modules_to_save.default", ".original_module"):
+        name = name.replace(part, "")
+    return name
+
+
+def _stand_in(model) -> dict:
+    """peft makes each adapter where its base layer's weight is: on a model built empty (the meta device: FSDP's
+    processes that read no weights, training/sharding.py) the adapter would be empty too and its initial values
+    lost. Each empty weight is replaced by a stand-in in CPU RAM, one element expanded to the weight's shape (no
+    memory), so peft makes and initialises the adapter exactly as on the loaded model (the same random numbers in
+    the same order). Returns {id(stand-in): the empty weight} for `_empty_again`; tied weights share one."""
+    import torch
+
+    made, originals = {}, {}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    values = torch.zeros((), dtype=p.dtype).expand(p.shape)
+                    made[id(p)] = torch.nn.Parameter(values, requires_grad=p.requires_grad)
+                    originals[id(made[id(p)])] = p
+                module._parameters[key] = made[id(p)]
+    return originals
+
+
+def _empty_again(model, originals: dict, empty: set) -> None:
+    """The base weights back on the meta device after peft wrapped them (`_stand_in`): the stand-ins, and the
+    copies peft made of modules trained in full (`modules_to_save`); the adapter keeps its initial values."""
+    import torch
+
+    for module_name, module in model.named_modules():
+        for key, p in module._parameters.items():
+            if p is None or p.is_meta:
+                continue
+            if id(p) in originals:  # frozen or trained as peft left the stand-in
+                module._parameters[key] = originals[id(p)].requires_grad_(p.requires_grad)
+            elif base_name(f"{module_name}.{key}") in empty:
+                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                module._parameters[key] = torch.nn.Parameter(meta, requires_grad=p.requires_grad)
 
 
 def save_trained(model, out, init_dir=None, state_dict: dict | None = None) -> None:

@@ -124,18 +124,27 @@ def starting_point(name: str) -> tuple[str, list[str]]:
     return meta["base_model"], [*meta.get("merged_adapters", []), str(trained.resolve())]
 
 
+def model_folder(name: str) -> Path | None:
+    """The folder on this machine holding the model `name` (a starting point's base: `default` or a folder), without
+    converting or fetching anything; None where there is none (a hub id, the default model before its first
+    conversion)."""
+    if name in ("default", "", None):
+        from ayar.models.default import default_model_dir
+
+        path = default_model_dir()
+    else:
+        path = Path(str(name)).expanduser()
+    return path if (path / "config.json").is_file() else None
+
+
 def stored_dtype(name: str):
     """The dtype a model's weights are stored in (its config.json's `dtype`), without loading or converting
     anything; None where that is not known here (a hub id, the default model before its first conversion)."""
     import torch
 
-    base = starting_point(name)[0]
-    if base in ("default", "", None):
-        from ayar.models.default import default_model_dir
-
-        path = default_model_dir()
-    else:
-        path = Path(str(base)).expanduser()
+    path = model_folder(starting_point(name)[0])
+    if path is None:
+        return None
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

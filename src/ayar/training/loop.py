@@ -143,7 +143,7 @@ def run_loop(
     world = world or World()
     total = total_steps_for(len(train), tcfg, world.size)
     root = (
-        sharding.shard(model, plan.distributed, plan.device, world.size, world.rank)
+        sharding.shard(model, plan.distributed, plan.device, world.size, world.rank, plan.parts_from)
         if plan.strategy == "fsdp"
         else None
     )

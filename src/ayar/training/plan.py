@@ -38,7 +38,8 @@ class RunPlan:
     layout: Layout | None = None  # the passes, once the model and data are known (SFT's own loop)
     not_fused_because: str | None = None
     return_memory: bool = False  # hand freed memory back at once (training/allocator.py)
-    rank0_loading: bool = True  # under FSDP only rank 0 reads the weights (`reads_weights`)
+    loading: str = "rank0"  # under FSDP, who reads the weights: rank0 | every_rank | parts (`weights_loading`)
+    parts_from: str | None = None  # `parts`: the model folder each rank reads its own parts of the weights from
     memory: MemoryPlan | None = None
 
     @property
@@ -46,11 +47,17 @@ class RunPlan:
         return self.placement.device
 
     @property
+    def rank0_loading(self) -> bool:
+        return self.strategy == "fsdp" and self.loading == "rank0"
+
+    @property
     def reads_weights(self) -> bool:
-        """Whether this process loads the model's weights: under FSDP with rank-0 loading only rank 0 does; the
+        """Whether this process loads the model's weights: under FSDP with rank-0 loading only rank 0 does, the
         others build the model empty and receive their parts as it is split (training/sharding.py), never holding
-        the whole model."""
-        return self.strategy != "fsdp" or self.rank == 0 or not self.rank0_loading
+        the whole model; with `parts` none does: each builds it empty and reads its own parts from the files."""
+        if self.strategy != "fsdp" or self.loading == "every_rank":
+            return True
+        return self.loading == "rank0" and self.rank == 0
 
     @property
     def load_placement(self) -> Placement:
@@ -95,7 +102,7 @@ class RunPlan:
             "liger": self.liger,
         }
         if self.strategy == "fsdp":
-            out["rank0_loading"] = self.rank0_loading
+            out["loading"] = self.loading
         if self.layout is not None:
             out["return_memory"] = self.return_memory
         if self.memory is not None:
@@ -140,23 +147,60 @@ def decide(cfg) -> RunPlan:
     quantized = cfg.method in ("qlora", "qdora")
     use_liger = liger.applies(placement.device)
     plan = RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed, use_liger)
-    return dataclasses.replace(plan, rank0_loading=rank0_loading(cfg, plan))
+    return dataclasses.replace(plan, **weights_loading(cfg, plan))
 
 
-def rank0_loading(cfg, plan: RunPlan) -> bool:
-    """Under FSDP, whether only rank 0 reads the weights (`distributed.loading`). `auto`: for our own loop, yes
-    (sharding.shard). For the Trainer stages (accelerate's `cpu_ram_efficient_loading`): where loading converts
-    the weights' dtype, as each process would hold a converted copy of the whole model; not where the file is in
-    the loaded dtype: then the processes map the same file (pages a machine's processes share) and split it in
+def weights_loading(cfg, plan: RunPlan) -> dict:
+    """Under FSDP, which processes read the model's weights (`distributed.loading`): `rank0` alone (it sends the
+    others their parts), `every_rank`, or `parts`: each its own parts, from the files (ayar's own loop). `auto`:
+    for our own loop `parts` where the model folder's files hold every weight by name (sharding.shard), else
+    `rank0`. For the Trainer stages (accelerate's `cpu_ram_efficient_loading`): `rank0` where loading converts the
+    weights' dtype, as each process would hold a converted copy of the whole model; `every_rank` where the file is
+    in the loaded dtype: then the processes map the same file (pages a machine's processes share) and split it in
     place, while accelerate's rank-0 path holds rank 0's whole state dict beside its part (measured:
     benchmarks/README.md)."""
     from ayar.models.load import stored_dtype
 
-    if cfg.distributed.loading != "auto":
-        return cfg.distributed.loading == "rank0"
-    if plan.strategy != "fsdp" or own_loop(cfg):
-        return True
-    return stored_dtype(cfg.model.name) != plan.load_placement.dtype
+    asked = cfg.distributed.loading
+    if plan.strategy != "fsdp":
+        return {"loading": "rank0" if asked == "auto" else asked}
+    if own_loop(cfg) and asked in ("auto", "parts"):
+        folder, why_not = _parts_folder(cfg, plan)
+        if folder:
+            return {"loading": "parts", "parts_from": folder}
+        if asked == "parts":
+            raise AyarError(f"distributed.loading parts: {why_not}; use distributed.loading: rank0")
+        return {"loading": "rank0"}
+    if asked == "parts":
+        raise AyarError(
+            f"distributed.loading parts is for ayar's own loop (stage sft); stage {cfg.stage} / task {cfg.task} "
+            "runs on a transformers Trainer, which loads through accelerate: use rank0 or every_rank"
+        )
+    if asked != "auto":
+        return {"loading": asked}
+    return {"loading": "rank0" if stored_dtype(cfg.model.name) != plan.load_placement.dtype else "every_rank"}
+
+
+def _parts_folder(cfg, plan: RunPlan) -> tuple[str | None, str]:
+    """The model folder each process can read its own parts of the weights from, or None and why not: a local
+    folder whose safetensors files hold every weight under the model's own name (an empty model built from its
+    config, checked against the files' headers: no weights read), for a method whose start needs no whole weight
+    (DoRA's magnitudes are computed from them)."""
+    from ayar.models.load import empty_model, model_folder, starting_point
+    from ayar.training.sharding import not_in_files
+
+    if cfg.method not in ("lora", "full"):
+        return None, f"method {cfg.method} starts from the whole weights"
+    base, adapters = starting_point(cfg.model.name)
+    folder = model_folder(base)
+    if adapters or folder is None:
+        return None, f"{cfg.model.name} is not a model folder on this machine"
+    m = cfg.model
+    model = empty_model(str(folder), plan.load_placement, m.attn_implementation, m.trust_remote_code)
+    missing = not_in_files(model, folder)
+    if missing:
+        return None, f"the safetensors files in {folder} do not hold {missing[0]} as the model names it"
+    return str(folder), ""
 
 
 def own_loop(cfg) -> bool:

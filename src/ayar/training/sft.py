@@ -175,7 +175,10 @@ def train_sft(
 
 def _strategy(plan) -> str:
     if plan.strategy == "fsdp":
-        return f"FSDP {plan.distributed.shard} shard, a unit per decoder layer"
+        reads = {"parts": "each reads its parts of the weights", "rank0": "rank 0 reads the weights"}.get(
+            plan.loading, "each reads the whole weights"
+        )
+        return f"FSDP {plan.distributed.shard} shard, a unit per decoder layer, {reads}"
     return "data parallel"
 
 

@@ -71,40 +71,94 @@ def mesh_for(dcfg, device: str, world_size: int):
     return init_device_mesh(kind, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
-def shard(model, dcfg, device: str, world_size: int, rank: int) -> Sharded:
-    """`model` split across the ranks in place, with rank 0's weights; the returned root unit computes the loss.
-    Only rank 0 needs the weights: the other ranks may hold the model empty (meta device, models/load.py
-    `empty_model`) and receive their parts from rank 0, so no rank but 0 ever holds the whole model."""
+def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str | None = None) -> Sharded:
+    """`model` split across the ranks in place; the returned root unit computes the loss. The weights come from
+    rank 0 (the other ranks may hold the model empty: meta device, models/load.py `empty_model`, and receive their
+    parts as it is split, so no rank but 0 holds the whole model) or, with `parts_from` (a model folder:
+    `distributed.loading: parts`, every rank holding the model empty), each rank reads its own parts of the weights
+    from the folder's files and no rank ever holds the whole model; the adapter, made as on a loaded model
+    (models/adapters.py), is rank 0's."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = mesh_for(dcfg, device, world_size)
     offload = CPUOffloadPolicy() if dcfg.offload else OffloadPolicy()
     classes = tuple(layer_classes(model))
     units = [m for m in model.modules() if isinstance(m, classes)]
-    whole = model.state_dict() if rank == 0 else {}  # the whole weights, kept until the parts are handed out
+    # what rank 0 sends, kept until the parts are handed out: its whole weights, or all but those in the files
+    whole = {k: v for k, v in model.state_dict().items() if not v.is_meta} if rank == 0 else {}
+    in_files = [name for name, p in model.named_parameters() if p.is_meta] if parts_from else []
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=offload)
     root = fully_shard(Sharded(model), mesh=mesh, offload_policy=offload)
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
-    _from_rank0(root, {f"model.{k}": v for k, v in whole.items()}, mesh.device_type, bool(dcfg.offload))
+    whole = {f"model.{k}": v for k, v in whole.items()}
+    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not parts_from)
+    if parts_from:
+        _read_parts(root, parts_from, [f"model.{name}" for name in in_files])
     return root
 
 
-def _from_rank0(root: Sharded, whole: dict, device_type: str, offload: bool) -> None:
-    """Every rank's part of rank 0's weights (`whole`, {} elsewhere), sent by rank 0 (collective). A rank holding
-    the model empty gets memory for its parts first; buffers outside the state dict (rotary frequencies) are
-    copied from rank 0 as they are."""
+def _from_rank0(root: Sharded, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:
+    """Every rank's part of rank 0's weights (`whole`, {} elsewhere; `every_weight`: all of the model's), sent by
+    rank 0 (collective). A rank holding the model empty gets memory for its parts first; buffers outside the state
+    dict (rotary frequencies) are copied from rank 0 as they are."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if any(t.is_meta for t in [*root.parameters(), *root.buffers()]):
+    if any(t.is_meta for t in root.parameters()):
+        kept = [b.detach().clone() for b in root.buffers()]  # real in an empty model; to_empty drops them
         root.to_empty(device="cpu" if offload else device_type)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload)
+        with torch.no_grad():
+            for buffer, value in zip(root.buffers(), kept, strict=True):
+                buffer.copy_(value)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload, strict=every_weight)
     set_model_state_dict(root, whole, options=opts)
     for buffer in root.buffers():
         dist.broadcast(buffer, src=0)
+
+
+def _read_parts(root: Sharded, folder: str, names: list[str]) -> None:
+    """Each rank reads its own parts of the weights `names` (the root's parameter names) from the safetensors files
+    in `folder`, converted to the parameters' dtype: torch.distributed.checkpoint's Hugging Face reader reads just
+    the slices a rank holds. Names as before peft wrapped the model (models/adapters.py `base_name`); a weight two
+    parameters start from (peft's copy of a module trained in full) is read once and copied."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+    from ayar.models.adapters import base_name
+
+    params = dict(root.named_parameters())
+    wanted, copies = {}, []
+    for name in names:
+        key = base_name(name.removeprefix("model."))
+        if key in wanted:
+            copies.append((params[name], wanted[key]))
+        else:
+            wanted[key] = params[name]
+    load(wanted, storage_reader=HuggingFaceStorageReader(folder))
+    with torch.no_grad():
+        for target, source in copies:
+            target.copy_(source)
+
+
+def file_weights(folder) -> dict[str, tuple[int, ...]]:
+    """The weights a model folder's safetensors files hold, name -> shape, read from the files' headers."""
+    from safetensors import safe_open
+
+    held = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                held[key] = tuple(f.get_slice(key).get_shape())
+    return held
+
+
+def not_in_files(model, folder) -> list[str]:
+    """The weights of `model` (built empty, or loaded) that the safetensors files in `folder` do not hold under the
+    same name and shape: where there are none, each rank can read its own parts (`shard(parts_from=folder)`)."""
+    held = file_weights(folder)
+    return [name for name, p in model.named_parameters() if held.get(name) != tuple(p.shape)]
 
 
 def sync_gradients(root: Sharded, on: bool) -> None:

@@ -22,9 +22,9 @@ from tests.unit.training.test_distributed import (
 
 
 def test_fsdp_lora_trains_what_one_process_does(tiny_model_dir, tmp_path):
-    """LoRA, batch 4 x 2 processes (gradient checkpointing) and 2 x 2 processes x 2 accumulation steps (hybrid
-    shard), against 8 x 1: the same per-step losses (1e-5 relative) and adapter after 10 steps; the checkpoints are
-    sharded (a part per rank)."""
+    """LoRA, batch 4 x 2 processes (gradient checkpointing; each reads its parts of the weights from the files) and
+    2 x 2 processes x 2 accumulation steps (hybrid shard; rank 0 reads the weights), against 8 x 1: the same per-step
+    losses (1e-5 relative) and adapter after 10 steps; the checkpoints are sharded (a part per rank)."""
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     # the reference without the fused decoder too (FSDP does not take it): the same kernels on both sides
     common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON]
@@ -34,16 +34,23 @@ def test_fsdp_lora_trains_what_one_process_does(tiny_model_dir, tmp_path):
         # with gradient checkpointing: each layer's forward recomputed in backward gathers its weights again
         "fsdp": ["training.batch_size=4", "training.save_steps=5", "training.gradient_checkpointing=true", *fsdp],
         # hybrid: split within the node (here both processes), replicated across nodes (one here): a 2-D mesh
-        "accum": ["training.batch_size=2", "training.grad_accum=2", "distributed.shard=hybrid", *fsdp],
+        "accum": [
+            "training.batch_size=2",
+            "training.grad_accum=2",
+            "distributed.shard=hybrid",
+            "distributed.loading=rank0",
+            *fsdp,
+        ],
     }
     for name, extra in runs.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
     assert_same_training(tmp_path / "one", tmp_path / "fsdp")
     assert_same_training(tmp_path / "one", tmp_path / "accum")
-    assert "world  2 processes (gloo, FSDP hybrid shard, a unit per decoder layer)" in done.stderr
+    assert "world  2 processes (gloo, FSDP hybrid shard, a unit per decoder layer, rank 0 reads" in done.stderr
     meta = json.loads((tmp_path / "fsdp" / "run.json").read_text())
     assert meta["plan"]["strategy"] == "fsdp" and meta["plan"]["world_size"] == 2
+    assert meta["plan"]["loading"] == "parts"
     assert "FSDP splits the weights" in meta["passes"]["not_fused_because"]
     shards = tmp_path / "fsdp" / "checkpoints" / "checkpoint-0000005" / "sharded"
     assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -154,7 +161,7 @@ def test_under_fsdp_only_rank_0_reads_the_weights_into_cpu_ram(monkeypatch, stra
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
-    plan = decide(load_config(None, [f"distributed.strategy={strategy}"]))
+    plan = decide(load_config(None, [f"distributed.strategy={strategy}", "distributed.loading=rank0"]))
     assert plan.device == "cuda" and plan.strategy == strategy
     assert plan.reads_weights is reads
     assert plan.load_placement.device == device and plan.load_placement.dtype == plan.placement.dtype
@@ -239,12 +246,14 @@ def test_a_run_that_continues_an_earlier_adapter_is_refused_where_weights_are_sp
     assert decide(zero2).strategy == "deepspeed"
 
 
-def _split(rank: int, model_dir: str, port: int, out: str) -> None:
-    """One of two gloo processes: rank 0 loads the model, rank 1 builds it empty; both split it and compute the
-    loss of one batch through the split model."""
+def _split(rank: int, model_dir: str, port: int, out: str, parts: bool = False) -> None:
+    """One of two gloo processes: rank 0 loads the model, rank 1 builds it empty (`parts`: both build it empty and
+    a LoRA adapter is made on it, then each reads its parts of the weights from the files); both split it and
+    compute the loss of one batch through the split model."""
     import torch.distributed as dist
 
-    from ayar.config.schema import DistributedConfig
+    from ayar.config.schema import DistributedConfig, LoraConfig
+    from ayar.models.adapters import apply_method
     from ayar.models.device import choose_placement
     from ayar.models.load import empty_model, load_model
     from ayar.training import sharding
@@ -252,13 +261,18 @@ def _split(rank: int, model_dir: str, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     placement = choose_placement("cpu", "float32")
-    model = load_model(model_dir, placement) if rank == 0 else empty_model(model_dir, placement)
-    root = sharding.shard(model, DistributedConfig(strategy="fsdp"), "cpu", 2, rank)
+    model = load_model(model_dir, placement) if rank == 0 and not parts else empty_model(model_dir, placement)
+    base = model
+    if parts:
+        torch.manual_seed(7)
+        model = apply_method(model, "lora", LoraConfig(r=4, dropout=0.0))
+    root = sharding.shard(model, DistributedConfig(strategy="fsdp"), "cpu", 2, rank, model_dir if parts else None)
     with torch.no_grad():
         loss, n = root(_batch())
-    rotary = [b for name, b in model.named_buffers() if name.endswith("inv_freq")]
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    torch.save({"loss": float(loss) / n, "tied": tied, "rotary": rotary}, f"{out}/rank{rank}.pt")
+    rotary = [b for name, b in base.named_buffers() if name.endswith("inv_freq")]
+    tied = base.lm_head.weight is base.model.embed_tokens.weight
+    adapter = sharding.trained_state(root) if parts else {}
+    torch.save({"loss": float(loss) / n, "tied": tied, "rotary": rotary, "adapter": adapter}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -289,6 +303,39 @@ def test_the_ranks_but_0_receive_their_parts_of_the_weights(tmp_path):
         for a, b in zip(got["rotary"], ranks[0]["rotary"], strict=True):
             assert torch.equal(a, b)
     assert torch.equal(ranks[0]["rotary"][0], whole.model.rotary_emb.inv_freq)
+
+
+def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path):
+    """`distributed.loading: parts`: both ranks build the model empty, a LoRA adapter is made on it as on the loaded
+    model (the same initial values, though peft would make it empty), and each reads only its parts of the weights
+    from the safetensors files (several, stored in bfloat16 and converted to the loaded float32): the loss the whole
+    model gives, tied embeddings still tied, the rotary frequencies kept, and the adapter one process makes."""
+    from ayar.config.schema import LoraConfig
+    from ayar.models.adapters import apply_method
+    from ayar.models.device import choose_placement
+    from ayar.models.load import load_model
+    from ayar.training.loss import loss_sum
+
+    tied = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    model_dir = _stored_in_bf16(tied, tmp_path / "bf16", max_shard_size="10KB")
+    assert len(list(model_dir.glob("*.safetensors"))) > 2
+    torch.multiprocessing.spawn(_split, args=(str(model_dir), free_port(), str(tmp_path), True), nprocs=2)
+    whole = load_model(str(model_dir), choose_placement("cpu", "float32"))
+    with torch.no_grad():
+        loss, n = loss_sum(whole, _batch())
+    rotary = whole.model.rotary_emb.inv_freq.clone()
+    torch.manual_seed(7)
+    one = apply_method(whole, "lora", LoraConfig(r=4, dropout=0.0))
+    expected = {k: v for k, v in one.state_dict().items() if "lora_" in k}
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for got in ranks:
+        assert got["loss"] == pytest.approx(float(loss) / n, rel=1e-6)
+        assert got["tied"] and len(got["rotary"]) >= 1
+        assert torch.equal(got["rotary"][0], rotary)
+    adapter = {k: v for k, v in ranks[0]["adapter"].items() if "lora_" in k}
+    assert adapter.keys() == expected.keys() and len(expected) > 0
+    for k, v in expected.items():
+        assert torch.equal(adapter[k], v), k
 
 
 def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path, monkeypatch):
@@ -344,14 +391,14 @@ def test_a_trainer_stage_under_fsdp_loads_the_model_into_cpu_ram_on_gpus_too(mon
     # the rank's decision without its process group: loading (the stub) stops the run before any collective
     monkeypatch.setattr(trl_stage.distributed, "start", lambda plan: trl_stage.distributed.World())
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
-    for strategy, rank, rank0_loading, device, empty in (("fsdp", 0, True, "cpu", False),
-                                                         ("fsdp", 1, True, "cpu", True),
-                                                         ("fsdp", 1, False, "cpu", False),
-                                                         ("ddp", 1, True, "cuda", False)):  # fmt: skip
+    for strategy, rank, loading, device, empty in (("fsdp", 0, "rank0", "cpu", False),
+                                                   ("fsdp", 1, "rank0", "cpu", True),
+                                                   ("fsdp", 1, "every_rank", "cpu", False),
+                                                   ("ddp", 1, "rank0", "cuda", False)):  # fmt: skip
         plan = RunPlan(Placement("cuda", torch.bfloat16, "test"), world_size=2, rank=rank, strategy=strategy,
-                       rank0_loading=rank0_loading)  # fmt: skip
+                       loading=loading)  # fmt: skip
         monkeypatch.setattr(trl_stage, "decide", lambda cfg: plan)
-        out = tmp_path / f"{strategy}{rank}{rank0_loading}"
+        out = tmp_path / f"{strategy}{rank}{loading}"
         cfg = load_config(None, ["stage=dpo", f"data.train={data}", f"output.path={out}"])
         with pytest.raises(Loading) as loading:
             trl_stage.run_stage(cfg, preference.STAGE)
@@ -359,45 +406,71 @@ def test_a_trainer_stage_under_fsdp_loads_the_model_into_cpu_ram_on_gpus_too(mon
         assert (placement.device, placement.dtype, got_empty) == (device, torch.bfloat16, empty)
 
 
-def _stored_in_bf16(src, dst):
-    """The model at `src` saved again with its weights in bfloat16 (loaded in float32, it is converted)."""
+def _stored_in_bf16(src, dst, **save):
+    """The model at `src` saved again with its weights in bfloat16 (loaded in float32, it is converted); `save`:
+    save_pretrained's arguments (max_shard_size)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dst)
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dst, **save)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     return dst
 
 
-def test_the_trainer_stages_load_on_rank_0_alone_where_loading_converts_the_weights(tiny_model_dir, tmp_path,
-                                                                                    monkeypatch):  # fmt: skip
-    """Under FSDP our own loop always loads on rank 0 alone; a Trainer stage where the weights are converted as they
-    load (each process would hold its own converted copy), not where the file is in the loaded dtype (the processes
-    map the same file): decided in the plan, recorded in run.json, and passed to accelerate; `distributed.loading`
-    decides otherwise where asked."""
+def test_the_plan_decides_which_processes_read_the_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """Under FSDP: our own loop has each rank read its own parts from the files where they hold every weight by
+    name, else rank 0 alone; a Trainer stage loads on rank 0 alone where the weights are converted as they load
+    (each process would hold its own converted copy), not where the file is in the loaded dtype (the processes map
+    the same file). Decided in the plan, recorded in run.json, passed to accelerate; `distributed.loading` decides
+    otherwise where asked, and `parts` where it cannot work is refused with the way out."""
+    import shutil
     from types import SimpleNamespace
 
+    from safetensors.torch import save_file
+
     from ayar.config import load_config
+    from ayar.errors import AyarError
     from ayar.training.plan import decide
     from ayar.training.trl_stage import training_kwargs
 
     bf16 = _stored_in_bf16(tiny_model_dir, tmp_path / "bf16")
+    short = shutil.copytree(tiny_model_dir, tmp_path / "short")  # its files lack one weight
+    weights = load_file(short / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp.up_proj" not in k}, short / "model.safetensors")
+    missing = tmp_path / "missing"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     for name in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # set by the arguments: restored after
         monkeypatch.setenv(name, "false")
-    cases = [("sft", tiny_model_dir, "auto", True), ("dpo", tiny_model_dir, "auto", False),
-             ("dpo", bf16, "auto", True), ("reward", bf16, "auto", True), ("dpo", tmp_path / "missing", "auto", True),
-             ("dpo", tiny_model_dir, "rank0", True), ("dpo", bf16, "every_rank", False),
-             ("sft", tiny_model_dir, "every_rank", False)]  # fmt: skip
+
+    def config(stage, model, loading, *more):
+        return load_config(None, [f"stage={stage}", f"model.name={model}", "model.device=cpu", "model.dtype=float32",
+                                  "distributed.strategy=fsdp", f"distributed.loading={loading}", *more])  # fmt: skip
+
+    cases = [("sft", tiny_model_dir, "auto", "parts"), ("sft", bf16, "auto", "parts"), ("sft", short, "auto", "rank0"),
+             ("sft", missing, "auto", "rank0"), ("sft", tiny_model_dir, "rank0", "rank0"),
+             ("sft", tiny_model_dir, "every_rank", "every_rank"), ("dpo", tiny_model_dir, "auto", "every_rank"),
+             ("dpo", bf16, "auto", "rank0"), ("reward", bf16, "auto", "rank0"), ("dpo", missing, "auto", "rank0"),
+             ("dpo", tiny_model_dir, "rank0", "rank0"), ("dpo", bf16, "every_rank", "every_rank")]  # fmt: skip
     for stage, model, loading, expected in cases:
-        cfg = load_config(None, [f"stage={stage}", f"model.name={model}", "model.device=cpu", "model.dtype=float32",
-                                 "distributed.strategy=fsdp", f"distributed.loading={loading}"])  # fmt: skip
+        cfg = config(stage, model, loading)
         plan = decide(cfg)
-        assert (plan.rank0_loading, plan.reads_weights) == (expected, not expected), (stage, model, loading)
-        assert plan.summary()["rank0_loading"] is expected
+        assert (plan.loading, plan.reads_weights) == (expected, expected == "every_rank"), (stage, model, loading)
+        assert plan.summary()["loading"] == expected
+        assert plan.parts_from == (str(model) if expected == "parts" else None)
         if stage != "sft":
             args = training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path), plan)
-            assert args["fsdp_config"]["cpu_ram_efficient_loading"] is expected
+            assert args["fsdp_config"]["cpu_ram_efficient_loading"] is (expected == "rank0")
+    assert (
+        decide(config("sft", tiny_model_dir, "auto", "method=dora")).loading == "rank0"
+    )  # magnitudes need the weights
+    refused = [(("sft", short, "parts"), "do not hold model.layers.1.mlp.up_proj.weight"),
+               (("sft", missing, "parts"), "not a model folder"),
+               (("sft", tiny_model_dir, "parts", "method=dora"), "method dora starts from the whole weights"),
+               (("dpo", tiny_model_dir, "parts"), "for ayar's own loop")]  # fmt: skip
+    for args, message in refused:
+        with pytest.raises(AyarError, match=message) as e:
+            decide(config(*args))
+        assert "distributed.loading" in str(e.value)
 
 
 def _stage_args(stage, tmp_path, tiny_model_dir):
@@ -429,7 +502,7 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
     meta, ref_meta = (json.loads((tmp_path / n / "run.json").read_text()) for n in ("fsdp", "ddp"))
     assert meta["plan"]["strategy"] == "fsdp" and meta["status"] == "completed"
     assert len(meta["peak_rss_mb_per_rank"]) == 2 and min(meta["peak_rss_mb_per_rank"]) > 0
-    assert meta["plan"]["rank0_loading"] is (stage in ("dpo", "reward"))
+    assert meta["plan"]["loading"] == ("rank0" if stage in ("dpo", "reward") else "every_rank")
     if stage != "dpo":
         assert meta["before"] and meta["before"].keys() == ref_meta["before"].keys()
         assert meta["before"] == pytest.approx(ref_meta["before"], rel=1e-4)
