@@ -246,7 +246,7 @@ def test_a_run_that_continues_an_earlier_adapter_is_refused_where_weights_are_sp
     assert decide(zero2).strategy == "deepspeed"
 
 
-def _split(rank: int, model_dir: str, port: int, out: str, parts: bool = False) -> None:
+def _split(rank: int, model_dir: str, port: int, out: str, parts: bool = False, split: str = "full") -> None:
     """One of two gloo processes: rank 0 loads the model, rank 1 builds it empty (`parts`: both build it empty and
     a LoRA adapter is made on it, then each reads its parts of the weights from the files); both split it and
     compute the loss of one batch through the split model."""
@@ -266,13 +266,14 @@ def _split(rank: int, model_dir: str, port: int, out: str, parts: bool = False) 
     if parts:
         torch.manual_seed(7)
         model = apply_method(model, "lora", LoraConfig(r=4, dropout=0.0))
-    root = sharding.shard(model, DistributedConfig(strategy="fsdp"), "cpu", 2, rank, model_dir if parts else None)
+    dcfg = DistributedConfig(strategy="fsdp", shard=split)
+    root = sharding.shard(model, dcfg, "cpu", 2, rank, model_dir if parts else None)
     with torch.no_grad():
         loss, n = root(_batch())
     rotary = [b for name, b in base.named_buffers() if name.endswith("inv_freq")]
     tied = base.lm_head.weight is base.model.embed_tokens.weight
     adapter = sharding.trained_state(root) if parts else {}
-    torch.save({"loss": float(loss) / n, "tied": tied, "rotary": rotary, "adapter": adapter}, f"{out}/rank{rank}.pt")
+    torch.save({"loss": float(loss) / n, "tied": tied, "rotary": rotary, "adapter": adapter}, f"{out}/{split}{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -295,7 +296,7 @@ def test_the_ranks_but_0_receive_their_parts_of_the_weights(tmp_path):
     with torch.no_grad():
         loss, n = loss_sum(whole, _batch())
     expected = float(loss) / n
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"full{r}.pt") for r in (0, 1)]
     for got in ranks:
         assert got["loss"] == pytest.approx(expected, rel=1e-6)
         assert got["tied"]
@@ -309,7 +310,8 @@ def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path
     """`distributed.loading: parts`: both ranks build the model empty, a LoRA adapter is made on it as on the loaded
     model (the same initial values, though peft would make it empty), and each reads only its parts of the weights
     from the safetensors files (several, stored in bfloat16 and converted to the loaded float32): the loss the whole
-    model gives, tied embeddings still tied, the rotary frequencies kept, and the adapter one process makes."""
+    model gives, tied embeddings still tied, the rotary frequencies kept, and the adapter one process makes; split
+    in full and hybrid (a 2-D mesh: replicated across nodes, one here)."""
     from ayar.config.schema import LoraConfig
     from ayar.models.adapters import apply_method
     from ayar.models.device import choose_placement
@@ -319,7 +321,8 @@ def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path
     tied = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
     model_dir = _stored_in_bf16(tied, tmp_path / "bf16", max_shard_size="10KB")
     assert len(list(model_dir.glob("*.safetensors"))) > 2
-    torch.multiprocessing.spawn(_split, args=(str(model_dir), free_port(), str(tmp_path), True), nprocs=2)
+    for split in ("full", "hybrid"):
+        torch.multiprocessing.spawn(_split, args=(str(model_dir), free_port(), str(tmp_path), True, split), nprocs=2)
     whole = load_model(str(model_dir), choose_placement("cpu", "float32"))
     with torch.no_grad():
         loss, n = loss_sum(whole, _batch())
@@ -327,15 +330,16 @@ def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path
     torch.manual_seed(7)
     one = apply_method(whole, "lora", LoraConfig(r=4, dropout=0.0))
     expected = {k: v for k, v in one.state_dict().items() if "lora_" in k}
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"{split}{r}.pt") for split in ("full", "hybrid") for r in (0, 1)]
     for got in ranks:
         assert got["loss"] == pytest.approx(float(loss) / n, rel=1e-6)
         assert got["tied"] and len(got["rotary"]) >= 1
         assert torch.equal(got["rotary"][0], rotary)
-    adapter = {k: v for k, v in ranks[0]["adapter"].items() if "lora_" in k}
-    assert adapter.keys() == expected.keys() and len(expected) > 0
-    for k, v in expected.items():
-        assert torch.equal(adapter[k], v), k
+    for got in (ranks[0], ranks[2]):  # rank 0's, gathered whole
+        adapter = {k: v for k, v in got["adapter"].items() if "lora_" in k}
+        assert adapter.keys() == expected.keys() and len(expected) > 0
+        for k, v in expected.items():
+            assert torch.equal(adapter[k], v), k
 
 
 def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path, monkeypatch):
