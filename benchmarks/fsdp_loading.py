@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,9 +68,12 @@ def train(model: Path, loading: str, out: Path, stage: str = "dpo", method: str 
            "training.max_steps=2", "training.eval_steps=0", "data.val_ratio=0.02", "training.tracker=none",
            "training.threads=1", "training.batch_size=1", "data.max_length=128", "training.return_memory=true",
            f"output.path={out}", "--nproc", "2"]  # fmt: skip
+    start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start  # the whole command: start-up, loading, 2 steps, saving
     meta = json.loads((out / "run.json").read_text())
     return {
+        "command_seconds": round(seconds, 1),
         "peak_rss_mb_per_rank": meta["peak_rss_mb_per_rank"],
         "loading": meta["plan"]["loading"],
         "final_loss": meta["final_loss"],

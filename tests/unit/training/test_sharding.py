@@ -464,9 +464,8 @@ def test_the_plan_decides_which_processes_read_the_weights(tiny_model_dir, tmp_p
         if stage != "sft":
             args = training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path), plan)
             assert args["fsdp_config"]["cpu_ram_efficient_loading"] is (expected == "rank0")
-    assert (
-        decide(config("sft", tiny_model_dir, "auto", "method=dora")).loading == "rank0"
-    )  # magnitudes need the weights
+    # DoRA's magnitudes are computed from the whole weights
+    assert decide(config("sft", tiny_model_dir, "auto", "method=dora")).loading == "rank0"
     refused = [(("sft", short, "parts"), "do not hold model.layers.1.mlp.up_proj.weight"),
                (("sft", missing, "parts"), "not a model folder"),
                (("sft", tiny_model_dir, "parts", "method=dora"), "method dora starts from the whole weights"),
