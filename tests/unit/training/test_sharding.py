@@ -488,10 +488,12 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
     """DPO, a reward model, GRPO (its sampling included) and a classifier in 2 processes on accelerate's FSDP plugin
     (on this CPU too: ayar lifts accelerate's accelerator-only gate, training/sharding.py): the adapter (and score
     head) of the data-parallel run, its held-out measurement before training, and checkpoints split a part per
-    rank; with rank 0 alone reading the weights (DPO, reward) and with every process reading them."""
-    # DPO and the reward model from a file in bfloat16 (converted as it loads: rank 0 alone reads it), the others
-    # from one in float32 (every process maps it)
-    model = _stored_in_bf16(tiny_model_dir, tmp_path / "bf16") if stage in ("dpo", "reward") else tiny_model_dir
+    rank; with rank 0 alone reading the weights (DPO, reward, the classifier) and with every process reading them
+    (GRPO)."""
+    # from a file in bfloat16 (converted as it loads: rank 0 alone reads it; the classifier's adapter is made on the
+    # others' empty model, models/adapters.py), GRPO from one in float32 (every process maps it)
+    rank0 = stage in ("dpo", "reward", "classification")
+    model = _stored_in_bf16(tiny_model_dir, tmp_path / "bf16") if rank0 else tiny_model_dir
     common = [*_stage_args(stage, tmp_path, model), "training.max_steps=3"]
     for name, extra in {"ddp": [], "fsdp": ["distributed.strategy=fsdp", "training.save_steps=3"]}.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
@@ -505,7 +507,7 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
     meta, ref_meta = (json.loads((tmp_path / n / "run.json").read_text()) for n in ("fsdp", "ddp"))
     assert meta["plan"]["strategy"] == "fsdp" and meta["status"] == "completed"
     assert len(meta["peak_rss_mb_per_rank"]) == 2 and min(meta["peak_rss_mb_per_rank"]) > 0
-    assert meta["plan"]["loading"] == ("rank0" if stage in ("dpo", "reward") else "every_rank")
+    assert meta["plan"]["loading"] == ("rank0" if rank0 else "every_rank")
     if stage != "dpo":
         assert meta["before"] and meta["before"].keys() == ref_meta["before"].keys()
         assert meta["before"] == pytest.approx(ref_meta["before"], rel=1e-4)
