@@ -73,16 +73,12 @@ def _stand_in(model) -> dict:
     the same order). Returns {id(stand-in): the empty weight} for `_empty_again`; tied weights share one."""
     import torch
 
-    made, originals = {}, {}
-    for module in model.modules():
-        for key, p in module._parameters.items():
-            if p is not None and p.is_meta:
-                if id(p) not in made:
-                    values = torch.zeros((), dtype=p.dtype).expand(p.shape)
-                    made[id(p)] = torch.nn.Parameter(values, requires_grad=p.requires_grad)
-                    originals[id(made[id(p)])] = p
-                module._parameters[key] = made[id(p)]
-    return originals
+    from ayar.models.load import replace_empty
+
+    def stand_in(p):
+        return torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=p.requires_grad)
+
+    return replace_empty(model, stand_in)
 
 
 def _empty_again(model, originals: dict, empty: set) -> None:

@@ -109,6 +109,21 @@ def empty_model(
     return model
 
 
+def replace_empty(model, make, where=lambda p: True) -> dict:
+    """Each parameter of `model` on the meta device (that `where` picks) replaced in its module by `make(p)`; a weight
+    two modules share (tied embeddings) gets one replacement, still shared. Returns {id(replacement): the empty
+    parameter it replaced}."""
+    made, replaced = {}, {}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and p.is_meta and where(p):
+                if id(p) not in made:
+                    made[id(p)] = make(p)
+                    replaced[id(made[id(p)])] = p
+                module._parameters[key] = made[id(p)]
+    return replaced
+
+
 def starting_point(name: str) -> tuple[str, list[str]]:
     """`model.name` -> (base model, adapters merged into it, in order). An ayar run directory stands for its
     own starting point plus its adapter, so a stage can continue from an earlier run (DPO after SFT)."""

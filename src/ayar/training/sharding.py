@@ -85,18 +85,18 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     classes = tuple(layer_classes(model))
     units = [m for m in model.modules() if isinstance(m, classes)]
     # what rank 0 sends, kept until the parts are handed out: its whole weights, or all but those in the files
-    whole = {k: v for k, v in model.state_dict().items() if not v.is_meta} if rank == 0 else {}
-    in_files = [name for name, p in model.named_parameters() if p.is_meta] if parts_from else []
+    # (named as in the root unit below)
+    whole = {f"model.{k}": v for k, v in model.state_dict().items() if not v.is_meta} if rank == 0 else {}
+    in_files = [f"model.{name}" for name, p in model.named_parameters() if p.is_meta] if parts_from else []
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=offload)
     root = fully_shard(Sharded(model), mesh=mesh, offload_policy=offload)
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
-    whole = {f"model.{k}": v for k, v in whole.items()}
     _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not parts_from)
     if parts_from:
-        _read_parts(root, parts_from, [f"model.{name}" for name in in_files])
+        _read_parts(root, parts_from, in_files)
     return root
 
 
@@ -206,13 +206,9 @@ def trainable_in_memory(model) -> None:
     it trains (LoRA, a score head): accelerate matches the optimizer's parameters to their split parts by memory
     address, and every meta tensor has address 0, so all would be matched to one part. The values come from rank 0
     as the model is split; the frozen weights stay empty."""
-    made: dict[int, torch.nn.Parameter] = {}  # a weight shared by two modules (tied) stays shared
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.is_meta and p.requires_grad:
-                if id(p) not in made:
-                    made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"))
-                module._parameters[name] = made[id(p)]
+    from ayar.models.load import replace_empty
+
+    replace_empty(model, lambda p: torch.nn.Parameter(torch.empty_like(p, device="cpu")), lambda p: p.requires_grad)
 
 
 @contextmanager
