@@ -114,20 +114,28 @@ def load_trained_state(model, state: dict) -> None:
 BEST = "best"  # the best adapter so far (early stopping), beside the checkpoints: a resumed run keeps it
 
 
-def save_best(ckpt_root: Path, state: dict, step: int) -> None:
+def save_best(ckpt_root: Path, step: int, state: dict | None = None, shards: Callable[[Path], None] | None = None):
+    """The best adapter (or model) so far: `state` whole, or `shards(folder)` writing it split (FSDP)."""
     with atomic_directory(ckpt_root / BEST, fsync=True) as tmp:
-        save_file(state, tmp / "adapter.safetensors")
+        if shards is not None:
+            shards(tmp)
+        else:
+            save_file(state, tmp / "adapter.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
 
 
-def load_best(ckpt_root: Path, step: int | None) -> dict | None:
-    """The saved best adapter, if it is the one of `step` (the best step a resumed checkpoint recorded)."""
+def best_of(ckpt_root: Path, step: int | None) -> Path | None:
+    """The folder of the saved best, if it is the one of `step` (the best step a resumed checkpoint recorded)."""
     folder = ckpt_root / BEST
     if step is None or not (folder / "state.json").is_file():
         return None
-    if json.loads((folder / "state.json").read_text()).get("step") != step:
-        return None
-    return load_file(folder / "adapter.safetensors")
+    return folder if json.loads((folder / "state.json").read_text()).get("step") == step else None
+
+
+def load_best(ckpt_root: Path, step: int | None) -> dict | None:
+    """The saved best adapter (written whole), if it is the one of `step`."""
+    folder = best_of(ckpt_root, step)
+    return load_file(folder / "adapter.safetensors") if folder and (folder / "adapter.safetensors").is_file() else None
 
 
 def remove_stale_temp(ckpt_root: Path) -> None:

@@ -49,8 +49,8 @@ class LoopState:
 class LoopResult:
     state: LoopState
     total_steps: int
-    best_adapter: dict | None
-    trained_state: dict | None = None  # FSDP: the trained weights gathered whole (rank 0), to save
+    kept_best: bool = False  # early stopping: the best weights put back (an earlier step's than the last)
+    root: object | None = None  # FSDP: the split model (training/sharding.py), which saves it
 
 
 class BatchOrder:
@@ -162,7 +162,7 @@ def run_loop(
         )
         state = continue_with(state, tcfg.batch_size, world.size)
         state.stopped = False  # the checkpoint of a stopped run says it stopped; resuming goes on
-        if tcfg.early_stopping_patience:
+        if tcfg.early_stopping_patience and root is None:  # FSDP's stays on disk (`_keep_best`)
             best_adapter = ckpt.load_best(ckpt_root, state.best_step)
     device, packed, fused, per_pass = plan.device, plan.layout.packed, plan.layout.fused, plan.layout.per_pass
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
@@ -232,9 +232,7 @@ def run_loop(
             if state.best_eval is None or eval_loss < state.best_eval:
                 state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
                 if tcfg.early_stopping_patience:
-                    best_adapter = sharding.trained_state(root) if root is not None else _adapter_copy(model)
-                    if world.main:
-                        ckpt.save_best(ckpt_root, best_adapter, state.step)
+                    best_adapter = _keep_best(world, ckpt_root, state.step, model, root)
             else:
                 state.bad_evals += 1
                 if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:
@@ -253,8 +251,16 @@ def run_loop(
     _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit, root)
     if fused:
         fused_decoder.release(model)
-    whole = sharding.trained_state(root) if root is not None and not state.stopped else None
-    return LoopResult(state, total, best_adapter, whole)
+    kept_best = False
+    if tcfg.early_stopping_patience and not state.stopped and state.best_step not in (None, state.step):
+        best = ckpt.best_of(ckpt_root, state.best_step)
+        if root is not None and best is not None and (best / ckpt.SHARDS).is_dir():
+            sharding.restore_best(best, root)
+            kept_best = True
+        elif best_adapter is not None:
+            ckpt.load_trained_state(model, best_adapter)
+            kept_best = True
+    return LoopResult(state, total, kept_best, root)
 
 
 def continue_with(state: LoopState, batch_size: int, world_size: int) -> LoopState:
@@ -296,6 +302,26 @@ def _checkpoint(world: World, folder, state: LoopState, model, optimizer, schedu
     elif shards is not None:
         shards(None)
     dist.barrier(world)
+
+
+def _keep_best(world: World, folder, step: int, model, root) -> dict | None:
+    """The best weights so far, kept on disk for a resumed run: a copy in memory, saved by rank 0 (returned); under
+    FSDP each rank writes its parts into the folder rank 0 makes, and nothing is held in memory or gathered."""
+    if root is None:
+        best = _adapter_copy(model)
+        if world.main:
+            ckpt.save_best(folder, step, best)
+        return best
+
+    def parts(tmp) -> None:
+        sharding.keep_best(dist.share(world, tmp), root)
+
+    if world.main:
+        ckpt.save_best(folder, step, shards=parts)
+    else:
+        parts(None)
+    dist.barrier(world)
+    return None
 
 
 def _state_dict(state: LoopState) -> dict:

@@ -40,6 +40,7 @@ class RunPlan:
     return_memory: bool = False  # hand freed memory back at once (training/allocator.py)
     loading: str = "rank0"  # under FSDP, who reads the weights: rank0 | every_rank | parts (`weights_loading`)
     parts_from: str | None = None  # `parts`: the model folder each rank reads its own parts of the weights from
+    saving: str = "whole"  # under FSDP, how a full fine-tune is saved: whole (gathered on rank 0) | parts
     memory: MemoryPlan | None = None
 
     @property
@@ -102,7 +103,7 @@ class RunPlan:
             "liger": self.liger,
         }
         if self.strategy == "fsdp":
-            out["loading"] = self.loading
+            out.update(loading=self.loading, saving=self.saving)
         if self.layout is not None:
             out["return_memory"] = self.return_memory
         if self.memory is not None:
@@ -154,7 +155,10 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
     """Under FSDP, which processes read the model's weights (`distributed.loading`): `rank0` alone (it sends the
     others their parts), `every_rank`, or `parts`: each its own parts, from the files (ayar's own loop). `auto`:
     for our own loop `parts` where the model folder's files hold every weight by name (sharding.shard), else
-    `rank0`. For the Trainer stages (accelerate's `cpu_ram_efficient_loading`): `rank0` where loading converts the
+    `rank0`. A full fine-tune loaded by parts is saved by parts too (`saving`, sharding.save_by_parts): the files
+    hold every weight under the model's own names, so the model's names are what a saved folder must hold (where
+    transformers renames weights at load, save_pretrained must undo it: rank 0 gathers and saves it whole).
+    For the Trainer stages (accelerate's `cpu_ram_efficient_loading`): `rank0` where loading converts the
     weights' dtype, as each process would hold a converted copy of the whole model; `every_rank` where the file is
     in the loaded dtype: then the processes map the same file (pages a machine's processes share) and split it in
     place, while accelerate's rank-0 path holds rank 0's whole state dict beside its part (measured:
@@ -167,7 +171,7 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
     if own_loop(cfg) and asked in ("auto", "parts"):
         folder, why_not = _parts_folder(cfg, plan)
         if folder:
-            return {"loading": "parts", "parts_from": folder}
+            return {"loading": "parts", "parts_from": folder, "saving": "parts" if cfg.method == "full" else "whole"}
         if asked == "parts":
             raise AyarError(f"distributed.loading parts: {why_not}; use distributed.loading: rank0")
         return {"loading": "rank0"}

@@ -20,7 +20,7 @@ from ayar.models.adapters import apply_method, parameter_counts, quantization_co
 from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
 from ayar.training import checkpoint as ckpt
-from ayar.training import distributed
+from ayar.training import distributed, sharding
 from ayar.training.allocator import tune_allocator
 from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
 from ayar.training.plan import decide
@@ -136,21 +136,24 @@ def train_sft(
         r.finish_stopped(s.step, result.total_steps)
         distributed.stop(world)
         return run
-    rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
-    whole = result.trained_state  # FSDP: the trained weights gathered whole on rank 0 (the model stays split)
-    if result.best_adapter is not None and s.best_step != s.step:
-        if whole is not None:
-            whole = result.best_adapter
-        else:
-            ckpt.load_trained_state(model, result.best_adapter)
+    if result.kept_best:
         say(
             f"keeping the best {'model' if cfg.method == 'full' else 'adapter'} (step {s.best_step}, eval loss "
             f"{s.best_eval:.4f})"
         )
+    whole = None
+    if result.root is not None and plan.saving == "parts":  # FSDP: each process writes its parts of the model
+        sharding.save_by_parts(result.root, model, run.full_model, world)
+    elif result.root is not None:  # FSDP: the trained weights gathered whole on rank 0 (the model stays split)
+        whole = sharding.trained_state(result.root)
+    rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
     if not world.main:
         distributed.stop(world)
         return run
-    r.save(model, tok, init_dir, whole)
+    if plan.saving == "parts":
+        tok.save_pretrained(run.full_model)
+    else:
+        r.save(model, tok, init_dir, whole)
     meta = r.finish(
         _run_readme,
         steps=s.step,

@@ -11,8 +11,9 @@ reduce-scatters of plain sums (gloo has no pre-scaled sum), once per optimizer s
 skip the sync.
 
 Checkpoints are sharded (torch.distributed.checkpoint): every rank writes its own part of the trained weights and
-optimizer states into the checkpoint folder; at the end the trained weights are gathered whole on rank 0 and saved
-as a plain adapter or model.
+optimizer states into the checkpoint folder, and so is the best model early stopping keeps. At the end an adapter
+is gathered whole on rank 0 and saved as a plain one; a full fine-tune is saved by parts where the plan says so
+(`save_by_parts`: each rank writes its parts, rank 0 joins the files a weight at a time), else gathered on rank 0.
 
 The Trainer-based stages (DPO family, reward, GRPO, classification) run on accelerate's FSDP plugin (FSDP2, the
 same units: accelerate's transformer auto-wrap), asked for through TrainingArguments (`trainer_args`); their
@@ -178,8 +179,109 @@ def trained_state(root) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    state = get_model_state_dict(root, options=opts)
+    state = _named_once(root, get_model_state_dict(root, options=opts))
     return {k.removeprefix("model."): v for k, v in state.items()} if isinstance(root, Sharded) else state
+
+
+def _named_once(root, state: dict) -> dict:
+    """`state` without the second names of tied weights (a head tied to the embeddings): gathered, each name is a
+    copy of its own, which save_pretrained would write twice; the first name is the one it keeps."""
+    aliases = {n for n, _ in root.named_parameters(remove_duplicate=False)} - {n for n, _ in root.named_parameters()}
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+# save_pretrained's default largest file: a model under it is saved as one model.safetensors, as transformers does
+MAX_FILE_BYTES = 50 * 1024**3
+
+
+def save_by_parts(root: Sharded, model, out: Path, world) -> None:
+    """A full fine-tune split by FSDP saved where transformers loads it, without any process holding it whole
+    (collective): every rank writes its parts of each weight (torch.distributed.checkpoint's Hugging Face writer),
+    then rank 0 joins them into the final safetensors files one weight at a time (torch's consolidation) and writes
+    the config as save_pretrained does, all in a temp folder renamed into place. Weights under the model's own
+    names, a tied weight once (under its first name, as save_pretrained keeps it); the plan saves by parts only
+    where those are the names the files hold (plan.weights_loading)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ayar.fsutil import atomic_directory
+    from ayar.training import distributed
+
+    state = _named_once(root, get_model_state_dict(root, options=StateDictOptions()))  # each rank's parts (DTensors)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    files = _file_of(state, MAX_FILE_BYTES)
+
+    def write(tmp) -> None:
+        where = distributed.share(world, str(tmp) if tmp is not None else None)
+        writer = HuggingFaceStorageWriter(
+            where, fqn_to_index_mapping=files, save_distributed=True, enable_consolidation=True
+        )
+        save(state, storage_writer=writer)
+
+    if not world.main:
+        write(None)
+        distributed.barrier(world)
+        return
+    with atomic_directory(Path(out), fsync=True) as tmp:
+        write(tmp)
+        _as_save_pretrained_writes(tmp, model)
+    distributed.barrier(world)
+
+
+def _file_of(state: dict, limit: int) -> dict[str, int]:
+    """Which file (1..N) each weight goes to, in order, a new file when one would pass `limit` bytes."""
+    out, index, size = {}, 1, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > limit:
+            index, size = index + 1, 0
+        out[name], size = index, size + nbytes
+    return out
+
+
+def _as_save_pretrained_writes(folder: Path, model) -> None:
+    """The folder torch's writer made, as save_pretrained leaves one: one file named model.safetensors (several keep
+    their model-0000i-of-0000N names and index, which are transformers' own), no per-rank parts; the config with the
+    saved dtype and architecture, the generation config (transformers' save_distributed_checkpoint does the same)."""
+    import shutil
+
+    shutil.rmtree(folder / "sharded")
+    made = sorted(folder.glob("model-*-of-*.safetensors"))
+    if len(made) == 1:
+        made[0].rename(folder / "model.safetensors")
+        (folder / "model.safetensors.index.json").unlink()
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
+    if model.is_remote_code():
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, str(folder), config=model.config)
+    model.config.save_pretrained(str(folder))
+    if model.can_generate():
+        model.generation_config.save_pretrained(str(folder))
+
+
+def keep_best(folder: Path, root: Sharded) -> None:
+    """The trained weights as they are now, each rank its parts, into `folder`/sharded (collective): the best model
+    so far under FSDP, kept on disk rather than gathered (`restore_best` puts it back)."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    save(
+        get_model_state_dict(root, options=StateDictOptions(ignore_frozen_params=True)),
+        checkpoint_id=str(folder / SHARDS),
+    )
+
+
+def restore_best(folder: Path, root: Sharded) -> None:
+    """The trained weights `keep_best` wrote, back into the split model, each rank its parts (collective)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=True)
+    state = get_model_state_dict(root, options=opts)
+    load(state, checkpoint_id=str(folder / SHARDS))
+    set_model_state_dict(root, state, options=opts)
 
 
 def trainer_args(dcfg, rank0_loading: bool) -> dict:

@@ -342,6 +342,80 @@ def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path
             assert torch.equal(adapter[k], v), k
 
 
+def _full_run(rank: int, model_dir: str, data: str, port: int, out: str, loading: str, file_bytes: int) -> None:
+    """One of two processes of a full fine-tune under FSDP that stops early (its eval loss made to rise after the
+    first evaluation), as a launcher would start it; each records the whole weights at every evaluation."""
+    from ayar.training import loop, sharding
+    from ayar.training.sft import train_sft
+    from tests.helpers import run_config
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AYAR_HOME=f"{out}/home{rank}")
+    sharding.MAX_FILE_BYTES = file_bytes
+    real, seen = loop.evaluate, []
+
+    def rising(model, *args):
+        seen.append({k: p.full_tensor().clone() for k, p in model.named_parameters()})
+        return real(model, *args) + len(seen) - 1
+
+    loop.evaluate = rising
+    cfg = run_config(
+        model_dir, data, out, "method=full", "distributed.strategy=fsdp", f"distributed.loading={loading}",
+        f"output.path={out}/{loading}-{file_bytes}", "data.val_ratio=0.25", "data.lint=warn", "training.batch_size=2",
+        "training.max_steps=10", "training.eval_steps=1", "training.early_stopping_patience=2",
+        "training.learning_rate=1e-3", "training.warmup_ratio=0", "training.threads=1",
+    )  # fmt: skip
+    train_sft(cfg)
+    torch.save(seen, f"{out}/{loading}-{file_bytes}-seen{rank}.pt")
+
+
+def test_a_full_fine_tune_under_fsdp_is_saved_by_parts(tmp_path):
+    """A full fine-tune loaded by parts is saved by parts: each process writes its parts of every weight and rank 0
+    joins them into the final files, one weight at a time; the best model (early stopping) is kept on disk by parts
+    and put back. The folder holds what rank 0 saving the gathered model holds: the same weights (the best step's,
+    the tied head once), config and files; split into several files, transformers' index names them; both load."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
+    big = 1 << 40
+    for loading, file_bytes in (("rank0", big), ("parts", big), ("parts", 20_000)):
+        args = (str(model_dir), str(data), free_port(), str(tmp_path), loading, file_bytes)
+        torch.multiprocessing.spawn(_full_run, args=args, nprocs=2)
+    whole, parts, files = (tmp_path / f"{name}" for name in ("rank0-1099511627776", f"parts-{big}", "parts-20000"))
+    for run in (whole, parts, files):
+        meta = json.loads((run / "run.json").read_text())
+        assert meta["stopped_early"] and meta["steps"] == 3 and meta["best_step"] == 1, meta
+        assert meta["plan"]["saving"] == ("whole" if run == whole else "parts")
+        assert sorted(p.name for p in (run / "checkpoints" / "best" / "sharded").glob("*.distcp")) == [
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
+    seen = [torch.load(tmp_path / f"parts-{big}-seen{r}.pt") for r in (0, 1)]
+    assert len(seen[0]) == 3 and all(torch.equal(seen[0][0][k], seen[1][0][k]) for k in seen[0][0])
+    best = seen[0][0]  # the weights at the first evaluation (step 1), not those of step 3
+    assert any(not torch.equal(best[k], seen[0][-1][k]) for k in best)
+    assert "lm_head.weight" not in best  # tied: named once
+    expected = load_file(whole / "model" / "model.safetensors")
+    assert expected.keys() == best.keys()
+    assert all(torch.equal(expected[k], best[k]) for k in best)
+    assert sorted(p.name for p in (parts / "model").iterdir()) == sorted(p.name for p in (whole / "model").iterdir())
+    got = load_file(parts / "model" / "model.safetensors")
+    assert got.keys() == best.keys() and all(torch.equal(got[k], best[k]) for k in best)
+    config = json.loads((whole / "model" / "config.json").read_text())
+    assert json.loads((parts / "model" / "config.json").read_text()) == config
+    assert config["dtype"] == "float32" and config["architectures"] == ["LlamaForCausalLM"]
+    index = json.loads((files / "model" / "model.safetensors.index.json").read_text())
+    names = sorted(set(index["weight_map"].values()))
+    assert len(names) > 2 and sorted(p.name for p in (files / "model").glob("*.safetensors")) == names
+    assert sorted(index["weight_map"]) == sorted(best)
+    assert not (files / "model" / "sharded").exists()
+    for run in (parts, files):
+        model = AutoModelForCausalLM.from_pretrained(run / "model")
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert all(torch.equal(p, best[k]) for k, p in model.named_parameters())
+
+
 def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path, monkeypatch):
     """strategy fsdp for a Trainer stage: TrainingArguments carry accelerate's FSDP plugin arguments (FSDP2, a unit
     per decoder layer, sharded checkpoints, offload when asked, rank 0's weights sent to the others), which
