@@ -5,10 +5,14 @@ outweighs what each of 2 processes holds while training, stored twice: in fp32 (
 (converted to fp32 as it loads, on a CPU without bf16). Each file is trained (2 steps, 1 row of 128 tokens per
 process, FSDP, 2 processes x 1 thread, memory returned at once) with each loading in turn; run.json records each
 rank's peak RSS. `--stage dpo` (a Trainer stage, `examples/dpo.yaml`): rank0 against every_rank. `--stage sft`
-(ayar's own loop, `examples/quickstart.yaml`, LoRA; `--method full` too): rank0 against parts.
+(ayar's own loop, `examples/quickstart.yaml`, LoRA; `--method full` too): rank0 against parts (a full fine-tune
+loaded by parts is saved by parts too; loaded by rank 0, it is gathered on rank 0 and saved whole). `--nproc 4`:
+4 processes x 1 thread (on 2 cores: the seconds are not comparable then, the peaks are).
 
     .venv/bin/python benchmarks/fsdp_loading.py [--stage dpo] [--rounds 1] [--out benchmarks/results-fsdp-loading.json]
     .venv/bin/python benchmarks/fsdp_loading.py --stage sft --out benchmarks/results-fsdp-parts.json
+    .venv/bin/python benchmarks/fsdp_loading.py --stage sft --methods full --nproc 4 \
+        --out benchmarks/results-fsdp-save.json
 
 Needs the default model converted once (any `ayar train` with `model.name: default` does it).
 """
@@ -62,12 +66,12 @@ LOADINGS = {"dpo": ("every_rank", "rank0"), "sft": ("rank0", "parts")}
 CONFIGS = {"dpo": "dpo.yaml", "sft": "quickstart.yaml"}
 
 
-def train(model: Path, loading: str, out: Path, stage: str = "dpo", method: str = "lora") -> dict:
+def train(model: Path, loading: str, out: Path, stage: str = "dpo", method: str = "lora", nproc: int = 2) -> dict:
     cmd = [sys.executable, "-m", "ayar", "train", str(ROOT / "examples" / CONFIGS[stage]), f"model.name={model}",
            f"method={method}", "model.dtype=float32", "distributed.strategy=fsdp", f"distributed.loading={loading}",
            "training.max_steps=2", "training.eval_steps=0", "data.val_ratio=0.02", "training.tracker=none",
            "training.threads=1", "training.batch_size=1", "data.max_length=128", "training.return_memory=true",
-           f"output.path={out}", "--nproc", "2"]  # fmt: skip
+           f"output.path={out}", "--nproc", str(nproc)]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start  # the whole command: start-up, loading, 2 steps, saving
@@ -76,6 +80,7 @@ def train(model: Path, loading: str, out: Path, stage: str = "dpo", method: str 
         "command_seconds": round(seconds, 1),
         "peak_rss_mb_per_rank": meta["peak_rss_mb_per_rank"],
         "loading": meta["plan"]["loading"],
+        "saving": meta["plan"].get("saving"),
         "final_loss": meta["final_loss"],
         "train_seconds": meta["train_seconds"],
     }
@@ -96,6 +101,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--stage", choices=sorted(LOADINGS), default="dpo")
     ap.add_argument("--methods", default="lora", help="comma-separated, e.g. lora,full (--stage sft)")
+    ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results-fsdp-loading.json"))
     args = ap.parse_args()
     results = {"machine": machine(), "runs": []}
@@ -106,8 +112,9 @@ def main() -> None:
                 for stored, path in models.items():
                     for loading in LOADINGS[args.stage]:
                         out = Path(tmp) / f"run-{method}-{stored}-{loading}-{r}"
-                        got = train(path, loading, out, args.stage, method)
-                        row = {"stage": args.stage, "method": method, "stored": stored, "round": r + 1, **got}
+                        got = train(path, loading, out, args.stage, method, args.nproc)
+                        row = {"stage": args.stage, "method": method, "stored": stored, "nproc": args.nproc,
+                               "round": r + 1, **got}  # fmt: skip
                         results["runs"].append(row)
                         print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
