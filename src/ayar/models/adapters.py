@@ -65,6 +65,40 @@ def base_name(name: str) -> str:
     return name
 
 
+def dora_layers(model) -> list[tuple]:
+    """(layer, adapter name) of each DoRA magnitude vector in `model`."""
+    return [(m, name) for m in model.modules() for name in getattr(m, "lora_magnitude_vector", {})]
+
+
+def dora_by_rows(model) -> str | None:
+    """Why DoRA's magnitudes cannot be computed from output rows alone (None where they can): each is the norm of
+    an output row of its base weight, for a linear layer stored output-first; a layer stored transposed (Conv1D,
+    `fan_in_fan_out`), a convolution or an embedding is named."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    for layer, name in dora_layers(model):
+        # peft's DoRA for embeddings and convolutions subclass the linear one
+        if type(layer.lora_magnitude_vector[name]) is not DoraLinearLayer or getattr(layer, "fan_in_fan_out", False):
+            return f"DoRA on {type(layer.get_base_layer()).__name__} layers needs their whole weights"
+    return None
+
+
+def init_dora_magnitudes(model, rows, whole) -> None:
+    """DoRA's magnitude vectors as peft computes them when it makes the adapter (each output row's norm of the base
+    weight plus the scaled initial LoRA product, peft's own `get_weight_norm`), for a model whose base weights were
+    read after peft wrapped it: each FSDP process reads its parts (training/sharding.py). The output rows of a
+    weight and of its magnitude are split alike, so each process computes its own from `rows(t)` (its rows of t);
+    `whole(t)`: t whole (LoRA's A, split by its rank dimension)."""
+    import torch
+
+    with torch.no_grad():
+        for layer, name in dora_layers(model):
+            a, b = whole(layer.lora_A[name].weight), rows(layer.lora_B[name].weight)
+            magnitude = layer.lora_magnitude_vector[name]
+            norm = magnitude.get_weight_norm(rows(layer.get_base_layer().weight), b @ a, layer.scaling[name])
+            rows(magnitude.weight).copy_(norm)
+
+
 def _stand_in(model) -> dict:
     """peft makes each adapter where its base layer's weight is: on a model built empty (the meta device: FSDP's
     processes that read no weights, training/sharding.py) the adapter would be empty too and its initial values

@@ -157,7 +157,8 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
     for our own loop `parts` where the model folder's files hold every weight by name (sharding.shard), else
     `rank0`. A full fine-tune loaded by parts is saved by parts too (`saving`, sharding.save_by_parts): the files
     hold every weight under the model's own names, so the model's names are what a saved folder must hold (where
-    transformers renames weights at load, save_pretrained must undo it: rank 0 gathers and saves it whole).
+    transformers renames weights at load, save_pretrained must undo it: rank 0 gathers and saves it whole). DoRA's
+    magnitudes are computed by each process from its rows (models/adapters.py `init_dora_magnitudes`).
     For the Trainer stages (accelerate's `cpu_ram_efficient_loading`): `rank0` where loading converts the
     weights' dtype, as each process would hold a converted copy of the whole model; `every_rank` where the file is
     in the loaded dtype: then the processes map the same file (pages a machine's processes share) and split it in
@@ -188,12 +189,13 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
 def _parts_folder(cfg, plan: RunPlan) -> tuple[str | None, str]:
     """The model folder each process can read its own parts of the weights from, or None and why not: a local
     folder whose safetensors files hold every weight under the model's own name (an empty model built from its
-    config, checked against the files' headers: no weights read), for a method whose start needs no whole weight
-    (DoRA's magnitudes are computed from them)."""
+    config, checked against the files' headers: no weights read), for a method whose start each process can
+    compute from its parts (DoRA's magnitudes from output rows: its adapter made on the empty model to check)."""
+    from ayar.models.adapters import apply_method, dora_by_rows
     from ayar.models.load import empty_model, model_folder, starting_point
     from ayar.training.sharding import not_in_files
 
-    if cfg.method not in ("lora", "full"):
+    if cfg.method not in ("lora", "dora", "full"):
         return None, f"method {cfg.method} starts from the whole weights"
     base, adapters = starting_point(cfg.model.name)
     folder = model_folder(base)
@@ -204,6 +206,10 @@ def _parts_folder(cfg, plan: RunPlan) -> tuple[str | None, str]:
     missing = not_in_files(model, folder)
     if missing:
         return None, f"the safetensors files in {folder} do not hold {missing[0]} as the model names it"
+    if cfg.method == "dora":
+        why_not = dora_by_rows(apply_method(model, "dora", cfg.lora))
+        if why_not:
+            return None, why_not
     return str(folder), ""
 
 

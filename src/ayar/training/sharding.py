@@ -97,7 +97,10 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
         unit.set_force_sum_reduction_for_comms(True)
     _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not parts_from)
     if parts_from:
+        from ayar.models.adapters import init_dora_magnitudes
+
         _read_parts(root, parts_from, in_files)
+        init_dora_magnitudes(model, rows=lambda t: t.to_local(), whole=lambda t: t.full_tensor())
     return root
 
 

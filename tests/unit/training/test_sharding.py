@@ -61,6 +61,25 @@ def test_fsdp_lora_trains_what_one_process_does(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.distributed
+def test_fsdp_dora_trains_what_one_process_does(tiny_model_dir, tmp_path):
+    """DoRA, batch 4 x 2 processes, each reading its parts of the weights and computing its part of the magnitude
+    vectors, against 8 x 1: the same per-step losses and adapter (magnitudes included) after 10 steps."""
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
+    common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "method=dora", "training.fused=false"]
+    runs = {
+        "one": ["training.batch_size=8"],
+        "fsdp": ["training.batch_size=4", "distributed.strategy=fsdp", "--nproc", "2"],
+    }
+    for name, extra in runs.items():
+        done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "fsdp")
+    assert json.loads((tmp_path / "fsdp" / "run.json").read_text())["plan"]["loading"] == "parts"
+    adapter = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    assert any("magnitude" in k for k in adapter)
+
+
+@pytest.mark.distributed
 def test_fsdp_full_fine_tune_trains_what_one_process_does(tiny_model_dir, tmp_path):
     """method full: every weight split across the ranks (the embeddings and head in the root unit, each decoder
     layer its own); the model saved whole equals the one-process run's."""
@@ -246,10 +265,12 @@ def test_a_run_that_continues_an_earlier_adapter_is_refused_where_weights_are_sp
     assert decide(zero2).strategy == "deepspeed"
 
 
-def _split(rank: int, model_dir: str, port: int, out: str, parts: bool = False, split: str = "full") -> None:
+def _split(
+    rank: int, model_dir: str, port: int, out: str, parts: bool = False, split: str = "full", method: str = "lora"
+) -> None:
     """One of two gloo processes: rank 0 loads the model, rank 1 builds it empty (`parts`: both build it empty and
-    a LoRA adapter is made on it, then each reads its parts of the weights from the files); both split it and
-    compute the loss of one batch through the split model."""
+    an adapter (`method`) is made on it, then each reads its parts of the weights from the files); both split it
+    and compute the loss of one batch through the split model."""
     import torch.distributed as dist
 
     from ayar.config.schema import DistributedConfig, LoraConfig
@@ -265,7 +286,7 @@ def _split(rank: int, model_dir: str, port: int, out: str, parts: bool = False, 
     base = model
     if parts:
         torch.manual_seed(7)
-        model = apply_method(model, "lora", LoraConfig(r=4, dropout=0.0))
+        model = apply_method(model, method, LoraConfig(r=4, dropout=0.0))
     dcfg = DistributedConfig(strategy="fsdp", shard=split)
     root = sharding.shard(model, dcfg, "cpu", 2, rank, model_dir if parts else None)
     with torch.no_grad():
@@ -273,7 +294,8 @@ def _split(rank: int, model_dir: str, port: int, out: str, parts: bool = False, 
     rotary = [b for name, b in base.named_buffers() if name.endswith("inv_freq")]
     tied = base.lm_head.weight is base.model.embed_tokens.weight
     adapter = sharding.trained_state(root) if parts else {}
-    torch.save({"loss": float(loss) / n, "tied": tied, "rotary": rotary, "adapter": adapter}, f"{out}/{split}{rank}.pt")
+    got = {"loss": float(loss) / n, "tied": tied, "rotary": rotary, "adapter": adapter}
+    torch.save(got, f"{out}/{split}{method}{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -296,7 +318,7 @@ def test_the_ranks_but_0_receive_their_parts_of_the_weights(tmp_path):
     with torch.no_grad():
         loss, n = loss_sum(whole, _batch())
     expected = float(loss) / n
-    ranks = [torch.load(tmp_path / f"full{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"fulllora{r}.pt") for r in (0, 1)]
     for got in ranks:
         assert got["loss"] == pytest.approx(expected, rel=1e-6)
         assert got["tied"]
@@ -311,7 +333,8 @@ def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path
     model (the same initial values, though peft would make it empty), and each reads only its parts of the weights
     from the safetensors files (several, stored in bfloat16 and converted to the loaded float32): the loss the whole
     model gives, tied embeddings still tied, the rotary frequencies kept, and the adapter one process makes; split
-    in full and hybrid (a 2-D mesh: replicated across nodes, one here)."""
+    in full and hybrid (a 2-D mesh: replicated across nodes, one here). DoRA too: each process computes its part of
+    the magnitude vectors from its rows of the weights, as peft computes them whole."""
     from ayar.config.schema import LoraConfig
     from ayar.models.adapters import apply_method
     from ayar.models.device import choose_placement
@@ -321,25 +344,28 @@ def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path
     tied = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
     model_dir = _stored_in_bf16(tied, tmp_path / "bf16", max_shard_size="10KB")
     assert len(list(model_dir.glob("*.safetensors"))) > 2
-    for split in ("full", "hybrid"):
-        torch.multiprocessing.spawn(_split, args=(str(model_dir), free_port(), str(tmp_path), True, split), nprocs=2)
-    whole = load_model(str(model_dir), choose_placement("cpu", "float32"))
-    with torch.no_grad():
-        loss, n = loss_sum(whole, _batch())
-    rotary = whole.model.rotary_emb.inv_freq.clone()
-    torch.manual_seed(7)
-    one = apply_method(whole, "lora", LoraConfig(r=4, dropout=0.0))
-    expected = {k: v for k, v in one.state_dict().items() if "lora_" in k}
-    ranks = [torch.load(tmp_path / f"{split}{r}.pt") for split in ("full", "hybrid") for r in (0, 1)]
-    for got in ranks:
-        assert got["loss"] == pytest.approx(float(loss) / n, rel=1e-6)
-        assert got["tied"] and len(got["rotary"]) >= 1
-        assert torch.equal(got["rotary"][0], rotary)
-    for got in (ranks[0], ranks[2]):  # rank 0's, gathered whole
-        adapter = {k: v for k, v in got["adapter"].items() if "lora_" in k}
+    runs = [("full", "lora"), ("hybrid", "lora"), ("full", "dora")]
+    for split, method in runs:
+        args = (str(model_dir), free_port(), str(tmp_path), True, split, method)
+        torch.multiprocessing.spawn(_split, args=args, nprocs=2)
+    for split, method in runs:
+        whole = load_model(str(model_dir), choose_placement("cpu", "float32"))
+        rotary = whole.model.rotary_emb.inv_freq.clone()
+        torch.manual_seed(7)
+        one = apply_method(whole, method, LoraConfig(r=4, dropout=0.0))
+        with torch.no_grad():
+            loss, n = loss_sum(one, _batch())  # LoRA's B starts at zero: the base model's loss
+        expected = {k: v for k, v in one.state_dict().items() if "lora_" in k}
+        assert any("magnitude" in k for k in expected) == (method == "dora")
+        ranks = [torch.load(tmp_path / f"{split}{method}{r}.pt") for r in (0, 1)]
+        for got in ranks:
+            assert got["loss"] == pytest.approx(float(loss) / n, rel=1e-6)
+            assert got["tied"] and len(got["rotary"]) >= 1
+            assert torch.equal(got["rotary"][0], rotary)
+        adapter = {k: v for k, v in ranks[0]["adapter"].items() if "lora_" in k}  # rank 0's, gathered whole
         assert adapter.keys() == expected.keys() and len(expected) > 0
         for k, v in expected.items():
-            assert torch.equal(adapter[k], v), k
+            assert torch.equal(adapter[k], v), (split, method, k)
 
 
 def _full_run(rank: int, model_dir: str, data: str, port: int, out: str, loading: str, file_bytes: int) -> None:
@@ -538,11 +564,19 @@ def test_the_plan_decides_which_processes_read_the_weights(tiny_model_dir, tmp_p
         if stage != "sft":
             args = training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path), plan)
             assert args["fsdp_config"]["cpu_ram_efficient_loading"] is (expected == "rank0")
-    # DoRA's magnitudes are computed from the whole weights
-    assert decide(config("sft", tiny_model_dir, "auto", "method=dora")).loading == "rank0"
+    # DoRA's magnitudes are computed from each process's rows of linear layers; GPT-2's Conv1D stores them transposed
+    import transformers as tf
+
+    gpt2 = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).save_pretrained(
+        gpt2
+    )
+    assert decide(config("sft", tiny_model_dir, "auto", "method=dora")).loading == "parts"
+    assert decide(config("sft", gpt2, "auto", "method=dora")).loading == "rank0"
+    assert decide(config("sft", gpt2, "auto")).loading == "parts"
     refused = [(("sft", short, "parts"), "do not hold model.layers.1.mlp.up_proj.weight"),
                (("sft", missing, "parts"), "not a model folder"),
-               (("sft", tiny_model_dir, "parts", "method=dora"), "method dora starts from the whole weights"),
+               (("sft", gpt2, "parts", "method=dora"), "DoRA on Conv1D layers needs their whole weights"),
                (("dpo", tiny_model_dir, "parts"), "for ayar's own loop")]  # fmt: skip
     for args, message in refused:
         with pytest.raises(AyarError, match=message) as e:
