@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--stage", choices=sorted(LOADINGS), default="dpo")
     ap.add_argument("--methods", default="lora", help="comma-separated, e.g. lora,full (--stage sft)")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--stored", default="float32,bfloat16", help="the files to train from, comma-separated")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results-fsdp-loading.json"))
     args = ap.parse_args()
     results = {"machine": machine(), "runs": []}
@@ -109,7 +110,8 @@ def main() -> None:
         models = make_models(Path(tmp))
         for r in range(args.rounds):
             for method in args.methods.split(","):
-                for stored, path in models.items():
+                for stored in args.stored.split(","):
+                    path = models[stored]
                     for loading in LOADINGS[args.stage]:
                         out = Path(tmp) / f"run-{method}-{stored}-{loading}-{r}"
                         got = train(path, loading, out, args.stage, method, args.nproc)

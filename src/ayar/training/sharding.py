@@ -195,16 +195,21 @@ def _named_once(root, state: dict) -> dict:
 
 # save_pretrained's default largest file: a model under it is saved as one model.safetensors, as transformers does
 MAX_FILE_BYTES = 50 * 1024**3
+# torch's writer holds a process's part of a file twice while it writes it (the tensors' bytes, then the file's):
+# each process writes its parts in files of this many bytes of weights, then rank 0 joins them into the saved files
+CHUNK_BYTES = 512 * 1024**2
 
 
 def save_by_parts(root: Sharded, model, out: Path, world) -> None:
     """A full fine-tune split by FSDP saved where transformers loads it, without any process holding it whole
-    (collective): every rank writes its parts of each weight (torch.distributed.checkpoint's Hugging Face writer),
-    then rank 0 joins them into the final safetensors files one weight at a time (torch's consolidation) and writes
-    the config as save_pretrained does, all in a temp folder renamed into place. Weights under the model's own
-    names, a tied weight once (under its first name, as save_pretrained keeps it); the plan saves by parts only
+    (collective): every rank writes its parts of each weight (torch.distributed.checkpoint's Hugging Face writer,
+    `CHUNK_BYTES` of weights at a time), then rank 0 joins them into the final safetensors files one weight at a
+    time (torch's consolidation, as the writer's own `enable_consolidation` does, with the saved files' split) and
+    writes the config as save_pretrained does, all in a temp folder renamed into place. Weights under the model's
+    own names, a tied weight once (under its first name, as save_pretrained keeps it); the plan saves by parts only
     where those are the names the files hold (plan.weights_loading)."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ayar.fsutil import atomic_directory
@@ -212,13 +217,10 @@ def save_by_parts(root: Sharded, model, out: Path, world) -> None:
 
     state = _named_once(root, get_model_state_dict(root, options=StateDictOptions()))  # each rank's parts (DTensors)
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    files = _file_of(state, MAX_FILE_BYTES)
 
     def write(tmp) -> None:
-        where = distributed.share(world, str(tmp) if tmp is not None else None)
-        writer = HuggingFaceStorageWriter(
-            where, fqn_to_index_mapping=files, save_distributed=True, enable_consolidation=True
-        )
+        where = Path(distributed.share(world, str(tmp) if tmp is not None else None)) / SHARDS
+        writer = HuggingFaceStorageWriter(str(where), _file_of(state, CHUNK_BYTES), save_distributed=True)
         save(state, storage_writer=writer)
 
     if not world.main:
@@ -227,6 +229,7 @@ def save_by_parts(root: Sharded, model, out: Path, world) -> None:
         return
     with atomic_directory(Path(out), fsync=True) as tmp:
         write(tmp)
+        consolidate_safetensors_files(str(tmp / SHARDS), str(tmp), _file_of(state, MAX_FILE_BYTES))
         _as_save_pretrained_writes(tmp, model)
     distributed.barrier(world)
 
@@ -248,7 +251,7 @@ def _as_save_pretrained_writes(folder: Path, model) -> None:
     saved dtype and architecture, the generation config (transformers' save_distributed_checkpoint does the same)."""
     import shutil
 
-    shutil.rmtree(folder / "sharded")
+    shutil.rmtree(folder / SHARDS)
     made = sorted(folder.glob("model-*-of-*.safetensors"))
     if len(made) == 1:
         made[0].rename(folder / "model.safetensors")

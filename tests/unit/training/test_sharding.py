@@ -378,6 +378,7 @@ def _full_run(rank: int, model_dir: str, data: str, port: int, out: str, loading
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AYAR_HOME=f"{out}/home{rank}")
     sharding.MAX_FILE_BYTES = file_bytes
+    sharding.CHUNK_BYTES = min(sharding.CHUNK_BYTES, file_bytes // 3)  # written in other pieces than the files
     real, seen = loop.evaluate, []
 
     def rising(model, *args):
@@ -399,7 +400,8 @@ def test_a_full_fine_tune_under_fsdp_is_saved_by_parts(tmp_path):
     """A full fine-tune loaded by parts is saved by parts: each process writes its parts of every weight and rank 0
     joins them into the final files, one weight at a time; the best model (early stopping) is kept on disk by parts
     and put back. The folder holds what rank 0 saving the gathered model holds: the same weights (the best step's,
-    the tied head once), config and files; split into several files, transformers' index names them; both load."""
+    the tied head once), config and files; split into several files, transformers' index names them (each process
+    having written its parts in pieces other than the files); both load."""
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
