@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 
 @dataclass
@@ -147,6 +149,21 @@ def gather(world: World, value) -> list:
     out = [None] * world.size
     dist.all_gather_object(out, value)
     return out
+
+
+def written_together(world: World, complete: Callable, write: Callable[[Path], None]) -> None:
+    """A folder every process writes its part into (`write(folder)`, collective), which rank 0 makes and completes:
+    `complete(each)` calls `each(tmp)` on its temp folder, inside its atomic save (fsutil.atomic_directory); the
+    others write into that folder; all return once rank 0 has completed it."""
+
+    def each(tmp) -> None:
+        write(Path(share(world, str(tmp) if tmp is not None else None)))
+
+    if world.main:
+        complete(each)
+    else:
+        each(None)
+    barrier(world)
 
 
 def barrier(world: World) -> None:

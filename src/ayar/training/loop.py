@@ -255,7 +255,7 @@ def run_loop(
     if tcfg.early_stopping_patience and not state.stopped and state.best_step not in (None, state.step):
         best = ckpt.best_of(ckpt_root, state.best_step)
         if root is not None and best is not None and (best / ckpt.SHARDS).is_dir():
-            sharding.restore_best(best, root)
+            sharding.load_shards(best, root)
             kept_best = True
         elif best_adapter is not None:
             ckpt.load_trained_state(model, best_adapter)
@@ -291,16 +291,15 @@ def _checkpoint(world: World, folder, state: LoopState, model, optimizer, schedu
     """Rank 0 writes the checkpoint, with every rank's random state (each resumes its own dropout stream). FSDP
     (`root`): every rank writes its shards into the temp folder rank 0 makes, before rank 0 completes it."""
     rng = dist.gather(world, ckpt.rng_state()) if world.active else None
-    shards = None
-    if root is not None:
 
-        def shards(tmp):
-            sharding.save_shards(dist.share(world, tmp), root, optimizer)
-
-    if world.main:
+    def complete(shards=None) -> None:
         ckpt.save_checkpoint(folder, state.step, model, optimizer, scheduler, _state_dict(state), keep, rng, shards)
-    elif shards is not None:
-        shards(None)
+
+    if root is not None:
+        dist.written_together(world, complete, lambda tmp: sharding.save_shards(tmp, root, optimizer))
+        return
+    if world.main:
+        complete()
     dist.barrier(world)
 
 
@@ -312,15 +311,9 @@ def _keep_best(world: World, folder, step: int, model, root) -> dict | None:
         if world.main:
             ckpt.save_best(folder, step, best)
         return best
-
-    def parts(tmp) -> None:
-        sharding.keep_best(dist.share(world, tmp), root)
-
-    if world.main:
-        ckpt.save_best(folder, step, shards=parts)
-    else:
-        parts(None)
-    dist.barrier(world)
+    dist.written_together(
+        world, lambda each: ckpt.save_best(folder, step, shards=each), lambda tmp: sharding.save_shards(tmp, root)
+    )
     return None
 
 

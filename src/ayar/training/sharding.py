@@ -10,10 +10,11 @@ are summed across ranks (the loss is already divided by the global trained-token
 reduce-scatters of plain sums (gloo has no pre-scaled sum), once per optimizer step: the accumulation micro-steps
 skip the sync.
 
-Checkpoints are sharded (torch.distributed.checkpoint): every rank writes its own part of the trained weights and
-optimizer states into the checkpoint folder, and so is the best model early stopping keeps. At the end an adapter
-is gathered whole on rank 0 and saved as a plain one; a full fine-tune is saved by parts where the plan says so
-(`save_by_parts`: each rank writes its parts, rank 0 joins the files a weight at a time), else gathered on rank 0.
+Checkpoints are sharded (torch.distributed.checkpoint, `save_shards`): every rank writes its own part of the trained
+weights and optimizer states into the checkpoint folder, and so is the best model early stopping keeps. At the end
+an adapter is gathered whole on rank 0 and saved as a plain one; a full fine-tune is saved by parts where the plan
+says so (`save_by_parts`: each rank writes its parts, rank 0 joins the files a weight at a time), else gathered on
+rank 0.
 
 The Trainer-based stages (DPO family, reward, GRPO, classification) run on accelerate's FSDP plugin (FSDP2, the
 same units: accelerate's transformer auto-wrap), asked for through TrainingArguments (`trainer_args`); their
@@ -218,20 +219,17 @@ def save_by_parts(root: Sharded, model, out: Path, world) -> None:
     state = _named_once(root, get_model_state_dict(root, options=StateDictOptions()))  # each rank's parts (DTensors)
     state = {k.removeprefix("model."): v for k, v in state.items()}
 
-    def write(tmp) -> None:
-        where = Path(distributed.share(world, str(tmp) if tmp is not None else None)) / SHARDS
-        writer = HuggingFaceStorageWriter(str(where), _file_of(state, CHUNK_BYTES), save_distributed=True)
+    def write(folder: Path) -> None:
+        writer = HuggingFaceStorageWriter(str(folder / SHARDS), _file_of(state, CHUNK_BYTES), save_distributed=True)
         save(state, storage_writer=writer)
 
-    if not world.main:
-        write(None)
-        distributed.barrier(world)
-        return
-    with atomic_directory(Path(out), fsync=True) as tmp:
-        write(tmp)
-        consolidate_safetensors_files(str(tmp / SHARDS), str(tmp), _file_of(state, MAX_FILE_BYTES))
-        _as_save_pretrained_writes(tmp, model)
-    distributed.barrier(world)
+    def complete(each) -> None:  # rank 0
+        with atomic_directory(Path(out), fsync=True) as tmp:
+            each(tmp)
+            consolidate_safetensors_files(str(tmp / SHARDS), str(tmp), _file_of(state, MAX_FILE_BYTES))
+            _as_save_pretrained_writes(tmp, model)
+
+    distributed.written_together(world, complete, write)
 
 
 def _file_of(state: dict, limit: int) -> dict[str, int]:
@@ -265,29 +263,6 @@ def _as_save_pretrained_writes(folder: Path, model) -> None:
     model.config.save_pretrained(str(folder))
     if model.can_generate():
         model.generation_config.save_pretrained(str(folder))
-
-
-def keep_best(folder: Path, root: Sharded) -> None:
-    """The trained weights as they are now, each rank its parts, into `folder`/sharded (collective): the best model
-    so far under FSDP, kept on disk rather than gathered (`restore_best` puts it back)."""
-    from torch.distributed.checkpoint import save
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    save(
-        get_model_state_dict(root, options=StateDictOptions(ignore_frozen_params=True)),
-        checkpoint_id=str(folder / SHARDS),
-    )
-
-
-def restore_best(folder: Path, root: Sharded) -> None:
-    """The trained weights `keep_best` wrote, back into the split model, each rank its parts (collective)."""
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    opts = StateDictOptions(ignore_frozen_params=True)
-    state = get_model_state_dict(root, options=opts)
-    load(state, checkpoint_id=str(folder / SHARDS))
-    set_model_state_dict(root, state, options=opts)
 
 
 def trainer_args(dcfg, rank0_loading: bool) -> dict:
@@ -348,31 +323,34 @@ def accelerate_fsdp_on_cpu(on: bool):
         AcceleratorState.__init__ = make
 
 
-def _state(root: Sharded, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def _state(root: Sharded, optimizer=None) -> dict:
+    """The trained weights (and the optimizer states, with an optimizer) of the split model, each rank its parts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    model_state, optim_state = get_state_dict(root, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    opts = StateDictOptions(ignore_frozen_params=True)
+    if optimizer is None:
+        return {"model": get_model_state_dict(root, options=opts)}
+    model_state, optim_state = get_state_dict(root, optimizer, options=opts)
     return {"model": model_state, "optimizer": optim_state}
 
 
-def save_shards(folder: Path, root: Sharded, optimizer) -> None:
-    """Every rank writes its part of the trained weights and optimizer states into `folder`/sharded (collective)."""
+def save_shards(folder: Path, root: Sharded, optimizer=None) -> None:
+    """Every rank writes its part of the trained weights (and optimizer states) into `folder`/sharded (collective):
+    a checkpoint, or with no optimizer the best model early stopping keeps, rather than gathered."""
     import torch.distributed.checkpoint as dcp
 
     dcp.save(_state(root, optimizer), checkpoint_id=str(Path(folder) / SHARDS))
 
 
-def load_shards(folder: Path, root: Sharded, optimizer) -> None:
-    """The trained weights and optimizer states of a sharded checkpoint, each rank its part (collective)."""
+def load_shards(folder: Path, root: Sharded, optimizer=None) -> None:
+    """The trained weights (and optimizer states) `save_shards` wrote, each rank its part (collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     state = _state(root, optimizer)
     dcp.load(state, checkpoint_id=str(Path(folder) / SHARDS))
-    set_state_dict(
-        root,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(ignore_frozen_params=True, strict=False),
-    )
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    if optimizer is None:
+        set_model_state_dict(root, state["model"], options=opts)
+        return
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=opts)

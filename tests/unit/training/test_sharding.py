@@ -368,8 +368,10 @@ def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path
             assert torch.equal(adapter[k], v), (split, method, k)
 
 
-def _full_run(rank: int, model_dir: str, data: str, port: int, out: str, loading: str, file_bytes: int) -> None:
-    """One of two processes of a full fine-tune under FSDP that stops early (its eval loss made to rise after the
+def _full_run(
+    rank: int, model_dir: str, data: str, port: int, out: str, loading: str, file_bytes: int, method: str = "full"
+) -> None:
+    """One of two processes of a fine-tune (`method`) under FSDP that stops early (its eval loss made to rise after the
     first evaluation), as a launcher would start it; each records the whole weights at every evaluation."""
     from ayar.training import loop, sharding
     from ayar.training.sft import train_sft
@@ -387,13 +389,14 @@ def _full_run(rank: int, model_dir: str, data: str, port: int, out: str, loading
 
     loop.evaluate = rising
     cfg = run_config(
-        model_dir, data, out, "method=full", "distributed.strategy=fsdp", f"distributed.loading={loading}",
-        f"output.path={out}/{loading}-{file_bytes}", "data.val_ratio=0.25", "data.lint=warn", "training.batch_size=2",
+        model_dir, data, out, f"method={method}", "distributed.strategy=fsdp", f"distributed.loading={loading}",
+        f"output.path={out}/{method}-{loading}-{file_bytes}", "data.val_ratio=0.25", "data.lint=warn",
+        "training.batch_size=2",
         "training.max_steps=10", "training.eval_steps=1", "training.early_stopping_patience=2",
         "training.learning_rate=1e-3", "training.warmup_ratio=0", "training.threads=1",
     )  # fmt: skip
     train_sft(cfg)
-    torch.save(seen, f"{out}/{loading}-{file_bytes}-seen{rank}.pt")
+    torch.save(seen, f"{out}/{method}-{loading}-{file_bytes}-seen{rank}.pt")
 
 
 def test_a_full_fine_tune_under_fsdp_is_saved_by_parts(tmp_path):
@@ -410,7 +413,7 @@ def test_a_full_fine_tune_under_fsdp_is_saved_by_parts(tmp_path):
     for loading, file_bytes in (("rank0", big), ("parts", big), ("parts", 20_000)):
         args = (str(model_dir), str(data), free_port(), str(tmp_path), loading, file_bytes)
         torch.multiprocessing.spawn(_full_run, args=args, nprocs=2)
-    whole, parts, files = (tmp_path / f"{name}" for name in ("rank0-1099511627776", f"parts-{big}", "parts-20000"))
+    whole, parts, files = (tmp_path / f"full-{name}" for name in (f"rank0-{big}", f"parts-{big}", "parts-20000"))
     for run in (whole, parts, files):
         meta = json.loads((run / "run.json").read_text())
         assert meta["stopped_early"] and meta["steps"] == 3 and meta["best_step"] == 1, meta
@@ -419,7 +422,7 @@ def test_a_full_fine_tune_under_fsdp_is_saved_by_parts(tmp_path):
             "__0_0.distcp",
             "__1_0.distcp",
         ]
-    seen = [torch.load(tmp_path / f"parts-{big}-seen{r}.pt") for r in (0, 1)]
+    seen = [torch.load(tmp_path / f"full-parts-{big}-seen{r}.pt") for r in (0, 1)]
     assert len(seen[0]) == 3 and all(torch.equal(seen[0][0][k], seen[1][0][k]) for k in seen[0][0])
     best = seen[0][0]  # the weights at the first evaluation (step 1), not those of step 3
     assert any(not torch.equal(best[k], seen[0][-1][k]) for k in best)
@@ -442,6 +445,26 @@ def test_a_full_fine_tune_under_fsdp_is_saved_by_parts(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(run / "model")
         assert model.lm_head.weight is model.model.embed_tokens.weight
         assert all(torch.equal(p, best[k]) for k, p in model.named_parameters())
+
+
+def test_under_fsdp_early_stopping_keeps_the_best_adapter_by_parts(tmp_path):
+    """LoRA under FSDP: the best adapter (step 1's) is kept on disk, each process its part, and put back before the
+    adapter is gathered and saved; training had moved on since."""
+    model_dir = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
+    args = (str(model_dir), str(data), free_port(), str(tmp_path), "parts", 1 << 40, "lora")
+    torch.multiprocessing.spawn(_full_run, args=args, nprocs=2)
+    run = tmp_path / f"lora-parts-{1 << 40}"
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["stopped_early"] and meta["steps"] == 3 and meta["best_step"] == 1, meta
+    assert (run / "checkpoints" / "best" / "sharded").is_dir()
+    seen = torch.load(tmp_path / f"lora-parts-{1 << 40}-seen0.pt")
+    best = {k.replace(".default", ""): v for k, v in seen[0].items() if "lora_" in k}
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == best.keys() and len(best) > 0
+    assert all(torch.equal(saved[k], best[k]) for k in best)
+    last = {k.replace(".default", ""): v for k, v in seen[-1].items() if "lora_" in k}
+    assert any(not torch.equal(best[k], last[k]) for k in best)
 
 
 def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path, monkeypatch):
