@@ -264,9 +264,9 @@ class DistributedConfig:
         "`ddp`: every process holds the whole model and the gradients are summed once per optimizer step. `fsdp`: "
         "torch's FSDP2 (`fully_shard`; the TRL stages through accelerate's FSDP plugin), weights, gradients and "
         "optimizer states split across the processes, each decoder layer gathered whole only while it computes; "
-        "checkpoints sharded (torch.distributed.checkpoint). `deepspeed`: ZeRO (stage `zero_stage`) through "
-        "accelerate's DeepSpeed plugin, for the TRL stages (`ayar train` writes the DeepSpeed config; see "
-        "docs/training.md).",
+        "checkpoints sharded (torch.distributed.checkpoint). `deepspeed`: ZeRO (stage `zero_stage`; `ayar train` "
+        "writes the DeepSpeed config): ayar's own loop (stage sft) on a DeepSpeed engine, the TRL stages through "
+        "accelerate's DeepSpeed plugin; checkpoints DeepSpeed's own (see docs/training.md).",
         choices=("ddp", "fsdp", "deepspeed"),
     )
     shard: str = _f(

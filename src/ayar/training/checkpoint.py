@@ -18,6 +18,7 @@ from ayar.fsutil import atomic_directory
 
 PREFIX = "checkpoint-"
 SHARDS = "sharded"  # a checkpoint's sub-folder of torch.distributed.checkpoint files (FSDP, training/sharding.py)
+ZERO = "zero"  # a checkpoint's sub-folder of DeepSpeed's own (ZeRO, training/zero.py)
 
 
 def save_checkpoint(
@@ -32,8 +33,8 @@ def save_checkpoint(
     shards: Callable[[Path], None] | None = None,
 ) -> Path:
     """`rng`: every process's random state (training/distributed.py gathers them), so each resumes its own.
-    `shards(folder)`: writes the trained weights and optimizer states split across processes (FSDP,
-    training/sharding.py) instead of whole ones."""
+    `shards(folder)`: writes the trained weights and optimizer states split across processes (FSDP, DeepSpeed:
+    training/distributed.py `Parallel.write_split`) instead of whole ones."""
     final = ckpt_root / f"{PREFIX}{step:07d}"
     with atomic_directory(final, fsync=True) as tmp:  # fsync: data on disk before the rename makes it visible
         if shards is not None:
@@ -63,18 +64,30 @@ def checkpoint_step(path: Path) -> int:
 
 
 def load_checkpoint(
-    path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1, shards: Callable | None = None
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    rank: int = 0,
+    world_size: int = 1,
+    shards: Callable | None = None,
+    split: str | None = None,
 ) -> dict:
-    """`shards(folder)`: reads a split checkpoint (FSDP); one written whole cannot be read split, nor the reverse."""
-    split = (path / SHARDS).is_dir()
-    if split != (shards is not None):
+    """`shards(folder)`: reads a checkpoint split across processes into the sub-folder `split` (FSDP: SHARDS,
+    DeepSpeed: ZERO); one written whole cannot be read split, nor the reverse, nor one engine's by the other."""
+    written = next((kind for kind in (SHARDS, ZERO) if (path / kind).is_dir()), None)
+    if written != split:
         from ayar.errors import AyarError
 
-        how = "fsdp in several processes (--nproc N)" if split else "ddp, or in one process"
-        raise AyarError(
-            f"{path} was written {'split across processes (FSDP)' if split else 'whole'}: resume it with "
-            f"distributed.strategy {how}"
-        )
+        n = world_size_of(path)
+        how = {
+            SHARDS: f"distributed.strategy fsdp in several processes (--nproc {n})",
+            ZERO: f"distributed.strategy deepspeed (the same distributed.zero_stage), --nproc {n}",
+            None: "distributed.strategy ddp, or in one process",
+        }
+        what = {SHARDS: "split across processes by FSDP", ZERO: "by DeepSpeed ZeRO", None: "whole"}
+        by = f" in {n} processes" if n > 1 else ""
+        raise AyarError(f"{path} was written {what[written]}{by}: resume it with {how[written]}")
     if shards is not None:
         shards(path)
     else:
@@ -86,6 +99,11 @@ def load_checkpoint(
         rng = rng["ranks"][rank] if len(rng["ranks"]) == world_size else rng["ranks"][0]
     _set_rng_state(rng)
     return json.loads((path / "state.json").read_text())
+
+
+def world_size_of(path: Path) -> int:
+    """How many processes wrote a checkpoint."""
+    return json.loads((path / "state.json").read_text()).get("world_size", 1)
 
 
 def trained_state(model) -> dict:

@@ -12,6 +12,10 @@ forward, and the fused CPU path computes the loss outside it. The gradients are 
 25 MB, as DDP's reducer does (`sum_gradients`); a LoRA adapter's fit in one.
 
 Only rank 0 writes the run directory, logs, trackers and checkpoints; the others wait at a barrier.
+
+How the processes hold and train the model is one object with one interface (`Parallel`), made by the loop from
+the plan: `Replicas` here (one process, or data parallel: each holds the whole model), `Sharded` (FSDP,
+training/sharding.py) and `Zero` (DeepSpeed ZeRO, training/zero.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 
 @dataclass
@@ -36,6 +40,113 @@ class World:
     @property
     def active(self) -> bool:
         return self.size > 1
+
+
+class Parallel(Protocol):
+    """How the run's processes hold and train the model, for the loop (training/loop.py): passes, optimizer steps,
+    checkpoints and the best weights early stopping keeps. `split`: the checkpoint sub-folder its split weights and
+    optimizer states go to (training/checkpoint.py), None where a checkpoint holds them whole. `best_whole`: the best
+    weights are kept as a whole copy (`trained_copy`), else written split (`write_split`). `resplits`: a checkpoint
+    resumes in another number of processes. `lockstep`: forward and backward are collective (every process must run
+    as many passes: training/loop.py `passes_of`)."""
+
+    model: object
+    split: str | None
+    best_whole: bool
+    resplits: bool
+    lockstep: bool
+
+    def prepare(self, optimizer) -> None:
+        """Called once the optimizer is made on the model's (possibly split) trained weights."""
+
+    def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None, last: bool = True):
+        """(summed loss, trained positions) of a micro-batch; `last`: the optimizer step's last micro-batch, whose
+        backward is the one that exchanges gradients between processes."""
+
+    def backward(self, loss) -> None: ...
+
+    def step(self, optimizer, max_grad_norm: float) -> float:
+        """The optimizer step (gradients exchanged, clipped to `max_grad_norm` when > 0); the norm before clipping."""
+
+    def evaluate(self, batch: dict, autocast=None):
+        """(summed loss, trained positions) without gradients."""
+
+    def write_split(self, folder: Path, optimizer=None) -> None:
+        """Each process writes its part of the trained weights (and optimizer states) into `folder` (collective)."""
+
+    def read_split(self, folder: Path, optimizer=None) -> None: ...
+
+    def trained_copy(self) -> dict:
+        """The trained weights whole on every process (collective), as checkpoint.trained_state names them."""
+
+    def load_trained(self, state: dict) -> None: ...
+
+    def whole_state(self) -> dict | None:
+        """For the final save (collective): the trained weights gathered whole on rank 0 under the model's
+        state_dict names, or None where the model holds them whole already."""
+
+
+class Replicas:
+    """One process, or data parallel: every process holds the whole model and sums the trained weights' gradients
+    with the others once per optimizer step (`sum_gradients`)."""
+
+    split = None
+    best_whole = True
+    resplits = True
+    lockstep = False
+
+    def __init__(self, model, world: World):
+        self.model, self.world = model, world
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        same_start(world, self.trained)
+
+    def prepare(self, optimizer) -> None:
+        pass
+
+    def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None, last: bool = True):
+        from ayar.training.loss import loss_sum
+
+        return loss_sum(self.model, batch, loss_fn, fused, autocast)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self, optimizer, max_grad_norm: float) -> float:
+        import torch
+
+        self.exchange_gradients()
+        grads = [p.grad for p in self.trained if p.grad is not None]
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trained, max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def exchange_gradients(self) -> None:
+        sum_gradients(self.world, self.trained)
+
+    def evaluate(self, batch: dict, autocast=None):
+        return self.forward(batch, autocast=autocast)
+
+    def write_split(self, folder: Path, optimizer=None) -> None:
+        raise NotImplementedError("every process holds the whole model: checkpoints hold it whole")
+
+    read_split = write_split
+
+    def trained_copy(self) -> dict:
+        from ayar.training.checkpoint import trained_state
+
+        return trained_state(self.model)
+
+    def load_trained(self, state: dict) -> None:
+        from ayar.training.checkpoint import load_trained_state
+
+        load_trained_state(self.model, state)
+
+    def whole_state(self) -> dict | None:
+        return None
 
 
 def start(plan) -> World:

@@ -22,8 +22,7 @@ from ayar.kernels import base_model, fused_decoder, varlen
 from ayar.plugins import load_callable
 from ayar.training import checkpoint as ckpt
 from ayar.training import distributed as dist
-from ayar.training import sharding
-from ayar.training.distributed import World
+from ayar.training.distributed import Parallel, Replicas, World
 from ayar.training.loss import loss_sum
 from ayar.training.optim import build_optimizer, build_scheduler
 
@@ -50,7 +49,7 @@ class LoopResult:
     state: LoopState
     total_steps: int
     kept_best: bool = False  # early stopping: the best weights put back (an earlier step's than the last)
-    root: object | None = None  # FSDP: the split model (training/sharding.py), which saves it
+    parallel: Parallel | None = None  # how the processes hold the model (split: FSDP, ZeRO-3), which saves it
 
 
 class BatchOrder:
@@ -94,6 +93,31 @@ def length_groups(examples: list[Example], rows_per_pass: int) -> list[list[Exam
     return [ordered[i : i + rows_per_pass] for i in range(0, len(ordered), rows_per_pass)]
 
 
+def passes_of(
+    train: list[Example], chosen: list[int], world: World, batch_size: int, per_pass: int, lockstep: bool, make
+) -> list[tuple[dict, bool]]:
+    """This process's passes of one global micro-batch (`chosen`: its rows, in order): its slice of the rows, in
+    passes of `per_pass` rows (`length_groups`), made into batches by `make`; each with whether it trains. Where a
+    pass is collective (`lockstep`: FSDP and ZeRO gather weights or exchange gradients inside forward and backward),
+    every process must run as many: one with fewer rows (the last micro-batch of an epoch, when the rows do not
+    divide evenly: some processes may get none) adds stand-in passes of a real row whose loss counts zero, so its
+    collectives meet the others' and it adds nothing to the gradients."""
+    slices = [chosen[r * batch_size : (r + 1) * batch_size] for r in range(world.size)]
+    mine = [train[i] for i in slices[world.rank]]
+    passes = [(make(group), True) for group in length_groups(mine, per_pass)] if mine else []
+    if lockstep:
+        most = max(_pass_count(len(rows), per_pass) for rows in slices)
+        passes += [(make([train[chosen[0]]]), False) for _ in range(most - len(passes))]
+    return passes
+
+
+def _pass_count(rows: int, per_pass: int) -> int:
+    """How many passes `length_groups` makes of `rows` rows."""
+    if rows == 0:
+        return 0
+    return 1 if per_pass <= 0 or per_pass >= rows else math.ceil(rows / per_pass)
+
+
 def total_steps_for(n_examples: int, tcfg, world_size: int = 1) -> int:
     """Optimizer steps of a run: max_steps, or epochs of global batches (batch_size x processes x grad_accum)."""
     if tcfg.max_steps > 0:
@@ -104,9 +128,9 @@ def total_steps_for(n_examples: int, tcfg, world_size: int = 1) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model, examples: list[Example], batch_size: int, pad_id: int, device: str, autocast=None, root=None
+    model, examples: list[Example], batch_size: int, pad_id: int, device: str, autocast=None, parallel=None
 ) -> float | None:
-    """Mean loss per trained token. `root`: the FSDP root unit (training/sharding.py) the loss runs through."""
+    """Mean loss per trained token. `parallel`: how the processes hold the model (the loss runs through it)."""
     if not examples:
         return None
     was_training = model.training
@@ -114,7 +138,7 @@ def evaluate(
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = _to(collate(examples[i : i + batch_size], pad_id), device)
-        s, n = root(batch, autocast=autocast) if root is not None else loss_sum(model, batch, autocast=autocast)
+        s, n = parallel.evaluate(batch, autocast) if parallel is not None else loss_sum(model, batch, autocast=autocast)
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -138,72 +162,61 @@ def run_loop(
     stop_requested: Callable[[], bool] | None = None,
 ) -> LoopResult:
     """Train `model` on `train` as `plan` (training/plan.py: RunPlan with its layout) says; with several
-    processes (`world`, training/distributed.py) each reads its slice of every global micro-batch; under FSDP
-    (plan.strategy, training/sharding.py) the model is split across them first."""
+    processes (`world`, training/distributed.py) each reads its slice of every global micro-batch, and the model is
+    held as plan.strategy says (`parallel_for`: whole in each, or split by FSDP or DeepSpeed ZeRO)."""
     world = world or World()
     total = total_steps_for(len(train), tcfg, world.size)
-    root = (
-        sharding.shard(model, plan.distributed, plan.device, world.size, world.rank, plan.parts_from)
-        if plan.strategy == "fsdp"
-        else None
-    )
-    if root is None:
-        dist.same_start(world, [p for p in model.parameters() if p.requires_grad])  # FSDP sends rank 0's itself
+    parallel = parallel_for(plan, model, tcfg, world)
+    if resume_from is not None and ckpt.world_size_of(resume_from) != world.size and not parallel.resplits:
+        raise AyarError(
+            f"{resume_from} was written by {ckpt.world_size_of(resume_from)} processes under distributed.strategy "
+            f"{plan.strategy}, which reads a checkpoint back only into as many: resume it with --nproc "
+            f"{ckpt.world_size_of(resume_from)}"
+        )
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)
+    parallel.prepare(optimizer)
     order = BatchOrder(len(train), tcfg.batch_size * world.size, tcfg.seed)
-    mine = slice(world.rank * tcfg.batch_size, (world.rank + 1) * tcfg.batch_size)
     state = LoopState(world_size=world.size)
     best_adapter = None
     if resume_from is not None:
-        shards = (lambda folder: sharding.load_shards(folder, root, optimizer)) if root is not None else None
+        shards = (lambda folder: parallel.read_split(folder, optimizer)) if parallel.split else None
         state = LoopState(
-            **ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, world.rank, world.size, shards)
+            **ckpt.load_checkpoint(
+                resume_from, model, optimizer, scheduler, world.rank, world.size, shards, parallel.split
+            )
         )
         state = continue_with(state, tcfg.batch_size, world.size)
         state.stopped = False  # the checkpoint of a stopped run says it stopped; resuming goes on
-        if tcfg.early_stopping_patience and root is None:  # FSDP's stays on disk (`_keep_best`)
+        if tcfg.early_stopping_patience and parallel.best_whole:  # else it stays on disk by parts (`_keep_best`)
             best_adapter = ckpt.load_best(ckpt_root, state.best_step)
     device, packed, fused, per_pass = plan.device, plan.layout.packed, plan.layout.fused, plan.layout.per_pass
     loss_fn = load_callable(tcfg.loss, "training.loss") if tcfg.loss else None
+    make = lambda rows: collate(rows, pad_id, packed, share_prefix=fused)  # noqa: E731
     model.train()
     while state.step < total and not state.stopped_early and not state.stopped:
         t0 = time.perf_counter()
-        micro_batches = []
+        passes = []  # (batch, whether it trains: a stand-in pass does not, see `passes_of`)
         for _ in range(tcfg.grad_accum):
             if state.micro >= order.per_epoch:
                 state.epoch, state.micro = state.epoch + 1, 0
-            examples = [train[i] for i in order.indices(state.epoch, state.micro)[mine]]
-            micro_batches += [
-                collate(group, pad_id, packed, share_prefix=fused) for group in length_groups(examples, per_pass)
-            ]
+            chosen = order.indices(state.epoch, state.micro)
+            passes += passes_of(train, chosen, world, tcfg.batch_size, per_pass, parallel.lockstep, make)
             state.micro += 1
+        micro_batches = [b for b, trains in passes if trains]
         # Mean over every trained token of the optimizer step, whatever the micro-batch split (and the processes).
         n_target = dist.total(world, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches))
         step_loss = 0.0
-        for i, b in enumerate(micro_batches):
+        for i, (b, trains) in enumerate(passes):
             b = _to(b, device)
-            with attention_through_backward(model, b):
-                if root is not None:  # FSDP: gradients reduce-scattered in the step's last backward only
-                    sharding.sync_gradients(root, i == len(micro_batches) - 1)
-                    s, _ = root(b, loss_fn, fused, plan.autocast)
-                else:
-                    s, _ = loss_sum(model, b, loss_fn, fused, plan.autocast)
-                (s / n_target).backward()
-            step_loss += float(s.detach()) / n_target
-        trained = [p for p in model.parameters() if p.requires_grad]
-        if root is None:
-            dist.sum_gradients(world, trained)  # once per optimizer step, after the accumulation micro-steps
+            with attention_through_backward(model, b):  # gradients exchanged in the step's last backward
+                s, _ = parallel.forward(b, loss_fn, fused, plan.autocast, last=i == len(passes) - 1)
+                parallel.backward(s / n_target if trains else s * 0.0)
+            step_loss += float(s.detach()) / n_target if trains else 0.0
         step_loss = dist.total(world, step_loss)
-        if tcfg.max_grad_norm > 0:  # the norm before clipping, logged beside the loss either way
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tcfg.max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
-        grad_norm = float(sharding.whole(grad_norm))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        grad_norm = parallel.step(optimizer, tcfg.max_grad_norm)  # the norm before clipping, logged either way
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         dt = time.perf_counter() - t0
         tokens = dist.total(world, sum(example_tokens(b) for b in micro_batches))
@@ -225,14 +238,14 @@ def run_loop(
 
         if val and ((tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or state.step == total):
             # every rank evaluates the whole validation split: the same number everywhere, the same decisions
-            eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device, plan.autocast, root)
+            eval_loss = evaluate(model, val, tcfg.batch_size, pad_id, device, plan.autocast, parallel)
             if world.main:
                 on_log({"step": state.step, "eval_loss": eval_loss})
             state.last_eval, state.last_eval_step = eval_loss, state.step
             if state.best_eval is None or eval_loss < state.best_eval:
                 state.best_eval, state.best_step, state.bad_evals = eval_loss, state.step, 0
                 if tcfg.early_stopping_patience:
-                    best_adapter = _keep_best(world, ckpt_root, state.step, model, root)
+                    best_adapter = _keep_best(world, ckpt_root, state.step, parallel)
             else:
                 state.bad_evals += 1
                 if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:
@@ -244,23 +257,36 @@ def run_loop(
                     )
 
         if tcfg.save_steps and state.step % tcfg.save_steps == 0 and state.step < total:
-            _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit, root)
+            _checkpoint(world, ckpt_root, state, parallel, optimizer, scheduler, tcfg.save_total_limit)
         for cb in callbacks:
             cb(state)
         state.stopped = bool(stop_requested and state.step < total and stop_requested())
-    _checkpoint(world, ckpt_root, state, model, optimizer, scheduler, tcfg.save_total_limit, root)
+    _checkpoint(world, ckpt_root, state, parallel, optimizer, scheduler, tcfg.save_total_limit)
     if fused:
         fused_decoder.release(model)
     kept_best = False
     if tcfg.early_stopping_patience and not state.stopped and state.best_step not in (None, state.step):
         best = ckpt.best_of(ckpt_root, state.best_step)
-        if root is not None and best is not None and (best / ckpt.SHARDS).is_dir():
-            sharding.load_shards(best, root)
+        if not parallel.best_whole and best is not None and (best / parallel.split).is_dir():
+            parallel.read_split(best)
             kept_best = True
         elif best_adapter is not None:
-            ckpt.load_trained_state(model, best_adapter)
+            parallel.load_trained(best_adapter)
             kept_best = True
-    return LoopResult(state, total, kept_best, root)
+    return LoopResult(state, total, kept_best, parallel)
+
+
+def parallel_for(plan, model, tcfg, world: World) -> Parallel:
+    """How the processes hold and train the model, as the plan's strategy says (training/distributed.py)."""
+    if plan.strategy == "fsdp":
+        from ayar.training.sharding import Fsdp
+
+        return Fsdp(model, plan, world)
+    if plan.strategy == "deepspeed":
+        from ayar.training.zero import Zero
+
+        return Zero(model, tcfg, plan, world)
+    return Replicas(model, world)
 
 
 def continue_with(state: LoopState, batch_size: int, world_size: int) -> LoopState:
@@ -287,42 +313,39 @@ def example_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-def _checkpoint(world: World, folder, state: LoopState, model, optimizer, scheduler, keep: int, root=None) -> None:
-    """Rank 0 writes the checkpoint, with every rank's random state (each resumes its own dropout stream). FSDP
-    (`root`): every rank writes its shards into the temp folder rank 0 makes, before rank 0 completes it."""
+def _checkpoint(world: World, folder, state: LoopState, parallel: Parallel, optimizer, scheduler, keep: int) -> None:
+    """Rank 0 writes the checkpoint, with every rank's random state (each resumes its own). Split models (FSDP,
+    DeepSpeed): every rank writes its part into the temp folder rank 0 makes, before rank 0 completes it."""
     rng = dist.gather(world, ckpt.rng_state()) if world.active else None
 
     def complete(shards=None) -> None:
-        ckpt.save_checkpoint(folder, state.step, model, optimizer, scheduler, _state_dict(state), keep, rng, shards)
+        ckpt.save_checkpoint(
+            folder, state.step, parallel.model, optimizer, scheduler, _state_dict(state), keep, rng, shards
+        )
 
-    if root is not None:
-        dist.written_together(world, complete, lambda tmp: sharding.save_shards(tmp, root, optimizer))
+    if parallel.split:
+        dist.written_together(world, complete, lambda tmp: parallel.write_split(tmp, optimizer))
         return
     if world.main:
         complete()
     dist.barrier(world)
 
 
-def _keep_best(world: World, folder, step: int, model, root) -> dict | None:
-    """The best weights so far, kept on disk for a resumed run: a copy in memory, saved by rank 0 (returned); under
-    FSDP each rank writes its parts into the folder rank 0 makes, and nothing is held in memory or gathered."""
-    if root is None:
-        best = _adapter_copy(model)
+def _keep_best(world: World, folder, step: int, parallel: Parallel) -> dict | None:
+    """The best weights so far, kept on disk for a resumed run: a copy in memory, saved by rank 0 (returned); where
+    the processes keep them split (FSDP) each rank writes its parts into the folder rank 0 makes, and nothing is
+    held in memory or gathered."""
+    if parallel.best_whole:
+        best = parallel.trained_copy()
         if world.main:
             ckpt.save_best(folder, step, best)
         return best
-    dist.written_together(
-        world, lambda each: ckpt.save_best(folder, step, shards=each), lambda tmp: sharding.save_shards(tmp, root)
-    )
+    dist.written_together(world, lambda each: ckpt.save_best(folder, step, shards=each), parallel.write_split)
     return None
 
 
 def _state_dict(state: LoopState) -> dict:
     return dict(state.__dict__)
-
-
-def _adapter_copy(model) -> dict:
-    return ckpt.trained_state(model)
 
 
 def _to(batch: dict, device: str) -> dict:

@@ -119,3 +119,16 @@ def reference_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE
     )
+
+
+class WithLoss(torch.nn.Module):
+    """The model with its loss in the forward, for engines that make a weight whole only inside a module's forward
+    (FSDP's root unit, training/sharding.py; DeepSpeed ZeRO-3, training/zero.py): the loss reads the head's weight
+    itself (never the full logits), outside the head's own forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None):
+        return loss_sum(self.model, batch, loss_fn, fused, autocast)

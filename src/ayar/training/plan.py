@@ -67,6 +67,13 @@ class RunPlan:
         return dataclasses.replace(self.placement, device="cpu") if self.strategy == "fsdp" else self.placement
 
     @property
+    def memory_strategy(self) -> str:
+        """What the memory plan splits across the processes (training/memory.py `Sharding`)."""
+        if self.strategy == "deepspeed":
+            return f"zero{self.distributed.zero_stage}"
+        return "fsdp" if self.strategy == "fsdp" else "ddp"
+
+    @property
     def is_main(self) -> bool:
         """The process that writes the run directory, logs and trackers."""
         return self.rank == 0
@@ -83,7 +90,7 @@ class RunPlan:
             from ayar.training.memory import model_shape
 
             shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
-            sharding = Sharding(self.world_size, "fsdp" if self.strategy == "fsdp" else "ddp")
+            sharding = Sharding(self.world_size, self.memory_strategy)
             memory, checkpointing, release = _check_memory(
                 cfg, shape, examples, self.placement, packed, why_not, say, sharding if self.world_size > 1 else None
             )
@@ -104,6 +111,8 @@ class RunPlan:
         }
         if self.strategy == "fsdp":
             out.update(loading=self.loading, saving=self.saving)
+        if self.strategy == "deepspeed":
+            out["zero_stage"] = self.distributed.zero_stage
         if self.layout is not None:
             out["return_memory"] = self.return_memory
         if self.memory is not None:
@@ -234,12 +243,6 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
             "on a transformers Trainer, which splits across every process: use distributed.shard: full"
         )
     if strategy == "deepspeed":
-        if own_loop(cfg):
-            raise AyarError(
-                "distributed.strategy deepspeed runs the Trainer-based stages (dpo, reward, grpo, classification); "
-                "ayar's own loop (stage sft) splits weights, gradients and optimizer states as ZeRO-3 does with "
-                "distributed.strategy: fsdp"
-            )
         try:
             import deepspeed  # noqa: F401
         except ImportError:
@@ -248,7 +251,11 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
                 "'.[deepspeed]' (or use distributed.strategy: ddp)"
             ) from None
     split = (
-        "fsdp" if strategy == "fsdp" else "deepspeed ZeRO-3" if strategy == "deepspeed" and d.zero_stage == 3 else None
+        "distributed.strategy fsdp"
+        if strategy == "fsdp"
+        else "deepspeed ZeRO-3"
+        if strategy == "deepspeed" and d.zero_stage == 3
+        else None
     )
     if split and cfg.method != "full":
         from ayar.models.load import starting_point
@@ -259,16 +266,16 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
                 "weights are split and the adapters are not stacked at the end: export that run merged (ayar export "
                 "RUN --to merged) and point model.name at the merged model, or use strategy ddp"
             )
-    if strategy != "fsdp":
+    if split is None or (strategy == "deepspeed" and not own_loop(cfg)):  # the Trainer's ZeRO-3: transformers' checks
         return
     if cfg.method in ("qlora", "qdora"):
         raise AyarError(
-            f"distributed.strategy fsdp cannot split the 4-bit weights of method {cfg.method}: use method "
+            f"{split} cannot split the 4-bit weights of method {cfg.method}: use method "
             f"{'dora' if cfg.method == 'qdora' else 'lora'} (bf16 base, split across the processes), or strategy ddp"
         )
     if cfg.lora.init in CONVERTED_INITS and cfg.method != "full":
         raise AyarError(
-            f"lora.init {cfg.lora.init} under distributed.strategy fsdp: converting the adapter for the original base "
+            f"lora.init {cfg.lora.init} under {split}: converting the adapter for the original base "
             "needs the whole model in one process; use lora.init: default, or strategy ddp"
         )
 
@@ -312,6 +319,8 @@ def not_fused_because(model, tcfg, device: str, packed: bool, strategy: str = "d
         return "padded rows"
     if strategy == "fsdp":
         return "FSDP splits the weights, the fused decoder reads them whole"
+    if strategy == "deepspeed":
+        return "DeepSpeed's engine runs the model's own modules (its hooks exchange gradients and gather weights)"
     return None if fused_decoder.usable(model, device) else fused_decoder.reason(model, device)
 
 

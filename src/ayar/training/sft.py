@@ -142,10 +142,10 @@ def train_sft(
             f"{s.best_eval:.4f})"
         )
     whole = None
-    if result.root is not None and plan.saving == "parts":  # FSDP: each process writes its parts of the model
-        sharding.save_by_parts(result.root, model, run.full_model, world)
-    elif result.root is not None:  # FSDP: the trained weights gathered whole on rank 0 (the model stays split)
-        whole = sharding.trained_state(result.root)
+    if plan.saving == "parts":  # FSDP: each process writes its parts of the model
+        sharding.save_by_parts(result.parallel.root, model, run.full_model, world)
+    else:  # split models (FSDP, ZeRO-3): the trained weights gathered whole on rank 0 (the model stays split)
+        whole = result.parallel.whole_state()
     rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
     if not world.main:
         distributed.stop(world)
@@ -182,6 +182,9 @@ def _strategy(plan) -> str:
             plan.loading, "each reads the whole weights"
         )
         return f"FSDP {plan.distributed.shard} shard, a unit per decoder layer, {reads}"
+    if plan.strategy == "deepspeed":
+        split = "gradients and optimizer states" + (", weights" if plan.distributed.zero_stage == 3 else "")
+        return f"DeepSpeed ZeRO-{plan.distributed.zero_stage}, {split} split across the processes"
     return "data parallel"
 
 

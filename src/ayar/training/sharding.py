@@ -4,7 +4,7 @@ transformer auto-wrap does) and the rest (embeddings, final norm, head) in the r
 every weight, gradient and optimizer state; a layer's weights are gathered whole only while it computes (forward,
 and again in backward).
 
-The loss is computed inside the root unit's forward (`Sharded.forward`): the loss reads the head's weight itself
+The loss is computed inside the root unit's forward (loss.py `WithLoss`): the loss reads the head's weight itself
 (training/loss.py, never the full logits), and FSDP hands out whole weights only inside a unit's forward. Gradients
 are summed across ranks (the loss is already divided by the global trained-token count, training/loop.py), in
 reduce-scatters of plain sums (gloo has no pre-scaled sum), once per optimizer step: the accumulation micro-steps
@@ -32,18 +32,8 @@ import torch
 from ayar.errors import ConfigError
 from ayar.kernels import base_model
 from ayar.training.checkpoint import SHARDS
-from ayar.training.loss import loss_sum
-
-
-class Sharded(torch.nn.Module):
-    """The model with its loss in the forward: the root FSDP unit."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None):
-        return loss_sum(self.model, batch, loss_fn, fused, autocast)
+from ayar.training.distributed import Replicas, World, written_together
+from ayar.training.loss import WithLoss
 
 
 def layer_classes(model) -> set[type]:
@@ -73,7 +63,7 @@ def mesh_for(dcfg, device: str, world_size: int):
     return init_device_mesh(kind, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
-def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str | None = None) -> Sharded:
+def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str | None = None) -> WithLoss:
     """`model` split across the ranks in place; the returned root unit computes the loss. The weights come from
     rank 0 (the other ranks may hold the model empty: meta device, models/load.py `empty_model`, and receive their
     parts as it is split, so no rank but 0 holds the whole model) or, with `parts_from` (a model folder:
@@ -92,7 +82,7 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     in_files = [f"model.{name}" for name, p in model.named_parameters() if p.is_meta] if parts_from else []
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=offload)
-    root = fully_shard(Sharded(model), mesh=mesh, offload_policy=offload)
+    root = fully_shard(WithLoss(model), mesh=mesh, offload_policy=offload)
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
@@ -105,7 +95,37 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     return root
 
 
-def _from_rank0(root: Sharded, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:
+class Fsdp(Replicas):
+    """The loop's model split by FSDP (`shard`): the loss runs through the root unit, gradients are reduce-scattered
+    in the step's last backward only, checkpoints and the best weights are written by parts (`save_shards`)."""
+
+    split = SHARDS
+    best_whole = False  # kept by parts on disk, never gathered
+    lockstep = True
+
+    def __init__(self, model, plan, world: World):
+        self.model, self.world = model, world
+        self.root = shard(model, plan.distributed, plan.device, world.size, world.rank, plan.parts_from)
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None, last: bool = True):
+        self.root.set_requires_gradient_sync(last)
+        return self.root(batch, loss_fn, fused, autocast)
+
+    def exchange_gradients(self) -> None:
+        pass  # reduce-scattered in the last micro-batch's backward
+
+    def write_split(self, folder: Path, optimizer=None) -> None:
+        save_shards(folder, self.root, optimizer)
+
+    def read_split(self, folder: Path, optimizer=None) -> None:
+        load_shards(folder, self.root, optimizer)
+
+    def whole_state(self) -> dict | None:
+        return trained_state(self.root)
+
+
+def _from_rank0(root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:
     """Every rank's part of rank 0's weights (`whole`, {} elsewhere; `every_weight`: all of the model's), sent by
     rank 0 (collective). A rank holding the model empty gets memory for its parts first; buffers outside the state
     dict (rotary frequencies) are copied from rank 0 as they are."""
@@ -124,7 +144,7 @@ def _from_rank0(root: Sharded, whole: dict, device_type: str, offload: bool, eve
         dist.broadcast(buffer, src=0)
 
 
-def _read_parts(root: Sharded, folder: str, names: list[str]) -> None:
+def _read_parts(root: WithLoss, folder: str, names: list[str]) -> None:
     """Each rank reads its own parts of the weights `names` (the root's parameter names) from the safetensors files
     in `folder`, converted to the parameters' dtype: torch.distributed.checkpoint's Hugging Face reader reads just
     the slices a rank holds. Names as before peft wrapped the model (models/adapters.py `base_name`); a weight two
@@ -166,25 +186,15 @@ def not_in_files(model, folder) -> list[str]:
     return [name for name, p in model.named_parameters() if held.get(name) != tuple(p.shape)]
 
 
-def sync_gradients(root: Sharded, on: bool) -> None:
-    """Reduce-scatter gradients in this backward (the last micro-step of an optimizer step) or keep them local."""
-    root.set_requires_gradient_sync(on)
-
-
-def whole(x) -> torch.Tensor | float:
-    """A DTensor (a sharded weight, a norm over sharded gradients) gathered whole; anything else as it is."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
 def trained_state(root) -> dict:
-    """The trained weights of a model split by FSDP2 (our `Sharded` root, or a model accelerate split) gathered
+    """The trained weights of a model split by FSDP2 (our `WithLoss` root, or a model accelerate split) gathered
     whole, on rank 0 ({} on the others; every rank must call it), named as in the model's own state_dict (what
     `save_pretrained(state_dict=...)` takes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = _named_once(root, get_model_state_dict(root, options=opts))
-    return {k.removeprefix("model."): v for k, v in state.items()} if isinstance(root, Sharded) else state
+    return {k.removeprefix("model."): v for k, v in state.items()} if isinstance(root, WithLoss) else state
 
 
 def _named_once(root, state: dict) -> dict:
@@ -201,7 +211,7 @@ MAX_FILE_BYTES = 50 * 1024**3
 CHUNK_BYTES = 512 * 1024**2
 
 
-def save_by_parts(root: Sharded, model, out: Path, world) -> None:
+def save_by_parts(root: WithLoss, model, out: Path, world) -> None:
     """A full fine-tune split by FSDP saved where transformers loads it, without any process holding it whole
     (collective): every rank writes its parts of each weight (torch.distributed.checkpoint's Hugging Face writer,
     `CHUNK_BYTES` of weights at a time), then rank 0 joins them into the final safetensors files one weight at a
@@ -214,7 +224,6 @@ def save_by_parts(root: Sharded, model, out: Path, world) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ayar.fsutil import atomic_directory
-    from ayar.training import distributed
 
     state = _named_once(root, get_model_state_dict(root, options=StateDictOptions()))  # each rank's parts (DTensors)
     state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -229,7 +238,7 @@ def save_by_parts(root: Sharded, model, out: Path, world) -> None:
             consolidate_safetensors_files(str(tmp / SHARDS), str(tmp), _file_of(state, MAX_FILE_BYTES))
             _as_save_pretrained_writes(tmp, model)
 
-    distributed.written_together(world, complete, write)
+    written_together(world, complete, write)
 
 
 def _file_of(state: dict, limit: int) -> dict[str, int]:
@@ -323,7 +332,7 @@ def accelerate_fsdp_on_cpu(on: bool):
         AcceleratorState.__init__ = make
 
 
-def _state(root: Sharded, optimizer=None) -> dict:
+def _state(root: WithLoss, optimizer=None) -> dict:
     """The trained weights (and the optimizer states, with an optimizer) of the split model, each rank its parts."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
@@ -334,7 +343,7 @@ def _state(root: Sharded, optimizer=None) -> dict:
     return {"model": model_state, "optimizer": optim_state}
 
 
-def save_shards(folder: Path, root: Sharded, optimizer=None) -> None:
+def save_shards(folder: Path, root: WithLoss, optimizer=None) -> None:
     """Every rank writes its part of the trained weights (and optimizer states) into `folder`/sharded (collective):
     a checkpoint, or with no optimizer the best model early stopping keeps, rather than gathered."""
     import torch.distributed.checkpoint as dcp
@@ -342,7 +351,7 @@ def save_shards(folder: Path, root: Sharded, optimizer=None) -> None:
     dcp.save(_state(root, optimizer), checkpoint_id=str(Path(folder) / SHARDS))
 
 
-def load_shards(folder: Path, root: Sharded, optimizer=None) -> None:
+def load_shards(folder: Path, root: WithLoss, optimizer=None) -> None:
     """The trained weights (and optimizer states) `save_shards` wrote, each rank its part (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict

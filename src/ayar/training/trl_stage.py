@@ -200,7 +200,7 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step
         **trainer_optimizer_args(t),
-        **({"deepspeed": zero.deepspeed_config(cfg, plan)} if plan.strategy == "deepspeed" else {}),
+        **({"deepspeed": zero.deepspeed_config(t, cfg.distributed, plan)} if plan.strategy == "deepspeed" else {}),
         **(sharding.trainer_args(cfg.distributed, plan.rank0_loading) if plan.strategy == "fsdp" else {}),
     )
 

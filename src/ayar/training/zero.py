@@ -1,7 +1,13 @@
-"""DeepSpeed ZeRO for the Trainer-based stages (`distributed.strategy: deepspeed`; DPO family, reward, GRPO,
-classification): ayar writes the DeepSpeed config from the run's own settings and hands it to transformers'
-TrainingArguments (`deepspeed=`), whose accelerate DeepSpeed plugin starts the engine. Every value is concrete
-(no "auto"), so the file is also what `deepspeed` itself reads: DeepSpeed's own config class accepts it (tested).
+"""DeepSpeed ZeRO (`distributed.strategy: deepspeed`). ayar writes the DeepSpeed config from the run's own settings.
+Every value is concrete (no "auto"), so the file is also what `deepspeed` itself reads: DeepSpeed's own config class
+accepts it (tested).
+
+The Trainer-based stages (DPO family, reward, GRPO, classification) hand it to transformers' TrainingArguments
+(`deepspeed=`), whose accelerate DeepSpeed plugin starts the engine. ayar's own loop (stage sft) starts the engine
+itself (`Zero`, deepspeed.initialize) on the model with its loss in the forward (loss.py `WithLoss`, as FSDP's root
+unit), with the optimizer and schedule the loop made: the engine exchanges the gradients in the last micro-batch's
+backward, clips and steps; mixed precision stays ayar's own (fp32 trained weights, as in one process), so one process
+and N under ZeRO train the same model (tested).
 
 Stage 2 splits gradients and optimizer states across the processes, stage 3 the weights too; `offload` keeps
 optimizer states (and, stage 3, weights) in CPU RAM (GPUs; on a CPU they are there already).
@@ -9,12 +15,18 @@ optimizer states (and, stage 3, weights) in CPU RAM (GPUs; on a CPU they are the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from ayar.training.checkpoint import ZERO
+from ayar.training.distributed import Replicas, World
+from ayar.training.loss import WithLoss
 
-def deepspeed_config(cfg, plan) -> dict:
-    """The DeepSpeed config of a run: its batch, accumulation, clipping, precision and the ZeRO stage asked for."""
-    t, d = cfg.training, cfg.distributed
+
+def deepspeed_config(t, d, plan) -> dict:
+    """The DeepSpeed config of a run (`t`: its training section, `d`: its distributed one): its batch,
+    accumulation, clipping, precision and the ZeRO stage asked for."""
     zero: dict = {
         "stage": d.zero_stage,
         "overlap_comm": plan.device.startswith("cuda"),
@@ -49,3 +61,92 @@ def trained_state(model) -> dict:
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in trained], modifier_rank=None):
         return {n: p.detach().cpu().clone() for n, p in trained}
+
+
+def loop_config(tcfg, plan) -> dict:
+    """The config of the engine ayar's own loop starts: the loop decides where an optimizer step's micro-batches end
+    (they vary: training.rows_per_pass splits them), so the engine takes one micro-batch per step and is told the
+    boundary; ayar's own mixed precision (fp32 trained weights) rather than the engine's casting of the model."""
+    out = deepspeed_config(tcfg, plan.distributed, plan)
+    out.update(
+        gradient_accumulation_steps=1,
+        train_batch_size=tcfg.batch_size * plan.world_size,
+        bf16={"enabled": False},
+        fp16={"enabled": False},
+        zero_allow_untested_optimizer=True,  # ayar's optimizers (training/optim.py: torch AdamW, LoRA+, 8-bit)
+    )
+    return out
+
+
+class Zero(Replicas):
+    """ayar's own loop on a DeepSpeed engine (ZeRO stage 2 or 3). Checkpoints are DeepSpeed's own (every process its
+    part of the optimizer states, and at stage 3 of the weights); the best weights early stopping keeps are copied
+    whole (stage 3: gathered), as with one process."""
+
+    split = ZERO
+    resplits = False  # DeepSpeed reads its optimizer-state parts back into as many processes as wrote them
+    lockstep = True
+
+    def __init__(self, model, tcfg, plan, world: World):
+        super().__init__(model, world)  # rank 0's starting values everywhere, as with one process's seed
+        self.tcfg, self.plan, self.stage, self.engine = tcfg, plan, plan.distributed.zero_stage, None
+
+    def prepare(self, optimizer) -> None:
+        import deepspeed
+
+        root = WithLoss(self.model)
+        self.engine, *_ = deepspeed.initialize(
+            model=root, optimizer=optimizer, config=loop_config(self.tcfg, self.plan)
+        )
+        if self.stage == 3:  # the loss reads the head's weight outside the head's forward: made whole with the root's
+            deepspeed.zero.register_external_parameter(root, self.model.get_output_embeddings().weight)
+
+    def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None, last: bool = True):
+        self.engine.set_gradient_accumulation_boundary(last)
+        return self.engine(batch, loss_fn, fused, autocast)
+
+    def backward(self, loss) -> None:
+        # the engine averages gradients over the processes; each process's loss is its share of the global mean
+        # already (training/loop.py), so the sum is what one process would get from the whole batch
+        self.engine.backward(loss * self.world.size)
+
+    def step(self, optimizer, max_grad_norm: float) -> float:
+        self.engine.step()  # clips (the config's gradient_clipping), steps the optimizer, zeroes the gradients
+        return float(self.engine.get_global_grad_norm())
+
+    def evaluate(self, batch: dict, autocast=None):
+        return self.engine(batch, autocast=autocast)
+
+    def write_split(self, folder: Path, optimizer=None) -> None:
+        self.engine.save_checkpoint(str(folder / ZERO), tag="state", save_latest=False, exclude_frozen_parameters=True)
+
+    def read_split(self, folder: Path, optimizer=None) -> None:
+        self.engine.load_checkpoint(
+            str(folder / ZERO), tag="state", load_module_strict=False, load_lr_scheduler_states=False
+        )
+
+    def trained_copy(self) -> dict:
+        from ayar.training.checkpoint import trained_state
+
+        with self._whole(modify=False):
+            return trained_state(self.model)
+
+    def load_trained(self, state: dict) -> None:
+        from ayar.training.checkpoint import load_trained_state
+
+        with self._whole(modify=True):
+            load_trained_state(self.model, state)
+
+    def whole_state(self) -> dict | None:
+        return trained_state(self.model) if self.stage == 3 else None
+
+    def _whole(self, modify: bool):
+        """Stage 3: the trained weights whole while inside (collective; `modify`: rank 0's values split again on
+        leaving, every process holding the same); stage 2 holds them whole already."""
+        import contextlib
+
+        import deepspeed
+
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(self.trained, modifier_rank=0 if modify else None)

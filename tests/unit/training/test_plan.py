@@ -28,14 +28,15 @@ def test_world_size_and_rank_come_from_the_launcher(monkeypatch):
 
 def _spy_on_the_loss(monkeypatch) -> list:
     """(fused, autocast) of every loss the loop asks for, recorded as the training runs."""
-    from ayar.training import loop
+    from ayar.training import loop, loss
 
-    seen, real = [], loop.loss_sum
+    seen, real = [], loss.loss_sum
 
     def spy(model, batch, loss_fn=None, fused=False, autocast=None):
         seen.append((fused, autocast))
         return real(model, batch, loss_fn, fused, autocast)
 
+    monkeypatch.setattr(loss, "loss_sum", spy)  # training passes (training/distributed.py Replicas)
     monkeypatch.setattr(loop, "loss_sum", spy)
     return seen
 

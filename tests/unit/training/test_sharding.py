@@ -130,7 +130,10 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny_model_dir, t
     # a split checkpoint cannot be read whole: one process says how to resume it
     whole = _train(["--resume", str(run)], tmp_path)
     assert whole.returncode != 0 and "Traceback" not in whole.stderr
-    assert "was written split across processes (FSDP): resume it with distributed.strategy fsdp" in whole.stderr
+    assert (
+        "split across processes by FSDP in 2 processes: resume it with distributed.strategy fsdp in several processes"
+        in whole.stderr
+    )
 
 
 @pytest.mark.parametrize(
@@ -240,8 +243,9 @@ def test_a_sharded_checkpoint_resumes_in_another_number_of_processes(tiny_model_
 
 
 @pytest.mark.parametrize(
-    "strategy, split", [(["distributed.strategy=fsdp"], "fsdp"), (["distributed.strategy=deepspeed",
-                        "distributed.zero_stage=3", "stage=dpo"], "deepspeed ZeRO-3")]
+    "strategy, split",
+    [(["distributed.strategy=fsdp"], "distributed.strategy fsdp"),
+     (["distributed.strategy=deepspeed", "distributed.zero_stage=3", "stage=dpo"], "deepspeed ZeRO-3")]
 )  # fmt: skip
 def test_a_run_that_continues_an_earlier_adapter_is_refused_where_weights_are_split(tmp_path, monkeypatch, strategy,
                                                                                     split):  # fmt: skip

@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO for the Trainer-based stages (`distributed.strategy: deepspeed`, training/zero.py): the config ayar
-writes is accepted by DeepSpeed's own config class, and DPO under ZeRO-2 / ZeRO-3 in 2 processes on this CPU
-(DeepSpeed's CPU accelerator, gloo) trains the adapter the data-parallel run trains."""
+"""DeepSpeed ZeRO (`distributed.strategy: deepspeed`, training/zero.py): the config ayar writes is accepted by
+DeepSpeed's own config class; in 2 processes on this CPU (DeepSpeed's CPU accelerator, gloo) ayar's own loop under
+ZeRO-2 / ZeRO-3 trains what one process trains, and resumes DeepSpeed's checkpoints; DPO under ZeRO-2 / ZeRO-3 trains
+the adapter the data-parallel run trains."""
 
 import json
 
@@ -8,8 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import write_jsonl
-from tests.unit.training.test_distributed import _train
+from tests.helpers import MATH_ROWS, write_jsonl
+from tests.unit.training.test_distributed import (
+    COMMON,
+    _train,
+    as_if_killed,
+    assert_same_adapters,
+    assert_same_training,
+    losses,
+)
 
 
 def _plan(world_size=2, dtype=torch.float32, device="cpu"):
@@ -32,7 +40,7 @@ def test_the_config_is_what_deepspeed_itself_accepts(stage, offload):
          f"distributed.offload={str(offload).lower()}", "training.batch_size=4", "training.grad_accum=2",
          "training.max_grad_norm=0.5"],
     )  # fmt: skip
-    written = deepspeed_config(cfg, _plan(world_size=1, dtype=torch.bfloat16, device="cuda"))
+    written = deepspeed_config(cfg.training, cfg.distributed, _plan(world_size=1, dtype=torch.bfloat16, device="cuda"))
     ds = DeepSpeedConfig(json.loads(json.dumps(written)))  # as read back from the JSON a user would keep
     assert ds.zero_optimization_stage == stage and ds.zero_enabled
     assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps, ds.train_batch_size) == (4, 2, 8)
@@ -45,7 +53,7 @@ def test_the_config_is_what_deepspeed_itself_accepts(stage, offload):
         DeepSpeedConfig(bad)
 
 
-def test_the_own_loop_points_to_fsdp_and_a_missing_deepspeed_is_named(monkeypatch):
+def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
     import sys
 
     from ayar.config import load_config
@@ -54,11 +62,58 @@ def test_the_own_loop_points_to_fsdp_and_a_missing_deepspeed_is_named(monkeypatc
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(AyarError, match="own loop .* with distributed.strategy: fsdp"):
-        decide(load_config(None, ["distributed.strategy=deepspeed", "model.device=cpu"]))
+    for stage in (2, 3):
+        plan = decide(load_config(None, ["distributed.strategy=deepspeed", f"distributed.zero_stage={stage}"]))
+        assert plan.strategy == "deepspeed" and plan.memory_strategy == f"zero{stage}"
+        assert plan.summary()["zero_stage"] == stage
+    # ZeRO-3 splits the weights: what needs them whole in one process is refused before loading, as under FSDP
+    zero3 = ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]
+    with pytest.raises(AyarError, match="deepspeed ZeRO-3 cannot split the 4-bit weights of method qlora"):
+        decide(load_config(None, [*zero3, "method=qlora"]))
+    with pytest.raises(AyarError, match="lora.init pissa under deepspeed ZeRO-3: converting the adapter"):
+        decide(load_config(None, [*zero3, "lora.init=pissa"]))
+    assert decide(load_config(None, ["distributed.strategy=deepspeed", "lora.init=pissa"])).strategy == "deepspeed"
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as where it is not installed: import fails
     with pytest.raises(AyarError, match=r"needs DeepSpeed, which is not installed: pip install -e '.\[deepspeed\]'"):
         decide(load_config(None, ["distributed.strategy=deepspeed", "model.device=cpu", "stage=dpo"]))
+
+
+def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny_model_dir, tmp_path):
+    """ayar's own loop on a DeepSpeed engine, ZeRO-3 (weights split too), batch 4 x 2 processes against 8 x 1: the same
+    losses and adapter after 10 steps (43 rows: each epoch's last global micro-batch leaves one process without rows,
+    it runs stand-in passes); killed after its step-5 checkpoint (DeepSpeed's own, a part per process) and resumed, it
+    ends as the uninterrupted run; resuming it in another number of processes is refused, saying why."""
+    data = write_jsonl(tmp_path / "d.jsonl", (MATH_ROWS * 4)[:43])
+    common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "training.save_steps=5"]
+    one, zero3 = tmp_path / "one", tmp_path / "zero3"
+    done = _train([*common, f"output.path={one}", "training.batch_size=8"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero = ["training.batch_size=4", "distributed.strategy=deepspeed", "distributed.zero_stage=3"]
+    done = _train([*common, f"output.path={zero3}", *zero, "--nproc", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world  2 processes (gloo, DeepSpeed ZeRO-3" in done.stderr
+    assert_same_training(one, zero3, split=True)
+    meta = json.loads((zero3 / "run.json").read_text())
+    assert meta["plan"]["strategy"] == "deepspeed" and meta["plan"]["zero_stage"] == 3
+    parts = sorted(p.name for p in (zero3 / "checkpoints" / "checkpoint-0000005" / "zero" / "state").iterdir())
+    assert parts == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+
+    uninterrupted = losses(zero3)
+    as_if_killed(zero3, 10)
+    refused = _train(["--resume", str(zero3)], tmp_path)  # one process: no DeepSpeed
+    assert refused.returncode != 0 and "by DeepSpeed ZeRO in 2 processes: resume it with" in refused.stderr
+    assert "distributed.strategy deepspeed (the same distributed.zero_stage), --nproc 2" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    refused = _train(["--resume", str(zero3), "--nproc", "3"], tmp_path)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert (
+        "written by 2 processes under distributed.strategy deepspeed, which reads a checkpoint back only into as "
+        "many: resume it with --nproc 2" in refused.stderr
+    )
+    done = _train(["--resume", str(zero3), "--nproc", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(zero3)[5:] == pytest.approx(uninterrupted[5:], rel=1e-6)
+    assert_same_training(one, zero3, split=True)
 
 
 @pytest.mark.distributed
@@ -92,3 +147,81 @@ def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir,
         assert json.loads((tmp_path / name / "run.json").read_text())["plan"]["strategy"] == "deepspeed"
     parts = sorted(p.name for p in (tmp_path / "zero2" / "checkpoints").glob("checkpoint-3/global_step3/*optim*"))
     assert parts == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+@pytest.mark.distributed
+def test_the_own_loop_under_zero_trains_what_one_process_does(tiny_model_dir, tmp_path):
+    """ZeRO-2 with accumulation (2 rows x 2 micro-batches x 2 processes) and a full fine-tune under ZeRO-3 (saved
+    gathered), against one process with the same global batch: the same losses and weights after 10 steps."""
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
+    common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON]
+    zero = ["distributed.strategy=deepspeed", "--nproc", "2"]
+    runs = {
+        "one": ["training.batch_size=8"],
+        "zero2": ["training.batch_size=2", "training.grad_accum=2", *zero],
+        "one-full": ["training.batch_size=8", "method=full", "training.learning_rate=1e-3"],
+        "zero3-full": ["training.batch_size=4", "method=full", "training.learning_rate=1e-3", *zero,
+                       "distributed.zero_stage=3"],
+    }  # fmt: skip
+    for name, extra in runs.items():
+        done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "zero2", split=True)
+    a, b = losses(tmp_path / "one-full"), losses(tmp_path / "zero3-full")
+    assert len(a) == len(b) == 10 and max(abs(x - y) / x for x, y in zip(a, b)) < 1e-5, (a, b)
+    wa = load_file(tmp_path / "one-full" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "zero3-full" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+
+
+def _early_stopping_run(rank: int, world: int, model_dir: str, data: str, port: int, out: str, *extra: str) -> None:
+    """One of `world` processes of a LoRA run that stops early (its eval loss made to rise after the first
+    evaluation), as a launcher would start it; each records the trained weights at every evaluation."""
+    import os
+
+    from ayar.training import loop
+    from ayar.training.sft import train_sft
+    from tests.helpers import run_config
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AYAR_HOME=f"{out}/home{rank}")
+    real, seen = loop.evaluate, []
+
+    def rising(model, *args):
+        seen.append(args[-1].trained_copy())  # args[-1]: the Parallel (collective: every process evaluates)
+        return real(model, *args) + 10 * (len(seen) - 1)
+
+    loop.evaluate = rising
+    cfg = run_config(
+        model_dir, data, out, *extra, f"output.path={out}/run{world}", "data.val_ratio=0.25", "data.lint=warn",
+        "training.max_steps=10", "training.eval_steps=1", "training.early_stopping_patience=2", "lora.dropout=0",
+        "training.learning_rate=1e-2", "training.warmup_ratio=0", "training.threads=1",
+    )  # fmt: skip
+    train_sft(cfg)
+    torch.save(seen, f"{out}/seen{world}-{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_under_zero_3_early_stopping_keeps_the_best_adapter(tmp_path):
+    """Early stopping under ZeRO-3: the adapter saved is the best evaluation's (step 1's: gathered whole to keep it,
+    put back into the split weights at the end, after training had moved on), as one process keeps it."""
+    from ayar.netutil import free_port
+    from tests.helpers import save_tiny
+
+    model_dir = save_tiny(tmp_path / "tiny", "qwen2")
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
+    zero3 = ("training.batch_size=4", "distributed.strategy=deepspeed", "distributed.zero_stage=3")
+    for world, extra in ((1, ("training.batch_size=8",)), (2, zero3)):
+        args = (world, str(model_dir), str(data), free_port(), str(tmp_path), *extra)
+        torch.multiprocessing.spawn(_early_stopping_run, args=args, nprocs=world)
+    for world in (1, 2):
+        run = tmp_path / f"run{world}"
+        meta = json.loads((run / "run.json").read_text())
+        assert meta["stopped_early"] and meta["steps"] == 3 and meta["best_step"] == 1, meta
+        seen = torch.load(tmp_path / f"seen{world}-0.pt")
+        saved = load_file(run / "adapter" / "adapter_model.safetensors")
+        assert saved.keys() == seen[0].keys() and all(torch.equal(saved[k], seen[0][k]) for k in saved)
+        assert any(not torch.equal(seen[0][k], seen[-1][k]) for k in saved)  # training had moved on
+    assert_same_adapters(tmp_path / "run1", tmp_path / "run2", split=True)
