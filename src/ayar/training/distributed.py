@@ -55,6 +55,7 @@ class Parallel(Protocol):
     best_whole: bool
     resplits: bool
     lockstep: bool
+    scaler: object | None  # fp16 compute: torch's GradScaler (plan.loss_scaling)
 
     def prepare(self, optimizer) -> None:
         """Called once the optimizer is made on the model's (possibly split) trained weights."""
@@ -95,10 +96,17 @@ class Replicas:
     resplits = True
     lockstep = False
 
-    def __init__(self, model, world: World):
+    def __init__(self, model, world: World, loss_scaling: bool = False, device: str = "cpu"):
         self.model, self.world = model, world
         self.trained = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = self.make_scaler(device) if loss_scaling else None
         same_start(world, self.trained)
+
+    def make_scaler(self, device: str):
+        """Every process holds whole gradients, the same after they are summed: each finds the same overflow."""
+        import torch
+
+        return torch.amp.GradScaler(device.split(":")[0])
 
     def prepare(self, optimizer) -> None:
         pass
@@ -109,18 +117,24 @@ class Replicas:
         return loss_sum(self.model, batch, loss_fn, fused, autocast)
 
     def backward(self, loss) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, optimizer, max_grad_norm: float) -> float:
         import torch
 
         self.exchange_gradients()
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # the norm and clipping see the true gradients
         grads = [p.grad for p in self.trained if p.grad is not None]
         if max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.trained, max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm(grads)
-        optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skipped where a gradient overflowed; the scale halves for the next step
+            self.scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 

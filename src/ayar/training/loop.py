@@ -42,6 +42,7 @@ class LoopState:
     real_tokens: int = 0
     train_seconds: float = 0.0
     world_size: int = 1  # the processes `micro` was counted with (a global micro-batch is batch_size x this)
+    loss_scale: dict | None = None  # fp16 compute: the GradScaler's state (its scale and growth count)
 
 
 @dataclass
@@ -188,6 +189,8 @@ def run_loop(
         )
         state = continue_with(state, tcfg.batch_size, world.size)
         state.stopped = False  # the checkpoint of a stopped run says it stopped; resuming goes on
+        if state.loss_scale and parallel.scaler is not None:
+            parallel.scaler.load_state_dict(state.loss_scale)
         if tcfg.early_stopping_patience and parallel.best_whole:  # else it stays on disk by parts (`_keep_best`)
             best_adapter = ckpt.load_best(ckpt_root, state.best_step)
     device, packed, fused, per_pass = plan.device, plan.layout.packed, plan.layout.fused, plan.layout.per_pass
@@ -217,6 +220,8 @@ def run_loop(
         lr = scheduler.get_last_lr()[0]
         grad_norm = parallel.step(optimizer, tcfg.max_grad_norm)  # the norm before clipping, logged either way
         scheduler.step()
+        if parallel.scaler is not None:
+            state.loss_scale = parallel.scaler.state_dict()
         state.step += 1
         dt = time.perf_counter() - t0
         tokens = dist.total(world, sum(example_tokens(b) for b in micro_batches))
@@ -226,11 +231,13 @@ def run_loop(
             "step": state.step,
             "epoch": round(state.epoch + state.micro / order.per_epoch, 4),
             "loss": step_loss,
-            "grad_norm": grad_norm,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # fp16: an overflow, the step skipped
             "lr": lr,
             "tokens_per_s": tokens / dt,
             "step_seconds": dt,
         }
+        if parallel.scaler is not None:
+            record["loss_scale"] = parallel.scaler.get_scale()
         if world.main and (state.step % tcfg.logging_steps == 0 or state.step == total):
             on_log(record)
         if on_progress and world.main:
@@ -286,7 +293,7 @@ def parallel_for(plan, model, tcfg, world: World) -> Parallel:
         from ayar.training.zero import Zero
 
         return Zero(model, tcfg, plan, world)
-    return Replicas(model, world)
+    return Replicas(model, world, plan.loss_scaling, plan.device)
 
 
 def continue_with(state: LoopState, batch_size: int, world_size: int) -> LoopState:

@@ -67,6 +67,14 @@ class RunPlan:
         return dataclasses.replace(self.placement, device="cpu") if self.strategy == "fsdp" else self.placement
 
     @property
+    def loss_scaling(self) -> bool:
+        """Whether the passes compute in fp16 (autocast over fp32 weights, or an adapter over fp16 weights): fp16's
+        narrow range flushes small gradients to zero, so the loss is scaled up before backward and the gradients back
+        down before the step, and a step whose gradients overflowed is skipped at a lower scale (torch's GradScaler,
+        what the Trainer stages get from accelerate)."""
+        return torch.float16 in (self.autocast, self.placement.dtype)
+
+    @property
     def memory_strategy(self) -> str:
         """What the memory plan splits across the processes (training/memory.py `Sharding`)."""
         if self.strategy == "deepspeed":
@@ -113,6 +121,8 @@ class RunPlan:
             out.update(loading=self.loading, saving=self.saving)
         if self.strategy == "deepspeed":
             out["zero_stage"] = self.distributed.zero_stage
+        if self.loss_scaling:
+            out["loss_scaling"] = True
         if self.layout is not None:
             out["return_memory"] = self.return_memory
         if self.memory is not None:
@@ -157,6 +167,12 @@ def decide(cfg) -> RunPlan:
     quantized = cfg.method in ("qlora", "qdora")
     use_liger = liger.applies(placement.device)
     plan = RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed, use_liger)
+    if strategy == "deepspeed" and own_loop(cfg) and plan.loss_scaling:
+        raise AyarError(
+            "distributed.strategy deepspeed with fp16 compute: ayar's own loop does not scale the loss under "
+            "DeepSpeed yet (fp16 gradients would underflow); use model.dtype: bfloat16 (GPUs since Ampere), or "
+            "distributed.strategy fsdp or ddp (both scale it)"
+        )
     return dataclasses.replace(plan, **weights_loading(cfg, plan))
 
 

@@ -107,6 +107,11 @@ class Fsdp(Replicas):
         self.model, self.world = model, world
         self.root = shard(model, plan.distributed, plan.device, world.size, world.rank, plan.parts_from)
         self.trained = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = self.make_scaler(plan.device) if plan.loss_scaling else None
+
+    def make_scaler(self, device: str):
+        """Each process holds a part of every gradient: an overflow found in one part skips the step everywhere."""
+        return _AgreedScaler(device.split(":")[0])
 
     def forward(self, batch: dict, loss_fn=None, fused: bool = False, autocast=None, last: bool = True):
         self.root.set_requires_gradient_sync(last)
@@ -123,6 +128,19 @@ class Fsdp(Replicas):
 
     def whole_state(self) -> dict | None:
         return trained_state(self.root)
+
+
+class _AgreedScaler(torch.amp.GradScaler):
+    """torch's GradScaler with its overflow check summed over the processes after unscaling, so that all skip or all
+    take the step. torch's ShardedGradScaler does the same, but hands a fused AdamW a found-overflow tensor of shape
+    [1] where it takes a scalar and the step fails (torch 2.13, seen on CPU)."""
+
+    def unscale_(self, optimizer) -> None:
+        import torch.distributed as dist
+
+        super().unscale_(optimizer)
+        for found in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found)
 
 
 def _from_rank0(root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:

@@ -471,6 +471,60 @@ def test_under_fsdp_early_stopping_keeps_the_best_adapter_by_parts(tmp_path):
     assert any(not torch.equal(best[k], last[k]) for k in best)
 
 
+def _scaler_step(rank: int, port: int, out: str) -> None:
+    """One of two processes: a loss-scaled step (fused AdamW, as ayar builds it on CPU) where rank 1's gradient
+    overflows and rank 0's does not."""
+    import torch.distributed as dist
+
+    from ayar.training.sharding import _AgreedScaler
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w], lr=0.1, fused=True)
+    scaler = _AgreedScaler("cpu")
+    scaler.scale((w * (float("inf") if rank == 1 else 2.0)).sum()).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    torch.save({"w": w.detach().clone(), "scale": scaler.get_scale()}, f"{out}/scaler{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_under_fsdp_a_gradient_overflow_in_one_process_skips_the_step_in_all(tmp_path):
+    """fp16 compute under FSDP: each process holds a part of the gradients, so an overflow one finds skips the step
+    everywhere, and every process lowers its scale alike (else the split weights would part ways)."""
+    torch.multiprocessing.spawn(_scaler_step, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"scaler{rank}.pt")
+        assert torch.equal(got["w"], torch.ones(3)) and got["scale"] == 2.0**15, (rank, got)
+
+
+@pytest.mark.distributed
+def test_fp16_compute_under_fsdp_trains_what_data_parallel_does(tiny_model_dir, tmp_path):
+    """A full fine-tune under fp16 autocast with a loss whose gradients underflow fp16 unless scaled: FSDP (the scale
+    agreed across processes) gives the data-parallel run's gradient norms and losses, and neither is ~0."""
+    from tests.unit.training.test_training import TINY_LOSS
+
+    (tmp_path / "losses.py").write_text(TINY_LOSS)
+    data = write_jsonl(tmp_path / "d.jsonl", (MATH_ROWS * 4)[:43])
+    common = [f"model.name={tiny_model_dir}", "model.dtype=float16", "method=full", f"data.train={data}",
+              "data.val_ratio=0", "data.lint=warn", "training.max_steps=4", "training.warmup_ratio=0",
+              "training.tracker=none", "training.threads=1", "training.batch_size=4",
+              f"training.loss={tmp_path / 'losses.py'}:tiny", "--nproc", "2"]  # fmt: skip
+    for name, extra in {"ddp": [], "fsdp": ["distributed.strategy=fsdp"]}.items():
+        done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    steps = {
+        name: [(r["grad_norm"], r["loss"], r["loss_scale"]) for r in map(json.loads, (tmp_path / name /
+               "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
+        for name in ("ddp", "fsdp")
+    }  # fmt: skip
+    assert len(steps["ddp"]) == 4 and min(norm for norm, _, _ in steps["ddp"]) > 1e-7
+    for (a, la, sa), (b, lb, sb) in zip(steps["ddp"], steps["fsdp"]):
+        assert b == pytest.approx(a, rel=1e-3) and lb == pytest.approx(la, rel=1e-3) and sa == sb
+
+
 def test_a_trainer_stage_asks_accelerate_for_fsdp2_by_decoder_layer_with_sharded_checkpoints(tmp_path, monkeypatch):
     """strategy fsdp for a Trainer stage: TrainingArguments carry accelerate's FSDP plugin arguments (FSDP2, a unit
     per decoder layer, sharded checkpoints, offload when asked, rank 0's weights sent to the others), which

@@ -189,6 +189,49 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path, monkeyp
     assert any(not torch.equal(calls[0][n], calls[-1][n]) for n in calls[0])  # and training had moved on since
 
 
+TINY_LOSS = """
+import torch.nn.functional as F
+
+
+def tiny(logits, targets):
+    # cross-entropy a millionth as large: its gradients sit below fp16's smallest number unless the loss is scaled
+    return F.cross_entropy(logits.float(), targets, reduction="none") * 1e-6
+"""
+
+
+def test_fp16_compute_scales_the_loss(tiny_model_dir, tmp_path):
+    """fp16 compute (a full fine-tune under fp16 autocast: on an older GPU; here on the CPU) scales the loss: with a
+    loss whose gradients underflow fp16, the first step's gradient norm is the one fp32 computes (unscaled it is ~0);
+    the plan says so, the scale is logged and kept in the checkpoint."""
+    (tmp_path / "losses.py").write_text(TINY_LOSS)
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    norms = {}
+    for dtype in ("float32", "float16"):
+        run = train_sft(
+            run_config(
+                tiny_model_dir,
+                data,
+                tmp_path / dtype,
+                "method=full",
+                f"model.dtype={dtype}",
+                "data.val_ratio=0",
+                "training.max_steps=2",
+                "training.save_steps=1",
+                "training.batch_size=4",
+                "training.warmup_ratio=0",
+                f"training.loss={tmp_path / 'losses.py'}:tiny",
+            )  # fmt: skip
+        )
+        records = [r for r in run.read_metrics() if "grad_norm" in r]
+        norms[dtype] = records[0]["grad_norm"]
+    plan = run.read_meta()["plan"]
+    assert plan["loss_scaling"] is True and plan["autocast"] == "float16"
+    assert norms["float32"] > 0 and norms["float16"] == pytest.approx(norms["float32"], rel=0.05), norms
+    assert records[0]["loss_scale"] == 65536.0  # torch's starting scale: no overflow here
+    state = json.loads((ckpt.latest_checkpoint(run.checkpoints) / "state.json").read_text())
+    assert state["loss_scale"]["scale"] == 65536.0
+
+
 def test_grad_accumulation_matches_one_big_batch():
     # 2 micro-batches of 2 == 1 batch of 4: same step loss and same updated weights (the loss is the
     # mean over all trained tokens of the optimizer step, however it is split).

@@ -73,6 +73,10 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
     with pytest.raises(AyarError, match="lora.init pissa under deepspeed ZeRO-3: converting the adapter"):
         decide(load_config(None, [*zero3, "lora.init=pissa"]))
     assert decide(load_config(None, ["distributed.strategy=deepspeed", "lora.init=pissa"])).strategy == "deepspeed"
+    # fp16 compute needs loss scaling, which the own loop does not do under DeepSpeed: said before loading
+    with pytest.raises(AyarError, match="does not scale the loss under DeepSpeed yet"):
+        decide(load_config(None, ["distributed.strategy=deepspeed", "model.dtype=float16"]))
+    assert not decide(load_config(None, ["distributed.strategy=deepspeed", "model.dtype=bfloat16"])).loss_scaling
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as where it is not installed: import fails
     with pytest.raises(AyarError, match=r"needs DeepSpeed, which is not installed: pip install -e '.\[deepspeed\]'"):
         decide(load_config(None, ["distributed.strategy=deepspeed", "model.device=cpu", "stage=dpo"]))
