@@ -14,7 +14,7 @@ forward, and the fused CPU path computes the loss outside it. The gradients are 
 Only rank 0 writes the run directory, logs, trackers and checkpoints; the others wait at a barrier.
 
 How the processes hold and train the model is one object with one interface (`Parallel`), made by the loop from
-the plan: `Replicas` here (one process, or data parallel: each holds the whole model), `Sharded` (FSDP,
+the plan: `Replicas` here (one process, or data parallel: each holds the whole model), `Fsdp` (FSDP,
 training/sharding.py) and `Zero` (DeepSpeed ZeRO, training/zero.py).
 """
 
