@@ -168,11 +168,11 @@ def run_loop(
     world = world or World()
     total = total_steps_for(len(train), tcfg, world.size)
     parallel = parallel_for(plan, model, tcfg, world)
-    if resume_from is not None and ckpt.world_size_of(resume_from) != world.size and not parallel.resplits:
+    written_by = ckpt.world_size_of(resume_from) if resume_from is not None else world.size
+    if written_by != world.size and not parallel.resplits:
         raise AyarError(
-            f"{resume_from} was written by {ckpt.world_size_of(resume_from)} processes under distributed.strategy "
-            f"{plan.strategy}, which reads a checkpoint back only into as many: resume it with --nproc "
-            f"{ckpt.world_size_of(resume_from)}"
+            f"{resume_from} was written by {written_by} processes under distributed.strategy {plan.strategy}, which "
+            f"reads a checkpoint back only into as many: resume it with --nproc {written_by}"
         )
     optimizer = build_optimizer(model, tcfg, warn=warn)
     scheduler = build_scheduler(optimizer, tcfg, total)
