@@ -107,16 +107,9 @@ def passes_of(
     mine = [train[i] for i in slices[world.rank]]
     passes = [(make(group), True) for group in length_groups(mine, per_pass)] if mine else []
     if lockstep:
-        most = max(_pass_count(len(rows), per_pass) for rows in slices)
+        most = max(len(length_groups([train[i] for i in rows], per_pass)) if rows else 0 for rows in slices)
         passes += [(make([train[chosen[0]]]), False) for _ in range(most - len(passes))]
     return passes
-
-
-def _pass_count(rows: int, per_pass: int) -> int:
-    """How many passes `length_groups` makes of `rows` rows."""
-    if rows == 0:
-        return 0
-    return 1 if per_pass <= 0 or per_pass >= rows else math.ceil(rows / per_pass)
 
 
 def total_steps_for(n_examples: int, tcfg, world_size: int = 1) -> int:
