@@ -1,4 +1,5 @@
-"""Which FSDP processes should read the weights: peak RSS per rank for each `distributed.loading`.
+"""Which FSDP (or DeepSpeed ZeRO-3) processes should read the weights: peak RSS per rank for each
+`distributed.loading`.
 
 A 0.48B-parameter Llama with random weights (SmolLM2's tokenizer; 1.9 GB in fp32), big enough that the whole model
 outweighs what each of 2 processes holds while training, stored twice: in fp32 (loaded as stored) and in bf16
@@ -7,12 +8,16 @@ process, FSDP, 2 processes x 1 thread, memory returned at once) with each loadin
 rank's peak RSS. `--stage dpo` (a Trainer stage, `examples/dpo.yaml`): rank0 against every_rank. `--stage sft`
 (ayar's own loop, `examples/quickstart.yaml`, LoRA; `--method full` too): rank0 against parts (a full fine-tune
 loaded by parts is saved by parts too; loaded by rank 0, it is gathered on rank 0 and saved whole). `--nproc 4`:
-4 processes x 1 thread (on 2 cores: the seconds are not comparable then, the peaks are).
+4 processes x 1 thread (on 2 cores: the seconds are not comparable then, the peaks are). `--strategy deepspeed`:
+ZeRO-3 instead of FSDP, every_rank (each process loads the whole model, the engine splits it) against rank0 (the
+model built split as it loads, rank 0 reading the files), for either stage.
 
     .venv/bin/python benchmarks/fsdp_loading.py [--stage dpo] [--rounds 1] [--out benchmarks/results-fsdp-loading.json]
     .venv/bin/python benchmarks/fsdp_loading.py --stage sft --out benchmarks/results-fsdp-parts.json
     .venv/bin/python benchmarks/fsdp_loading.py --stage sft --methods full --nproc 4 \
         --out benchmarks/results-fsdp-save.json
+    .venv/bin/python benchmarks/fsdp_loading.py --strategy deepspeed --stage sft --methods lora,full \
+        --out benchmarks/results-zero3-loading.json
 
 Needs the default model converted once (any `ayar train` with `model.name: default` does it).
 """
@@ -63,12 +68,17 @@ def make_models(folder: Path) -> dict[str, Path]:
 
 
 LOADINGS = {"dpo": ("every_rank", "rank0"), "sft": ("rank0", "parts")}
+ZERO3_LOADINGS = ("every_rank", "rank0")
 CONFIGS = {"dpo": "dpo.yaml", "sft": "quickstart.yaml"}
+STRATEGIES = {"fsdp": ["distributed.strategy=fsdp"], "deepspeed": ["distributed.strategy=deepspeed",
+              "distributed.zero_stage=3"]}  # fmt: skip
 
 
-def train(model: Path, loading: str, out: Path, stage: str = "dpo", method: str = "lora", nproc: int = 2) -> dict:
+def train(
+    model: Path, loading: str, out: Path, stage: str = "dpo", method: str = "lora", nproc: int = 2, strategy="fsdp"
+) -> dict:
     cmd = [sys.executable, "-m", "ayar", "train", str(ROOT / "examples" / CONFIGS[stage]), f"model.name={model}",
-           f"method={method}", "model.dtype=float32", "distributed.strategy=fsdp", f"distributed.loading={loading}",
+           f"method={method}", "model.dtype=float32", *STRATEGIES[strategy], f"distributed.loading={loading}",
            "training.max_steps=2", "training.eval_steps=0", "data.val_ratio=0.02", "training.tracker=none",
            "training.threads=1", "training.batch_size=1", "data.max_length=128", "training.return_memory=true",
            f"output.path={out}", "--nproc", str(nproc)]  # fmt: skip
@@ -100,6 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--stage", choices=sorted(LOADINGS), default="dpo")
+    ap.add_argument("--strategy", choices=sorted(STRATEGIES), default="fsdp")
     ap.add_argument("--methods", default="lora", help="comma-separated, e.g. lora,full (--stage sft)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--stored", default="float32,bfloat16", help="the files to train from, comma-separated")
@@ -112,11 +123,11 @@ def main() -> None:
             for method in args.methods.split(","):
                 for stored in args.stored.split(","):
                     path = models[stored]
-                    for loading in LOADINGS[args.stage]:
+                    for loading in ZERO3_LOADINGS if args.strategy == "deepspeed" else LOADINGS[args.stage]:
                         out = Path(tmp) / f"run-{method}-{stored}-{loading}-{r}"
-                        got = train(path, loading, out, args.stage, method, args.nproc)
-                        row = {"stage": args.stage, "method": method, "stored": stored, "nproc": args.nproc,
-                               "round": r + 1, **got}  # fmt: skip
+                        got = train(path, loading, out, args.stage, method, args.nproc, args.strategy)
+                        row = {"strategy": args.strategy, "stage": args.stage, "method": method, "stored": stored,
+                               "nproc": args.nproc, "round": r + 1, **got}  # fmt: skip
                         results["runs"].append(row)
                         print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -51,6 +51,7 @@ def test_train_plan_chat_evaluate_export_load(tiny_model_dir, tmp_path):
         ayar.train(source, resume=run.path)
 
 
+@pytest.mark.distributed
 def test_training_in_several_processes_fails_with_the_workers_error(tiny_model_dir, tmp_path, capfd):
     """`ayar.train(cfg, nproc=2)` runs torchrun here (the web UI's Processes field calls it; a run that trains is in
     tests/unit/ui/test_train_form.py): a run the processes refuse raises one error, after theirs."""

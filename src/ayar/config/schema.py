@@ -285,15 +285,19 @@ class DistributedConfig:
     )
     loading: str = _f(
         "auto",
-        "FSDP: which processes read the model's weights. `rank0`: rank 0 alone, the others receive their parts as the "
-        "model is split (none but rank 0 holds the whole model; rank 0 holds it beside its part while it sends). "
-        "`every_rank`: each process reads the file and keeps its part (the processes of a machine share the file's "
-        "pages where it is stored in the loaded dtype). `parts` (ayar's own loop, LoRA, DoRA or full): each process "
-        "reads only its own parts of the weights from the model folder's safetensors files; none holds the whole "
-        "model (a full fine-tune is then saved by parts too). "
-        "`auto`: for ayar's own loop `parts` where the files hold every weight by name, else `rank0`; for the "
-        "Trainer stages `rank0` where loading converts the weights' dtype, `every_rank` otherwise "
-        "(benchmarks/README.md).",
+        "FSDP and DeepSpeed ZeRO-3: which processes read the model's weights. FSDP: `rank0`: rank 0 alone, the others"
+        " receive their parts as the model is split (none but rank 0 holds the whole model; rank 0 holds it beside "
+        "its part while it sends). `every_rank`: each process reads the file and keeps its part (the processes of a "
+        "machine share the file's pages where it is stored in the loaded dtype). `parts` (ayar's own loop, LoRA, DoRA"
+        " or full): each process reads only its own parts of the weights from the model folder's safetensors files; "
+        "none holds the whole model (a full fine-tune is then saved by parts too). `auto`: for ayar's own loop "
+        "`parts` where the files hold every weight by name, else `rank0`; for the Trainer stages `rank0` where "
+        "loading converts the weights' dtype, `every_rank` otherwise (benchmarks/README.md). DeepSpeed ZeRO-3: "
+        "`rank0` (`auto` on GPUs): the model is built split (DeepSpeed's zero.Init, through transformers) and rank 0 "
+        "reads the files (into CPU RAM), each process keeping its part a layer at a time: no GPU holds the whole "
+        "model; "
+        "`every_rank` (`auto` on a CPU, where the processes share the file's pages and split-built runs peaked no "
+        "lower: benchmarks/README.md): each process loads the whole model, DeepSpeed splits it as its engine starts.",
         choices=("auto", "rank0", "every_rank", "parts"),
     )
 

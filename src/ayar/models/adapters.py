@@ -268,9 +268,12 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
 
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    count = lambda p: (
-        p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
-    )  # 4-bit: packed 2 per byte
+
+    def count(p) -> int:
+        if getattr(p, "quant_state", None) is not None:
+            return p.quant_state.shape.numel()  # 4-bit: packed 2 per byte
+        return getattr(p, "ds_numel", None) or p.numel()  # split by DeepSpeed ZeRO-3: its tensor holds nothing
+
     trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
     total = sum(count(p) for p in model.parameters())
     return trainable, total

@@ -77,6 +77,8 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise _load_error(path, "model", e) from None
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model  # built split by DeepSpeed ZeRO-3 (training/zero.py): each part is on its device already
     return model.to(placement.device)
 
 

@@ -38,7 +38,7 @@ class RunPlan:
     layout: Layout | None = None  # the passes, once the model and data are known (SFT's own loop)
     not_fused_because: str | None = None
     return_memory: bool = False  # hand freed memory back at once (training/allocator.py)
-    loading: str = "rank0"  # under FSDP, who reads the weights: rank0 | every_rank | parts (`weights_loading`)
+    loading: str = "rank0"  # FSDP, ZeRO-3: who reads the weights: rank0 | every_rank | parts (`weights_loading`)
     parts_from: str | None = None  # `parts`: the model folder each rank reads its own parts of the weights from
     saving: str = "whole"  # under FSDP, how a full fine-tune is saved: whole (gathered on rank 0) | parts
     memory: MemoryPlan | None = None
@@ -59,6 +59,12 @@ class RunPlan:
         if self.strategy != "fsdp" or self.loading == "every_rank":
             return True
         return self.loading == "rank0" and self.rank == 0
+
+    @property
+    def splits_while_loading(self) -> bool:
+        """DeepSpeed ZeRO-3 with rank-0 loading: the model is built split and rank 0 reads the weights a layer at a
+        time, each process keeping its part (training/zero.py `split_while_loading`)."""
+        return self.strategy == "deepspeed" and self.distributed.zero_stage == 3 and self.loading == "rank0"
 
     @property
     def load_placement(self) -> Placement:
@@ -121,6 +127,8 @@ class RunPlan:
             out.update(loading=self.loading, saving=self.saving)
         if self.strategy == "deepspeed":
             out["zero_stage"] = self.distributed.zero_stage
+            if self.distributed.zero_stage == 3:
+                out["loading"] = self.loading
         if self.loss_scaling:
             out["loss_scaling"] = True
         if self.layout is not None:
@@ -188,10 +196,21 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
     weights' dtype, as each process would hold a converted copy of the whole model; `every_rank` where the file is
     in the loaded dtype: then the processes map the same file (pages a machine's processes share) and split it in
     place, while accelerate's rank-0 path holds rank 0's whole state dict beside its part (measured:
+    benchmarks/README.md). Under DeepSpeed ZeRO-3, `rank0` builds the model split as it loads
+    (`splits_while_loading`), `every_rank` loads it whole in every process for the engine to split; `auto`: `rank0`
+    on GPUs (each GPU would otherwise hold the whole model first), `every_rank` on a CPU, where the processes share
+    the mapped file's pages and the split-built model trained with a higher peak in every process (measured:
     benchmarks/README.md)."""
     from ayar.models.load import stored_dtype
 
     asked = cfg.distributed.loading
+    if plan.strategy == "deepspeed" and asked == "parts":
+        raise AyarError(
+            "distributed.loading parts is FSDP's; under DeepSpeed ZeRO-3 the model is split as it loads, rank 0 "
+            "reading the files (distributed.loading: rank0; auto picks it on GPUs)"
+        )
+    if plan.strategy == "deepspeed" and cfg.distributed.zero_stage == 3 and asked == "auto":
+        return {"loading": "rank0" if plan.device.startswith("cuda") else "every_rank"}
     if plan.strategy != "fsdp":
         return {"loading": "rank0" if asked == "auto" else asked}
     if own_loop(cfg) and asked in ("auto", "parts"):

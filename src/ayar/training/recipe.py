@@ -58,6 +58,28 @@ class Recipe:
         self.resuming = False
         self.run.truncate_metrics(0)
 
+    def load_model(self, plan, **kwargs):
+        """The run's model and tokenizer as the plan says (models/load.py `load_model_and_tokenizer`; `kwargs` go to
+        it): rank 0 first (it converts the default model once, the others then read it); where ZeRO-3 builds the
+        model split as it loads (collective: every process takes part in each layer), all together, once rank 0 has
+        converted it."""
+        from ayar.models.load import load_model_and_tokenizer, resolve_model_path, starting_point
+        from ayar.training import zero
+
+        def load():
+            m = self.cfg.model
+            return load_model_and_tokenizer(
+                m, plan.load_placement, log=self.say, empty=not plan.reads_weights, **kwargs
+            )
+
+        if not plan.splits_while_loading:
+            with distributed.main_first(self.world):
+                return load()
+        with distributed.main_first(self.world):
+            resolve_model_path(starting_point(self.cfg.model.name)[0], log=self.say)
+        with zero.split_while_loading(plan, self.cfg.training):
+            return load()
+
     def create(self) -> RunDir:
         """The run directory (a new one with its config.yaml; a resumed run is already there). With several
         processes rank 0 makes it and the others learn its path."""

@@ -17,10 +17,9 @@ from rich.console import Console
 from ayar.config import TrainConfig
 from ayar.data.dataset import prepare_data
 from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial
-from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
 from ayar.training import checkpoint as ckpt
-from ayar.training import distributed, sharding
+from ayar.training import distributed, sharding, zero
 from ayar.training.allocator import tune_allocator
 from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
 from ayar.training.plan import decide
@@ -46,18 +45,13 @@ def train_sft(
 
     # --- setup: plan, model, data, passes -------------------------------------------------------------
     plan = decide(cfg)
+    if tcfg.return_memory and plan.device == "cpu":  # asked for: from the start, what loading frees goes back too
+        tune_allocator()
     r.world = world = distributed.start(plan)  # several processes (torchrun, accelerate launch): rank 0 writes
     if not world.main:
         r.console = Console(stderr=True, quiet=True)
     quantization = quantization_config(cfg.method, plan.placement.dtype) if plan.quantized else None
-    with distributed.main_first(world):  # rank 0 converts the default model once (the first run), the others load it
-        model, tok, _, model_path = load_model_and_tokenizer(
-            cfg.model,
-            plan.load_placement,
-            log=say,
-            empty=not plan.reads_weights,
-            **({"quantization_config": quantization} if quantization else {}),
-        )
+    model, tok, _, model_path = r.load_model(plan, **({"quantization_config": quantization} if quantization else {}))
     say(
         f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})"
         + (f", {str(plan.autocast).removeprefix('torch.')} autocast" if plan.autocast is not None else "")
@@ -79,7 +73,8 @@ def train_sft(
 
         liger.apply(model)
     torch.manual_seed(tcfg.seed)  # the adapter's initialization depends on the seed alone, not on the steps above
-    model = apply_method(model, cfg.method, cfg.lora)
+    with zero.split_while_loading(plan, tcfg):  # ZeRO-3's split weights: peft gathers what it reads of them
+        model = apply_method(model, cfg.method, cfg.lora)
     plan = plan.with_passes(cfg, model, data.train, say)
     allocator = tune_allocator() if plan.return_memory and plan.device == "cpu" else None
     if plan.layout.checkpointing:

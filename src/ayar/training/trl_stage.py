@@ -19,7 +19,6 @@ from ayar.config import TrainConfig
 from ayar.data.dataset import Splits, enforce_lint, load_splits
 from ayar.errors import AyarError, DataError
 from ayar.models.adapters import parameter_counts
-from ayar.models.load import load_model_and_tokenizer
 from ayar.rundir import RunDir
 from ayar.training import distributed, sharding, zero
 from ayar.training.allocator import tune_allocator
@@ -60,22 +59,16 @@ def run_stage(
     r.world = world = distributed.start(plan)  # under torchrun / accelerate: the Trainer shares this group
     if not world.main:
         r.console = Console(stderr=True, quiet=True)
-    with distributed.main_first(world):  # bad data said once, by rank 0; the default model converted once
+    with distributed.main_first(world):  # bad data said once, by rank 0
         splits = load_splits(cfg.data, seed=tcfg.seed)
         check_kinds(splits, stage)
         _lint(cfg, splits, say)
         say(f"data   {len(splits.train)} train rows, {len(splits.val)} validation rows ({stage.name})")
-        auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
-        # under FSDP into CPU RAM, on GPUs too: splitting moves each part to its GPU, none holds the whole model;
-        # with rank-0 loading the others build it empty and accelerate sends them their parts (plan.rank0_loading)
-        model, tok, _, model_path = load_model_and_tokenizer(
-            cfg.model,
-            plan.load_placement,
-            log=say,
-            auto_class=auto,
-            empty=not plan.reads_weights,
-            **stage.model_kwargs(cfg, splits),
-        )
+    auto = getattr(__import__("transformers"), stage.auto_class) if stage.auto_class else None
+    # under FSDP into CPU RAM, on GPUs too: splitting moves each part to its GPU, none holds the whole model; with
+    # rank-0 loading the others build it empty and accelerate sends them their parts (plan.rank0_loading); under
+    # ZeRO-3 built split as it loads (plan.splits_while_loading)
+    model, tok, _, model_path = r.load_model(plan, auto_class=auto, **stage.model_kwargs(cfg, splits))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find each row's last token by it
     say(f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})")

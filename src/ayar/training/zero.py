@@ -15,6 +15,7 @@ optimizer states (and, stage 3, weights) in CPU RAM (GPUs; on a CPU they are the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,14 +54,43 @@ def deepspeed_config(t, d, plan) -> dict:
     }
 
 
-def trained_state(model) -> dict:
-    """ZeRO-3: the trained weights gathered whole from their parts (collective: every rank calls it), named as in
-    the model's state_dict, for `save_pretrained(state_dict=...)`; the model's own weights stay split."""
+@contextmanager
+def split_while_loading(plan, tcfg):
+    """ZeRO-3 with rank-0 loading (`plan.splits_while_loading`): a model loaded inside is built split (transformers
+    builds it under DeepSpeed's zero.Init while a DeepSpeed config is registered with it) and rank 0 reads the files
+    (transformers holds their weights in rank 0's CPU RAM meanwhile), handing each process its part a layer at a
+    time: no GPU, and no process but rank 0, holds the whole model (measured: benchmarks/README.md). peft, adding an
+    adapter inside, gathers what it reads of the split weights (DoRA's norms). Weights split in the loaded dtype
+    (the config's bf16/fp16 switch); the engine ayar's own loop starts later takes the split weights as they are.
+    Elsewhere nothing happens."""
+    if not plan.splits_while_loading:
+        yield
+        return
     import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in trained], modifier_rank=None):
-        return {n: p.detach().cpu().clone() for n, p in trained}
+    deepspeed.init_distributed(verbose=False)  # DeepSpeed's config counts the processes in its own group
+    registered = HfDeepSpeedConfig(deepspeed_config(tcfg, plan.distributed, plan))  # noqa: F841 (held weakly)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later loads (a model's shape for the memory plan, on the meta device) whole
+
+
+def trained_state(model) -> dict:
+    """ZeRO-3: the trained weights gathered whole from their parts one at a time (collective: every rank calls it),
+    kept by rank 0 alone ({} elsewhere: a full fine-tune is whole in one process only), named as in the model's
+    state_dict, for `save_pretrained(state_dict=...)`; the model's own weights stay split."""
+    import deepspeed
+    import torch.distributed as dist
+
+    main, out = dist.get_rank() == 0, {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if main:
+                    out[name] = p.detach().cpu().clone()
+    return out
 
 
 def loop_config(tcfg, plan) -> dict:

@@ -77,23 +77,23 @@ def assert_same_adapters(a, b, split=False):
         assert sum(float((wa[k] - wb[k]).abs().sum()) for k in wa) / sum(v.numel() for v in wa.values()) < 5e-6
 
 
-def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_model_dir, tmp_path):
-    """batch 4 x 2 processes against 8 x 1, and 2 x 2 processes x 2 accumulation steps against 8 x 1: the same
-    per-step losses (to 1e-5, relative) and the same adapter after 10 steps."""
+def _one_and_two(tiny_model_dir, tmp_path, **two: list[str]) -> None:
+    """10 steps of one process (batch 8) and of each of `two` (2 processes, the same global batch): the same
+    per-step losses (to 1e-5, relative) and the same adapter."""
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON]
-    runs = {
-        "one": ["training.batch_size=8"],
-        "two": ["training.batch_size=4", "--nproc", "2"],
-        "accum": ["training.batch_size=2", "training.grad_accum=2", "--nproc", "2"],
-    }
-    for name, extra in runs.items():
+    for name, extra in {"one": ["training.batch_size=8"], **two}.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         if "--nproc" in extra:
             assert "torch.distributed.run" in done.stderr and "world  2 processes (gloo, data parallel)" in done.stderr
-    assert_same_training(tmp_path / "one", tmp_path / "two")
-    assert_same_training(tmp_path / "one", tmp_path / "accum")
+    for name in two:
+        assert_same_training(tmp_path / "one", tmp_path / name)
+
+
+def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    """batch 4 x 2 processes against 8 x 1: the same losses and adapter; rank 0 alone writes."""
+    _one_and_two(tiny_model_dir, tmp_path, two=["training.batch_size=4", "--nproc", "2"])
     meta = json.loads((tmp_path / "two" / "run.json").read_text())
     assert meta["status"] == "completed" and meta["plan"]["world_size"] == 2
     assert len(meta["peak_rss_mb_per_rank"]) == 2 and min(meta["peak_rss_mb_per_rank"]) > 0
@@ -103,6 +103,13 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_model
     )
 
 
+@pytest.mark.distributed
+def test_accumulation_in_two_processes_trains_what_one_process_does(tiny_model_dir, tmp_path):
+    """2 rows x 2 processes x 2 accumulation steps against 8 x 1."""
+    _one_and_two(tiny_model_dir, tmp_path, accum=["training.batch_size=2", "training.grad_accum=2", "--nproc", "2"])
+
+
+@pytest.mark.distributed
 def test_rows_that_do_not_fill_the_last_global_batch(tiny_model_dir, tmp_path):
     """43 rows in global micro-batches of 8: each epoch's last one has 3, so one process gets 3 rows (2 passes of 2)
     and the other none. Data parallel: that process adds nothing; FSDP, whose passes are collective: it runs 2
@@ -417,6 +424,7 @@ def _train_rank(rank: int, port: int, model_dir: str, data: str, out: str, pertu
     sft.train_sft(cfg)
 
 
+@pytest.mark.distributed
 def test_the_replicas_start_from_rank_0s_adapter(tiny_model_dir, tmp_path):
     """A rank whose random numbers went another way before the adapter's initialization still trains rank 0's
     adapter (it is broadcast, as DDP's wrapper does): the same run as when no rank drew differently."""

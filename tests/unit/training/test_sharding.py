@@ -332,6 +332,7 @@ def test_the_ranks_but_0_receive_their_parts_of_the_weights(tmp_path):
     assert torch.equal(ranks[0]["rotary"][0], whole.model.rotary_emb.inv_freq)
 
 
+@pytest.mark.distributed
 def test_each_rank_can_read_its_own_parts_of_the_weights_from_the_files(tmp_path):
     """`distributed.loading: parts`: both ranks build the model empty, a LoRA adapter is made on it as on the loaded
     model (the same initial values, though peft would make it empty), and each reads only its parts of the weights
@@ -403,6 +404,7 @@ def _full_run(
     torch.save(seen, f"{out}/{method}-{loading}-{file_bytes}-seen{rank}.pt")
 
 
+@pytest.mark.distributed
 def test_a_full_fine_tune_under_fsdp_is_saved_by_parts(tmp_path):
     """A full fine-tune loaded by parts is saved by parts: each process writes its parts of every weight and rank 0
     joins them into the final files, one weight at a time; the best model (early stopping) is kept on disk by parts

@@ -19,6 +19,8 @@ from tests.unit.training.test_distributed import (
     losses,
 )
 
+ZERO3 = ("distributed.strategy=deepspeed", "distributed.zero_stage=3")
+
 
 def _plan(world_size=2, dtype=torch.float32, device="cpu"):
     from ayar.models.device import Placement
@@ -73,10 +75,22 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
     with pytest.raises(AyarError, match="lora.init pissa under deepspeed ZeRO-3: converting the adapter"):
         decide(load_config(None, [*zero3, "lora.init=pissa"]))
     assert decide(load_config(None, ["distributed.strategy=deepspeed", "lora.init=pissa"])).strategy == "deepspeed"
+    # ZeRO-3 builds the model split as it loads where asked (auto: on GPUs), else every process loads it whole
+    plan = decide(load_config(None, zero3))
+    assert not plan.splits_while_loading and plan.summary()["loading"] == "every_rank"
+    plan = decide(load_config(None, [*zero3, "distributed.loading=rank0"]))
+    assert plan.splits_while_loading and plan.summary()["loading"] == "rank0"
+    assert not decide(load_config(None, ["distributed.strategy=deepspeed"])).splits_while_loading  # ZeRO-2: whole
+    with pytest.raises(AyarError, match="distributed.loading parts is FSDP's; under DeepSpeed ZeRO-3 the model is"):
+        decide(load_config(None, [*zero3, "distributed.loading=parts"]))
     # fp16 compute needs loss scaling, which the own loop does not do under DeepSpeed: said before loading
     with pytest.raises(AyarError, match="does not scale the loss under DeepSpeed yet"):
         decide(load_config(None, ["distributed.strategy=deepspeed", "model.dtype=float16"]))
     assert not decide(load_config(None, ["distributed.strategy=deepspeed", "model.dtype=bfloat16"])).loss_scaling
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    plan = decide(load_config(None, zero3))  # a GPU would hold the whole model before the engine splits it
+    assert plan.device == "cuda" and plan.splits_while_loading and plan.load_placement.device == "cuda"
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as where it is not installed: import fails
     with pytest.raises(AyarError, match=r"needs DeepSpeed, which is not installed: pip install -e '.\[deepspeed\]'"):
         decide(load_config(None, ["distributed.strategy=deepspeed", "model.device=cpu", "stage=dpo"]))
@@ -92,13 +106,14 @@ def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny
     one, zero3 = tmp_path / "one", tmp_path / "zero3"
     done = _train([*common, f"output.path={one}", "training.batch_size=8"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    zero = ["training.batch_size=4", "distributed.strategy=deepspeed", "distributed.zero_stage=3"]
+    zero = ["training.batch_size=4", *ZERO3, "distributed.loading=rank0"]  # built split as it loads (GPUs' auto)
     done = _train([*common, f"output.path={zero3}", *zero, "--nproc", "2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world  2 processes (gloo, DeepSpeed ZeRO-3" in done.stderr
     assert_same_training(one, zero3, split=True)
     meta = json.loads((zero3 / "run.json").read_text())
     assert meta["plan"]["strategy"] == "deepspeed" and meta["plan"]["zero_stage"] == 3
+    assert meta["plan"]["loading"] == "rank0"  # test_under_zero_3_the_model_is_split_as_it_loads: what it holds
     parts = sorted(p.name for p in (zero3 / "checkpoints" / "checkpoint-0000005" / "zero" / "state").iterdir())
     assert parts == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
 
@@ -133,7 +148,7 @@ def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir,
     runs = {
         "ddp": [],
         "zero2": ["distributed.strategy=deepspeed", "training.save_steps=3"],
-        "zero3": ["distributed.strategy=deepspeed", "distributed.zero_stage=3"],
+        "zero3": [*ZERO3, "distributed.loading=rank0"],  # built split as it loads
     }
     for name, extra in runs.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
@@ -148,7 +163,8 @@ def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir,
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], atol=1e-3, rtol=0)
         assert sum(float((got[k] - ref[k]).abs().sum()) for k in ref) / sum(v.numel() for v in ref.values()) < 1e-6
-        assert json.loads((tmp_path / name / "run.json").read_text())["plan"]["strategy"] == "deepspeed"
+        plan = json.loads((tmp_path / name / "run.json").read_text())["plan"]
+        assert plan["strategy"] == "deepspeed" and plan.get("loading") == ("rank0" if name == "zero3" else None)
     parts = sorted(p.name for p in (tmp_path / "zero2" / "checkpoints").glob("checkpoint-3/global_step3/*optim*"))
     assert parts == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
@@ -209,14 +225,16 @@ def _early_stopping_run(rank: int, world: int, model_dir: str, data: str, port: 
 
 @pytest.mark.distributed
 def test_under_zero_3_early_stopping_keeps_the_best_adapter(tmp_path):
-    """Early stopping under ZeRO-3: the adapter saved is the best evaluation's (step 1's: gathered whole to keep it,
-    put back into the split weights at the end, after training had moved on), as one process keeps it."""
+    """Early stopping under ZeRO-3 (each process loading the whole model): the adapter saved is the best
+    evaluation's (step 1's: gathered whole to keep it, put back into the split weights at the end, after training had
+    moved on), as one process keeps it."""
     from ayar.netutil import free_port
     from tests.helpers import save_tiny
 
     model_dir = save_tiny(tmp_path / "tiny", "qwen2")
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
-    zero3 = ("training.batch_size=4", "distributed.strategy=deepspeed", "distributed.zero_stage=3")
+    # each process loads the whole model here (auto, on a CPU; the engine splits it), as the full fine-tune does
+    zero3 = ("training.batch_size=4", *ZERO3)
     for world, extra in ((1, ("training.batch_size=8",)), (2, zero3)):
         args = (world, str(model_dir), str(data), free_port(), str(tmp_path), *extra)
         torch.multiprocessing.spawn(_early_stopping_run, args=args, nprocs=world)
@@ -229,3 +247,64 @@ def test_under_zero_3_early_stopping_keeps_the_best_adapter(tmp_path):
         assert saved.keys() == seen[0].keys() and all(torch.equal(saved[k], seen[0][k]) for k in saved)
         assert any(not torch.equal(seen[0][k], seen[-1][k]) for k in saved)  # training had moved on
     assert_same_adapters(tmp_path / "run1", tmp_path / "run2", split=True)
+
+
+def _load_split(rank: int, model_dir: str, port: int, out: str) -> None:
+    """One of 2 processes loading a model and adding a DoRA adapter as a ZeRO-3 run does (rank-0 loading): what
+    each process holds of each base weight, and the weights and DoRA magnitudes gathered whole, saved by rank."""
+    import os
+
+    from ayar.models.adapters import apply_method
+    from ayar.models.load import load_model_and_tokenizer
+    from ayar.training import distributed, zero
+    from ayar.training.plan import decide
+    from tests.helpers import run_config
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AYAR_HOME=f"{out}/home{rank}")
+    cfg = run_config(model_dir, f"{out}/d.jsonl", out, "method=dora", *ZERO3, "distributed.loading=rank0")
+    plan = decide(cfg)
+    distributed.start(plan)
+    with zero.split_while_loading(plan, cfg.training):
+        model = load_model_and_tokenizer(cfg.model, plan.load_placement)[0]
+        held = {n: (p.numel(), p.ds_tensor.numel(), p.ds_numel) for n, p in model.named_parameters()}
+        model = apply_method(model, "dora", cfg.lora)
+    import deepspeed
+
+    whole = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            whole[name] = p.detach().clone()
+    torch.save({"plan": plan.summary(), "held": held, "whole": whole}, f"{out}/split{rank}.pt")
+    distributed.stop(distributed.World(2, rank))
+
+
+def test_under_zero_3_the_model_is_split_as_it_loads(tiny_model_dir, tmp_path):
+    """ZeRO-3's rank-0 loading (auto's on GPUs): each of 2 processes holds half of every weight from the start (the
+    model built split, rank 0 reading the files), gathered they are the file's weights, and the DoRA adapter peft
+    adds over them is the one it adds over the whole model in one process (its magnitudes read the split weights
+    whole)."""
+    from ayar.models.adapters import apply_method
+    from ayar.netutil import free_port
+    from tests.helpers import run_config
+
+    torch.multiprocessing.spawn(_load_split, args=(str(tiny_model_dir), free_port(), str(tmp_path)), nprocs=2)
+    one = run_config(tiny_model_dir, tmp_path / "d.jsonl", tmp_path, "method=dora")
+    from ayar.models.load import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    ref = apply_method(load_model_and_tokenizer(one.model)[0], "dora", one.lora)
+    ref_state = {n: p.detach() for n, p in ref.named_parameters()}
+    file = load_file(tiny_model_dir / "model.safetensors")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"split{rank}.pt")
+        assert got["plan"]["loading"] == "rank0" and got["plan"]["zero_stage"] == 3
+        assert got["held"].keys() == file.keys()
+        for name, (local, part, whole) in got["held"].items():
+            assert local == 0 and whole == file[name].numel() and part == -(-whole // 2), name
+        assert got["whole"].keys() == ref_state.keys()
+        for name, value in got["whole"].items():
+            if "lora_A" in name or "lora_B" in name:
+                continue  # drawn at random: their own seed in each process
+            torch.testing.assert_close(value, ref_state[name], rtol=1e-6, atol=0, msg=name)
+        assert any("lora_magnitude" in n for n in got["whole"])

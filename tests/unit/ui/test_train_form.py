@@ -112,6 +112,7 @@ def _wait(jobs, job, timeout=240):
     assert not jobs.alive(job), jobs.tail(job)
 
 
+@pytest.mark.distributed
 def test_a_run_in_two_processes_from_the_form_and_resumed_in_as_many(ws):
     """The form's Processes field: the job trains through `ayar.train(cfg, nproc=2)` (torchrun's processes, the
     run where the page follows it); Resume asks for as many processes as the run had."""
