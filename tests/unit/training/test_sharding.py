@@ -576,7 +576,7 @@ def test_a_trainer_stage_under_fsdp_loads_the_model_into_cpu_ram_on_gpus_too(mon
     def load(model_cfg, placement, empty=False, **kwargs):
         raise Loading(placement, empty)
 
-    monkeypatch.setattr(trl_stage, "load_model_and_tokenizer", load)
+    monkeypatch.setattr("ayar.models.load.load_model_and_tokenizer", load)  # what the recipe loads through
     # the rank's decision without its process group: loading (the stub) stops the run before any collective
     monkeypatch.setattr(trl_stage.distributed, "start", lambda plan: trl_stage.distributed.World())
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
