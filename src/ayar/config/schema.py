@@ -295,9 +295,9 @@ class DistributedConfig:
         "loading converts the weights' dtype, `every_rank` otherwise (benchmarks/README.md). DeepSpeed ZeRO-3: "
         "`rank0` (`auto` on GPUs): the model is built split (DeepSpeed's zero.Init, through transformers) and rank 0 "
         "reads the files (into CPU RAM), each process keeping its part a layer at a time: no GPU holds the whole "
-        "model; "
-        "`every_rank` (`auto` on a CPU, where the processes share the file's pages and split-built runs peaked no "
-        "lower: benchmarks/README.md): each process loads the whole model, DeepSpeed splits it as its engine starts.",
+        "model; `every_rank` (`auto` on a CPU, where the processes share the file's pages and split-built runs "
+        "peaked no lower: benchmarks/README.md): each process loads the whole model, DeepSpeed splits it as its "
+        "engine starts.",
         choices=("auto", "rank0", "every_rank", "parts"),
     )
 

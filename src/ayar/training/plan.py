@@ -199,8 +199,8 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
     benchmarks/README.md). Under DeepSpeed ZeRO-3, `rank0` builds the model split as it loads
     (`splits_while_loading`), `every_rank` loads it whole in every process for the engine to split; `auto`: `rank0`
     on GPUs (each GPU would otherwise hold the whole model first), `every_rank` on a CPU, where the processes share
-    the mapped file's pages and the split-built model trained with a higher peak in every process (measured:
-    benchmarks/README.md)."""
+    the mapped file's pages and split-built runs peaked no lower (higher where freed memory was not returned from
+    the start; measured: benchmarks/README.md)."""
     from ayar.models.load import stored_dtype
 
     asked = cfg.distributed.loading

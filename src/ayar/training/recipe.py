@@ -67,10 +67,8 @@ class Recipe:
         from ayar.training import zero
 
         def load():
-            m = self.cfg.model
-            return load_model_and_tokenizer(
-                m, plan.load_placement, log=self.say, empty=not plan.reads_weights, **kwargs
-            )
+            empty = not plan.reads_weights
+            return load_model_and_tokenizer(self.cfg.model, plan.load_placement, log=self.say, empty=empty, **kwargs)
 
         if not plan.splits_while_loading:
             with distributed.main_first(self.world):
