@@ -66,9 +66,9 @@ test: install lint
 test-slow: install
 	$(BIN)/python -m pytest tests -q -m slow
 
-# The rest of the multi-process runs (resumes, two "nodes", each Trainer stage, FSDP full fine-tuning, FSDP resumed
-# in 4 processes, DeepSpeed ZeRO-2/3): ~8 minutes here. `make test` keeps the core equalities (DDP and FSDP against
-# one process).
+# The rest of the multi-process runs (resumes, two "nodes", accumulation, uneven last batches, each Trainer stage,
+# FSDP full fine-tuning, loading and saving by parts, FSDP resumed in 4 processes, DeepSpeed ZeRO-2/3, the web form's
+# 2-process run): ~25 minutes here. `make test` keeps the core equalities (DDP, FSDP and ZeRO-3 against one process).
 test-distributed: install
 	$(BIN)/python -m pytest tests -q -m distributed
 
