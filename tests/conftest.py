@@ -97,13 +97,32 @@ def _ayar_home(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("AYAR_HOME", str(tmp_path_factory.getbasetemp() / "ayar-home"))
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (`make test` runs two workers) each worker hands its reliability figures to the controller,
+    which prints them (below)."""
+    from tests.reliability import COUNTS, FIGURES
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["reliability"] = {"counts": dict(COUNTS), "figures": FIGURES}
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist, none to implement
+def pytest_testnodedown(node, error):
+    """The controller adds up what each worker counted (pytest-xdist's hook, called there only)."""
+    from tests.reliability import COUNTS, FIGURES
+
+    got = getattr(node, "workeroutput", {}).get("reliability", {})
+    COUNTS.update(got.get("counts", {}))
+    FIGURES.extend(tuple(f) for f in got.get("figures", []))
+
+
 def pytest_terminal_summary(terminalreporter):
     """The reliability figures of this run (tests/reliability/__init__.py)."""
     import json
 
     from tests.reliability import COUNTS, FIGURES
 
-    if not COUNTS and not FIGURES:
+    if hasattr(terminalreporter.config, "workeroutput") or (not COUNTS and not FIGURES):
         return
     terminalreporter.section("reliability figures")
     for what, n in sorted(COUNTS.items()):
