@@ -278,7 +278,8 @@ class DistributedConfig:
     offload: bool = _f(
         False,
         "Keep what is split in CPU RAM between uses (FSDP: weights, gradients, optimizer states; DeepSpeed: optimizer "
-        "states, and weights with ZeRO-3). GPUs only: on a CPU it is there already.",
+        "states, stepped by DeepSpeed's CPU Adam, and weights with ZeRO-3). For GPUs: on a CPU it is there already, "
+        "so a run asking for it goes the same way and saves nothing.",
     )
     zero_stage: int = _f(
         2, "DeepSpeed ZeRO stage: 2 (gradients + optimizer states split) or 3 (weights too).", ge=2, le=3

@@ -167,9 +167,11 @@ def run_loop(
             f"{resume_from} was written by {written_by} processes under distributed.strategy {plan.strategy}, which "
             f"reads a checkpoint back only into as many: resume it with --nproc {written_by}"
         )
-    optimizer = build_optimizer(model, tcfg, warn=warn)
-    scheduler = build_scheduler(optimizer, tcfg, total)
+    optimizer = build_optimizer(model, tcfg, warn=warn, cpu_adam=plan.cpu_adam)
     parallel.prepare(optimizer)
+    # after: DeepSpeed drops the optimizer's empty parameter groups (LoRA+'s embedding group, where none is trained),
+    # and a schedule made before would step one learning rate per group it no longer has
+    scheduler = build_scheduler(optimizer, tcfg, total)
     order = BatchOrder(len(train), tcfg.batch_size * world.size, tcfg.seed)
     state = LoopState(world_size=world.size)
     best_adapter = None

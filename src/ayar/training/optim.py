@@ -19,8 +19,13 @@ def trainer_optimizer_args(tcfg) -> dict:
     )
 
 
-def build_optimizer(model, tcfg, warn=print):
+def build_optimizer(model, tcfg, warn=print, cpu_adam: bool = False):
+    """AdamW over the trained weights (LoRA+: two groups; adamw_8bit: bitsandbytes' on CUDA). `cpu_adam`
+    (RunPlan.cpu_adam: DeepSpeed with offload) makes it DeepSpeed's CPU Adam, the one optimizer DeepSpeed steps
+    offloaded states with: the same AdamW update, vectorised in C++."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cpu_adam:
+        return _cpu_adam(model, params, tcfg)
     opt = None
     if tcfg.optimizer == "adamw_8bit":
         try:
@@ -48,6 +53,31 @@ def build_optimizer(model, tcfg, warn=print):
     if opt is None:
         opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay, fused=fused)
     return opt
+
+
+def _cpu_adam(model, params, tcfg):
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from ayar.errors import AyarError
+
+    def adam(groups, **kwargs):  # DeepSpeed compiles its C++ op the first time (about a minute) and caches it
+        try:
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        except Exception as e:  # a missing compiler, ninja or headers, as DeepSpeed's builder reports it
+            raise AyarError(
+                f"distributed.offload under DeepSpeed steps the optimizer with DeepSpeed's CPU Adam, which could not "
+                f"be built here ({type(e).__name__}: {e}); install a C++ compiler and ninja (or a DeepSpeed built "
+                "with DS_BUILD_CPU_ADAM=1), or drop distributed.offload"
+            ) from None
+
+    if tcfg.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model, adam, lr=tcfg.learning_rate, loraplus_lr_ratio=tcfg.loraplus_lr_ratio,
+            weight_decay=tcfg.weight_decay,
+        )  # fmt: skip
+    return adam(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
 
 
 def fused_adamw(params) -> bool | None:

@@ -73,6 +73,13 @@ class RunPlan:
         return dataclasses.replace(self.placement, device="cpu") if self.strategy == "fsdp" else self.placement
 
     @property
+    def cpu_adam(self) -> bool:
+        """DeepSpeed with offload: the optimizer states live in CPU RAM and DeepSpeed's own CPU Adam steps them
+        (DeepSpeed refuses a torch optimizer there); ayar's own loop builds it, the Trainer stages name it in the
+        DeepSpeed config (training/zero.py)."""
+        return self.strategy == "deepspeed" and bool(self.distributed.offload)
+
+    @property
     def loss_scaling(self) -> bool:
         """Whether the passes compute in fp16 (autocast over fp32 weights, or an adapter over fp16 weights): fp16's
         narrow range flushes small gradients to zero, so the loss is scaled up before backward and the gradients back
@@ -129,6 +136,8 @@ class RunPlan:
             out["zero_stage"] = self.distributed.zero_stage
             if self.distributed.zero_stage == 3:
                 out["loading"] = self.loading
+        if self.strategy in ("fsdp", "deepspeed"):
+            out["offload"] = bool(self.distributed.offload)
         if self.loss_scaling:
             out["loss_scaling"] = True
         if self.layout is not None:
@@ -267,10 +276,11 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
     from ayar.models.adapters import CONVERTED_INITS
 
     d = cfg.distributed
-    if strategy in ("fsdp", "deepspeed") and d.offload and not device.startswith("cuda"):
+    if strategy == "deepspeed" and d.offload and cfg.training.optimizer == "adamw_8bit":
         raise AyarError(
-            "distributed.offload keeps split weights in CPU RAM between uses on a GPU; on a CPU they are there "
-            "already: remove distributed.offload"
+            "training.optimizer adamw_8bit with distributed.offload under DeepSpeed: the offloaded optimizer states "
+            "are stepped in CPU RAM by DeepSpeed's CPU Adam, not by bitsandbytes on the GPU; use training.optimizer: "
+            "adamw (or drop distributed.offload)"
         )
     if strategy == "fsdp" and not own_loop(cfg) and d.shard == "hybrid":
         raise AyarError(

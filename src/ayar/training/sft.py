@@ -176,10 +176,12 @@ def _strategy(plan) -> str:
         reads = {"parts": "each reads its parts of the weights", "rank0": "rank 0 reads the weights"}.get(
             plan.loading, "each reads the whole weights"
         )
-        return f"FSDP {plan.distributed.shard} shard, a unit per decoder layer, {reads}"
+        offload = ", offloaded to CPU RAM" if plan.distributed.offload else ""
+        return f"FSDP {plan.distributed.shard} shard, a unit per decoder layer, {reads}{offload}"
     if plan.strategy == "deepspeed":
         split = "gradients and optimizer states" + (", weights" if plan.distributed.zero_stage == 3 else "")
-        return f"DeepSpeed ZeRO-{plan.distributed.zero_stage}, {split} split across the processes"
+        offload = ", offloaded to CPU RAM (DeepSpeed's CPU Adam)" if plan.cpu_adam else ""
+        return f"DeepSpeed ZeRO-{plan.distributed.zero_stage}, {split} split across the processes{offload}"
     return "data parallel"
 
 

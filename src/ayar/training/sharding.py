@@ -73,7 +73,8 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = mesh_for(dcfg, device, world_size)
-    offload = CPUOffloadPolicy() if dcfg.offload else OffloadPolicy()
+    # pinned (page-locked) CPU memory speeds copies to GPUs; torch refuses to pin where there is no accelerator
+    offload = CPUOffloadPolicy(pin_memory=device.startswith("cuda")) if dcfg.offload else OffloadPolicy()
     classes = tuple(layer_classes(model))
     units = [m for m in model.modules() if isinstance(m, classes)]
     # what rank 0 sends, kept until the parts are handed out: its whole weights, or all but those in the files
@@ -326,12 +327,14 @@ def accelerate_fsdp_on_cpu(on: bool):
     """accelerate starts its FSDP plugin only on accelerators: several CPU processes stay `MULTI_CPU`, plain data
     parallel, and the plugin is dropped without a word (accelerate/state.py). torch's FSDP2 runs on CPU over gloo
     (our own loop uses it), so while a Trainer makes its Accelerator (`on`: a CPU run under strategy fsdp), a
-    CPU run is given FSDP as a GPU run is. The caller checks that the Trainer did get it (`trainer.is_fsdp_enabled`)."""
+    CPU run is given FSDP as a GPU run is, its offload (`distributed.offload`) without pinned memory, which torch
+    refuses without an accelerator. The caller checks that the Trainer did get it (`trainer.is_fsdp_enabled`)."""
     if not on:
         yield
         return
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     make = AcceleratorState.__init__
 
@@ -340,6 +343,8 @@ def accelerate_fsdp_on_cpu(on: bool):
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             if self._mixed_precision != "no":  # what accelerate does for its own FSDP runs
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            if isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy):
+                fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
             self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
 

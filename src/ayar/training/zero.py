@@ -10,7 +10,8 @@ backward, clips and steps; mixed precision stays ayar's own (fp32 trained weight
 and N under ZeRO train the same model (tested).
 
 Stage 2 splits gradients and optimizer states across the processes, stage 3 the weights too; `offload` keeps
-optimizer states (and, stage 3, weights) in CPU RAM (GPUs; on a CPU they are there already).
+optimizer states (and, stage 3, weights) in CPU RAM, where DeepSpeed's CPU Adam steps them (for GPUs; on a CPU they are
+there already and the run goes the same way: tested).
 """
 
 from __future__ import annotations
@@ -37,11 +38,21 @@ def deepspeed_config(t, d, plan) -> dict:
     if d.zero_stage == 3:
         # the whole model gathered on rank 0 when saving: the adapter / model is written as one file, not split
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    extra: dict = {}
     if d.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        pinned = plan.device.startswith("cuda")  # page-locked memory speeds copies to GPUs; nothing to copy on a CPU
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pinned}
         if d.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pinned}
+        # DeepSpeed steps offloaded states with its CPU Adam only; a Trainer's own torch optimizer is refused there
+        # (its ZeRORuntimeException), so the Trainer stages name it here: transformers then hands the optimizer to
+        # DeepSpeed and keeps its own schedule. The values are TrainingArguments' (transformers checks they match).
+        extra["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay},
+        }
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.batch_size * t.grad_accum * plan.world_size,
@@ -98,6 +109,7 @@ def loop_config(tcfg, plan) -> dict:
     (they vary: training.rows_per_pass splits them), so the engine takes one micro-batch per step and is told the
     boundary; ayar's own mixed precision (fp32 trained weights) rather than the engine's casting of the model."""
     out = deepspeed_config(tcfg, plan.distributed, plan)
+    out.pop("optimizer", None)  # the loop's own (with offload, DeepSpeed's CPU Adam: training/optim.py)
     out.update(
         gradient_accumulation_steps=1,
         train_batch_size=tcfg.batch_size * plan.world_size,
@@ -111,7 +123,8 @@ def loop_config(tcfg, plan) -> dict:
 class Zero(Replicas):
     """ayar's own loop on a DeepSpeed engine (ZeRO stage 2 or 3). Checkpoints are DeepSpeed's own (every process its
     part of the optimizer states, and at stage 3 of the weights); the best weights early stopping keeps are copied
-    whole (stage 3: gathered), as with one process."""
+    whole, as with one process (stage 3: gathered a weight at a time onto rank 0, so no process holds a second whole
+    copy of a fully fine-tuned model beside its part)."""
 
     split = ZERO
     resplits = False  # DeepSpeed reads its optimizer-state parts back into as many processes as wrote them
@@ -156,27 +169,47 @@ class Zero(Replicas):
         )
 
     def trained_copy(self) -> dict:
+        """The trained weights named as a saved adapter (or model) names them; at stage 3 gathered one at a time
+        (collective) and kept by rank 0 alone ({} elsewhere: `load_trained` reads rank 0's)."""
         from ayar.training.checkpoint import trained_state
 
-        with self._whole(modify=False):
+        if self.stage != 3:
             return trained_state(self.model)
+        import deepspeed
+        import torch.distributed as dist
+
+        main, out = dist.get_rank() == 0, {}
+        for key, p in _as_saved(self.model).items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if main:
+                    out[key] = p.detach().contiguous().cpu().clone()
+        return out
 
     def load_trained(self, state: dict) -> None:
+        """`trained_copy`'s weights put back (collective); at stage 3 rank 0's, split again one weight at a time."""
         from ayar.training.checkpoint import load_trained_state
 
-        with self._whole(modify=True):
-            load_trained_state(self.model, state)
+        if self.stage != 3:
+            return load_trained_state(self.model, state)
+        import deepspeed
+        import torch.distributed as dist
+
+        main = dist.get_rank() == 0
+        for key, p in _as_saved(self.model).items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if main:
+                    p.data.copy_(state[key])
 
     def whole_state(self) -> dict | None:
         return trained_state(self.model) if self.stage == 3 else None
 
-    def _whole(self, modify: bool):
-        """Stage 3: the trained weights whole while inside (collective; `modify`: rank 0's values split again on
-        leaving, every process holding the same); stage 2 holds them whole already."""
-        import contextlib
 
-        import deepspeed
+def _as_saved(model) -> dict:
+    """Each trained weight under the name a saved adapter gives it (peft's, as checkpoint.trained_state writes them)
+    or, fully fine-tuned, the model's own: peft renames the parameters it is handed and passes them through."""
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
 
-        if self.stage != 3:
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(self.trained, modifier_rank=0 if modify else None)
+        return get_peft_model_state_dict(model, state_dict=trained)
+    return trained

@@ -141,7 +141,6 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny_model_dir, t
     [
         (["method=qlora"], "cannot split the 4-bit weights of method qlora: use method lora"),
         (["lora.init=pissa"], "lora.init pissa under distributed.strategy fsdp"),
-        (["distributed.offload=true"], "on a CPU they are there already: remove distributed.offload"),
         (
             ["stage=dpo", "distributed.shard=hybrid"],
             "shard hybrid is for ayar's own loop .* stage dpo / task causal_lm runs on a transformers Trainer, which "

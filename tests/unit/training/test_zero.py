@@ -49,6 +49,16 @@ def test_the_config_is_what_deepspeed_itself_accepts(stage, offload):
     assert ds.gradient_clipping == 0.5 and ds.bfloat16_config.enabled and not ds.float16_config.enabled
     assert ds.zero_config.offload_optimizer is not None if offload else ds.zero_config.offload_optimizer is None
     assert (ds.zero_config.offload_param is not None) == (offload and stage == 3)
+    if offload:  # pinned on a GPU; DeepSpeed's CPU Adam named for the Trainer stages, with TrainingArguments' values
+        assert ds.zero_config.offload_optimizer.pin_memory
+        assert written["optimizer"] == {
+            "type": "AdamW", "params": {"lr": cfg.training.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
+                                        "weight_decay": cfg.training.weight_decay},
+        }  # fmt: skip
+        on_cpu = deepspeed_config(cfg.training, cfg.distributed, _plan(world_size=1))
+        assert not on_cpu["zero_optimization"]["offload_optimizer"]["pin_memory"]
+    else:
+        assert "optimizer" not in written
     # DeepSpeed's own consistency check: the global batch is micro-batch x accumulation x processes
     bad = {**written, "train_batch_size": 7}
     with pytest.raises(AssertionError, match="train_batch_size"):
@@ -61,6 +71,7 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
     from ayar.config import load_config
     from ayar.errors import AyarError
     from ayar.training.plan import decide
+    from ayar.training.zero import loop_config
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -87,6 +98,16 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
     with pytest.raises(AyarError, match="does not scale the loss under DeepSpeed yet"):
         decide(load_config(None, ["distributed.strategy=deepspeed", "model.dtype=float16"]))
     assert not decide(load_config(None, ["distributed.strategy=deepspeed", "model.dtype=bfloat16"])).loss_scaling
+    # offload, written for GPUs, runs on a CPU too; ayar's own loop then steps with DeepSpeed's CPU Adam (its engine's
+    # config names no optimizer: the loop's is handed over), which bitsandbytes' 8-bit AdamW cannot be
+    offload = ["distributed.strategy=deepspeed", "distributed.offload=true"]
+    plan = decide(load_config(None, offload))
+    assert plan.cpu_adam and plan.summary()["offload"] is True and not decide(load_config(None, zero3)).cpu_adam
+    tcfg = load_config(None, offload).training
+    assert "optimizer" not in loop_config(tcfg, plan)
+    assert not decide(load_config(None, ["distributed.strategy=fsdp", "distributed.offload=true"])).cpu_adam
+    with pytest.raises(AyarError, match="training.optimizer adamw_8bit with distributed.offload under DeepSpeed"):
+        decide(load_config(None, [*offload, "training.optimizer=adamw_8bit"]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     plan = decide(load_config(None, zero3))  # a GPU would hold the whole model before the engine splits it
@@ -224,10 +245,11 @@ def _early_stopping_run(rank: int, world: int, model_dir: str, data: str, port: 
 
 
 @pytest.mark.distributed
-def test_under_zero_3_early_stopping_keeps_the_best_adapter(tmp_path):
-    """Early stopping under ZeRO-3 (each process loading the whole model): the adapter saved is the best
-    evaluation's (step 1's: gathered whole to keep it, put back into the split weights at the end, after training had
-    moved on), as one process keeps it."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_under_zero_3_early_stopping_keeps_the_best_adapter(method, tmp_path):
+    """Early stopping under ZeRO-3 (each process loading the whole model): the adapter (or fully fine-tuned model)
+    saved is the best evaluation's (step 1's: gathered a weight at a time onto rank 0 to keep it, put back into the
+    split weights at the end, after training had moved on), as one process keeps it."""
     from ayar.netutil import free_port
     from tests.helpers import save_tiny
 
@@ -235,18 +257,26 @@ def test_under_zero_3_early_stopping_keeps_the_best_adapter(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     # each process loads the whole model here (auto, on a CPU; the engine splits it), as the full fine-tune does
     zero3 = ("training.batch_size=4", *ZERO3)
+    full = ("method=full", "training.learning_rate=1e-3") if method == "full" else ()
     for world, extra in ((1, ("training.batch_size=8",)), (2, zero3)):
-        args = (world, str(model_dir), str(data), free_port(), str(tmp_path), *extra)
+        args = (world, str(model_dir), str(data), free_port(), str(tmp_path), *extra, *full)
         torch.multiprocessing.spawn(_early_stopping_run, args=args, nprocs=world)
+    saved = {}
     for world in (1, 2):
         run = tmp_path / f"run{world}"
         meta = json.loads((run / "run.json").read_text())
         assert meta["stopped_early"] and meta["steps"] == 3 and meta["best_step"] == 1, meta
         seen = torch.load(tmp_path / f"seen{world}-0.pt")
-        saved = load_file(run / "adapter" / "adapter_model.safetensors")
-        assert saved.keys() == seen[0].keys() and all(torch.equal(saved[k], seen[0][k]) for k in saved)
-        assert any(not torch.equal(seen[0][k], seen[-1][k]) for k in saved)  # training had moved on
-    assert_same_adapters(tmp_path / "run1", tmp_path / "run2", split=True)
+        if world == 2:  # the copy is rank 0's alone: rank 1 held none
+            assert torch.load(tmp_path / "seen2-1.pt") == [{}] * len(seen)
+        saved[world] = load_file(run / ("model/model.safetensors" if full else "adapter/adapter_model.safetensors"))
+        assert saved[world].keys() == seen[0].keys()
+        assert all(torch.equal(saved[world][k], seen[0][k]) for k in seen[0])
+        assert any(not torch.equal(seen[0][k], seen[-1][k]) for k in seen[0])  # training had moved on
+    if not full:
+        assert_same_adapters(tmp_path / "run1", tmp_path / "run2", split=True)
+    for k in saved[1]:
+        torch.testing.assert_close(saved[1][k], saved[2][k], atol=1e-4, rtol=1e-3)
 
 
 def _load_split(rank: int, model_dir: str, port: int, out: str) -> None:
@@ -308,3 +338,79 @@ def test_under_zero_3_the_model_is_split_as_it_loads(tiny_model_dir, tmp_path):
                 continue  # drawn at random: their own seed in each process
             torch.testing.assert_close(value, ref_state[name], rtol=1e-6, atol=0, msg=name)
         assert any("lora_magnitude" in n for n in got["whole"])
+
+
+@pytest.mark.distributed
+def test_offload_asked_on_a_cpu_trains_what_one_process_does_and_resumes(tiny_model_dir, tmp_path):
+    """`distributed.offload`, written for GPUs, runs unchanged on a CPU (nothing to move there) through the same code
+    as on GPUs, 2 processes against 1 with the same global batch, 10 steps. ayar's own loop: ZeRO-2 with LoRA+ (its
+    two learning rates in DeepSpeed's CPU Adam, the one optimizer DeepSpeed steps offloaded states with: a torch AdamW
+    is refused there), killed after its step-5 checkpoint and resumed to the uninterrupted run; ZeRO-3 (weights
+    offloaded too); FSDP (CPU offload policy). DPO (3 steps) under ZeRO-2 (the optimizer named in DeepSpeed's config)
+    and FSDP (accelerate's plugin) with offload trains the data-parallel adapter."""
+    from tests.unit.training.test_stages import PAIRS
+
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
+    common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "training.save_steps=5"]
+    offload = ["training.batch_size=4", "distributed.offload=true", "--nproc", "2"]
+    # LoRA+ at half the rate, its B matrices at the plain runs' 0.01: at 0.04 DeepSpeed's C++ Adam and torch's AdamW
+    # (the one-process run's) drift apart by rounding to 2e-5 in 10 steps, doubling each step from 5e-7 at step 3
+    loraplus = ["training.learning_rate=0.005", "training.loraplus_lr_ratio=2"]
+    runs = {
+        "one": ["training.batch_size=8", *loraplus],
+        "zero2": ["distributed.strategy=deepspeed", *loraplus, *offload],
+        "one-plain": ["training.batch_size=8"],
+        "zero3": [*ZERO3, *offload],
+        "fsdp": ["distributed.strategy=fsdp", *offload],
+    }
+    for name, extra in runs.items():
+        done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        said = " ".join(done.stderr.split())  # the world line, as wide as the terminal
+        if name == "zero3":
+            assert "weights split across the processes, offloaded to CPU RAM (DeepSpeed's CPU Adam)" in said
+        if name == "fsdp":
+            assert "a unit per decoder layer, each reads its parts of the weights, offloaded to CPU RAM" in said
+    for name, ref in (("zero2", "one"), ("zero3", "one-plain"), ("fsdp", "one-plain")):
+        assert_same_training(tmp_path / ref, tmp_path / name, split=True)
+        assert json.loads((tmp_path / name / "run.json").read_text())["plan"]["offload"] is True
+    state = torch.load(
+        tmp_path / "zero2" / "checkpoints" / "checkpoint-0000005" / "zero" / "state"
+        / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False,
+    )  # fmt: skip
+    groups = state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.005, 0.01]  # LoRA+'s A and B groups (its empty one dropped)
+    assert all("bias_correction" in g and "fused" not in g for g in groups)  # DeepSpeed's CPU Adam's, not torch's
+
+    uninterrupted = losses(tmp_path / "zero2")
+    as_if_killed(tmp_path / "zero2", 10)
+    done = _train(["--resume", str(tmp_path / "zero2"), "--nproc", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(tmp_path / "zero2")[5:] == pytest.approx(uninterrupted[5:], rel=1e-6)
+    assert_same_training(tmp_path / "one", tmp_path / "zero2", split=True)
+
+    pairs = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
+    dpo = [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={pairs}", "stage=dpo",
+           "training.batch_size=2", "data.val_ratio=0.25", "training.max_steps=3", "training.warmup_ratio=0",
+           "training.learning_rate=0.01", "training.tracker=none", "--nproc", "2"]  # fmt: skip
+    dpo_runs = {
+        "dpo-ddp": [],
+        "dpo-zero2": ["distributed.strategy=deepspeed", "distributed.offload=true", "training.save_steps=3"],
+        "dpo-fsdp": ["distributed.strategy=fsdp", "distributed.offload=true"],
+    }
+    for name, extra in dpo_runs.items():
+        done = _train([*dpo, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ref = load_file(tmp_path / "dpo-ddp" / "adapter" / "adapter_model.safetensors")
+    for name in ("dpo-zero2", "dpo-fsdp"):
+        got = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        assert got.keys() == ref.keys()
+        for k in ref:  # as test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter says of AdamW
+            torch.testing.assert_close(got[k], ref[k], atol=1e-3, rtol=0)
+        assert sum(float((got[k] - ref[k]).abs().sum()) for k in ref) / sum(v.numel() for v in ref.values()) < 1e-6
+        assert json.loads((tmp_path / name / "run.json").read_text())["plan"]["offload"] is True
+    state = torch.load(
+        next((tmp_path / "dpo-zero2" / "checkpoints").glob("checkpoint-3/global_step3/zero_pp_rank_0_*optim*")),
+        weights_only=False,
+    )  # the optimizer DeepSpeed stepped: its CPU Adam, named in the config (transformers' own AdamW is refused)
+    assert all("bias_correction" in g for g in state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"])
