@@ -82,7 +82,7 @@ def load_checkpoint(
         n = world_size_of(path)
         how = {
             SHARDS: f"distributed.strategy fsdp in several processes (--nproc {n})",
-            ZERO: f"distributed.strategy deepspeed (the same distributed.zero_stage), --nproc {n}",
+            ZERO: f"distributed.strategy deepspeed (the same zero_stage) in several processes (--nproc {n})",
             None: "distributed.strategy ddp, or in one process",
         }
         what = {SHARDS: "split across processes by FSDP", ZERO: "by DeepSpeed ZeRO", None: "whole"}

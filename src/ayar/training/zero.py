@@ -127,7 +127,7 @@ class Zero(Replicas):
     copy of a fully fine-tuned model beside its part)."""
 
     split = ZERO
-    resplits = False  # DeepSpeed reads its optimizer-state parts back into as many processes as wrote them
+    resplits = True  # into another number of processes through DeepSpeed's universal checkpoint (`read_split`)
     lockstep = True
 
     def __init__(self, model, tcfg, plan, world: World):
@@ -164,9 +164,36 @@ class Zero(Replicas):
         self.engine.save_checkpoint(str(folder / ZERO), tag="state", save_latest=False, exclude_frozen_parameters=True)
 
     def read_split(self, folder: Path, optimizer=None) -> None:
-        self.engine.load_checkpoint(
-            str(folder / ZERO), tag="state", load_module_strict=False, load_lr_scheduler_states=False
-        )
+        """DeepSpeed's checkpoint read back, each process its parts. Written by another number of processes, rank 0
+        first converts it into DeepSpeed's universal checkpoint (`ds_to_universal`: every weight and its optimizer
+        states whole, one folder each) beside it, which every process reads its new parts from; the copy is removed
+        once read (the checkpoint itself is left as it was)."""
+        import torch.distributed as dist
+
+        from ayar.training.checkpoint import world_size_of
+
+        tag, universal = "state", world_size_of(folder) != self.world.size
+        if universal:
+            tag = "universal"
+            if self.world.main:
+                _to_universal(folder / ZERO / "state", folder / ZERO / tag)
+            dist.barrier()
+        # DeepSpeed reads the layout from its config's `checkpoint.load_universal`, fixed when the engine started;
+        # a run learns only now that its checkpoint needs it
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            self.engine.load_checkpoint(
+                str(folder / ZERO), tag=tag, load_module_strict=False, load_lr_scheduler_states=False
+            )
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+            if universal:
+                dist.barrier()
+                if self.world.main:
+                    import shutil
+
+                    shutil.rmtree(folder / ZERO / tag, ignore_errors=True)
+                    (folder / ZERO / "latest_universal").unlink(missing_ok=True)  # the conversion's pointer to it
 
     def trained_copy(self) -> dict:
         """The trained weights named as a saved adapter (or model) names them; at stage 3 gathered one at a time
@@ -202,6 +229,37 @@ class Zero(Replicas):
 
     def whole_state(self) -> dict | None:
         return trained_state(self.model) if self.stage == 3 else None
+
+
+def _to_universal(source: Path, out: Path) -> None:
+    """DeepSpeed's own conversion (deepspeed/checkpoint/ds_to_universal.py, as its command line runs it) of a ZeRO
+    checkpoint into its universal layout; its progress lines kept off the run's output. `inject_missing_state`:
+    ayar's engine is not Megatron's, whose checkpoints carry the conversion's version stamp."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)  # a conversion a crash left half done
+    args = argparse.Namespace(
+        input_folder=str(source), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )  # fmt: skip
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            ds_to_universal.main(args)
+    except Exception as e:  # a layout DeepSpeed's conversion does not know: the way back is as many processes
+        from ayar.errors import AyarError
+
+        shutil.rmtree(out, ignore_errors=True)
+        raise AyarError(
+            f"{source.parent.parent} was written by another number of processes, and DeepSpeed could not convert "
+            f"its checkpoint to read it into this many ({type(e).__name__}: {e}); resume it with --nproc as in "
+            "its run.json (plan.world_size)"
+        ) from None
 
 
 def _as_saved(model) -> dict:

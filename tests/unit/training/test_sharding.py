@@ -217,18 +217,27 @@ def test_the_run_plans_memory_per_process(tiny_model_dir, monkeypatch):
 def test_a_sharded_checkpoint_resumes_in_another_number_of_processes(tiny_model_dir, tmp_path):
     """A 2-process FSDP checkpoint (global micro-batches of 2 x 2 rows) resumed by 4 processes (2 x 4 rows): the
     saved parts are re-split for 4 ranks (torch.distributed.checkpoint) and the position in the epoch carries over
-    in examples. Steps 3-4 equal those of a DDP run resumed the same way (DDP's resume in another number of processes
-    is exact: test_distributed.py), both without the fused decoder."""
+    in examples. DeepSpeed's (ZeRO-2 and ZeRO-3) the same way, converted into its universal checkpoint first (beside
+    the checkpoint, removed once read). Steps 3-4 equal those of a DDP run resumed the same way (DDP's resume in
+    another number of processes is exact: test_distributed.py), all without the fused decoder."""
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 2)
     steps = {}
-    for strategy in ("fsdp", "ddp"):
-        run = tmp_path / strategy
+    strategies = {
+        "fsdp": ["distributed.strategy=fsdp"],
+        "zero2": ["distributed.strategy=deepspeed"],
+        "zero3": ["distributed.strategy=deepspeed", "distributed.zero_stage=3"],
+        "ddp": ["distributed.strategy=ddp"],
+    }
+    for name, strategy in strategies.items():
+        run = tmp_path / name
         args = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "training.max_steps=4",
                 "training.save_steps=2", "training.batch_size=2", "training.fused=false",
-                f"distributed.strategy={strategy}", f"output.path={run}", "--nproc", "2"]  # fmt: skip
+                *strategy, f"output.path={run}", "--nproc", "2"]  # fmt: skip
         done = _train(args, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         as_if_killed(run, 4)
+        kept = run / "checkpoints" / "checkpoint-0000002"
+        before = sorted(p.relative_to(kept) for p in kept.rglob("*"))
         resumed = _train(["--resume", str(run), "--nproc", "4"], tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resume checkpoint-0000002" in resumed.stderr and "world  4 processes" in resumed.stderr
@@ -237,8 +246,10 @@ def test_a_sharded_checkpoint_resumes_in_another_number_of_processes(tiny_model_
         # steps 1-2 took 2 x 4 rows of the epoch's order, step 3 the next 8 (4 processes x 2): 16 rows in
         assert abs(records[2]["epoch"] - 16 / len(MATH_ROWS * 2)) < 1e-4, records
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
-        steps[strategy] = [r["loss"] for r in records]
-    assert max(abs(x - y) / abs(x) for x, y in zip(steps["fsdp"], steps["ddp"])) < 1e-5, steps
+        assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before  # no conversion left behind
+        steps[name] = [r["loss"] for r in records]
+    for name in ("fsdp", "zero2", "zero3"):
+        assert max(abs(x - y) / abs(x) for x, y in zip(steps[name], steps["ddp"])) < 1e-5, (name, steps)
 
 
 @pytest.mark.parametrize(

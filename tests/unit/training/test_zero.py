@@ -121,7 +121,8 @@ def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny
     """ayar's own loop on a DeepSpeed engine, ZeRO-3 (weights split too), batch 4 x 2 processes against 8 x 1: the same
     losses and adapter after 10 steps (43 rows: each epoch's last global micro-batch leaves one process without rows,
     it runs stand-in passes); killed after its step-5 checkpoint (DeepSpeed's own, a part per process) and resumed, it
-    ends as the uninterrupted run; resuming it in another number of processes is refused, saying why."""
+    ends as the uninterrupted run; resuming it in one process (no DeepSpeed) is refused, saying how (in another number
+    of processes: test_sharding.py's test_a_sharded_checkpoint_resumes_in_another_number_of_processes)."""
     data = write_jsonl(tmp_path / "d.jsonl", (MATH_ROWS * 4)[:43])
     common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "training.save_steps=5"]
     one, zero3 = tmp_path / "one", tmp_path / "zero3"
@@ -142,14 +143,9 @@ def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny
     as_if_killed(zero3, 10)
     refused = _train(["--resume", str(zero3)], tmp_path)  # one process: no DeepSpeed
     assert refused.returncode != 0 and "by DeepSpeed ZeRO in 2 processes: resume it with" in refused.stderr
-    assert "distributed.strategy deepspeed (the same distributed.zero_stage), --nproc 2" in refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert "distributed.strategy deepspeed (the same zero_stage) in several processes (--nproc 2)" in said
     assert "Traceback" not in refused.stderr
-    refused = _train(["--resume", str(zero3), "--nproc", "3"], tmp_path)
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert (
-        "written by 2 processes under distributed.strategy deepspeed, which reads a checkpoint back only into as "
-        "many: resume it with --nproc 2" in refused.stderr
-    )
     done = _train(["--resume", str(zero3), "--nproc", "2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(zero3)[5:] == pytest.approx(uninterrupted[5:], rel=1e-6)
@@ -414,3 +410,16 @@ def test_offload_asked_on_a_cpu_trains_what_one_process_does_and_resumes(tiny_mo
         weights_only=False,
     )  # the optimizer DeepSpeed stepped: its CPU Adam, named in the config (transformers' own AdamW is refused)
     assert all("bias_correction" in g for g in state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"])
+
+
+def test_a_checkpoint_deepspeed_cannot_convert_says_how_to_resume(tmp_path):
+    """Resuming in another number of processes converts DeepSpeed's checkpoint (ds_to_universal); where DeepSpeed
+    cannot (here: parts missing), the error names the run and the way back, and no half-made copy is left."""
+    from ayar.errors import AyarError
+    from ayar.training.zero import _to_universal
+
+    state = tmp_path / "run" / "checkpoints" / "checkpoint-0000002" / "zero" / "state"
+    state.mkdir(parents=True)
+    with pytest.raises(AyarError, match=r"checkpoint-0000002 was written by another number of processes.*--nproc"):
+        _to_universal(state, state.parent / "universal")
+    assert not (state.parent / "universal").exists()
