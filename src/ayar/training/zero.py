@@ -247,9 +247,8 @@ def _to_universal(source: Path, out: Path) -> None:
         input_folder=str(source), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
         keep_temp_folder=False, strict=True, inject_missing_state=True,
     )  # fmt: skip
-    said = io.StringIO()
     try:
-        with contextlib.redirect_stdout(said):
+        with contextlib.redirect_stdout(io.StringIO()):
             ds_to_universal.main(args)
     except Exception as e:  # a layout DeepSpeed's conversion does not know: the way back is as many processes
         from ayar.errors import AyarError
