@@ -2,6 +2,7 @@
 
     python benchmarks/strategies.py                       # ddp, fsdp, zero2, zero3, one round
     python benchmarks/strategies.py --sides ddp,zero3 --rounds 2
+    python benchmarks/strategies.py --sides zero2,zero2-offload,fsdp,fsdp-offload --out X.json
 
 Each side is `ayar train examples/quickstart.yaml ... --nproc 2` (the default model, 10 steps, no evaluation or
 checkpoints, LoRA dropout 0, global batch 2 processes x 4, 1 thread each, gloo), run in turn (rounds alternate the
@@ -27,6 +28,10 @@ SIDES = {
     "fsdp": ["distributed.strategy=fsdp"],
     "zero2": ["distributed.strategy=deepspeed", "distributed.zero_stage=2"],
     "zero3": ["distributed.strategy=deepspeed", "distributed.zero_stage=3"],
+    # offload asked on a CPU (where the states are in CPU RAM anyway): what the offload path itself costs here,
+    # DeepSpeed's CPU Adam over its offloaded states, FSDP's offload policy
+    "zero2-offload": ["distributed.strategy=deepspeed", "distributed.zero_stage=2", "distributed.offload=true"],
+    "fsdp-offload": ["distributed.strategy=fsdp", "distributed.offload=true"],
 }
 COMMON = [
     "data.val_ratio=0",
@@ -68,7 +73,7 @@ def run_side(name: str, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument("--sides", default="ddp,fsdp,zero2,zero3", help=f"comma-separated, of {', '.join(SIDES)}")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results-strategies.json"))
     args = ap.parse_args()
