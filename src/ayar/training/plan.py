@@ -111,7 +111,9 @@ class RunPlan:
             from ayar.training.memory import model_shape
 
             shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
-            sharding = Sharding(self.world_size, self.memory_strategy)
+            # offload moves parts from the GPU's memory into CPU RAM; on a CPU they stay in the memory checked
+            offload = self.memory_strategy != "ddp" and bool(self.distributed.offload) and self.device != "cpu"
+            sharding = Sharding(self.world_size, self.memory_strategy, offload)
             memory, checkpointing, release = _check_memory(
                 cfg, shape, examples, self.placement, packed, why_not, say, sharding if self.world_size > 1 else None
             )

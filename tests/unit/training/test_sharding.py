@@ -211,6 +211,15 @@ def test_the_run_plans_memory_per_process(tiny_model_dir, monkeypatch):
     assert one.memory.available == 8 * 2**30 and fsdp.memory.available == 4 * 2**30
     assert fsdp.memory.parts["weights"] < one.memory.parts["weights"]
     assert "per process of 4.0 GB available per process" in lines[-1]
+    # offload asked: on a CPU what it "moves" stays in the RAM checked; on a GPU it leaves the GPU's memory
+    on_cpu = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=float32", "method=full",
+                                "model.device=cpu", "distributed.offload=true"])  # fmt: skip
+    offload = dataclasses.replace(plan, world_size=2, strategy="fsdp", distributed=on_cpu.distributed)
+    assert offload.with_passes(on_cpu, model, rows, lines.append).memory.total == fsdp.memory.total
+    on_gpu = dataclasses.replace(offload, placement=dataclasses.replace(plan.placement, device="cuda"))
+    monkeypatch.setattr(memory, "available_memory", lambda device: 8 * 2**30 if device == "cuda" else 2**40)
+    gpu = on_gpu.with_passes(on_cpu, model, rows, lines.append).memory
+    assert gpu.offloaded > 0 and gpu.total < fsdp.memory.total and "weights" not in gpu.parts
 
 
 @pytest.mark.distributed
