@@ -46,14 +46,13 @@ class Parallel(Protocol):
     """How the run's processes hold and train the model, for the loop (training/loop.py): passes, optimizer steps,
     checkpoints and the best weights early stopping keeps. `split`: the checkpoint sub-folder its split weights and
     optimizer states go to (training/checkpoint.py), None where a checkpoint holds them whole. `best_whole`: the best
-    weights are kept as a whole copy (`trained_copy`), else written split (`write_split`). `resplits`: a checkpoint
-    resumes in another number of processes. `lockstep`: forward and backward are collective (every process must run
-    as many passes: training/loop.py `passes_of`)."""
+    weights are kept as a whole copy (`trained_copy`), else written split (`write_split`). Every one reads a
+    checkpoint back into another number of processes too. `lockstep`: forward and backward are collective (every
+    process must run as many passes: training/loop.py `passes_of`)."""
 
     model: object
     split: str | None
     best_whole: bool
-    resplits: bool
     lockstep: bool
     scaler: object | None  # fp16 compute: torch's GradScaler (plan.loss_scaling)
 
@@ -93,7 +92,6 @@ class Replicas:
 
     split = None
     best_whole = True
-    resplits = True
     lockstep = False
 
     def __init__(self, model, world: World, loss_scaling: bool = False, device: str = "cpu"):

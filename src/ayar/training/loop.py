@@ -161,12 +161,6 @@ def run_loop(
     world = world or World()
     total = total_steps_for(len(train), tcfg, world.size)
     parallel = parallel_for(plan, model, tcfg, world)
-    written_by = ckpt.world_size_of(resume_from) if resume_from is not None else world.size
-    if written_by != world.size and not parallel.resplits:
-        raise AyarError(
-            f"{resume_from} was written by {written_by} processes under distributed.strategy {plan.strategy}, which "
-            f"reads a checkpoint back only into as many: resume it with --nproc {written_by}"
-        )
     optimizer = build_optimizer(model, tcfg, warn=warn, cpu_adam=plan.cpu_adam)
     parallel.prepare(optimizer)
     # after: DeepSpeed drops the optimizer's empty parameter groups (LoRA+'s embedding group, where none is trained),

@@ -126,8 +126,7 @@ class Zero(Replicas):
     whole, as with one process (stage 3: gathered a weight at a time onto rank 0, so no process holds a second whole
     copy of a fully fine-tuned model beside its part)."""
 
-    split = ZERO
-    resplits = True  # into another number of processes through DeepSpeed's universal checkpoint (`read_split`)
+    split = ZERO  # read back into another number of processes through DeepSpeed's universal checkpoint (`read_split`)
     lockstep = True
 
     def __init__(self, model, tcfg, plan, world: World):
@@ -203,12 +202,11 @@ class Zero(Replicas):
         if self.stage != 3:
             return trained_state(self.model)
         import deepspeed
-        import torch.distributed as dist
 
-        main, out = dist.get_rank() == 0, {}
+        out = {}
         for key, p in _as_saved(self.model).items():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if main:
+                if self.world.main:
                     out[key] = p.detach().contiguous().cpu().clone()
         return out
 
@@ -219,12 +217,10 @@ class Zero(Replicas):
         if self.stage != 3:
             return load_trained_state(self.model, state)
         import deepspeed
-        import torch.distributed as dist
 
-        main = dist.get_rank() == 0
         for key, p in _as_saved(self.model).items():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if main:
+                if self.world.main:
                     p.data.copy_(state[key])
 
     def whole_state(self) -> dict | None:
