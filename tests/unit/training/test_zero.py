@@ -152,27 +152,22 @@ def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny
     assert_same_training(one, zero3, split=True)
 
 
-@pytest.mark.distributed
-def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir, tmp_path):
-    """DPO, 2 processes, 3 steps: ZeRO-2 and ZeRO-3 (weights split too, gathered whole to save) give the adapter
-    the DDP run gives; the checkpoints are DeepSpeed's, one part per rank."""
+def _dpo_runs(model_dir, tmp_path, runs: dict) -> dict:
+    """DPO in 2 processes, 3 steps, one run per entry of `runs` (name: extra overrides), the first the reference;
+    each other run's adapter is checked against the reference's. Returns the runs' folders by name."""
     from tests.unit.training.test_stages import PAIRS
 
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
-    common = [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data}", "stage=dpo",
+    common = [f"model.name={model_dir}", "model.dtype=float32", f"data.train={data}", "stage=dpo",
               "training.batch_size=2", "data.val_ratio=0.25", "training.max_steps=3", "training.warmup_ratio=0",
               "training.learning_rate=0.01", "training.tracker=none", "--nproc", "2"]  # fmt: skip
-    runs = {
-        "ddp": [],
-        "zero2": ["distributed.strategy=deepspeed", "training.save_steps=3"],
-        "zero3": [*ZERO3, "distributed.loading=rank0"],  # built split as it loads
-    }
     for name, extra in runs.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-    ref = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    first, *others = runs
+    ref = load_file(tmp_path / first / "adapter" / "adapter_model.safetensors")
     assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 0  # it trained
-    for name in ("zero2", "zero3"):
+    for name in others:
         got = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
         assert got.keys() == ref.keys()
         # AdamW moves a weight whose gradient is ~0 by up to the learning rate (0.01) whatever the gradient's
@@ -180,8 +175,22 @@ def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir,
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], atol=1e-3, rtol=0)
         assert sum(float((got[k] - ref[k]).abs().sum()) for k in ref) / sum(v.numel() for v in ref.values()) < 1e-6
-        plan = json.loads((tmp_path / name / "run.json").read_text())["plan"]
-        assert plan["strategy"] == "deepspeed" and plan.get("loading") == ("rank0" if name == "zero3" else None)
+    return {name: tmp_path / name for name in runs}
+
+
+@pytest.mark.distributed
+def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir, tmp_path):
+    """DPO, 2 processes, 3 steps: ZeRO-2 and ZeRO-3 (weights split too, gathered whole to save) give the adapter
+    the DDP run gives; the checkpoints are DeepSpeed's, one part per rank."""
+    runs = {
+        "ddp": [],
+        "zero2": ["distributed.strategy=deepspeed", "training.save_steps=3"],
+        "zero3": [*ZERO3, "distributed.loading=rank0"],  # built split as it loads
+    }
+    for name, run in _dpo_runs(tiny_model_dir, tmp_path, runs).items():
+        plan = json.loads((run / "run.json").read_text())["plan"]
+        assert plan["strategy"] == ("ddp" if name == "ddp" else "deepspeed")
+        assert plan.get("loading") == ("rank0" if name == "zero3" else None)
     parts = sorted(p.name for p in (tmp_path / "zero2" / "checkpoints").glob("checkpoint-3/global_step3/*optim*"))
     assert parts == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
@@ -344,8 +353,6 @@ def test_offload_asked_on_a_cpu_trains_what_one_process_does_and_resumes(tiny_mo
     is refused there), killed after its step-5 checkpoint and resumed to the uninterrupted run; ZeRO-3 (weights
     offloaded too); FSDP (CPU offload policy). DPO (3 steps) under ZeRO-2 (the optimizer named in DeepSpeed's config)
     and FSDP (accelerate's plugin) with offload trains the data-parallel adapter."""
-    from tests.unit.training.test_stages import PAIRS
-
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "training.save_steps=5"]
     offload = ["training.batch_size=4", "distributed.offload=true", "--nproc", "2"]
@@ -385,26 +392,13 @@ def test_offload_asked_on_a_cpu_trains_what_one_process_does_and_resumes(tiny_mo
     assert losses(tmp_path / "zero2")[5:] == pytest.approx(uninterrupted[5:], rel=1e-6)
     assert_same_training(tmp_path / "one", tmp_path / "zero2", split=True)
 
-    pairs = write_jsonl(tmp_path / "p.jsonl", PAIRS[:8])
-    dpo = [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={pairs}", "stage=dpo",
-           "training.batch_size=2", "data.val_ratio=0.25", "training.max_steps=3", "training.warmup_ratio=0",
-           "training.learning_rate=0.01", "training.tracker=none", "--nproc", "2"]  # fmt: skip
-    dpo_runs = {
+    dpo = {
         "dpo-ddp": [],
         "dpo-zero2": ["distributed.strategy=deepspeed", "distributed.offload=true", "training.save_steps=3"],
         "dpo-fsdp": ["distributed.strategy=fsdp", "distributed.offload=true"],
     }
-    for name, extra in dpo_runs.items():
-        done = _train([*dpo, f"output.path={tmp_path / name}", *extra], tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-    ref = load_file(tmp_path / "dpo-ddp" / "adapter" / "adapter_model.safetensors")
-    for name in ("dpo-zero2", "dpo-fsdp"):
-        got = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
-        assert got.keys() == ref.keys()
-        for k in ref:  # as test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter says of AdamW
-            torch.testing.assert_close(got[k], ref[k], atol=1e-3, rtol=0)
-        assert sum(float((got[k] - ref[k]).abs().sum()) for k in ref) / sum(v.numel() for v in ref.values()) < 1e-6
-        assert json.loads((tmp_path / name / "run.json").read_text())["plan"]["offload"] is True
+    for name, run in _dpo_runs(tiny_model_dir, tmp_path, dpo).items():
+        assert json.loads((run / "run.json").read_text())["plan"].get("offload", False) is (name != "dpo-ddp")
     state = torch.load(
         next((tmp_path / "dpo-zero2" / "checkpoints").glob("checkpoint-3/global_step3/zero_pp_rank_0_*optim*")),
         weights_only=False,
