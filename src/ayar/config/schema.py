@@ -325,7 +325,7 @@ class TrainConfig:
         "lora",
         "Fine-tuning method: `lora`, `dora` (weight-decomposed LoRA), `full` (every weight; fp32 master weights), "
         "`qlora` / `qdora` (LoRA / DoRA over a 4-bit NF4 base from bitsandbytes, the `qlora` extra: CUDA, or CPU "
-        "with its slower kernels; SFT only).",
+        "with its slower kernels; every stage, not under FSDP or ZeRO-3).",
         choices=("lora", "dora", "full", "qlora", "qdora"),
     )
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})

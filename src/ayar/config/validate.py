@@ -35,8 +35,6 @@ def _train(cfg: TrainConfig) -> list[str]:
         errors.append("training.loss (a custom token loss) applies to stage: sft with task: causal_lm only")
     if cfg.method == "full" and not causal_sft:
         errors.append(f"method: full is supported for stage: sft with task: causal_lm; use method: lora for {what}")
-    elif not causal_sft and cfg.method not in ("lora", "dora"):
-        errors.append(f"{what} trains an adapter (method: lora or dora), not method: {cfg.method}")
     if cfg.method == "full" and cfg.lora.init != "default":
         errors.append(f"lora.init: {cfg.lora.init} initialises an adapter; method: full has none")
     per_step, group = cfg.training.batch_size * cfg.training.grad_accum, cfg.grpo.num_generations

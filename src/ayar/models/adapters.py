@@ -21,22 +21,48 @@ def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    config = peft_config(model, method, lora_cfg, task_type)
-    if method in ("qlora", "qdora"):
-        from peft import prepare_model_for_kbit_training
-
-        # norms and embeddings to fp32 (stable with a 4-bit base); checkpointing stays the memory plan's choice
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model, config = for_trainer(model, method, lora_cfg, task_type)
     return _get_peft_model(model, config)
 
 
-def peft_config(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
-    """The peft LoraConfig for `method` on `model` (for trainers that wrap the model themselves, e.g. TRL's)."""
-    if method in ("qlora", "qdora"):
-        _require_4bit(method)
+def for_trainer(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
+    """(model, peft LoraConfig) for `method`: the base made ready for the adapter and the adapter's config, for
+    trainers that wrap the model themselves (TRL's) and for `apply_method`. Over a 4-bit base (QLoRA/QDoRA) the
+    norms, embeddings and any head go to fp32, stable beside 4-bit weights (peft's `prepare_model_for_kbit_training`;
+    TRL's trainers leave it to the caller); checkpointing stays the run's own choice."""
     if method not in METHODS or method == "full":
         raise ConfigError(f"method {method!r} has no adapter; adapter methods: lora, dora, qlora, qdora")
-    return _lora_config(model, lora_cfg, dora=method in ("dora", "qdora"), task_type=task_type)
+    if method in ("qlora", "qdora"):
+        _require_4bit(method)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_layout(model)
+    return model, _lora_config(model, lora_cfg, dora=method in ("dora", "qdora"), task_type=task_type)
+
+
+def trainable_in_fp32(model) -> None:
+    """Every trainable weight of `model` in fp32. ayar trains adapters in fp32 whatever the base's dtype (peft's
+    default, as in its own loop); TRL's trainers cast a 4-bit base's adapter to bf16 as they build (the QLoRA paper's
+    choice), where AdamW's small updates round away and, on CPUs without bf16 instructions, every adapter matmul
+    is slow. Called on a Trainer stage's model after it is built, before its optimizer is."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _keep_4bit_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its fast inference kernel at the
+    first forward in eval mode without gradients (an evaluation during training, GRPO's sampling) and keeps it so;
+    training forwards then run that kernel, which has no backward, and the next step fails ("a view of a leaf
+    Variable that requires grad is being used in an in-place operation"). A model being trained keeps the layout
+    its backward reads: evaluations in the run take bitsandbytes' dequantizing path (tested in
+    tests/unit/training/test_training.py on such a CPU)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _get_peft_model(model, config):

@@ -6,7 +6,7 @@ reference answer the rewards compare against (column `reference`)."""
 from __future__ import annotations
 
 from ayar.data.render import Renderer
-from ayar.models.adapters import peft_config
+from ayar.models.adapters import for_trainer
 from ayar.training.grpo_rewards import reward_functions
 from ayar.training.trl_stage import Stage
 
@@ -42,6 +42,7 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
         beta=g.beta,
         log_completions=False,
     )
+    model, lora = for_trainer(model, cfg.method, cfg.lora)
     return GRPOTrainer(
         model,
         reward_funcs=reward_functions(g.rewards, g.target_length),
@@ -50,7 +51,7 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
         eval_dataset=val,
         processing_class=tok,
         callbacks=callbacks,
-        peft_config=peft_config(model, cfg.method, cfg.lora),
+        peft_config=lora,
     )
 
 

@@ -313,13 +313,15 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
                 "weights are split and the adapters are not stacked at the end: export that run merged (ayar export "
                 "RUN --to merged) and point model.name at the merged model, or use strategy ddp"
             )
-    if split is None or (strategy == "deepspeed" and not own_loop(cfg)):  # the Trainer's ZeRO-3: transformers' checks
+    if split is None:
         return
-    if cfg.method in ("qlora", "qdora"):
+    if cfg.method in ("qlora", "qdora"):  # ayar's own loop and the Trainer stages alike
         raise AyarError(
             f"{split} cannot split the 4-bit weights of method {cfg.method}: use method "
             f"{'dora' if cfg.method == 'qdora' else 'lora'} (bf16 base, split across the processes), or strategy ddp"
         )
+    if strategy == "deepspeed" and not own_loop(cfg):  # the Trainer's ZeRO-3: transformers' checks
+        return
     if cfg.lora.init in CONVERTED_INITS and cfg.method != "full":
         raise AyarError(
             f"lora.init {cfg.lora.init} under {split}: converting the adapter for the original base "

@@ -9,7 +9,7 @@ prompt, as SFT and chat render them.
 from __future__ import annotations
 
 from ayar.data.render import Renderer
-from ayar.models.adapters import peft_config
+from ayar.models.adapters import for_trainer
 from ayar.training.trl_stage import Stage
 
 # TRL logs -> metrics.jsonl names (eval_ variants are renamed the same way)
@@ -52,7 +52,7 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     common = dict(args, beta=pref.beta, max_length=cfg.data.max_length, disable_dropout=True)
     if not val:
         common["eval_strategy"] = "no"
-    lora = peft_config(model, cfg.method, cfg.lora)
+    model, lora = for_trainer(model, cfg.method, cfg.lora)
     kw = dict(
         args=None, train_dataset=train, eval_dataset=val, processing_class=tok, callbacks=callbacks, peft_config=lora
     )

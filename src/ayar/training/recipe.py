@@ -60,11 +60,15 @@ class Recipe:
 
     def load_model(self, plan, **kwargs):
         """The run's model and tokenizer as the plan says (models/load.py `load_model_and_tokenizer`; `kwargs` go to
-        it): rank 0 first (it converts the default model once, the others then read it); where ZeRO-3 builds the
-        model split as it loads (collective: every process takes part in each layer), all together, once rank 0 has
-        converted it."""
+        it): the base in 4-bit NF4 for QLoRA/QDoRA; rank 0 first (it converts the default model once, the others then
+        read it); where ZeRO-3 builds the model split as it loads (collective: every process takes part in each
+        layer), all together, once rank 0 has converted it."""
+        from ayar.models.adapters import quantization_config
         from ayar.models.load import load_model_and_tokenizer, resolve_model_path, starting_point
         from ayar.training import zero
+
+        if plan.quantized:
+            kwargs["quantization_config"] = quantization_config(self.cfg.method, plan.placement.dtype)
 
         def load():
             empty = not plan.reads_weights

@@ -5,7 +5,7 @@ after training."""
 from __future__ import annotations
 
 from ayar.data.render import Renderer
-from ayar.models.adapters import peft_config
+from ayar.models.adapters import for_trainer
 from ayar.training.preference import preference_rows
 from ayar.training.trl_stage import Stage
 
@@ -17,7 +17,7 @@ def build(cfg, model, tok, splits, args: dict, callbacks):
     renderer = Renderer.from_config(tok, cfg.data)
     data = lambda recs: Dataset.from_list(preference_rows(recs, renderer)) if recs else None
     val = data(splits.val)
-    lora = peft_config(model, cfg.method, cfg.lora, task_type="SEQ_CLS")  # peft also trains and saves the score head
+    model, lora = for_trainer(model, cfg.method, cfg.lora, task_type="SEQ_CLS")  # peft trains and saves the head too
     config = RewardConfig(
         **{**args, **({} if val else {"eval_strategy": "no"})}, max_length=cfg.data.max_length, disable_dropout=True
     )

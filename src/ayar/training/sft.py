@@ -16,7 +16,7 @@ from rich.console import Console
 
 from ayar.config import TrainConfig
 from ayar.data.dataset import prepare_data
-from ayar.models.adapters import apply_method, parameter_counts, quantization_config, save_initial
+from ayar.models.adapters import apply_method, parameter_counts, save_initial
 from ayar.rundir import RunDir
 from ayar.training import checkpoint as ckpt
 from ayar.training import distributed, sharding, zero
@@ -50,8 +50,7 @@ def train_sft(
     r.world = world = distributed.start(plan)  # several processes (torchrun, accelerate launch): rank 0 writes
     if not world.main:
         r.console = Console(stderr=True, quiet=True)
-    quantization = quantization_config(cfg.method, plan.placement.dtype) if plan.quantized else None
-    model, tok, _, model_path = r.load_model(plan, **({"quantization_config": quantization} if quantization else {}))
+    model, tok, _, model_path = r.load_model(plan)
     say(
         f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})"
         + (f", {str(plan.autocast).removeprefix('torch.')} autocast" if plan.autocast is not None else "")

@@ -18,7 +18,7 @@ from rich.console import Console
 from ayar.config import TrainConfig
 from ayar.data.dataset import Splits, enforce_lint, load_splits
 from ayar.errors import AyarError, DataError
-from ayar.models.adapters import parameter_counts
+from ayar.models.adapters import parameter_counts, trainable_in_fp32
 from ayar.rundir import RunDir
 from ayar.training import distributed, sharding, zero
 from ayar.training.allocator import tune_allocator
@@ -84,6 +84,8 @@ def run_stage(
         )
     if not plan.reads_weights:
         sharding.trainable_in_memory(trainer.model)
+    if plan.quantized:
+        trainable_in_fp32(trainer.model)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # our progress line replaces the raw log dicts

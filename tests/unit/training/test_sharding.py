@@ -140,6 +140,7 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny_model_dir, t
     "overrides, message",
     [
         (["method=qlora"], "cannot split the 4-bit weights of method qlora: use method lora"),
+        (["stage=dpo", "method=qdora"], "cannot split the 4-bit weights of method qdora: use method dora"),
         (["lora.init=pissa"], "lora.init pissa under distributed.strategy fsdp"),
         (
             ["stage=dpo", "distributed.shard=hybrid"],

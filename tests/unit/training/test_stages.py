@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ayar.config import load_config
 from ayar.errors import ConfigError, DataError
@@ -318,8 +319,6 @@ def test_stages_refuse_data_of_the_wrong_kind_and_bad_combinations(tiny_model_di
         train(config(tiny_model_dir, data, tmp_path / "runs", "stage=reward", "task=classification"))
     with pytest.raises(ConfigError, match="method: full is supported for stage: sft"):
         train(config(tiny_model_dir, data, tmp_path / "runs", "stage=grpo", "method=full"))
-    with pytest.raises(ConfigError, match="stage: dpo trains an adapter \\(method: lora or dora\\), not method: qlora"):
-        train(config(tiny_model_dir, data, tmp_path / "runs", "stage=dpo", "method=qlora"))
 
 
 # --- reward model ------------------------------------------------------------------------------------
@@ -509,6 +508,62 @@ def test_hpo_space_errors_name_the_key():
         parse_space({"training.learning_rate": {"low": 1e-3, "high": 1e-5}}, {})
     with pytest.raises(ConfigError, match="lora.r: expected an integer, got 'big'"):
         parse_space({"lora.r": {"choices": [4, "big"]}}, {})
+
+
+# --- QLoRA / QDoRA on the Trainer stages ----------------------------------------------------------------
+
+QUANTIZED_STAGES = {
+    "dpo": ["stage=dpo", "training.max_steps=8", "training.eval_steps=4", "method=qdora"],
+    "reward": ["stage=reward", "training.max_steps=12"],
+    "classification": [
+        "task=classification", "data.format=classification", "training.max_steps=30", "training.learning_rate=1e-2"
+    ],
+    "grpo": [
+        "stage=grpo", "training.max_steps=6", "training.batch_size=8", "grpo.max_completion_length=8",
+        "grpo.num_generations=4", "data.val_ratio=0.2",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", list(QUANTIZED_STAGES))
+def test_trainer_stages_train_qlora_over_a_4bit_base(tmp_path, stage, monkeypatch):
+    """QLoRA (QDoRA for DPO) on every Trainer stage: the base is 4-bit NF4 while it trains (bitsandbytes' CPU
+    backend), evaluations during training leave it trainable (on AVX512-BF16 CPUs bitsandbytes would repack it for
+    inference: adapters.py `_keep_4bit_layout`), the adapter trains in fp32 and applies to the full-precision base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ayar.training.recipe import Recipe
+    from tests.helpers import save_tiny
+
+    model_dir = save_tiny(tmp_path / "m", "qwen2", hidden_size=64, intermediate_size=128)  # bnb packs 64-wide blocks
+    rows = {"classification": LABELLED, "grpo": MATH_ROWS}.get(stage, PAIRS)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "rewards.py").write_text(DIGITS)
+    extra = [f"grpo.rewards=[{tmp_path / 'rewards.py'}:digits]"] if stage == "grpo" else []
+    loaded = []
+    load = Recipe.load_model
+    monkeypatch.setattr(Recipe, "load_model", lambda self, *a, **k: loaded.append(load(self, *a, **k)) or loaded[-1])
+    overrides = [*QUANTIZED_STAGES[stage], *extra, "model.dtype=bfloat16"]
+    run = train(config(model_dir, data, tmp_path / "runs", "method=qlora", *overrides))
+    assert any(type(m).__name__ == "Linear4bit" for m in loaded[0][0].modules())  # trained over a 4-bit base
+    meta = json.loads(run.meta.read_text())
+    assert meta["plan"]["quantized"] and meta["steps"] == meta["total_steps"]
+    if stage == "dpo":
+        assert losses(run)[-1] < losses(run)[0] / 2, losses(run)
+        assert sum("eval_loss" in r for r in run.read_metrics()) >= 2  # evaluated during training, trained on after
+    elif stage == "reward":
+        assert meta["after"]["accuracy"] == 1.0 and meta["after"]["margin"] > meta["before"]["margin"] + 1, meta
+    elif stage == "classification":
+        assert meta["after"]["f1_macro"] > meta["before"]["f1_macro"] + 0.2, meta
+    adapter = load_file(run.adapter / "adapter_model.safetensors")
+    assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 0  # GRPO too: it trained
+    assert {v.dtype for v in adapter.values()} == {torch.float32}  # trained in fp32 as SFT's (TRL casts to bf16)
+    assert json.loads((run.adapter / "adapter_config.json").read_text())["use_dora"] is (stage == "dpo")
+    auto = AutoModelForCausalLM if stage in ("dpo", "grpo") else AutoModelForSequenceClassification
+    extra_args = {} if stage in ("dpo", "grpo") else {"num_labels": 2 if stage == "classification" else 1}
+    model = PeftModel.from_pretrained(auto.from_pretrained(model_dir, **extra_args), str(run.adapter))
+    assert not any("4bit" in type(m).__name__ for m in model.modules())  # the full base takes the adapter
 
 
 def test_a_trainer_stage_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):

@@ -83,6 +83,8 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
     zero3 = ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]
     with pytest.raises(AyarError, match="deepspeed ZeRO-3 cannot split the 4-bit weights of method qlora"):
         decide(load_config(None, [*zero3, "method=qlora"]))
+    with pytest.raises(AyarError, match="deepspeed ZeRO-3 cannot split the 4-bit weights of method qlora"):
+        decide(load_config(None, [*zero3, "method=qlora", "stage=reward"]))  # the Trainer stages too
     with pytest.raises(AyarError, match="lora.init pissa under deepspeed ZeRO-3: converting the adapter"):
         decide(load_config(None, [*zero3, "lora.init=pissa"]))
     assert decide(load_config(None, ["distributed.strategy=deepspeed", "lora.init=pissa"])).strategy == "deepspeed"
@@ -193,6 +195,21 @@ def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir,
         assert plan.get("loading") == ("rank0" if name == "zero3" else None)
     parts = sorted(p.name for p in (tmp_path / "zero2" / "checkpoints").glob("checkpoint-3/global_step3/*optim*"))
     assert parts == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+@pytest.mark.distributed
+def test_dpo_with_qlora_under_zero_2_trains_the_data_parallel_adapter(tmp_path):
+    """QLoRA on a Trainer stage in 2 processes: DeepSpeed ZeRO-2 (the adapter's optimizer states split) gives the
+    adapter DDP gives over the same 4-bit base; both saved in fp32 (adapters.py `trainable_in_fp32`)."""
+    from tests.helpers import save_tiny
+
+    model_dir = save_tiny(tmp_path / "m", "qwen2", hidden_size=64, intermediate_size=128)  # bnb packs 64-wide blocks
+    runs = _dpo_runs(
+        model_dir, tmp_path, {"ddp": ["method=qlora"], "zero2": ["method=qlora", "distributed.strategy=deepspeed"]}
+    )
+    for run in runs.values():
+        assert json.loads((run / "run.json").read_text())["plan"]["quantized"]
+        assert {v.dtype for v in load_file(run / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
 
 
 @pytest.mark.distributed
