@@ -72,9 +72,10 @@ test-slow: install
 	$(BIN)/python -m pytest tests -q -m slow
 
 # The rest of the multi-process runs (resumes, two "nodes", accumulation, uneven last batches, each Trainer stage,
-# FSDP full fine-tuning, loading and saving by parts, FSDP resumed in 4 processes, DeepSpeed ZeRO-2/3, the web form's
-# 2-process run, offload, ZeRO resumed in 4 processes): ~19 minutes here in two workers as `make test` (~25 in
-# one). `make test` keeps the core equalities (DDP, FSDP and ZeRO-3 against one process).
+# FSDP full fine-tuning, loading and saving by parts, FSDP resumed in 4 processes, DeepSpeed ZeRO-2/3 and their
+# resumes, the web form's 2-process run, offload, ZeRO resumed in 4 processes, QLoRA DPO under ZeRO-2): ~20 minutes
+# here in two workers as `make test` (~25 in one). `make test` keeps the core equalities (DDP, FSDP and ZeRO-3
+# against one process).
 test-distributed: install
 	$(BIN)/python -m pytest tests -q -m distributed -n $(TEST_WORKERS) --dist $(TEST_DIST)
 

@@ -37,7 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_models(folder: Path) -> dict[str, Path]:
+# the 0.48B Llama above (SmolLM2's vocabulary and tied embeddings)
+SHAPE_048B = {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 16,
+              "num_key_value_heads": 4, "head_dim": 96}  # fmt: skip
+
+
+def make_models(folder: Path, shape: dict = SHAPE_048B, dtypes=("float32", "bfloat16")) -> dict[str, Path]:
+    """A random Llama of `shape` with SmolLM2's tokenizer, saved in each of `dtypes` under folder/<dtype>."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -45,20 +51,11 @@ def make_models(folder: Path) -> dict[str, Path]:
 
     src = ensure_default_model()
     config = AutoConfig.from_pretrained(src)
-    config.update(
-        {
-            "hidden_size": 1536,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 16,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 4,
-            "head_dim": 96,
-        }  # fmt: skip
-    )
+    config.update(shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         path = folder / dtype
         model.to(getattr(torch, dtype)).save_pretrained(path)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):

@@ -87,3 +87,36 @@ def test_qlora_on_the_default_model_trains_on_cpu(real_home, tmp_path):
     losses = [r["loss"] for r in run.read_metrics() if "loss" in r]
     assert losses[-1] < losses[0], losses
     assert (run.adapter / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_with_qlora_on_the_default_model_trains_and_evaluates_on_the_full_base(real_home, tmp_path):
+    """DPO over the default model's 4-bit base (12 steps on the bundled HH-RLHF pairs): it trains, and `ayar eval`
+    scores the held-out pairs with its adapter on the full-precision base."""
+    from safetensors.torch import load_file
+
+    from ayar.eval.runner import evaluate_run
+    from ayar.training.dispatch import train
+
+    run = train(
+        load_config(
+            None,
+            [
+                "stage=dpo",
+                "method=qlora",
+                "data.train=sample:hh",
+                "data.max_length=256",
+                "data.val_ratio=0.1",
+                "training.max_steps=12",
+                "training.batch_size=4",
+                "training.learning_rate=5e-4",
+                "training.tracker=none",
+                f"output.dir={tmp_path}",
+            ],
+        )
+    )
+    meta = json.loads(run.meta.read_text())
+    assert meta["plan"]["quantized"] and meta["steps"] == 12
+    adapter = load_file(run.adapter / "adapter_model.safetensors")
+    assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 0
+    result = evaluate_run(EvalConfig(run=str(run.path), data="sample:hh-heldout", anchor=None, out=str(tmp_path / "e")))
+    assert set(result.checks["preference_shift"]) >= {"implicit_accuracy", "implicit_margin"}

@@ -10,7 +10,6 @@ Read top to bottom: load -> prepare -> run each model -> checks -> report.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ayar.eval.overfit import overfitting
 from ayar.eval.report import verdicts, write_report
 from ayar.metrics import scores as M
 from ayar.metrics.extract import make_extractor
+from ayar.training.allocator import peak_rss_mb
 
 # metric -> does higher mean better? (metrics not listed are informational: length, speed, memory)
 DIRECTION = {
@@ -246,7 +246,7 @@ def _measure(
             engine.device,
         )
         out["anchor_perplexity"] = M.perplexity(loss)
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out, answers

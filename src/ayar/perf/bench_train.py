@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -205,6 +204,8 @@ class _Turns:
 
 
 def _summary(step_seconds: list[float], tokens: list[int], losses: list[float], warmup: int, params: int) -> dict:
+    from ayar.training.allocator import peak_rss_mb
+
     timed_s, timed_tok = step_seconds[warmup:], tokens[warmup:]
     tail = losses[-max(1, len(losses) // 4) :]
     return {
@@ -214,7 +215,7 @@ def _summary(step_seconds: list[float], tokens: list[int], losses: list[float], 
         "final_loss": sum(tail) / len(tail),
         "losses": losses,
         "step_seconds": step_seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "params": params,
     }
 

@@ -1,4 +1,4 @@
-"""Process memory allocator settings for training on CPU.
+"""Process memory: allocator settings for training on CPU, and the process's own peak RSS.
 
 glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), after which
 tensors of a few MB are carved from the heap, where freed space fragments and is never returned: the
@@ -30,3 +30,21 @@ def tune_allocator() -> str | None:
     except (OSError, AttributeError):
         return None
     return f"glibc mmap threshold fixed at {THRESHOLD_BYTES // 1024} KiB"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB since it started (Linux: /proc's VmHWM). Not getrusage's ru_maxrss: Linux
+    carries into it the RSS of the process that forked this one, at the fork (a run started from the web UI, which
+    may hold a chat model, or from a benchmark that built a model, would report that parent's size); measured:
+    2,061 MB for a child of a 2 GB parent whose own high-water mark was 14 MB. Elsewhere, ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if platform.system() == "Linux" else 1024  # KiB on Linux, bytes on macOS
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / scale, 1)

@@ -17,6 +17,7 @@ from ayar.config import TrainConfig, config_to_dict
 from ayar.fsutil import write_atomic
 from ayar.rundir import RunDir
 from ayar.training import distributed
+from ayar.training.allocator import peak_rss_mb
 from ayar.training.distributed import World
 from ayar.training.plots import plot_loss
 from ayar.training.tracking import Tracker
@@ -281,9 +282,3 @@ def start_meta(cfg, model_path: str, plan, trainable: int, total: int, data: dic
         },
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -20,11 +20,11 @@ from ayar.models.adapters import apply_method, parameter_counts, save_initial
 from ayar.rundir import RunDir
 from ayar.training import checkpoint as ckpt
 from ayar.training import distributed, sharding, zero
-from ayar.training.allocator import tune_allocator
+from ayar.training.allocator import peak_rss_mb, tune_allocator
 from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
 from ayar.training.plan import decide
 from ayar.training.progress import TrainProgress
-from ayar.training.recipe import Recipe, loading_snippets, peak_rss_mb
+from ayar.training.recipe import Recipe, loading_snippets
 
 
 def train_sft(

@@ -21,10 +21,10 @@ from ayar.errors import AyarError, DataError
 from ayar.models.adapters import parameter_counts, trainable_in_fp32
 from ayar.rundir import RunDir
 from ayar.training import distributed, sharding, zero
-from ayar.training.allocator import tune_allocator
+from ayar.training.allocator import peak_rss_mb, tune_allocator
 from ayar.training.optim import trainer_optimizer_args
 from ayar.training.plan import decide
-from ayar.training.recipe import Recipe, loading_snippets, peak_rss_mb
+from ayar.training.recipe import Recipe, loading_snippets
 
 
 @dataclass

@@ -270,6 +270,26 @@ def test_the_allocator_setting_returns_freed_tensors_to_the_system():
     assert grew > 150 * 2**20 and kept < 30 * 2**20
 
 
+_PEAK_CHECK = """
+import subprocess, sys
+parent = bytearray(600 * 2**20)
+parent[::4096] = b"x" * len(parent[::4096])  # touched: 600 MB resident in this process
+child = "from ayar.training.allocator import peak_rss_mb; print(peak_rss_mb())"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+def test_the_peak_rss_a_run_records_is_its_own_not_its_parents():
+    """A process started by a larger one (a run from the web UI, or from a benchmark that built a model) records its
+    own peak: getrusage's ru_maxrss would carry the 600 MB its parent held when it forked."""
+    import platform
+
+    if platform.system() != "Linux":
+        pytest.skip("the carried-over peak is Linux's")
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHECK], capture_output=True, text=True, check=True).stdout
+    assert 5 < float(out) < 300, out
+
+
 @pytest.mark.parametrize(
     "fused,dropout,long", [(True, 0.1, False), (True, 0.1, True), (False, 0.1, False), (False, 0.0, False)]
 )

@@ -119,14 +119,12 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
         decide(load_config(None, ["distributed.strategy=deepspeed", "model.device=cpu", "stage=dpo"]))
 
 
-def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny_model_dir, tmp_path):
-    """ayar's own loop on a DeepSpeed engine, ZeRO-3 (weights split too), batch 4 x 2 processes against 8 x 1: the same
-    losses and adapter after 10 steps (43 rows: each epoch's last global micro-batch leaves one process without rows,
-    it runs stand-in passes); killed after its step-5 checkpoint (DeepSpeed's own, a part per process) and resumed, it
-    ends as the uninterrupted run; resuming it in one process (no DeepSpeed) is refused, saying how (in another number
-    of processes: test_sharding.py's test_a_sharded_checkpoint_resumes_in_another_number_of_processes)."""
+def _zero3_run(model_dir, tmp_path):
+    """ayar's own loop under ZeRO-3 in 2 processes (batch 4 each, checkpoints every 5 steps, built split as it loads)
+    and the same run in one process (batch 8), on 43 rows: each epoch's last global micro-batch leaves one process
+    without rows, it runs stand-in passes. Returns (one, zero3) run folders."""
     data = write_jsonl(tmp_path / "d.jsonl", (MATH_ROWS * 4)[:43])
-    common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "training.save_steps=5"]
+    common = [f"model.name={model_dir}", f"data.train={data}", *COMMON, "training.save_steps=5"]
     one, zero3 = tmp_path / "one", tmp_path / "zero3"
     done = _train([*common, f"output.path={one}", "training.batch_size=8"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -134,6 +132,13 @@ def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny
     done = _train([*common, f"output.path={zero3}", *zero, "--nproc", "2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world  2 processes (gloo, DeepSpeed ZeRO-3" in done.stderr
+    return one, zero3
+
+
+def test_the_own_loop_under_zero_3_trains_what_one_process_does(tiny_model_dir, tmp_path):
+    """ayar's own loop on a DeepSpeed engine, ZeRO-3 (weights split too), batch 4 x 2 processes against 8 x 1: the same
+    losses and adapter after 10 steps; its checkpoints are DeepSpeed's own, a part per process."""
+    one, zero3 = _zero3_run(tiny_model_dir, tmp_path)
     assert_same_training(one, zero3, split=True)
     meta = json.loads((zero3 / "run.json").read_text())
     assert meta["plan"]["strategy"] == "deepspeed" and meta["plan"]["zero_stage"] == 3
@@ -141,6 +146,13 @@ def test_the_own_loop_under_zero_3_trains_what_one_process_does_and_resumes(tiny
     parts = sorted(p.name for p in (zero3 / "checkpoints" / "checkpoint-0000005" / "zero" / "state").iterdir())
     assert parts == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
 
+
+@pytest.mark.distributed
+def test_a_killed_zero_3_run_resumes_to_the_uninterrupted_one(tiny_model_dir, tmp_path):
+    """The ZeRO-3 run above, killed after its step-5 checkpoint and resumed, ends as the uninterrupted run; resuming
+    it in one process (no DeepSpeed) is refused, saying how (in another number of processes:
+    test_sharding.py's test_a_sharded_checkpoint_resumes_in_another_number_of_processes)."""
+    one, zero3 = _zero3_run(tiny_model_dir, tmp_path)
     uninterrupted = losses(zero3)
     as_if_killed(zero3, 10)
     refused = _train(["--resume", str(zero3)], tmp_path)  # one process: no DeepSpeed
