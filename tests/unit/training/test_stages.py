@@ -539,8 +539,10 @@ def test_trainer_stages_train_qlora_over_a_4bit_base(tmp_path, stage, monkeypatc
     model_dir = save_tiny(tmp_path / "m", "qwen2", hidden_size=64, intermediate_size=128)  # bnb packs 64-wide blocks
     rows = {"classification": LABELLED, "grpo": MATH_ROWS}.get(stage, PAIRS)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    (tmp_path / "rewards.py").write_text(DIGITS)
-    extra = [f"grpo.rewards=[{tmp_path / 'rewards.py'}:digits]"] if stage == "grpo" else []
+    extra = []
+    if stage == "grpo":
+        (tmp_path / "rewards.py").write_text(DIGITS)
+        extra = [f"grpo.rewards=[{tmp_path / 'rewards.py'}:digits]"]
     loaded = []
     load = Recipe.load_model
     monkeypatch.setattr(Recipe, "load_model", lambda self, *a, **k: loaded.append(load(self, *a, **k)) or loaded[-1])
