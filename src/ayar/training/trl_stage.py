@@ -190,7 +190,11 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         use_cpu=plan.device == "cpu",
         bf16=plan.placement.dtype == torch.bfloat16,
         fp16=plan.placement.dtype == torch.float16,
-        activation_checkpointing=False,
+        # no memory plan decides it here: `training.gradient_checkpointing: true` turns it on, unset or false leave it
+        # off (TRL's configs would turn it on by default); non-reentrant, as ayar's own loop (TRL's DPO switches to
+        # reentrant under ZeRO-3 with peft, which DeepSpeed needs)
+        activation_checkpointing=bool(t.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step

@@ -568,6 +568,31 @@ def test_trainer_stages_train_qlora_over_a_4bit_base(tmp_path, stage, monkeypatc
     assert not any("4bit" in type(m).__name__ for m in model.modules())  # the full base takes the adapter
 
 
+def test_a_trainer_stage_recomputes_activations_when_asked(tiny_model_dir, tmp_path, monkeypatch):
+    """`training.gradient_checkpointing: true` on a Trainer stage (DPO): each layer's forward runs again in backward
+    (counted on the first layer) and the losses are the ones without it (dropout off); unset, it stays off."""
+    from ayar.training.recipe import Recipe
+
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    load, calls = Recipe.load_model, []
+
+    def counted(self, *a, **k):
+        loaded = load(self, *a, **k)
+        # recomputing runs the layer's forward (not its __call__): counted on its first module
+        loaded[0].model.layers[0].input_layernorm.register_forward_pre_hook(lambda *_: calls.append(1))
+        return loaded
+
+    monkeypatch.setattr(Recipe, "load_model", counted)
+    runs = {}
+    for name, extra in (("plain", []), ("recomputed", ["training.gradient_checkpointing=true"])):
+        calls.clear()
+        kw = ["stage=dpo", "training.max_steps=3", "data.val_ratio=0", "lora.dropout=0", *extra]
+        runs[name] = (train(config(tiny_model_dir, data, tmp_path / name, *kw)), len(calls))
+    (plain, plain_calls), (recomputed, recomputed_calls) = runs["plain"], runs["recomputed"]
+    assert recomputed_calls == plain_calls + 3, (plain_calls, recomputed_calls)  # once more per step
+    assert losses(recomputed) == pytest.approx(losses(plain), rel=1e-5)
+
+
 def test_a_trainer_stage_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from ayar.training import trl_stage
 
