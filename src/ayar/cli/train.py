@@ -69,7 +69,7 @@ def run(args) -> int:
         from ayar.api import train
 
         train(resume=args.resume)
-        return 0
+        return _done()
     cfg = load_config(config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
@@ -77,4 +77,13 @@ def run(args) -> int:
     from ayar.api import train
 
     train(cfg)  # the Python API's function: the CLI parses arguments, the API does the rest
+    return _done()
+
+
+def _done() -> int:
+    """A finished run: a process of several ends at once (training/launch.py `end_worker`), one process returns."""
+    from ayar.training.launch import end_worker, under_launcher
+
+    if under_launcher():
+        end_worker()
     return 0

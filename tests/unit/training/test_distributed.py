@@ -23,6 +23,24 @@ def _train(args, cwd, env_extra=None):
     )
 
 
+def test_a_finished_worker_ends_without_the_interpreters_teardown():
+    """A training process that torchrun started ends at once when its run is complete (cli/train.py `_done`): its
+    output flushed, exit code 0, no atexit handler run (the teardown where a gloo thread now and then aborted a
+    finished run, training/launch.py `end_worker`); a plain process returns as usual."""
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('teardown ran'));"
+        "from ayar.cli.train import _done; print('saved', end=''); sys.exit(_done())"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    worker = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "WORLD_SIZE": "2"}, capture_output=True, text=True
+    )
+    assert (worker.returncode, worker.stdout) == (0, "saved")
+    env.pop("WORLD_SIZE", None)
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert (plain.returncode, plain.stdout) == (0, "savedteardown ran\n")
+
+
 COMMON = [
     "model.dtype=float32",
     "data.val_ratio=0",
