@@ -60,9 +60,9 @@ def under_launcher() -> bool:
 def end_worker() -> None:
     """End a training process torchrun / accelerate launch started, once its run is complete (saved, process group
     destroyed), without the interpreter's teardown. In that teardown a process of a 2-process run on gloo now and
-    then aborted ("terminate called without an active exception": a C++ thread of torch.distributed left joinable,
-    seen 3 times across this project's FSDP test runs, once in the default test run) after everything was saved,
-    and the launcher then reported the finished run as failed. Nothing is left to run here: output is flushed,
+    then aborted ("terminate called without an active exception": a C++ thread of torch.distributed left joinable;
+    seen in this project's FSDP test runs) after everything was saved, and the launcher then reported the finished
+    run as failed. Nothing is left to run here: output is flushed,
     atexit handlers are skipped."""
     import logging
 
