@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results-qlora-stages.json"))
     args = ap.parse_args()
     results = {"machine": machine(), "runs": []}
+    extra = [o for o in args.overrides.split(",") if o]
     with tempfile.TemporaryDirectory() as tmp:
         models = {"default": "default"}
         for name in set(args.models.split(",")) & set(SHAPES):
@@ -60,7 +61,6 @@ def main() -> None:
         for r in range(args.rounds):
             for name in args.models.split(","):
                 for method in ("lora", "qlora") if r % 2 == 0 else ("qlora", "lora"):
-                    extra = [o for o in args.overrides.split(",") if o]
                     got = train(models[name], method, Path(tmp) / f"run-{name}-{method}-{r}", extra)
                     row = {"model": name, "method": method, "round": r + 1, "overrides": extra, **got}
                     results["runs"].append(row)

@@ -62,8 +62,7 @@ def end_worker() -> None:
     destroyed), without the interpreter's teardown. In that teardown a process of a 2-process run on gloo now and
     then aborted ("terminate called without an active exception": a C++ thread of torch.distributed left joinable;
     seen in this project's FSDP test runs) after everything was saved, and the launcher then reported the finished
-    run as failed. Nothing is left to run here: output is flushed,
-    atexit handlers are skipped."""
+    run as failed. Nothing is left to run here: output is flushed, atexit handlers are skipped."""
     import logging
 
     logging.shutdown()
