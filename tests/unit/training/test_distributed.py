@@ -142,7 +142,9 @@ def test_rows_that_do_not_fill_the_last_global_batch(tiny_model_dir, tmp_path):
     for name, extra in runs.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_training(tmp_path / "one", tmp_path / "ddp")
+    # the all-reduce sums the gradients in another order than one process does, and AdamW then moves an odd element
+    # whose gradient is ~0 apart as under the split strategies (seen on an AVX512-BF16 CPU: one element by 1.4e-4)
+    assert_same_training(tmp_path / "one", tmp_path / "ddp", split=True)
     assert_same_training(tmp_path / "one", tmp_path / "fsdp", split=True)
 
 
