@@ -100,6 +100,11 @@ def main() -> None:
                 f"{run['tokens_per_s']} tokens/s, passes {run['passes']}; plan {plan['parts']}",
                 file=sys.stderr,
             )
+    print_table(rows)
+
+
+def print_table(rows) -> None:
+    """(name, role, tokens, predicted MB, measured MB) rows as benchmarks/README.md's markdown table."""
     print("| configuration | role | tokens in largest pass | predicted MB | measured MB | error |")
     print("|---|---|---|---|---|---|")
     for name, kind, tokens, p_mb, m_mb in rows:

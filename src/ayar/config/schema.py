@@ -148,8 +148,7 @@ class TrainingConfig:
         None,
         "Recompute each layer's forward during backward: a fraction of the "
         "activation memory for ~30% more compute. Unset (auto): on only when the "
-        "memory plan does not fit without it (SFT); the Trainer stages (DPO family, reward, GRPO, classification) "
-        "have no memory plan: on only when true.",
+        "memory plan does not fit without it.",
     )
     return_memory: Optional[bool] = _f(
         None,

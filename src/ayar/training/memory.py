@@ -27,6 +27,8 @@ RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond te
 # bf16/fp16 matmuls on CPU: oneDNN's two primitive caches, held at 128 shapes each (ayar/__init__.py):
 # 133 MB measured after 400 new shapes
 ONEDNN_CACHE_BYTES = 133 * 2**20
+# the Trainer stages' imports beyond ayar's own loop (TRL, datasets): 88 MB RSS measured
+TRL_RUNTIME_BYTES = 90 * 2**20
 BF16_MODULES_FACTOR = 1.16  # bf16 modules path: fitted on measured peaks (AVX512-BF16 machine), not counted
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -349,6 +351,52 @@ def plan_memory(
     if device == "cpu" and wb < 4:
         parts["runtime"] += ONEDNN_CACHE_BYTES
     return MemoryPlan(parts, available if available is not None else available_memory(device), device, tokens, trained)
+
+
+# What a Trainer stage's head computes from the last hidden states (training/trainer_plan.py `trainer_pass`): TRL's
+# fused LM head (per-token log-probabilities in tiles: DPO, IPO, KTO, GRPO), the whole [rows, length, vocabulary]
+# logits (TRL's ORPO and SimPO), or a classifier's few scores (reward model, classification)
+TRAINER_HEADS = ("fused", "logits", "score")
+FULL_LOGITS_COPIES = 4  # ORPO / SimPO: the logits and fp32 copies taken by log-softmax and its backward (an estimate)
+
+
+def plan_trainer_memory(
+    shape: Shape,
+    *,
+    weight_dtype: str,
+    device: str,
+    rows: int,
+    row_len: int,
+    trained: int,
+    head: str,
+    method: str = "lora",
+    available: int | None = None,
+    dropout: bool = True,
+    checkpointing: bool = False,
+) -> MemoryPlan:
+    """A Trainer stage's peak (training/trl_stage.py): one forward and backward of the micro-batch's `rows` rows, each
+    padded to `row_len`, through transformers + peft modules, then its `head`. The same terms as ayar's own loop for
+    weights, states, activations and runtime; DPO's reference pass runs under no_grad before the policy's and keeps
+    nothing, so it adds no term."""
+    from ayar.kernels import trl_head
+
+    tokens = rows * row_len
+    plan = plan_memory(
+        shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, method=method,
+        available=available, rows=rows, dropout=dropout, checkpointing=checkpointing, chunked_logits=False,
+    )  # fmt: skip
+    positions = rows * max(row_len - 1, 0)
+    if head == "fused":  # every position scored (a GPU scores the trained ones: this over-counts there)
+        del plan.parts["logits (trained tokens)"]
+        plan.parts["fused head (TRL)"] = (
+            trl_head.scratch_bytes(positions, shape.vocab, device) + positions * shape.hidden * 4
+        )
+    elif head == "logits":
+        plan.parts["logits (trained tokens)"] = tokens * shape.vocab * 4 * FULL_LOGITS_COPIES
+    else:
+        del plan.parts["logits (trained tokens)"]
+    plan.parts["runtime"] += TRL_RUNTIME_BYTES
+    return plan
 
 
 def available_memory(device: str) -> int:

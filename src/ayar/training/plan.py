@@ -23,6 +23,7 @@ from ayar.kernels import liger
 from ayar.models.device import Placement, choose_placement
 from ayar.quiet import name_deepspeed_accelerator
 from ayar.training.memory import Layout, MemoryPlan, Shape, Sharding
+from ayar.training.trainer_plan import plan_trainer_for
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,42 @@ class RunPlan:
             from ayar.training.memory import model_shape
 
             shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
-            # offload moves parts from the GPU's memory into CPU RAM; on a CPU they stay in the memory checked
-            offload = self.memory_strategy != "ddp" and bool(self.distributed.offload) and self.device != "cpu"
-            sharding = Sharding(self.world_size, self.memory_strategy, offload)
             memory, checkpointing, release = _check_memory(
-                cfg, shape, examples, self.placement, packed, why_not, say, sharding if self.world_size > 1 else None
+                cfg,
+                shape,
+                examples,
+                self.placement,
+                packed,
+                why_not,
+                say,
+                self._sharding() if self.world_size > 1 else None,
             )
         layout = Layout(rows_per_pass(tcfg, self.device, why_not is None), packed, why_not is None, checkpointing)
         return dataclasses.replace(self, layout=layout, not_fused_because=why_not, return_memory=release, memory=memory)
+
+    def with_trainer_memory(self, cfg, model, tok, records, say=print) -> RunPlan:
+        """`with_passes` for a Trainer stage (training/trl_stage.py): its passes are the Trainer's (padded rows through
+        transformers + peft modules, the whole micro-batch at once); gradient checkpointing, memory release and the
+        memory plan are decided as for ayar's own loop, and a run that cannot fit stops here
+        (`training.memory_check`)."""
+        tcfg = cfg.training
+        checkpointing, release, memory = bool(tcfg.gradient_checkpointing), bool(tcfg.return_memory), None
+        if tcfg.memory_check != "off":
+            from ayar.training.memory import model_shape
+
+            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
+            sharding = self._sharding() if self.world_size > 1 else None
+            available = _available_per_process(self.device, sharding)
+            found = plan_trainer_for(shape, cfg, tok, records, self.placement, available, sharding)
+            memory, checkpointing, release = _judge_memory(cfg, *found, say, sharding)
+        layout = Layout(0, False, False, checkpointing)
+        why = "a Trainer stage: transformers + peft modules on padded rows"
+        return dataclasses.replace(self, layout=layout, not_fused_because=why, return_memory=release, memory=memory)
+
+    def _sharding(self) -> Sharding:
+        # offload moves parts from the GPU's memory into CPU RAM; on a CPU they stay in the memory checked
+        offload = self.memory_strategy != "ddp" and bool(self.distributed.offload) and self.device != "cpu"
+        return Sharding(self.world_size, self.memory_strategy, offload)
 
     def summary(self) -> dict:
         """What run.json records of the plan."""
@@ -453,6 +482,15 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
 
     path = resolve_model_path(cfg.model.name, log=log)
     shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r)
+    placement, memory, sharding = decide(cfg).placement, None, None
+    if target is not None:
+        placement, memory, sharding = target_placement(cfg, target.device), target.memory, target.sharding
+        if memory is None and target.device == "cpu":  # this machine's RAM, shared by its processes (as training plans)
+            from ayar.training.memory import cpu_memory_per_process
+
+            memory = cpu_memory_per_process(target.sharding.nproc)
+    if not own_loop(cfg):
+        return _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log)
     if _has_tokenizer(path):
         tok = load_tokenizer(path)
         examples = prepare_data(dataclasses.replace(cfg.data, lint="off"), tok, seed=cfg.training.seed).train
@@ -460,15 +498,20 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
         n = cfg.data.max_length
         log(f"{path} has no tokenizer: planning {cfg.training.batch_size} rows of {n} tokens each (the worst case)")
         examples = [_Row(n) for _ in range(cfg.training.batch_size)]
-    if target is None:
-        return plan_memory_for(shape, cfg, examples, decide(cfg).placement)
-    placement = target_placement(cfg, target.device)
-    memory = target.memory
-    if memory is None and target.device == "cpu":  # this machine's RAM, shared by its processes (as training plans)
-        from ayar.training.memory import cpu_memory_per_process
+    return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding)
 
-        memory = cpu_memory_per_process(target.sharding.nproc)
-    return plan_memory_for(shape, cfg, examples, placement, None, memory, target.sharding)
+
+def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log):
+    """`plan_for_config` for a Trainer stage: its records as the stage feeds them (`trainer_pass`)."""
+    from ayar.data.dataset import load_splits
+    from ayar.models.load import load_tokenizer
+
+    tok, records = None, []
+    if _has_tokenizer(path):
+        tok, records = load_tokenizer(path), load_splits(cfg.data, seed=cfg.training.seed).train
+    else:
+        log(f"{path} has no tokenizer: planning rows of data.max_length={cfg.data.max_length} tokens (the worst case)")
+    return plan_trainer_for(shape, cfg, tok, records, placement, memory, sharding)
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -507,12 +550,23 @@ def _check_memory(
     costs speed).
     `sharding`: several processes, planned per process (on a CPU they share this machine's RAM)."""
     layout = Layout(rows_per_pass(cfg.training, placement.device, why_not is None), packed, why_not is None)
-    available = None
-    if sharding is not None and placement.device == "cpu":
-        from ayar.training.memory import cpu_memory_per_process
+    available = _available_per_process(placement.device, sharding)
+    found = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding)
+    return _judge_memory(cfg, *found, say, sharding)
 
-        available = cpu_memory_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", sharding.nproc)))
-    plan, fixes, layout = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding)
+
+def _available_per_process(device: str, sharding) -> int | None:
+    """Several processes on a CPU share this machine's RAM; None: the device's own free memory."""
+    if sharding is None or device != "cpu":
+        return None
+    from ayar.training.memory import cpu_memory_per_process
+
+    return cpu_memory_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", sharding.nproc)))
+
+
+def _judge_memory(cfg, plan, fixes, layout, say, sharding=None):
+    """(memory plan, gradient checkpointing, return memory) of a planned run: said when it fits, refused (or warned
+    of: `training.memory_check`) with the settings that would fit when it does not."""
     release = return_memory(cfg.training.return_memory, plan, sharding)
     gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
     if plan.fits:

@@ -18,6 +18,7 @@ from rich.console import Console
 from ayar.config import TrainConfig
 from ayar.data.dataset import Splits, enforce_lint, load_splits
 from ayar.errors import AyarError, DataError
+from ayar.kernels import trl_head
 from ayar.models.adapters import parameter_counts, trainable_in_fp32
 from ayar.rundir import RunDir
 from ayar.training import distributed, sharding, zero
@@ -50,7 +51,7 @@ def run_stage(
         r.start_over()
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    if tcfg.return_memory:  # no memory plan for these stages: only when asked
+    if tcfg.return_memory:  # asked for: from the start, what loading frees goes back too
         tune_allocator()
     torch.manual_seed(tcfg.seed)
 
@@ -72,6 +73,10 @@ def run_stage(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id  # sequence classifiers find each row's last token by it
     say(f"model  {model_path}  ({plan.device}, {plan.placement.dtype_name}: {plan.placement.reason})")
+    _say_drops(cfg, tok, splits, say)
+    plan = plan.with_trainer_memory(cfg, model, tok, splits.train, say)
+    if plan.return_memory and not tcfg.return_memory:  # the plan is tight: from here on
+        tune_allocator()
     run = r.create()
     logger = _MetricsLog(r, stage.renames)
     r.open_tracker()
@@ -100,16 +105,18 @@ def run_stage(
 
     # --- fit ------------------------------------------------------------------------------------------
     wall = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=True if r.resuming else None)
+    with trl_head.narrow_tiles(plan.device):  # TRL's fused LM head (DPO, KTO, GRPO) in narrower tiles on a CPU
+        output = trainer.train(resume_from_checkpoint=True if r.resuming else None)
     seconds = time.perf_counter() - wall
     if logger.stopped:
         r.finish_stopped(trainer.state.global_step, trainer.state.max_steps)
         distributed.stop(world)
         return run
     # a final evaluation, as SFT runs one (logged through the callback); `after` runs it with its measurement
-    after = stage.after(cfg, trainer, splits) if stage.after is not None else {}
-    if stage.after is None and trainer.eval_dataset is not None:
-        trainer.evaluate()
+    with trl_head.narrow_tiles(plan.device):
+        after = stage.after(cfg, trainer, splits) if stage.after is not None else {}
+        if stage.after is None and trainer.eval_dataset is not None:
+            trainer.evaluate()
 
     # --- save -----------------------------------------------------------------------------------------
     # ZeRO-3 and FSDP hold a part of each weight: gathered whole (every rank takes part) for rank 0 to save
@@ -157,6 +164,25 @@ def check_kinds(splits: Splits, stage: Stage) -> None:
             )
 
 
+def _say_drops(cfg: TrainConfig, tok, splits: Splits, say) -> None:
+    """Rows the stage's trainer would leave out (training/trainer_plan.py `trainer_drops`), said before it does; none
+    left to train on: an error."""
+    from ayar.training.trainer_plan import trainer_drops
+
+    for name, records in (("train", splits.train), ("validation", splits.val)):
+        drops = trainer_drops(cfg, tok, records)
+        if not drops:
+            continue
+        first, why = drops[0]
+        message = (
+            f"{len(drops)} of {len(records)} {name} rows left out by the {cfg.stage} trainer, e.g. {first.where}: "
+            f"{why}; raise data.max_length or shorten those rows"
+        )
+        if name == "train" and len(drops) == len(records):
+            raise DataError(message.replace("rows left out", "rows (all of them) left out"))
+        say(f"warning: {message}")
+
+
 def _lint(cfg: TrainConfig, splits: Splits, say) -> None:
     """The record-level data lint SFT runs (empty fields, duplicates, leakage between splits)."""
     if cfg.data.lint == "off":
@@ -171,6 +197,8 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
     optimizer's part comes from training/optim.py, as our own loop's does."""
     t = cfg.training
     has_val = cfg.data.validation or cfg.data.val_ratio > 0
+    # as the plan decided (`training.gradient_checkpointing`, or auto: on when the run would not fit without it)
+    checkpointing = plan.layout.checkpointing if plan.layout is not None else bool(t.gradient_checkpointing)
     return dict(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=t.batch_size,
@@ -190,11 +218,10 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         use_cpu=plan.device == "cpu",
         bf16=plan.placement.dtype == torch.bfloat16,
         fp16=plan.placement.dtype == torch.float16,
-        # no memory plan decides it here: `training.gradient_checkpointing: true` turns it on, unset or false leave it
-        # off (TRL's configs would turn it on by default); non-reentrant, as ayar's own loop (TRL's DPO switches to
-        # reentrant under ZeRO-3 with peft, which DeepSpeed needs)
-        activation_checkpointing=bool(t.gradient_checkpointing),
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # off unless the plan turns it on (TRL's configs would turn it on by default); non-reentrant, as ayar's own
+        # loop (TRL's DPO switches to reentrant under ZeRO-3 with peft, which DeepSpeed needs)
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step

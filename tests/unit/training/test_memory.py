@@ -464,3 +464,144 @@ def test_plan_target_refusals(config_only):
     assert main(["plan", f"model.name={config_only}", "--gpu-memory", "lots"]) == 2  # a clear error, no traceback
     if not torch.cuda.is_available():
         assert main(["plan", f"model.name={config_only}", "--device", "cuda"]) == 2  # how much memory: say it
+
+
+# --- the Trainer stages (DPO family, reward, classification, GRPO) -------------------------------------------------
+
+
+def _stage_config(model_dir, data, out, *overrides):
+    from ayar.config import load_config
+
+    return load_config(None, [f"model.name={model_dir}", "model.dtype=float32", f"data.train={data}",
+                              f"output.dir={out}", "training.tracker=none", "data.val_ratio=0", "data.cache=false",
+                              "training.max_steps=2", *overrides])  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "reward", "classification"])
+def test_a_trainer_stage_is_planned_on_the_batches_its_trainer_feeds(tiny_model_dir, tmp_path, stage):
+    """One micro-batch holding every row: the planned rows and padded length are those of the batch the stage's
+    Trainer builds (TRL's collators: chosen and rejected halves together, KTO's rows one completion each)."""
+    from types import SimpleNamespace
+
+    from ayar.data.dataset import load_splits
+    from ayar.models.load import load_tokenizer
+    from ayar.training import classify, preference, reward_model
+    from ayar.training.plan import decide
+    from ayar.training.trainer_plan import trainer_pass
+    from ayar.training.trl_stage import training_kwargs
+    from tests.unit.training.test_stages import PAIRS
+
+    pairs = PAIRS[:6]
+    texts = [{"text": p["prompt"] + " " + p[half], "label": half} for p in pairs for half in ("chosen", "rejected")]
+    data = write_jsonl(tmp_path / "d.jsonl", texts if stage == "classification" else pairs)
+    rows = {"dpo": 6, "kto": 12, "reward": 6, "classification": 12}[stage]
+    overrides = {"dpo": ["stage=dpo"], "kto": ["stage=dpo", "preference.loss=kto"], "reward": ["stage=reward"],
+                 "classification": ["task=classification", "data.format=classification"]}[stage]  # fmt: skip
+    cfg = _stage_config(tiny_model_dir, data, tmp_path, f"training.batch_size={rows}", *overrides)
+    tok = load_tokenizer(str(tiny_model_dir))
+    splits = load_splits(cfg.data, seed=cfg.training.seed)
+    planned = trainer_pass(cfg, tok, splits.train)
+    module = {"dpo": preference, "kto": preference, "reward": reward_model, "classification": classify}[stage]
+    kw = module.STAGE.model_kwargs(cfg, splits)
+    auto = __import__("transformers").AutoModelForSequenceClassification if module.STAGE.auto_class else None
+    model = (auto or __import__("transformers").AutoModelForCausalLM).from_pretrained(tiny_model_dir, **kw)
+    model.config.pad_token_id = tok.pad_token_id
+    args = training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path / "ckpt"), decide(cfg))
+    trainer = module.STAGE.build(cfg, model, tok, splits, args, [])
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert tuple(batch["input_ids"].shape) == (planned.rows, planned.row_len), planned
+    assert planned.head == ("score" if stage in ("reward", "classification") else "fused")
+    # the longest rows planned together when a batch holds fewer: never shorter than any batch the trainer makes
+    half = trainer_pass(cfg, tok, splits.train, batch_size=rows // 2)
+    assert half.rows == planned.rows // 2 and half.row_len == planned.row_len
+
+
+def test_a_trainer_stages_plan_counts_its_head_and_pairs():
+    """Per token, the same layers as ayar's modules path; past them, TRL's fused head on a CPU (fp32 copies of a tile
+    2,048 entries wide, at most 4,096 positions), the whole logits (ORPO, SimPO), or nothing for a classifier."""
+    from ayar.kernels import trl_head
+    from ayar.training.memory import Shape, plan_trainer_memory
+
+    shape = Shape(params=135_000_000, layers=30, hidden=576, intermediate=1536, kv=192, vocab=49152,
+                  lora_params=4_884_480, heads=9, lora_inputs=5000, lora_distinct_inputs=2000, lora_outputs=112,
+                  linear_params=100_000_000)  # fmt: skip
+    plan = lambda head, rows=8, row_len=384, **kw: plan_trainer_memory(
+        shape, weight_dtype="bfloat16", device="cpu", rows=rows, row_len=row_len, trained=500, head=head, **kw
+    )  # noqa: E731
+    fused, logits, score = plan("fused"), plan("logits"), plan("score")
+    assert fused.parts["fused head (TRL)"] == trl_head.scratch_bytes(8 * 383, 49152, "cpu") + 8 * 383 * 576 * 4
+    assert logits.parts["logits (trained tokens)"] == 8 * 384 * 49152 * 4 * 4 > fused.parts["fused head (TRL)"] * 10
+    assert score.total < fused.total < logits.total and "fused head (TRL)" not in score.parts
+    assert fused.parts["activations"] == score.parts["activations"] > 0  # the same layers for every head
+    assert plan("score", rows=4).parts["activations"] * 2 == score.parts["activations"]
+    assert plan("fused", checkpointing=True).parts["activations"] < fused.parts["activations"] / 3
+    long = plan("fused", rows=16, row_len=1024)  # beyond TRL's 4,096 positions a tile: no larger scratch
+    assert long.parts["fused head (TRL)"] - 16 * 1023 * 576 * 4 == trl_head.scratch_bytes(4096, 49152, "cpu")
+
+
+def test_ayar_plan_plans_a_dpo_run_as_its_trainer_runs(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from ayar.cli import main
+    from tests.unit.training.test_stages import PAIRS
+
+    len_vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    args = ["plan", f"model.name={tiny_model_dir}", f"data.train={data}", "stage=dpo", "training.batch_size=4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "one pass per micro-batch, padded, transformers + peft modules" in out and "fused head (TRL)" in out
+    assert main([*args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["layout"]["fused"] is False and plan["tokens"] % 8 == 0  # 8 rows: 4 pairs, both halves
+    assert main([*args, "preference.loss=orpo", "--json"]) == 0
+    orpo = json.loads(capsys.readouterr().out)["parts"]  # TRL's ORPO takes the whole logits
+    assert "fused head (TRL)" not in orpo and orpo["logits (trained tokens)"] == plan["tokens"] * len_vocab * 16
+
+
+def test_a_trainer_stage_stops_before_training_when_it_cannot_fit_and_recomputes_when_that_fits(tmp_path, monkeypatch):
+    """Memory too small: a clear error before the first step, naming the way to train anyway. Enough
+    with gradient checkpointing only: auto turns it on (run.json records it)."""
+    from ayar.data.dataset import load_splits
+    from ayar.errors import AyarError
+    from ayar.models.load import load_tokenizer
+    from ayar.training.memory import model_shape
+    from ayar.training.plan import decide
+    from ayar.training.preference import STAGE
+    from ayar.training.trainer_plan import plan_trainer
+    from ayar.training.trl_stage import run_stage
+    from tests.helpers import save_tiny
+    from tests.unit.training.test_stages import PAIRS
+
+    model_dir = save_tiny(tmp_path / "tiny", num_hidden_layers=8)  # deep enough for checkpointing to keep less
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    cfg = _stage_config(model_dir, data, tmp_path / "runs", "stage=dpo", "training.batch_size=4")
+    monkeypatch.setenv("AYAR_MEMORY_LIMIT_MB", "50")
+    with pytest.raises(AyarError, match=r"(?s)predicted peak memory .* exceeds .*training.memory_check=warn"):
+        run_stage(cfg, STAGE)
+    from transformers import AutoConfig
+
+    shape = model_shape(AutoConfig.from_pretrained(model_dir), cfg.lora.target_modules, cfg.lora.r)
+    records, tok, placement = load_splits(cfg.data).train, load_tokenizer(str(model_dir)), decide(cfg).placement
+    plain = plan_trainer(shape, cfg, tok, records, placement, 10**12).total
+    recomputed = plan_trainer(shape, cfg, tok, records, placement, 10**12, checkpointing=True).total
+    assert recomputed < plain
+    monkeypatch.setenv("AYAR_MEMORY_LIMIT_MB", str((plain + recomputed) / 2 / 2**20))
+    meta = run_stage(cfg, STAGE).read_meta()
+    assert meta["status"] == "completed" and meta["passes"]["gradient_checkpointing"] is True
+    assert meta["plan"]["predicted_peak_bytes"] == recomputed
+
+
+def test_a_trainer_stage_is_planned_for_a_gpu_from_a_config_alone(config_only, capsys):
+    """No tokenizer, no weights: a DPO run's rows are all as long as data.max_length, both halves of each pair."""
+    from ayar.cli import main
+
+    args = ["plan", f"model.name={config_only}", "stage=dpo", "data.max_length=1024", "training.batch_size=2",
+            "--device", "cuda", "--gpu-memory", "80GB", "--json"]  # fmt: skip
+    assert main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (
+        plan["tokens"] == 2 * 2 * 1024 and "no tokenizer" in plan["notes"][-1] and "fused head (TRL)" in plan["parts"]
+    )
+    # on a GPU TRL's Triton kernel folds its own tiles in place: the tile itself (bf16), not the CPU's fp32 copies
+    assert plan["parts"]["fused head (TRL)"] == 4 * 1023 * 32768 * 2 + 4 * 1023 * 4096 * 4

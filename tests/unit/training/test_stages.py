@@ -614,3 +614,41 @@ def test_a_trainer_stage_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_pa
     got = [(m["step"], m["loss"]) for m in resumed.read_metrics() if "loss" in m]
     assert [s for s, _ in got] == [1, 2, 3, 4]
     assert [l for _, l in got] == pytest.approx(losses(full), rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_rows_a_trainer_would_leave_out_are_said_before_training(tiny_model_dir, tmp_path, stage):
+    """TRL's DPO drops a pair whose prompt alone fills max_length, its reward trainer one longer than max_length:
+    ayar finds the same rows before training (the trainer's own dataset is that much shorter) and says which; when
+    no row is left, a clear error instead of a trainer with nothing to train on."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ayar.data.dataset import load_splits
+    from ayar.errors import DataError
+    from ayar.models.load import load_tokenizer
+    from ayar.training import preference, reward_model
+    from ayar.training.plan import decide
+    from ayar.training.trainer_plan import trainer_drops
+    from ayar.training.trl_stage import training_kwargs
+
+    long = {"prompt": "Tell me " + "about the sea and the sky " * 20, "chosen": "It is blue.", "rejected": "No."}
+    data = write_jsonl(tmp_path / "p.jsonl", [*PAIRS[:5], long])
+    cfg = config(tiny_model_dir, data, tmp_path / "runs", f"stage={stage}", "data.max_length=48", "data.val_ratio=0")
+    tok, splits = load_tokenizer(str(tiny_model_dir)), load_splits(cfg.data)
+    drops = trainer_drops(cfg, tok, splits.train)
+    assert [r.where for r, _ in drops] == [f"{data}:6"], drops
+    assert ("prompt alone" if stage == "dpo" else "longer half") in drops[0][1]
+    module = preference if stage == "dpo" else reward_model
+    model = (AutoModelForCausalLM if stage == "dpo" else AutoModelForSequenceClassification).from_pretrained(
+        tiny_model_dir, **({} if stage == "dpo" else {"num_labels": 1})
+    )
+    model.config.pad_token_id = tok.pad_token_id
+    args = training_kwargs(cfg, SimpleNamespace(checkpoints=tmp_path / "ckpt"), decide(cfg))
+    trainer = module.STAGE.build(cfg, model, tok, splits, args, [])
+    assert len(trainer.train_dataset) == len(splits.train) - 1  # the trainer left out that row, as found
+    only_long = write_jsonl(tmp_path / "long.jsonl", [long, {**long, "chosen": "Blue."}])
+    with pytest.raises(DataError, match=r"2 of 2 train rows \(all of them\) left out .*long.jsonl:1: .*max_length"):
+        train(config(tiny_model_dir, only_long, tmp_path / "runs", f"stage={stage}", "data.max_length=48",
+                     "data.val_ratio=0"))  # fmt: skip
