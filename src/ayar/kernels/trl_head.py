@@ -3,9 +3,9 @@
 TRL's DPO, KTO and GRPO trainers compute per-token log-probabilities through a fused head (`trl.kernels.
 ChunkedLogProbFunction`) that never holds the whole [tokens, vocabulary] logits: tiles of up to 4,096 positions by
 32,768 vocabulary entries. On a GPU a Triton kernel folds each tile in place; on a CPU the tile is folded by torch
-operations, each making an fp32 copy of it, and its backward holds about eight at once: at 3,000 positions 3 GB, more
-than the model and its activations. Tiles 2,048 entries wide hold 1/16 of that and ran 1.5-2.4x faster on this CPU
-(their fp32 copies stay in cache; benchmarks/README.md, "TRL's fused head"), with the same log-probabilities to
+operations, each making an fp32 copy of it, and its backward holds about eight at once: gigabytes at a few thousand
+positions, more than a small model and its activations. Tiles 2,048 entries wide hold 1/16 of that, and DPO ran
+faster with them on a CPU (measured: benchmarks/README.md, "TRL's fused head"), with the same log-probabilities to
 rounding. The width is TRL's module constant, read each time the head runs; ayar sets it while a Trainer stage
 trains and evaluates on a CPU, and leaves TRL's on GPUs.
 """
