@@ -101,18 +101,16 @@ def trainer_pass(cfg, tok, records, batch_size: int | None = None, max_length: i
 def plan_trainer(
     shape: Shape,
     cfg,
-    tok,
-    records,
+    p: TrainerPass,
     placement: Placement,
     available: int | None = None,
     sharding: Sharding | None = None,
     checkpointing: bool | None = None,
-    batch_size: int | None = None,
-    max_length: int | None = None,
 ) -> MemoryPlan:
+    """The memory plan of a Trainer stage's pass `p` (`trainer_pass`), per rank under `sharding`; gradient
+    checkpointing as configured unless `checkpointing` says."""
     from ayar.training.memory import per_rank, plan_trainer_memory
 
-    p = trainer_pass(cfg, tok, records, batch_size, max_length)
     ckpt = bool(cfg.training.gradient_checkpointing) if checkpointing is None else checkpointing
     # what LoRA's dropout keeps for backward: nothing for TRL's preference and reward trainers, which ayar builds
     # with `disable_dropout` (every dropout at p=0, which torch skips), nor for classification on a CPU (ayar's
@@ -132,7 +130,14 @@ def plan_trainer_for(
 ) -> tuple[MemoryPlan, list[str], Layout]:
     """(memory plan, settings that would fit, layout) of a Trainer stage, as `plan_memory_for` is for ayar's own loop:
     gradient checkpointing as configured, or left to auto, on only when the run cannot fit without it."""
-    ask = lambda **kw: plan_trainer(shape, cfg, tok, records, placement, available, sharding, **kw)  # noqa: E731
+    passes = {}  # (batch size, max length) -> its pass: the data is rendered once for each
+
+    def ask(checkpointing=None, batch_size=None, max_length=None):
+        key = (batch_size, max_length)
+        if key not in passes:
+            passes[key] = trainer_pass(cfg, tok, records, batch_size, max_length)
+        return plan_trainer(shape, cfg, passes[key], placement, available, sharding, checkpointing)
+
     choice = cfg.training.gradient_checkpointing
     plan = ask()
     layout = Layout(0, False, False, bool(choice))

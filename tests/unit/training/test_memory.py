@@ -568,7 +568,7 @@ def test_a_trainer_stage_stops_before_training_when_it_cannot_fit_and_recomputes
     from ayar.training.memory import model_shape
     from ayar.training.plan import decide
     from ayar.training.preference import STAGE
-    from ayar.training.trainer_plan import plan_trainer
+    from ayar.training.trainer_plan import plan_trainer, trainer_pass
     from ayar.training.trl_stage import run_stage
     from tests.helpers import save_tiny
     from tests.unit.training.test_stages import PAIRS
@@ -583,8 +583,9 @@ def test_a_trainer_stage_stops_before_training_when_it_cannot_fit_and_recomputes
 
     shape = model_shape(AutoConfig.from_pretrained(model_dir), cfg.lora.target_modules, cfg.lora.r)
     records, tok, placement = load_splits(cfg.data).train, load_tokenizer(str(model_dir)), decide(cfg).placement
-    plain = plan_trainer(shape, cfg, tok, records, placement, 10**12).total
-    recomputed = plan_trainer(shape, cfg, tok, records, placement, 10**12, checkpointing=True).total
+    p = trainer_pass(cfg, tok, records)
+    plain = plan_trainer(shape, cfg, p, placement, 10**12).total
+    recomputed = plan_trainer(shape, cfg, p, placement, 10**12, checkpointing=True).total
     assert recomputed < plain
     monkeypatch.setenv("AYAR_MEMORY_LIMIT_MB", str((plain + recomputed) / 2 / 2**20))
     meta = run_stage(cfg, STAGE).read_meta()
