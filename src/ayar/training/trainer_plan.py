@@ -38,17 +38,23 @@ def trainer_drops(cfg, tok, records, max_length: int | None = None) -> list[tupl
     if tok is None or cfg.task == "classification" or cfg.stage not in ("dpo", "reward"):
         return []
     renderer = _renderer(cfg, tok, cap)
-    out = []
-    for r in records:
-        if cfg.stage == "reward":
-            n = max(e.full_length for e in _halves(renderer, r))
-            if n > cap:
-                out.append((r, f"its longer half is {n} tokens, over data.max_length={cap}"))
-        elif cfg.preference.loss in ("dpo", "ipo", "kto"):
-            n = len(tok(renderer.prompt_text(r.messages), add_special_tokens=False)["input_ids"])
-            if n >= cap:
-                out.append((r, f"its prompt alone is {n} tokens, data.max_length={cap}: no answer token would be left"))
-    return out
+    found = ((r, _drop_reason(cfg, tok, renderer, r, cap)) for r in records)
+    return [(r, why) for r, why in found if why]
+
+
+def _drop_reason(cfg, tok, renderer, r, cap: int, halves: list | None = None) -> str | None:
+    """Why the stage's trainer leaves the pair `r` out (None: it keeps it); `halves`: the pair already rendered."""
+    if cfg.stage == "reward":
+        n = max(e.full_length for e in halves or _halves(renderer, r))
+        return f"its longer half is {n} tokens, over data.max_length={cap}" if n > cap else None
+    if cfg.stage == "dpo" and cfg.preference.loss in ("dpo", "ipo", "kto"):
+        n = len(tok(renderer.prompt_text(r.messages), add_special_tokens=False)["input_ids"])
+        return (
+            f"its prompt alone is {n} tokens, data.max_length={cap}: no answer token would be left"
+            if n >= cap
+            else None
+        )
+    return None
 
 
 def _renderer(cfg, tok, cap: int):
@@ -87,8 +93,8 @@ def trainer_pass(cfg, tok, records, batch_size: int | None = None, max_length: i
         budget = cfg.grpo.max_completion_length
         prompts = [len(tok(renderer.prompt_text(r.messages))["input_ids"]) for r in records]
         return TrainerPass(n, max(prompts, default=0) + budget, n * budget, head)
-    dropped = {id(r) for r, _ in trainer_drops(cfg, tok, records, cap)}
-    pairs = [_halves(renderer, r) for r in records if id(r) not in dropped]
+    rendered = ((r, _halves(renderer, r)) for r in records)  # each pair rendered once, for the check and the pass
+    pairs = [h for r, h in rendered if not _drop_reason(cfg, tok, renderer, r, cap, h)]
     if cfg.stage == "dpo" and cfg.preference.loss == "kto":  # each completion its own row
         rows = sorted((e for p in pairs for e in p), key=lambda e: len(e.input_ids), reverse=True)[:n]
         return TrainerPass(len(rows), max((len(e.input_ids) for e in rows), default=0),
