@@ -30,6 +30,9 @@ CONFIGS = {
     "ORPO, batch 2, max_len 384": ("check", ["stage=dpo", "preference.loss=orpo", "training.batch_size=2"]),
     "reward model, batch 4, max_len 384": ("check", ["stage=reward"]),
     "classification, batch 8, max_len 384": ("check", ["task=classification", "training.batch_size=8", "CLASSIFY"]),
+    "GRPO, 2 prompts x 4 answers, 160 new tokens": ("check", ["stage=grpo", "training.batch_size=8",
+                                                             "grpo.num_generations=4", "grpo.max_completion_length=160",
+                                                             "PROMPTS"]),
 }  # fmt: skip
 COMMON = ["training.return_memory=true", "data.val_ratio=0", "training.max_steps=3", "training.tracker=none",
           "training.warmup_ratio=0", "training.batch_size=4", "data.max_length=384", "data.lint=warn",
@@ -62,6 +65,30 @@ def longest_pairs(path: str, n: int, tmp: Path) -> tuple[Path, Path]:
     return pairs, write_records(texts, "classification", tmp / "texts.jsonl")
 
 
+def longest_prompts(n: int, tmp: Path) -> Path:
+    """The `n` bundled GSM8K questions whose rendered prompts are longest (GRPO's rows: each sampled
+    `grpo.num_generations` times)."""
+    from ayar.data.dataset import load_records
+    from ayar.data.render import Renderer
+    from ayar.data.writers import write_records
+    from ayar.models.load import load_tokenizer, resolve_model_path
+
+    records = load_records("sample:gsm8k")
+    renderer = Renderer(load_tokenizer(resolve_model_path("default", log=lambda m: None)), max_length=100_000)
+    length = lambda r: len(renderer.tok(renderer.prompt_text(r.messages[:-1]))["input_ids"])  # noqa: E731
+    tmp.mkdir()
+    return write_records(sorted(records, key=length, reverse=True)[:n], "messages", tmp / "prompts.jsonl")
+
+
+def completion_lengths(run: Path) -> dict:
+    """The longest and mean sampled completion of a GRPO run's logged steps (TRL's `completions/*` metrics)."""
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    longest = [r["completions/max_length"] for r in logs if "completions/max_length" in r]
+    mean = [r["completions/mean_length"] for r in logs if "completions/mean_length" in r]
+    return {"completion_max_length": max(longest, default=None),
+            "completion_mean_length": mean and sum(mean) / len(mean)}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("pairs")
@@ -79,9 +106,13 @@ def main() -> None:
             # the planner's worst micro-batch is the longest rows together: the data is those rows alone, so that
             # every step trains on that very batch
             batch = int(next((o for o in reversed(COMMON + overrides) if o.startswith("training.batch_size=")))[20:])
-            pairs, texts = longest_pairs(args.pairs, batch, Path(tmp) / f"data-{len(rows)}")
-            data = f"data.train={texts}" if "CLASSIFY" in overrides else f"data.train={pairs}"
-            overrides = [o for o in overrides if o != "CLASSIFY"]
+            where = Path(tmp) / f"data-{len(rows)}"
+            if "PROMPTS" in overrides:  # GRPO: a step's prompts are batch_size / num_generations
+                data = f"data.train={longest_prompts(batch // 4, where)}"
+            else:
+                pairs, texts = longest_pairs(args.pairs, batch, where)
+                data = f"data.train={texts}" if "CLASSIFY" in overrides else f"data.train={pairs}"
+            overrides = [o for o in overrides if o not in ("CLASSIFY", "PROMPTS")]
             common = ["model.name=default", data, *COMMON, *overrides]
             plan = json.loads(ayar("plan", *common, "--json").stdout)
             if not (args.reuse and name in measured_runs):
@@ -90,6 +121,8 @@ def main() -> None:
                 meta = json.loads((out / "run.json").read_text())
                 measured_runs[name] = {"peak_rss_mb": meta["peak_rss_mb"], "dtype": meta["plan"]["dtype"],
                                        "train_seconds": meta["train_seconds"]}  # fmt: skip
+                if "stage=grpo" in overrides:
+                    measured_runs[name] |= completion_lengths(out)
                 store.write_text(json.dumps(measured_runs, indent=1) + "\n")
             run = measured_runs[name]
             predicted, measured = plan["total"] / 2**20, run["peak_rss_mb"]

@@ -41,6 +41,14 @@ class Record:
             return [{"role": "user", "content": self.text}, {"role": "assistant", "content": self.label}]
         return self.messages
 
+    def prompt_and_reference(self) -> tuple[list[dict], str]:
+        """What the model is asked and the answer to compare its own against (GRPO's rewards): the conversation
+        without its last turn and that turn's text when an assistant spoke last (and said something), else the
+        whole conversation and ""."""
+        messages = self.conversation()
+        reference = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+        return (messages[:-1] if reference else messages), reference
+
     def payload(self) -> dict:
         """The content without the location: what dedup, leakage checks and the tokenization cache compare."""
         return {

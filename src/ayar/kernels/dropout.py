@@ -142,6 +142,8 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        if not torch.is_grad_enabled():  # nothing kept for a backward: torch's is quicker on a few rows (GRPO samples
+            return nn.functional.dropout(x, self.p, True)  # its answers in training mode, a token at a time)
         return _HashDropout.apply(x, self.p)
 
 

@@ -16,10 +16,8 @@ RENAMES = {"reward": "mean_reward", "eval_reward": "eval_mean_reward"}
 def grpo_rows(records, renderer: Renderer) -> list[dict]:
     rows = []
     for rec in records:
-        messages = rec.conversation()
-        reference = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
-        prompt = renderer.trl_prompt(messages[:-1] if reference else messages, rec.where)
-        rows.append({"prompt": prompt, "reference": reference})
+        prompt, reference = rec.prompt_and_reference()
+        rows.append({"prompt": renderer.trl_prompt(prompt, rec.where), "reference": reference})
     return rows
 
 

@@ -50,6 +50,9 @@ class Shape:
     plain_attention: bool = False  # packed rows can take per-example attention on CPU (kernels/varlen.py)
     fused_family: bool = False  # the fused decoder can run this architecture (kernels/fused_decoder.py)
     plain_head: bool = True  # no logit soft-capping: the chunked cross-entropy applies (training/loss.py)
+    # per layer: input features of a wrapped attention output projection, whose input (the attention's output) the
+    # attention keeps for its own backward anyway
+    lora_attention_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,10 +209,12 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
     ]
     lora = sum(r * (m.in_features + m.out_features) for m in wrapped)
     distinct = {}  # q/k/v (and gate/up) read the same tensor: one saved input between them
+    attention_out = 0
     for name, m in model.named_modules():
         if any(m is w for w in wrapped):
             parent, _, leaf = name.rpartition(".")
             distinct[(parent, _SHARED_INPUT.get(leaf, leaf))] = m.in_features
+            attention_out += m.in_features if leaf in _ATTENTION_OUT and "att" in parent.rpartition(".")[2] else 0
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
     layers = c.num_hidden_layers
@@ -232,9 +237,11 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
         varlen.supported(c, "cpu"),
         fused_decoder.config_reason(c, "cpu") is None,
         not getattr(c, "final_logit_softcapping", None),
+        attention_out // layers,
     )
 
 
+_ATTENTION_OUT = ("o_proj", "out_proj", "dense", "c_proj")
 _SHARED_INPUT = {
     "q_proj": "attn",
     "k_proj": "attn",
@@ -247,7 +254,13 @@ _SHARED_INPUT = {
 
 
 def layer_bytes_per_token(
-    s: Shape, dtype_bytes: int, lora: bool, dropout: bool = True, fused: bool = False, long_share: float = 0.0
+    s: Shape,
+    dtype_bytes: int,
+    lora: bool,
+    dropout: bool = True,
+    fused: bool = False,
+    long_share: float = 0.0,
+    masks: bool = False,
 ) -> float:
     """What one decoder layer keeps per token for backward (attention probabilities aside), tensor by tensor.
     Fused decoder (kernels/ops.py): two norm inputs and outputs, v, rotated q/k, the attention output, gate/up
@@ -256,8 +269,11 @@ def layer_bytes_per_token(
     segments' query/key/value copies.
     Modules, fp32 (CPU): the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
     SiLU(gate); each adapter's dropped-out input (fp32), or without dropout the distinct inputs (q/k/v
-    share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR); adapters
-    there run under autocast on the input as it is (training/loss.py)."""
+    share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR) without dropout; adapters
+    there run under autocast on the input as it is (training/loss.py), and dropout makes each adapter's input its
+    own copy where those without it share one, or share the attention's output (ayar's dropout on a CPU keeps no
+    mask: kernels/dropout.py);
+    `masks`: torch's dropout (a GPU's), counted as a mask byte beside a copy for every adapter input."""
     lora_out = s.lora_outputs * 4 if lora else 0
     if fused:
         q = s.hidden  # heads * head_dim for the families ayar fuses
@@ -268,7 +284,13 @@ def layer_bytes_per_token(
         adapters = (s.lora_inputs if dropout else s.lora_distinct_inputs) * 4 if lora else 0
         return base + adapters + lora_out
     base = ((2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden) * BF16_MODULES_FACTOR
-    return base + (s.lora_inputs * (dtype_bytes + 1) if lora and dropout else 0)
+    if not (lora and dropout):
+        return base
+    return base + (
+        s.lora_inputs * (dtype_bytes + 1)
+        if masks
+        else (s.lora_inputs - s.lora_distinct_inputs + s.lora_attention_out) * dtype_bytes
+    )
 
 
 def activation_bytes_per_token(
@@ -280,12 +302,13 @@ def activation_bytes_per_token(
     attention_keys: float = 0.0,
     checkpointing: bool = False,
     long_share: float = 0.0,
+    masks: bool = False,
 ) -> int:
     """What training keeps per token at its peak, over all layers. Per-example attention on packed rows
     keeps each layer's probabilities (heads x keys, fp32, plus a copy in a half dtype). With gradient
     checkpointing, each layer's input is kept, and one layer's activations live at a time, with as much
     again for their gradients while that layer's backward runs (measured: benchmarks/README.md)."""
-    per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused, long_share)
+    per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused, long_share, masks)
     per_layer += s.heads * attention_keys * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
     if checkpointing:
         return int(s.layers * s.hidden * dtype_bytes + 2 * per_layer)
@@ -335,7 +358,7 @@ def plan_memory(
         q = shape.hidden
         parts["fused weight stacks"] = shape.layers * shape.hidden * (q + 2 * shape.kv + 2 * shape.intermediate) * wb
     parts["activations"] = tokens * activation_bytes_per_token(
-        shape, wb, adapter, dropout, fused, attention_keys, checkpointing, long_share
+        shape, wb, adapter, dropout, fused, attention_keys, checkpointing, long_share, masks=device != "cpu"
     )
     if device == "cpu" and not packed:  # padded rows: one layer's [rows, heads, len, len] attention weights
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
@@ -388,9 +411,12 @@ def plan_trainer_memory(
     positions = rows * max(row_len - 1, 0)
     if head == "fused":  # every position scored (a GPU scores the trained ones: this over-counts there)
         del plan.parts["logits (trained tokens)"]
-        plan.parts["fused head (TRL)"] = (
-            trl_head.scratch_bytes(positions, shape.vocab, device) + positions * shape.hidden * 4
-        )
+        fused = trl_head.scratch_bytes(positions, shape.vocab, device) + positions * shape.hidden * 4
+        if checkpointing:  # its backward runs, and frees its scratch, before the first layer is recomputed: the
+            # peak holds the larger of the two
+            inputs = tokens * shape.layers * shape.hidden * _BYTES[weight_dtype]
+            fused = max(0, fused - (plan.parts["activations"] - inputs) - plan.parts.get("attention scratch", 0))
+        plan.parts["fused head (TRL)"] = fused
     elif head == "logits":
         plan.parts["logits (trained tokens)"] = tokens * shape.vocab * 4 * FULL_LOGITS_COPIES
     else:

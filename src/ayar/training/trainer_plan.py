@@ -91,7 +91,8 @@ def trainer_pass(cfg, tok, records, batch_size: int | None = None, max_length: i
     renderer = _renderer(cfg, tok, cap)
     if cfg.stage == "grpo":
         budget = cfg.grpo.max_completion_length
-        prompts = [len(tok(renderer.prompt_text(r.messages))["input_ids"]) for r in records]
+        # the prompt GRPO samples from (the reference answer left out), uncut: TRL's GRPO has no prompt limit
+        prompts = [len(tok(renderer.prompt_text(r.prompt_and_reference()[0]))["input_ids"]) for r in records]
         return TrainerPass(n, max(prompts, default=0) + budget, n * budget, head)
     rendered = ((r, _halves(renderer, r)) for r in records)  # each pair rendered once, for the check and the pass
     pairs = [h for r, h in rendered if not _drop_reason(cfg, tok, renderer, r, cap, h)]
@@ -119,10 +120,10 @@ def plan_trainer(
 
     ckpt = bool(cfg.training.gradient_checkpointing) if checkpointing is None else checkpointing
     # what LoRA's dropout keeps for backward: nothing for TRL's preference and reward trainers, which ayar builds
-    # with `disable_dropout` (every dropout at p=0, which torch skips), nor for classification on a CPU (ayar's
-    # adapter, whose dropout keeps no mask: kernels/dropout.py); GRPO runs peft's own, as a GPU does
-    fast = cfg.task == "classification" and placement.device == "cpu"
-    dropout = cfg.lora.dropout > 0 and not fast and (cfg.stage == "grpo" or cfg.task == "classification")
+    # with `disable_dropout` (every dropout at p=0, which torch skips); for GRPO and classification each adapter's
+    # dropped-out input, as in ayar's own loop, whose way of computing adapters these stages take (single process
+    # and DDP: trl_stage.compute_as_own_loop; under ZeRO and FSDP peft's own, which keeps more: not counted)
+    dropout = cfg.lora.dropout > 0 and (cfg.stage == "grpo" or cfg.task == "classification")
     plan = plan_trainer_memory(
         shape, weight_dtype=placement.dtype_name, device=placement.device, rows=p.rows, row_len=p.row_len,
         trained=p.trained, head=p.head, method=cfg.method, available=available, dropout=dropout,

@@ -91,6 +91,8 @@ def run_stage(
         sharding.trainable_in_memory(trainer.model)
     if plan.quantized:
         trainable_in_fp32(trainer.model)
+    if plan.strategy in ("single", "ddp"):  # the sharding engines hold weights their own way (flat, split)
+        compute_as_own_loop(trainer, plan.device)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # our progress line replaces the raw log dicts
@@ -190,6 +192,27 @@ def _lint(cfg: TrainConfig, splits: Splits, say) -> None:
     from ayar.data.lint import lint
 
     enforce_lint(lint(splits.as_dict()), cfg.data.lint, say)
+
+
+def compute_as_own_loop(trainer, device: str) -> None:
+    """A Trainer stage computes its adapters as ayar's own loop does: over a bf16/fp16 base, under autocast on the
+    input as it is (training/loss.py `compute_context`), where peft would copy each adapter's input to fp32 (and
+    autocast back to bf16 for the matmul: a copy kept per adapter for backward, the same numbers); on a CPU, peft's
+    dropouts swapped for ayar's, which keeps no mask (torch's CPU dropout keeps a noise tensor as large as its
+    input). Measured in benchmarks/README.md."""
+    from ayar.kernels.dropout import use_fast_dropout
+    from ayar.training.loss import compute_context
+
+    if device == "cpu":
+        use_fast_dropout(trainer.model)
+    stack = trainer.compute_loss_context_manager
+
+    def context():
+        contexts = stack()
+        contexts.enter_context(compute_context(trainer.model))
+        return contexts
+
+    trainer.compute_loss_context_manager = context
 
 
 def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:

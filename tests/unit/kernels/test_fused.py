@@ -155,6 +155,20 @@ def test_fast_dropout_backward_uses_the_forward_mask():
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.where(keep, g / 0.75, 0.0))
 
 
+def test_fast_dropout_without_gradients_still_drops_as_torch_does():
+    """GRPO samples its answers in training mode under no_grad: the dropout still applies there, as torch's (nothing
+    is kept for a backward, and torch's is quicker on a token's few rows)."""
+    x = torch.ones(400, 50)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        y = FastDropout(0.25).train()(x)
+        torch.manual_seed(5)
+        expected = torch.nn.functional.dropout(x, 0.25, True)
+    torch.testing.assert_close(y, expected)
+    assert 0.2 < (y == 0).float().mean() < 0.3
+    assert torch.equal(FastDropout(0.25).eval()(x), x)
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_pointwise_kernels_match_their_modules(compiled, monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb

@@ -342,6 +342,49 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
     assert planned == pytest.approx(measured, rel=0.12)
 
 
+def test_the_bf16_module_path_counts_what_dropout_adds_as_autograd_keeps_it():
+    """Over a bf16 base the adapters compute on their input as it is (training/loss.py `compute_context`, also a
+    Trainer stage's): without dropout q/k/v (and gate/up) keep one input between them; with ayar's CPU dropout each
+    adapter keeps its own dropped-out copy and no mask. The planner's dropout term against the bytes autograd keeps
+    besides (saved-tensor hooks, unique storages)."""
+    from ayar.config import LoraConfig
+    from ayar.data.collate import collate
+    from ayar.models.adapters import apply_method
+    from ayar.training.loss import _hidden, compute_context
+    from ayar.training.memory import layer_bytes_per_token
+
+    tok = make_tokenizer("llama")
+    dims = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        Example(ids, ids, str(i)) for i, ids in enumerate(torch.randint(5, len(tok), (2, 80), generator=g).tolist())
+    ]
+    batch = collate(rows, tok.pad_token_id, packing=False)
+    kept = {}
+    for dropout in (0.0, 0.1):
+        torch.manual_seed(0)
+        base = make_model("llama", tok, **dims).to(torch.bfloat16)
+        model = apply_method(base, "lora", LoraConfig(r=8, alpha=16, dropout=dropout, target_modules="all-linear"))
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params and t.dtype == torch.bfloat16 and t.dim() >= 2:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with compute_context(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _hidden(model, batch, False)
+        kept[dropout] = sum(saved.values())
+    shape = model_shape(model.get_base_model().config, "all-linear", 8)
+    per_layer = lambda dropout: layer_bytes_per_token(shape, 2, True, dropout)  # noqa: E731
+    planned = 160 * shape.layers * (per_layer(True) - per_layer(False))
+    assert planned == pytest.approx(kept[0.1] - kept[0.0], rel=0.02), (planned, kept)
+
+
 def test_importing_ayar_bounds_onednn_caches_of_new_matmul_shapes():
     # bf16 matmuls on CPU go through oneDNN, which caches a compiled primitive per shape; padding-free
     # training meets new shapes every pass, and with torch's default (1,024 per cache) a run's memory grew
