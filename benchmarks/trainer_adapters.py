@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from fsdp_loading import ROOT, machine
 from memory_planner_stages import longest_pairs
+from trl_head import patched_train
 
 VARIANTS = ("peft", "ayar")
 # `ayar train`, with peft's default put back for the "peft" variant (ayar's step left out)
@@ -49,13 +48,6 @@ def runs(pairs: Path, texts: Path) -> dict:
     }
 
 
-def train(variant: str, args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-c", TRAIN, variant, "train", *args, *COMMON, f"output.path={out}"]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = json.loads((out / "run.json").read_text())
-    return {k: meta[k] for k in ("peak_rss_mb", "train_seconds", "final_loss")} | {"dtype": meta["plan"]["dtype"]}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pairs", help="hh-rlhf pairs (jsonl)")
@@ -75,7 +67,7 @@ def main() -> None:
             results[name] = []
             for r in range(args.rounds):
                 for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-                    measured = train(variant, overrides, tmp / f"{name}-{variant}-{r}")
+                    measured = patched_train(TRAIN, variant, [*overrides, *COMMON], tmp / f"{name}-{variant}-{r}")
                     row = {"variant": variant, "round": r + 1, **measured}
                     results[name].append(row)
                     print(name, json.dumps(row), flush=True)

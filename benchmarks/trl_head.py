@@ -82,13 +82,19 @@ def longest_pairs(path: str, n: int, out: Path) -> Path:
     return write_records(records[:n], "preference", out)
 
 
-def train(data: Path, width: int, out: Path) -> dict:
-    cmd = [sys.executable, "-c", TRAIN, str(width), "train", str(ROOT / "examples" / "dpo.yaml"), f"data.train={data}",
-           "training.max_steps=6", "training.eval_steps=0", "data.val_ratio=0", "training.tracker=none",
-           "data.lint=warn", f"output.path={out}"]  # fmt: skip
+def patched_train(code: str, variant: str, overrides: list[str], out: Path) -> dict:
+    """`ayar train` in a fresh process, `code` run first (it takes `variant` from the command line and sets ayar up
+    that way); the peak RSS, train seconds, final loss and dtype its run.json records."""
+    cmd = [sys.executable, "-c", code, variant, "train", *overrides, f"output.path={out}"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = json.loads((out / "run.json").read_text())
     return {k: meta[k] for k in ("peak_rss_mb", "train_seconds", "final_loss")} | {"dtype": meta["plan"]["dtype"]}
+
+
+def train(data: Path, width: int, out: Path) -> dict:
+    overrides = [str(ROOT / "examples" / "dpo.yaml"), f"data.train={data}", "training.max_steps=6",
+                 "training.eval_steps=0", "data.val_ratio=0", "training.tracker=none", "data.lint=warn"]  # fmt: skip
+    return patched_train(TRAIN, str(width), overrides, out)
 
 
 def main() -> None:
