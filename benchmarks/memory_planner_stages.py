@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from memory_planner import ayar, print_table
@@ -89,6 +90,11 @@ def completion_lengths(run: Path) -> dict:
             "completion_mean_length": mean and sum(mean) / len(mean)}  # fmt: skip
 
 
+def _setting(overrides: list[str], key: str) -> int:
+    """The last value `overrides` give `key` (e.g. "training.batch_size=")."""
+    return int(next(o for o in reversed(overrides) if o.startswith(key))[len(key) :])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("pairs")
@@ -105,10 +111,11 @@ def main() -> None:
                 continue
             # the planner's worst micro-batch is the longest rows together: the data is those rows alone, so that
             # every step trains on that very batch
-            batch = int(next((o for o in reversed(COMMON + overrides) if o.startswith("training.batch_size=")))[20:])
+            setting = partial(_setting, COMMON + overrides)
+            batch = setting("training.batch_size=")
             where = Path(tmp) / f"data-{len(rows)}"
             if "PROMPTS" in overrides:  # GRPO: a step's prompts are batch_size / num_generations
-                data = f"data.train={longest_prompts(batch // 4, where)}"
+                data = f"data.train={longest_prompts(batch // setting('grpo.num_generations='), where)}"
             else:
                 pairs, texts = longest_pairs(args.pairs, batch, where)
                 data = f"data.train={texts}" if "CLASSIFY" in overrides else f"data.train={pairs}"
