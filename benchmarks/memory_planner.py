@@ -3,12 +3,15 @@
     python benchmarks/memory_planner.py DATA.jsonl [--columns instruction=question,output=answer] [--only NAME]...
         [--measured results-memory-planner.json] [--reuse]
 
-prints a markdown table for benchmarks/README.md. Measured peaks are kept in the --measured file; with
---reuse, configurations already measured there are only planned again (to check a planner change without
-re-running the training). The data is cut to the 96 longest rows (written to a
-temporary file), so that every batch of the short run is about as long as the planner's worst case (the
-longest rows together). Each training run is a fresh process, 3 steps, no validation; the measured value
-is that process's peak RSS (it includes loading the model and tokenizing the data, as a real run does).
+prints a markdown table for benchmarks/README.md. Measured peaks are kept in the --measured file; with --reuse,
+configurations already measured there are only planned again (to check a planner change without re-running the
+training), where the planned pass is still the one measured. The data is cut to the 96 longest rows; for each
+configuration the planner names its heaviest pass over them (`ayar plan --json`: the examples' lengths), and the run
+trains on exactly those examples as its one micro-batch (batch size and rows per pass = their number), so that every
+step runs the pass the plan is for; the plan compared is `ayar plan` of that run. Each training run is a fresh
+process, 3 steps, no validation; the measured value is training's peak RSS (run.json `training_peak_rss_mb`: setup's,
+loading the model and tokenizing, is kept apart and printed beside it). `--dtype float32` (a config override)
+measures the fp32 table on a machine whose `model.dtype: auto` is bf16.
 """
 
 import argparse
@@ -66,6 +69,26 @@ def longest_rows(path: str, columns: dict, n: int, out: Path) -> Path:
     return write_records(records[:n], "messages", out)
 
 
+def heaviest_rows(data: Path, max_length: int, heaviest: dict, out: Path) -> Path:
+    """The rows of `data` making up the planned pass: one of each length it names (a length is all that counts)."""
+    from ayar.data.dataset import load_records, parse_sources
+    from ayar.data.render import Renderer
+    from ayar.data.writers import write_records
+    from ayar.models.load import load_tokenizer, resolve_model_path
+
+    renderer = Renderer(load_tokenizer(resolve_model_path("default", log=lambda m: None)), max_length=max_length)
+    pool = [r for src in parse_sources(str(data), "auto", {}) for r in load_records(src)]
+    by_length = {}
+    for r in pool:
+        by_length.setdefault(len(renderer.render(r).input_ids), []).append(r)
+    chosen = [by_length[n + heaviest["prefix"]].pop() for n in heaviest["lengths"]]
+    return write_records(chosen, "messages", out)
+
+
+def setting(overrides: list[str], key: str, default: str) -> str:
+    return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(key + "=")), default)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("data")
@@ -73,6 +96,7 @@ def main() -> None:
     p.add_argument("--only", action="append", default=[], help="a configuration's name (repeatable; default: all)")
     p.add_argument("--measured", default=str(Path(__file__).parent / "results-memory-planner.json"))
     p.add_argument("--reuse", action="store_true", help="take measured peaks from --measured where present")
+    p.add_argument("--dtype", default="", help="model.dtype for every run (default: the config's, auto)")
     args = p.parse_args()
     store = Path(args.measured)
     measured_runs = json.loads(store.read_text()) if store.exists() else {}
@@ -83,20 +107,34 @@ def main() -> None:
         for name, (kind, overrides) in CONFIGS.items():
             if args.only and name not in args.only:  # names hold commas: one --only per name
                 continue
-            common = [f"data.train={data}", *COMMON]
-            plan = json.loads(ayar("plan", *common, *overrides, "--json").stdout)
-            if not (args.reuse and name in measured_runs):
+            common = [*COMMON, *([f"model.dtype={args.dtype}"] if args.dtype else []), *overrides]
+            heaviest = json.loads(ayar("plan", f"data.train={data}", *common, "--json").stdout)["heaviest_pass"]
+            n = len(heaviest["lengths"])
+            rows_of = heaviest_rows(
+                data,
+                int(setting(common, "data.max_length", "512")),
+                heaviest,
+                Path(tmp) / f"heaviest-{len(rows)}.jsonl",
+            )
+            common = [f"data.train={rows_of}", *common, f"training.batch_size={n}", f"training.rows_per_pass={n}"]
+            plan = json.loads(ayar("plan", *common, "--json").stdout)
+            if {**plan["heaviest_pass"], "trained": 0} != {**heaviest, "trained": 0}:  # rows of the same lengths
+                raise SystemExit(f"{name}: the run's pass {plan['heaviest_pass']} is not the planned {heaviest}")
+            lengths = {"lengths": heaviest["lengths"], "prefix": heaviest["prefix"]}
+            if not (args.reuse and measured_runs.get(name, {}).get("pass") == lengths):  # a run of this pass
                 out = Path(tmp) / f"runs-{len(rows)}"
-                ayar("train", *common, *overrides, f"output.dir={out}", "training.memory_check=off")
+                ayar("train", *common, f"output.dir={out}", "training.memory_check=off")
                 meta = json.loads(next(out.glob("run-*/run.json")).read_text())
-                measured_runs[name] = {k: meta[k] for k in ("peak_rss_mb", "tokens_per_s", "passes")}
+                keys = ("peak_rss_mb", "training_peak_rss_mb", "setup_peak_rss_mb", "tokens_per_s", "passes")
+                measured_runs[name] = {**{k: meta.get(k) for k in keys}, "pass": lengths}
                 store.write_text(json.dumps(measured_runs, indent=1) + "\n")
             run = measured_runs[name]
-            predicted, measured = plan["total"] / 2**20, run["peak_rss_mb"]
+            # training's own peak (the plan's), where the run recorded it apart from setup's
+            predicted, measured = plan["total"] / 2**20, run.get("training_peak_rss_mb") or run["peak_rss_mb"]
             rows.append((name, kind, plan["tokens"], predicted, measured))
             print(
                 f"{name}: predicted {predicted:.0f} MB, measured {measured:.0f} MB "
-                f"({100 * (predicted / measured - 1):+.1f}%), "
+                f"({100 * (predicted / measured - 1):+.1f}%; setup's peak {run.get('setup_peak_rss_mb')} MB), "
                 f"{run['tokens_per_s']} tokens/s, passes {run['passes']}; plan {plan['parts']}",
                 file=sys.stderr,
             )
@@ -105,7 +143,7 @@ def main() -> None:
 
 def print_table(rows) -> None:
     """(name, role, tokens, predicted MB, measured MB) rows as benchmarks/README.md's markdown table."""
-    print("| configuration | role | tokens in largest pass | predicted MB | measured MB | error |")
+    print("| configuration | role | tokens in the heaviest pass | predicted MB | measured MB | error |")
     print("|---|---|---|---|---|---|")
     for name, kind, tokens, p_mb, m_mb in rows:
         print(f"| {name} | {kind} | {tokens} | {p_mb:.0f} | {m_mb:.0f} | {100 * (p_mb / m_mb - 1):+.1f}% |")

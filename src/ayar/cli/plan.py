@@ -92,6 +92,7 @@ def run(args) -> int:
                     "fits": plan.fits,
                     "tokens": plan.tokens,
                     "trained": plan.trained,
+                    "heaviest_pass": vars(plan.heaviest) if plan.heaviest else None,
                     "suggestions": fixes,
                     "layout": vars(layout),
                     "offloaded": plan.offloaded,

@@ -57,12 +57,19 @@ class Shape:
 
 @dataclass(frozen=True)
 class Pass:
-    """The largest forward/backward pass of a run: tokens, trained tokens, rows, and example lengths."""
+    """A forward/backward pass of a run: tokens, trained tokens, rows, and the examples' segment lengths; `prefix`: the
+    opening a padding-free row of the fused decoder computes once and every later segment attends to
+    (data/collate.py `share_prefix`; `lengths` are then each example's tokens after it)."""
 
     tokens: int
     trained: int
     rows: int
     lengths: tuple = ()
+    prefix: int = 0
+
+    def _segments(self) -> list[tuple[int, int]]:
+        """(own length, prefix keys it sees) per attention segment, the shared opening's own included."""
+        return [(n, self.prefix) for n in self.lengths] + ([(self.prefix, 0)] if self.prefix else [])
 
     def attention_keys(self, blocked: bool = False) -> float:
         """Keys per query token of per-example attention with saved probabilities (segments short enough
@@ -70,18 +77,30 @@ class Pass:
         decoder, whose query blocks see only the keys up to their last query, when no segment is long."""
         from ayar.kernels.varlen import MATMUL_MAX_LEN
 
-        short = [n for n in self.lengths if n <= MATMUL_MAX_LEN]
-        if blocked and len(short) == len(self.lengths):
+        segments = self._segments()
+        short = [(n, p) for n, p in segments if n <= MATMUL_MAX_LEN]
+        if blocked and len(short) == len(segments):
             from ayar.kernels.fused_decoder import query_blocks
 
-            return sum((b - a) * b for n in short for a, b in query_blocks(n)) / max(self.tokens, 1)
-        return sum(n * n for n in short) / max(self.tokens, 1)
+            return sum((b - a) * (p + b) for n, p in short for a, b in query_blocks(n)) / max(self.tokens, 1)
+        return sum(n * (n + p) for n, p in short) / max(self.tokens, 1)
 
     def long_share(self) -> float:
         """The share of tokens in segments that per-example attention gives to torch's kernel."""
         from ayar.kernels.varlen import MATMUL_MAX_LEN
 
-        return sum(n for n in self.lengths if n > MATMUL_MAX_LEN) / max(self.tokens, 1)
+        return sum(n for n, _ in self._segments() if n > MATMUL_MAX_LEN) / max(self.tokens, 1)
+
+    def opening_copies(self) -> tuple[float, float]:
+        """Per token: rows of key/value copies, and of query copies, that the fused decoder's per-segment attention
+        (a pass with a long segment) makes where the examples share an opening: each segment's keys and values after
+        the opening's, a long segment's queries after as many placeholder rows (kernels/fused_decoder.py)."""
+        from ayar.kernels.varlen import MATMUL_MAX_LEN
+
+        if not self.prefix or not self.long_share():
+            return 0.0, 0.0
+        rows = [n + self.prefix for n in self.lengths]
+        return sum(rows) / self.tokens, sum(r for r, n in zip(rows, self.lengths) if n > MATMUL_MAX_LEN) / self.tokens
 
 
 @dataclass(frozen=True)
@@ -100,10 +119,11 @@ class MemoryPlan:
     parts: dict = field(default_factory=dict)  # name -> bytes
     available: int = 0
     device: str = "cpu"
-    tokens: int = 0  # tokens in the largest micro-batch
+    tokens: int = 0  # tokens in the pass that holds the most (the longest, or see `candidate_passes`)
     trained: int = 0
     offloaded: int = 0  # bytes a rank keeps in CPU RAM instead (ZeRO / FSDP offload), not in `total`
     per_rank: str = ""  # how the numbers are per process (sharding), when there are several
+    heaviest: Pass | None = None  # the pass planned for (ayar's own loop: `plan_layout`)
 
     @property
     def total(self) -> int:
@@ -113,12 +133,21 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.total <= self.available
 
+    def _examples(self) -> str:
+        if not self.heaviest or not self.heaviest.lengths:
+            return ""
+        p = self.heaviest
+        sizes = sorted({n + p.prefix for n in p.lengths})
+        span = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        opening = f", an opening of {p.prefix} shared" if p.prefix else ""
+        return f"; {len(p.lengths)} example{'s' * (len(p.lengths) > 1)} of {span} tokens{opening}"
+
     def table(self) -> str:
         gb = lambda b: f"{b / 2**30:6.2f} GB"
         lines = [f"  {name:<24}{gb(b)}" for name, b in self.parts.items()]
         lines.append(
-            f"  {'predicted peak':<24}{gb(self.total)}   (largest micro-batch: {self.tokens} tokens, "
-            f"{self.trained} trained)"
+            f"  {'predicted peak':<24}{gb(self.total)}   (heaviest pass: {self.tokens} tokens, "
+            f"{self.trained} trained{self._examples()})"
         )
         lines.append(
             f"  {'available':<24}{gb(self.available)}   ({self.device}{', per rank' if self.per_rank else ''})"
@@ -186,7 +215,7 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
     note = f"per rank of {n} ({strategy}: {how}{', offloaded to CPU' if sharding.offload else ''})"
     if n == 1 and not sharding.offload:
         note = ""
-    return MemoryPlan(parts, plan.available, plan.device, plan.tokens, plan.trained, offloaded, note)
+    return MemoryPlan(parts, plan.available, plan.device, plan.tokens, plan.trained, offloaded, note, plan.heaviest)
 
 
 def model_shape(hf_config, target_modules, r: int) -> Shape:
@@ -303,13 +332,16 @@ def activation_bytes_per_token(
     checkpointing: bool = False,
     long_share: float = 0.0,
     masks: bool = False,
+    opening_copies: tuple[float, float] = (0.0, 0.0),
 ) -> int:
     """What training keeps per token at its peak, over all layers. Per-example attention on packed rows
-    keeps each layer's probabilities (heads x keys, fp32, plus a copy in a half dtype). With gradient
+    keeps each layer's probabilities (heads x keys, fp32, plus a copy in a half dtype); `opening_copies`:
+    `Pass.opening_copies`. With gradient
     checkpointing, each layer's input is kept, and one layer's activations live at a time, with as much
     again for their gradients while that layer's backward runs (measured: benchmarks/README.md)."""
     per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused, long_share, masks)
     per_layer += s.heads * attention_keys * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
+    per_layer += (opening_copies[0] * 2 * s.kv + opening_copies[1] * s.hidden) * dtype_bytes
     if checkpointing:
         return int(s.layers * s.hidden * dtype_bytes + 2 * per_layer)
     return int(s.layers * per_layer)
@@ -337,6 +369,7 @@ def plan_memory(
     long_share: float = 0.0,
     packed: bool = False,
     chunked_logits: bool = True,
+    opening_copies: tuple[float, float] = (0.0, 0.0),
 ) -> MemoryPlan:
     """`tokens` in the largest pass, laid out as `rows` rows of equal length (1 row when packed);
     `attention_keys`: keys per token of per-example attention (`Pass.attention_keys`, 0 otherwise);
@@ -358,7 +391,7 @@ def plan_memory(
         q = shape.hidden
         parts["fused weight stacks"] = shape.layers * shape.hidden * (q + 2 * shape.kv + 2 * shape.intermediate) * wb
     parts["activations"] = tokens * activation_bytes_per_token(
-        shape, wb, adapter, dropout, fused, attention_keys, checkpointing, long_share, masks=device != "cpu"
+        shape, wb, adapter, dropout, fused, attention_keys, checkpointing, long_share, device != "cpu", opening_copies
     )
     if device == "cpu" and not packed:  # padded rows: one layer's [rows, heads, len, len] attention weights
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
@@ -456,17 +489,51 @@ def cpu_memory_per_process(processes: int) -> int:
 
 
 def largest_pass(examples, batch_size: int, packed: bool, per_pass: int = 0) -> Pass:
-    """The worst forward/backward pass: the longest examples together (batch_size of them, or per_pass when
-    a micro-batch runs in passes), in one padding-free row or padded to the longest."""
+    """The longest pass: the longest examples together (batch_size of them, or per_pass when a micro-batch runs in
+    passes), in one padding-free row or padded to the longest."""
     n = per_pass if 0 < per_pass < batch_size else batch_size
-    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:n]
-    if not longest:
+    return _pass(sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:n], packed)
+
+
+def _pass(chosen, packed: bool, share_prefix: bool = False) -> Pass:
+    if not chosen:
         return Pass(0, 0, 1)
-    lengths = tuple(len(e.input_ids) for e in longest)
-    trained = sum(e.n_trained for e in longest)
+    trained = sum(e.n_trained for e in chosen)
+    prefix = _opening(chosen) if share_prefix else 0
+    lengths = tuple(sorted((len(e.input_ids) - prefix for e in chosen), reverse=True))
     if packed:
-        return Pass(sum(lengths), trained, 1, lengths)
-    return Pass(lengths[0] * len(longest), trained, len(longest), lengths)
+        return Pass(prefix + sum(lengths), trained, 1, lengths, prefix)
+    return Pass(lengths[0] * len(chosen), trained, len(chosen), lengths)
+
+
+def _opening(examples) -> int:
+    """The opening collate's `share_prefix` would compute once for these examples (0: none)."""
+    from ayar.data.collate import MIN_SHARED_PREFIX, shared_prefix_length
+
+    n = shared_prefix_length(examples)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def candidate_passes(examples, batch_size: int, per_pass: int = 0, share_prefix: bool = False) -> list[Pass]:
+    """Padding-free passes that may hold the most under per-example attention on CPU, where a segment up to
+    MATMUL_MAX_LEN keeps its attention probabilities (~L^2 per example) and a longer one keeps none: the longest
+    examples are not the worst then (measured: benchmarks/README.md, "memory planner"). What a pass keeps grows with
+    each example's length on either side of that bound, so the worst pass is, for some j, the j longest long examples
+    with the longest short ones: one candidate per j. `share_prefix` (the fused decoder): an example is short when
+    what follows the opening all examples share is (a pass's own opening can only be longer)."""
+    from ayar.kernels.varlen import MATMUL_MAX_LEN
+
+    n = per_pass if 0 < per_pass < batch_size else batch_size
+    ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+    opening = _opening(ordered) if share_prefix else 0
+    long = [e for e in ordered if len(e.input_ids) - opening > MATMUL_MAX_LEN][:n]
+    short = [e for e in ordered if len(e.input_ids) - opening <= MATMUL_MAX_LEN][:n]
+    out = [
+        _pass(long[:j] + short[: n - j], True, share_prefix)
+        for j in range(n + 1)
+        if j <= len(long) and n - j <= len(short)
+    ]
+    return out or [_pass(long + short, True, share_prefix)]  # fewer examples than a pass takes: all of them
 
 
 def plan_layout(
@@ -481,12 +548,8 @@ def plan_layout(
     per_pass: int | None = None,
     sharding: Sharding | None = None,
 ) -> MemoryPlan:
-    p = largest_pass(
-        examples,
-        batch_size or cfg.training.batch_size,
-        layout.packed,
-        layout.per_pass if per_pass is None else per_pass,
-    )
+    batch = batch_size or cfg.training.batch_size
+    rows = layout.per_pass if per_pass is None else per_pass
     varlen = layout.packed and device == "cpu" and shape.plain_attention
     # the chunked cross-entropy needs a plain frozen head and the built-in loss (training/loss.py)
     chunked = (
@@ -495,23 +558,34 @@ def plan_layout(
         and cfg.method != "full"
         and not any("lm_head" in m or "embed" in m for m in (cfg.lora.modules_to_save or []))
     )
-    plan = plan_memory(
-        shape,
-        weight_dtype=weight_dtype,
-        device=device,
-        tokens=p.tokens,
-        trained=p.trained,
-        method=cfg.method,
-        available=available,
-        rows=p.rows,
-        dropout=cfg.lora.dropout > 0,
-        fused=layout.fused,
-        attention_keys=p.attention_keys(layout.fused) if varlen else 0.0,
-        checkpointing=layout.checkpointing,
-        long_share=p.long_share() if varlen else 0.0,
-        packed=layout.packed,
-        chunked_logits=chunked,
+
+    def plan_of(p: Pass) -> MemoryPlan:
+        return plan_memory(
+            shape,
+            weight_dtype=weight_dtype,
+            device=device,
+            tokens=p.tokens,
+            trained=p.trained,
+            method=cfg.method,
+            available=available,
+            rows=p.rows,
+            dropout=cfg.lora.dropout > 0,
+            fused=layout.fused,
+            attention_keys=p.attention_keys(layout.fused) if varlen else 0.0,
+            checkpointing=layout.checkpointing,
+            long_share=p.long_share() if varlen else 0.0,
+            packed=layout.packed,
+            chunked_logits=chunked,
+            opening_copies=p.opening_copies() if varlen else (0.0, 0.0),
+        )
+
+    candidates = (
+        candidate_passes(examples, batch, rows, share_prefix=layout.fused)
+        if varlen
+        else [largest_pass(examples, batch, layout.packed, rows)]
     )
+    plan, heaviest = max(((plan_of(p), p) for p in candidates), key=lambda planned: planned[0].total)
+    plan.heaviest = heaviest
     return per_rank(plan, shape, sharding) if sharding else plan
 
 
@@ -560,4 +634,5 @@ def suggestions(
 class _Clip:
     def __init__(self, e, n):
         self.input_ids = e.input_ids[:n]
+        self.labels = e.labels[:n]
         self.n_trained = min(e.n_trained, n)

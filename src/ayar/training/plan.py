@@ -527,7 +527,7 @@ class _Row:
     """A planned example of `n` tokens, all of them trained."""
 
     def __init__(self, n: int):
-        self.input_ids = range(n)
+        self.input_ids = self.labels = range(n)
         self.n_trained = n
 
 

@@ -17,7 +17,7 @@ from ayar.config import TrainConfig, config_to_dict
 from ayar.fsutil import write_atomic
 from ayar.rundir import RunDir
 from ayar.training import distributed
-from ayar.training.allocator import peak_rss_mb
+from ayar.training.allocator import peak_rss_mb, setup_peak_rss_mb, start_of_training, training_peak_rss_mb
 from ayar.training.distributed import World
 from ayar.training.plots import plot_loss
 from ayar.training.tracking import Tracker
@@ -105,7 +105,10 @@ class Recipe:
         tok.save_pretrained(self.run.tokenizer)
         self.run.update_meta(**start_meta(self.cfg, model_path, plan, trainable, total, data), **extra)
 
-    def open_tracker(self) -> Tracker:
+    def begin_fit(self) -> Tracker:
+        """Setup is over: training's own peak memory is measured from here (run.json `training_peak_rss_mb`), and the
+        tracker opens."""
+        start_of_training()
         t = self.cfg.training
         kinds = t.tracker if self.world.main else "none"
         self.tracker = Tracker(kinds, self.run, config_to_dict(self.cfg), t.project, t.run_name)
@@ -197,6 +200,8 @@ class Recipe:
             final_eval_loss=next((r["eval_loss"] for r in reversed(records) if r.get("eval_loss") is not None), None),
             **results,
             peak_rss_mb=peak_rss_mb(),
+            setup_peak_rss_mb=setup_peak_rss_mb(),
+            training_peak_rss_mb=training_peak_rss_mb(),
         )
         write_atomic(self.run.readme, readme(self.run, self.cfg, meta))
         return meta

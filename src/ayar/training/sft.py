@@ -98,7 +98,7 @@ def train_sft(
         )
 
     # --- fit ------------------------------------------------------------------------------------------
-    r.open_tracker()
+    r.begin_fit()
     wall = time.perf_counter()
     with TrainProgress(total_steps, start_step, r.console) as progress:
 

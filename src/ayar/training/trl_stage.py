@@ -79,7 +79,7 @@ def run_stage(
         tune_allocator()
     run = r.create()
     logger = _MetricsLog(r, stage.renames)
-    r.open_tracker()
+    r.begin_fit()
     with sharding.accelerate_fsdp_on_cpu(plan.strategy == "fsdp" and plan.device == "cpu"):
         trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, plan), [logger.callback()])
     if plan.strategy == "fsdp" and not trainer.is_fsdp_enabled:  # never train another strategy than the one asked

@@ -290,6 +290,31 @@ def test_the_peak_rss_a_run_records_is_its_own_not_its_parents():
     assert 5 < float(out) < 300, out
 
 
+_PHASES = """
+from ayar.training import allocator
+setup = bytearray(400 * 2**20)
+setup[::4096] = b"x" * len(setup[::4096])  # setup touches 400 MB and lets them go
+del setup
+allocator.start_of_training()
+training = bytearray(200 * 2**20)
+training[::4096] = b"x" * len(training[::4096])
+print(allocator.setup_peak_rss_mb(), allocator.training_peak_rss_mb(), allocator.peak_rss_mb())
+"""
+
+
+def test_setups_peak_memory_is_kept_apart_from_trainings():
+    """run.json's `training_peak_rss_mb` is what the memory planner predicts: a larger peak while setting up (a
+    checkpoint converted to another dtype as it loads) stays out of it, and in `peak_rss_mb`."""
+    import platform
+
+    if platform.system() != "Linux":
+        pytest.skip("the high-water mark is reset through Linux's /proc")
+    out = subprocess.run([sys.executable, "-c", _PHASES], capture_output=True, text=True, check=True).stdout
+    setup, training, peak = map(float, out.split())
+    assert setup > training + 150 and peak == setup, out  # setup's 400 MB against training's 200
+    assert training > 200, out
+
+
 @pytest.mark.parametrize(
     "fused,dropout,long", [(True, 0.1, False), (True, 0.1, True), (False, 0.1, False), (False, 0.0, False)]
 )
@@ -340,6 +365,64 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
         shape, 4, True, dropout > 0, fused, p.attention_keys(blocked=fused), long_share=p.long_share()
     )
     assert planned == pytest.approx(measured, rel=0.12)
+
+
+@pytest.mark.parametrize("fused,opening", [(True, 0), (False, 0), (True, 48)])
+def test_the_plan_takes_the_pass_that_keeps_the_most_not_the_longest(fused, opening, monkeypatch):
+    """Per-example attention keeps the probabilities of segments up to MATMUL_MAX_LEN and none of longer ones: a pass
+    of shorter examples can keep more than the longest examples do. The bytes autograd keeps (saved-tensor hooks) for
+    passes of the j longest examples above the bound and the longest below it, j = 0..4: the planner's pass is the one
+    that keeps the most. `opening`: the examples share one, which the fused decoder computes once per pass (the bound
+    then applies to what follows it)."""
+    from ayar.config import LoraConfig, load_config
+    from ayar.data.collate import collate
+    from ayar.data.render import IGNORE
+    from ayar.kernels import fused_decoder, varlen
+    from ayar.models.adapters import apply_method
+    from ayar.training.loss import _hidden
+    from ayar.training.memory import Layout, plan_layout
+
+    monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 96)
+    monkeypatch.setattr(fused_decoder, "QUERY_BLOCK", 32)
+    tok = make_tokenizer("llama")
+    dims = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4
+    )
+    model = apply_method(
+        make_model("llama", tok, **dims), "lora", LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    ).train()
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(5, len(tok), (opening,), generator=g).tolist()
+    lengths = [n + opening for n in (100, 99, 98, 97, 96, 95, 94, 93, 30)]  # four long, four short, one shorter
+    examples = []
+    for n in lengths:
+        ids = start + torch.randint(5, len(tok), (n - opening,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * (opening + 2) + ids[opening + 2 :], str(n)))
+
+    def kept(rows) -> int:
+        batch = collate(rows, tok.pad_token_id, packing=True, share_prefix=fused)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _hidden(model, batch, fused)
+        return sum(saved.values())
+
+    _hidden(model, collate(examples[:1], tok.pad_token_id, packing=True), fused)  # the fused decoder's weight stacks
+    passes = [examples[:j] + examples[4 : 8 - j] for j in range(5)]
+    measured = {sum(len(e.input_ids) - opening for e in rows) + opening: kept(rows) for rows in passes}
+    heaviest = max(measured, key=measured.get)
+    assert heaviest != sum(lengths[:4]) - 3 * opening  # not the longest examples
+    cfg = load_config(None, ["training.batch_size=4", f"training.fused={str(fused).lower()}", "lora.dropout=0"])
+    shape = model_shape(model.get_base_model().config, "all-linear", 4)
+    plan = plan_layout(shape, cfg, examples, "float32", "cpu", Layout(4, True, fused), available=2**40)
+    assert plan.tokens == heaviest, measured
+    assert plan.parts["activations"] == pytest.approx(measured[heaviest], rel=0.05)
 
 
 def test_the_bf16_module_path_counts_what_dropout_adds_as_autograd_keeps_it():
