@@ -315,6 +315,24 @@ def test_setups_peak_memory_is_kept_apart_from_trainings():
     assert training > 200, out
 
 
+def saved_bytes(model, batch: dict, fused: bool) -> int:
+    """Bytes autograd keeps for backward over one pass of `batch` (saved-tensor hooks; unique storages, weights
+    aside)."""
+    from ayar.training.loss import _hidden
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _hidden(model, batch, fused)
+    return sum(saved.values())
+
+
 @pytest.mark.parametrize(
     "fused,dropout,long", [(True, 0.1, False), (True, 0.1, True), (False, 0.1, False), (False, 0.0, False)]
 )
@@ -348,17 +366,7 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
     batch = collate(rows, tok.pad_token_id, packing=True)
     assert fused_decoder.usable(model, "cpu")
     _hidden(model, batch, fused)  # a first pass builds the fused decoder's weight stacks: parameters from here on
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _hidden(model, batch, fused)
-    measured = sum(saved.values())
+    measured = saved_bytes(model, batch, fused)
     p = Pass(220, 220, 1, (90, 70, 60))
     shape = model_shape(model.get_base_model().config, "all-linear", 8)
     planned = 220 * activation_bytes_per_token(
@@ -400,18 +408,7 @@ def test_the_plan_takes_the_pass_that_keeps_the_most_not_the_longest(fused, open
         examples.append(Example(ids, [IGNORE] * (opening + 2) + ids[opening + 2 :], str(n)))
 
     def kept(rows) -> int:
-        batch = collate(rows, tok.pad_token_id, packing=True, share_prefix=fused)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _hidden(model, batch, fused)
-        return sum(saved.values())
+        return saved_bytes(model, collate(rows, tok.pad_token_id, packing=True, share_prefix=fused), fused)
 
     _hidden(model, collate(examples[:1], tok.pad_token_id, packing=True), fused)  # the fused decoder's weight stacks
     passes = [examples[:j] + examples[4 : 8 - j] for j in range(5)]
