@@ -55,14 +55,17 @@ def shared_prefix_length(examples: list[Example]) -> int:
     if len(examples) < 2:
         return 0
     first, n = examples[0].input_ids, min(len(e.input_ids) for e in examples) - 1
+    # only the first n + 1 labels and ids can lower n; whole slices compared first (the planner asks this of a dataset)
     for e in examples:
-        trained = next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
-        n = min(n, trained - 1)
-        k = 0
-        while k < n and e.input_ids[k] == first[k]:
-            k += 1
-        n = k
-    return max(n, 0)
+        head = list(e.labels[: n + 1])
+        if head.count(IGNORE) != len(head):
+            n = min(n, next(i for i, label in enumerate(head) if label != IGNORE) - 1)
+        if n <= 0:
+            return 0
+        ids = e.input_ids
+        if list(ids[:n]) != list(first[:n]):
+            n = next(k for k in range(n) if ids[k] != first[k])
+    return n
 
 
 def _packed_shared(examples: list[Example], n: int) -> dict:
