@@ -1,7 +1,7 @@
 """Predicted (ayar plan) vs measured (peak RSS of a short ayar train run) peak memory, per configuration.
 
     python benchmarks/memory_planner.py DATA.jsonl [--columns instruction=question,output=answer] [--only NAME]...
-        [--measured results-memory-planner.json] [--reuse]
+        [--measured results-memory-planner.json] [--reuse] [--dtype float32]
 
 prints a markdown table for benchmarks/README.md. Measured peaks are kept in the --measured file; with --reuse,
 configurations already measured there are only planned again (to check a planner change without re-running the
