@@ -86,8 +86,9 @@ def browser():
     driver.quit()
 
 
-# what gradio's client logs as errors when the page is navigated away from (a reload) with a stream still open
-LEAVING = ("BodyStreamBuffer was aborted", "Connection errored out")
+# what gradio's client logs as errors when the page is navigated away from (a reload) with a stream still open (its
+# stream's close() aborting the fetch: "AbortError: signal is aborted without reason", seen once in CI's clone)
+LEAVING = ("BodyStreamBuffer was aborted", "Connection errored out", "signal is aborted without reason")
 
 
 def test_the_whole_loop_in_a_browser(ui, browser, tmp_path):
