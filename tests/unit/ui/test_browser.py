@@ -87,7 +87,7 @@ def browser():
 
 
 # what gradio's client logs as errors when the page is navigated away from (a reload) with a stream still open (its
-# stream's close() aborting the fetch: "AbortError: signal is aborted without reason", seen once in CI's clone)
+# stream's close() aborting the fetch: "AbortError: signal is aborted without reason", seen once in a fresh clone)
 LEAVING = ("BodyStreamBuffer was aborted", "Connection errored out", "signal is aborted without reason")
 
 
