@@ -86,6 +86,7 @@ def heaviest_rows(data: Path, max_length: int, heaviest: dict, out: Path) -> Pat
 
 
 def setting(overrides: list[str], key: str, default: str) -> str:
+    """The last value `overrides` give `key` (e.g. "training.batch_size"), or `default`."""
     return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(key + "=")), default)
 
 

@@ -16,10 +16,9 @@ import argparse
 import json
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
-from memory_planner import ayar, print_table
+from memory_planner import ayar, print_table, setting
 
 CONFIGS = {
     "DPO, batch 4, max_len 384": ("check", ["stage=dpo"]),
@@ -90,11 +89,6 @@ def completion_lengths(run: Path) -> dict:
             "completion_mean_length": mean and sum(mean) / len(mean)}  # fmt: skip
 
 
-def _setting(overrides: list[str], key: str) -> int:
-    """The last value `overrides` give `key` (e.g. "training.batch_size=")."""
-    return int(next(o for o in reversed(overrides) if o.startswith(key))[len(key) :])
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("pairs")
@@ -111,11 +105,11 @@ def main() -> None:
                 continue
             # the planner's worst micro-batch is the longest rows together: the data is those rows alone, so that
             # every step trains on that very batch
-            setting = partial(_setting, COMMON + overrides)
-            batch = setting("training.batch_size=")
+            given = COMMON + overrides
+            batch = int(setting(given, "training.batch_size", ""))
             where = Path(tmp) / f"data-{len(rows)}"
             if "PROMPTS" in overrides:  # GRPO: a step's prompts are batch_size / num_generations
-                data = f"data.train={longest_prompts(batch // setting('grpo.num_generations='), where)}"
+                data = f"data.train={longest_prompts(batch // int(setting(given, 'grpo.num_generations', '')), where)}"
             else:
                 pairs, texts = longest_pairs(args.pairs, batch, where)
                 data = f"data.train={texts}" if "CLASSIFY" in overrides else f"data.train={pairs}"
