@@ -32,9 +32,27 @@ def tune_allocator() -> str | None:
     return f"glibc mmap threshold fixed at {THRESHOLD_BYTES // 1024} KiB"
 
 
-# the peak RSS of setup (loading the model, tokenizing), kept apart by `start_of_training`
+# Training's and setup's own peaks: the process's high-water mark is reset where each begins (Linux), and the marks
+# read before each reset are kept here, so that `peak_rss_mb` stays the whole process's
+_earlier_peak_mb = 0.0
 _setup_peak_mb: float | None = None
 _training_peak_kept = False
+
+
+def _reset_high_water() -> bool:
+    global _earlier_peak_mb
+    _earlier_peak_mb = max(_earlier_peak_mb, _high_water_mb())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def start_of_setup() -> None:
+    """A run begins: its setup's peak is measured from here (a process may run several, as HPO's trials)."""
+    _reset_high_water()
 
 
 def start_of_training() -> None:
@@ -44,12 +62,7 @@ def start_of_training() -> None:
     against training's 1,039 for SmolLM2 from fp32 into bf16 with gradient checkpointing; page cache, reclaimable)."""
     global _setup_peak_mb, _training_peak_kept
     _setup_peak_mb = _high_water_mb()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _training_peak_kept = True
-    except OSError:
-        _training_peak_kept = False
+    _training_peak_kept = _reset_high_water()
 
 
 def setup_peak_rss_mb() -> float | None:
@@ -66,7 +79,7 @@ def peak_rss_mb() -> float:
     ru_maxrss: Linux carries into it the RSS of the process that forked this one, at the fork (a run started from the
     web UI, which may hold a chat model, or from a benchmark that built a model, would report that parent's size);
     measured: 2,061 MB for a child of a 2 GB parent whose own high-water mark was 14 MB. Elsewhere, ru_maxrss."""
-    return max(_high_water_mb(), _setup_peak_mb or 0.0)
+    return max(_high_water_mb(), _earlier_peak_mb)
 
 
 def _high_water_mb() -> float:

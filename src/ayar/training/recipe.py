@@ -17,7 +17,13 @@ from ayar.config import TrainConfig, config_to_dict
 from ayar.fsutil import write_atomic
 from ayar.rundir import RunDir
 from ayar.training import distributed
-from ayar.training.allocator import peak_rss_mb, setup_peak_rss_mb, start_of_training, training_peak_rss_mb
+from ayar.training.allocator import (
+    peak_rss_mb,
+    setup_peak_rss_mb,
+    start_of_setup,
+    start_of_training,
+    training_peak_rss_mb,
+)
 from ayar.training.distributed import World
 from ayar.training.plots import plot_loss
 from ayar.training.tracking import Tracker
@@ -34,6 +40,9 @@ class Recipe:
     tracker: Tracker | None = None
     started: float = field(default_factory=time.perf_counter)
     world: World = field(default_factory=World)  # several processes: only rank 0 writes, logs and prints
+
+    def __post_init__(self) -> None:
+        start_of_setup()
 
     @classmethod
     def open(cls, cfg: TrainConfig | None, resume: str | Path | None, console: Console | None = None) -> Recipe:
