@@ -7,8 +7,9 @@ in place, and norms, rotary embedding and SwiGLU are single autograd nodes. The 
 transformers + peft model: this reads its weights, and saving, eval and export are untouched.
 
 The q/k/v (and gate/up) base weights are restacked once into one tensor each, and the modules'
-weights become views of it, so no second copy stays referenced; the loaded weights' file-mapped pages
-stay resident though, which the memory planner counts ("fused weight stacks").
+weights become views of it, so no second copy stays referenced. Weights loaded in their stored dtype are the
+file's mapped pages, which stay resident: the memory planner counts the stacks then ("fused weight stacks");
+weights converted as they loaded are freed as the stacks replace them.
 
 Applies where every piece is known: model types whose layers are exactly Llama's (RMSNorm, rotary
 attention without sliding windows or soft-capping, SwiGLU MLP), frozen base weights and norms, plain

@@ -29,7 +29,6 @@ RUNTIME_BYTES_CUDA = 400 * 2**20  # CUDA context and allocator reserve beyond te
 ONEDNN_CACHE_BYTES = 133 * 2**20
 # the Trainer stages' imports beyond ayar's own loop (TRL, datasets): 88 MB RSS measured
 TRL_RUNTIME_BYTES = 90 * 2**20
-BF16_MODULES_FACTOR = 1.16  # bf16 modules path: fitted on measured peaks (AVX512-BF16 machine), not counted
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -53,6 +52,8 @@ class Shape:
     # per layer: input features of a wrapped attention output projection, whose input (the attention's output) the
     # attention keeps for its own backward anyway
     lora_attention_out: int = 0
+    # the dtype the checkpoint's weights are stored in (None: not known); loading into another dtype converts them
+    stored_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,9 +219,10 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
     return MemoryPlan(parts, plan.available, plan.device, plan.tokens, plan.trained, offloaded, note, plan.heaviest)
 
 
-def model_shape(hf_config, target_modules, r: int) -> Shape:
+def model_shape(hf_config, target_modules, r: int, stored_dtype: str | None = None) -> Shape:
     """Sizes from the model's config: the model is built on the meta device (no memory), so parameter and
-    LoRA counts are exact for any architecture, fused projections included."""
+    LoRA counts are exact for any architecture, fused projections included. `stored_dtype`: the checkpoint's
+    (`models.load.stored_dtype`; a loaded model's config names the dtype it was loaded in)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -267,6 +269,7 @@ def model_shape(hf_config, target_modules, r: int) -> Shape:
         fused_decoder.config_reason(c, "cpu") is None,
         not getattr(c, "final_logit_softcapping", None),
         attention_out // layers,
+        stored_dtype,
     )
 
 
@@ -296,23 +299,29 @@ def layer_bytes_per_token(
     and their product, each adapter's A output (dropout masks are not kept: kernels/dropout.py); a pass with
     long segments (autograd through torch's attention kernel) also keeps the stacked queries, and its long
     segments' query/key/value copies.
-    Modules, fp32 (CPU): the two RMSNorm inputs, rotated q and the attention output, k and v, gate, up and
+    Modules, fp32 (CPU): the two RMSNorm inputs, each segment's query copy, k and v, gate, up and
     SiLU(gate); each adapter's dropped-out input (fp32), or without dropout the distinct inputs (q/k/v
-    share one), and its A output. bf16/fp16 modules: fitted (BF16_MODULES_FACTOR) without dropout; adapters
-    there run under autocast on the input as it is (training/loss.py), and dropout makes each adapter's input its
-    own copy where those without it share one, or share the attention's output (ayar's dropout on a CPU keeps no
-    mask: kernels/dropout.py);
+    share one), and its A output. bf16/fp16 modules: the two RMSNorm inputs upcast to fp32, each segment's query
+    copy, k and v, gate, up and SiLU(gate); the adapters run under autocast on their input as it is
+    (training/loss.py): the distinct inputs and the A outputs in the half dtype, and dropout makes each adapter's
+    input its own copy where those without it share one, or share the attention's output (ayar's dropout on a CPU
+    keeps no mask: kernels/dropout.py);
     `masks`: torch's dropout (a GPU's), counted as a mask byte beside a copy for every adapter input."""
     lora_out = s.lora_outputs * 4 if lora else 0
     if fused:
         q = s.hidden  # heads * head_dim for the families ayar fuses
         kept = 4 * s.hidden + (3 if long_share else 2) * q + 2 * s.kv + 3 * s.intermediate + long_share * (q + s.kv)
         return kept * dtype_bytes + lora_out + 8
+    # modules: a segment through torch's attention kernel (longer than MATMUL_MAX_LEN on a CPU, every one on a GPU)
+    # keeps its output and log-sum-exp; a shorter one its probabilities (`attention_keys`)
+    kernel = long_share * (s.hidden * dtype_bytes + s.heads * 4)
     if dtype_bytes == 4:
-        base = (2 * s.hidden + 2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * 4
+        base = (2 * s.hidden + s.hidden + 2 * s.kv + 3 * s.intermediate) * 4 + kernel
         adapters = (s.lora_inputs if dropout else s.lora_distinct_inputs) * 4 if lora else 0
         return base + adapters + lora_out
-    base = ((2 * s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + 16 * s.hidden) * BF16_MODULES_FACTOR
+    base = 2 * s.hidden * 4 + (s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + kernel
+    if lora:
+        base += (s.lora_distinct_inputs + s.lora_outputs) * dtype_bytes
     if not (lora and dropout):
         return base
     return base + (
@@ -373,7 +382,8 @@ def plan_memory(
 ) -> MemoryPlan:
     """`tokens` in the largest pass, laid out as `rows` rows of equal length (1 row when packed);
     `attention_keys`: keys per token of per-example attention (`Pass.attention_keys`, 0 otherwise);
-    `long_share`: the share of tokens in segments longer than that (`Pass.long_share`)."""
+    `long_share`: the share of tokens in segments longer than that (`Pass.long_share`), which go through torch's
+    attention kernel: all of them (1) where attention is not per example (padded rows, a GPU)."""
     wb = _BYTES[weight_dtype]
     parts = {"weights": shape.params * wb}
     if method in (
@@ -386,8 +396,10 @@ def plan_memory(
         parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
     else:
         parts["grads + AdamW (full)"] = shape.params * (wb + 8)
-    if fused:  # q/k/v and gate/up weights restacked into one tensor each: a copy while the loaded weights stay
-        # file-mapped (safetensors in the checkpoint's dtype; a converted dtype frees them: then this over-counts)
+    if fused and shape.stored_dtype in (None, weight_dtype):
+        # q/k/v and gate/up weights restacked into one tensor each: a copy while the loaded weights stay file-mapped
+        # (safetensors loaded in their own dtype); weights converted as they load are the process's own memory, which
+        # restacking frees (measured: benchmarks/README.md)
         q = shape.hidden
         parts["fused weight stacks"] = shape.layers * shape.hidden * (q + 2 * shape.kv + 2 * shape.intermediate) * wb
     parts["activations"] = tokens * activation_bytes_per_token(
@@ -440,6 +452,7 @@ def plan_trainer_memory(
     plan = plan_memory(
         shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, method=method,
         available=available, rows=rows, dropout=dropout, checkpointing=checkpointing, chunked_logits=False,
+        long_share=1.0,
     )  # fmt: skip
     positions = rows * max(row_len - 1, 0)
     if head == "fused":  # every position scored (a GPU scores the trained ones: this over-counts there)
@@ -573,7 +586,7 @@ def plan_layout(
             fused=layout.fused,
             attention_keys=p.attention_keys(layout.fused) if varlen else 0.0,
             checkpointing=layout.checkpointing,
-            long_share=p.long_share() if varlen else 0.0,
+            long_share=p.long_share() if varlen else 1.0,
             packed=layout.packed,
             chunked_logits=chunked,
             opening_copies=p.opening_copies() if varlen else (0.0, 0.0),

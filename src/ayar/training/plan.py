@@ -111,7 +111,7 @@ class RunPlan:
         if tcfg.memory_check != "off":
             from ayar.training.memory import model_shape
 
-            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
+            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r, _stored(cfg))
             memory, checkpointing, release = _check_memory(
                 cfg,
                 shape,
@@ -135,7 +135,7 @@ class RunPlan:
         if tcfg.memory_check != "off":
             from ayar.training.memory import model_shape
 
-            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r)
+            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r, _stored(cfg))
             sharding = self._sharding() if self.world_size > 1 else None
             available = _available_per_process(self.device, sharding)
             found = plan_trainer_for(shape, cfg, tok, records, self.placement, available, sharding)
@@ -481,7 +481,7 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
     from ayar.training.memory import model_shape
 
     path = resolve_model_path(cfg.model.name, log=log)
-    shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r)
+    shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r, _stored(cfg))
     placement, memory, sharding = decide(cfg).placement, None, None
     if target is not None:
         placement, memory, sharding = target_placement(cfg, target.device), target.memory, target.sharding
@@ -590,6 +590,13 @@ def _judge_memory(cfg, plan, fixes, layout, say, sharding=None):
         raise AyarError(message + "\n(train anyway with training.memory_check=warn)")
     say(f"warning: {message}")
     return plan, layout.checkpointing, release
+
+
+def _stored(cfg) -> str | None:
+    """The dtype the run's model is stored in, by name (None: not known)."""
+    from ayar.models.load import stored_dtype
+
+    return _name(stored_dtype(cfg.model.name))
 
 
 def _name(dtype: torch.dtype | None) -> str | None:

@@ -118,7 +118,7 @@ def test_plan_grows_with_tokens_and_suggests_what_fits():
     assert fixes[:3] == [
         "training.gradient_checkpointing=true (recomputes each layer's forward in backward: ~30% slower)",
         "training.rows_per_pass=2 (same batches and gradient, in smaller passes)",
-        "training.batch_size=8 training.grad_accum=2 (same effective batch)",
+        "training.batch_size=4 training.grad_accum=4 (same effective batch)",
     ]
     assert any(f.startswith("data.max_length=") for f in fixes)
 
@@ -323,10 +323,63 @@ def test_setups_peak_memory_is_kept_apart_from_trainings():
     assert second_setup < training - 150 and process_peak >= peak, out  # not the first run's; the process's kept
 
 
+_RESTACK = """
+import ctypes, json, sys, torch
+from ayar.config import LoraConfig
+from ayar.kernels import fused_decoder
+from ayar.models.adapters import apply_method
+from ayar.models.device import Placement
+from ayar.models.load import load_model
+
+def anon_mb():
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what is held, not what glibc keeps for later
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) / 1024
+
+model = load_model(sys.argv[1], Placement("cpu", getattr(torch, sys.argv[2]), ""))
+sum(float(p.float().sum()) for p in model.parameters())  # every page of the weights in memory
+model = apply_method(model, "lora", LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
+before = anon_mb()
+assert fused_decoder.usable(model, "cpu")  # restacks q/k/v and gate/up
+print(json.dumps(anon_mb() - before))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fused_decoders_weight_stacks_are_planned_only_where_they_add_memory(tmp_path, dtype):
+    """The fused decoder restacks q/k/v and gate/up into one tensor each and the modules' weights become views of it.
+    Weights loaded in the dtype they are stored in are the file's mapped pages, which stay: the stacks are new memory.
+    Weights converted as they load (an fp32 checkpoint trained in bf16) are the process's own, freed as the stacks
+    replace them: nothing added. Measured in a fresh process (anonymous RSS, glibc's kept heap trimmed), against the
+    plan's "fused weight stacks"."""
+    import platform
+
+    from transformers import AutoConfig
+
+    from ayar.models.load import stored_dtype
+    from tests.helpers import save_tiny
+
+    if platform.system() != "Linux":
+        pytest.skip("anonymous RSS is read from Linux's /proc")
+    dims = dict(
+        hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3
+    )
+    path = save_tiny(tmp_path / "model", "llama", **dims)  # stored in fp32
+    run = [sys.executable, "-c", _RESTACK, str(path), dtype]
+    added = json.loads(subprocess.run(run, capture_output=True, text=True, check=True).stdout) * 2**20
+    stored = str(stored_dtype(str(path))).removeprefix("torch.")
+    shape = model_shape(AutoConfig.from_pretrained(path), "all-linear", 8, stored)
+    plan = plan_memory(shape, weight_dtype=dtype, device="cpu", tokens=64, trained=32, fused=True, available=2**40)
+    stacks = 4 * 384 * (384 + 2 * 192 + 2 * 1024) * (4 if dtype == "float32" else 2)
+    if dtype == "float32":  # loaded as stored
+        assert plan.parts["fused weight stacks"] == stacks and added == pytest.approx(stacks, rel=0.15)
+    else:
+        assert "fused weight stacks" not in plan.parts and added < 0.15 * stacks, added
+
+
 def saved_bytes(model, batch: dict, fused: bool) -> int:
     """Bytes autograd keeps for backward over one pass of `batch` (saved-tensor hooks; unique storages, weights
-    aside)."""
-    from ayar.training.loss import _hidden
+    aside), run as training runs it (a half-precision base: adapters under autocast)."""
+    from ayar.training.loss import _hidden, compute_context
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -336,17 +389,25 @@ def saved_bytes(model, batch: dict, fused: bool) -> int:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with compute_context(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _hidden(model, batch, fused)
     return sum(saved.values())
 
 
 @pytest.mark.parametrize(
-    "fused,dropout,long", [(True, 0.1, False), (True, 0.1, True), (False, 0.1, False), (False, 0.0, False)]
+    "dtype,fused,dropout,long",
+    [
+        *[("float32", *case) for case in [(True, 0.1, False), (True, 0.1, True), (False, 0.1, False)]],
+        *[("float32", *case) for case in [(False, 0.0, False), (False, 0.0, True)]],
+        *[("bfloat16", *case) for case in [(True, 0.1, False), (False, 0.1, False), (False, 0.0, False)]],
+        ("bfloat16", False, 0.1, True),
+    ],
 )
-def test_planned_activations_match_what_autograd_saves(fused, dropout, long, monkeypatch):
+def test_planned_activations_match_what_autograd_saves(dtype, fused, dropout, long, monkeypatch):
     """The planner's activation bytes (per-layer terms, attention probabilities) against the bytes autograd
-    actually keeps for backward in one packed pass, counted by saved-tensor hooks (unique storages)."""
+    actually keeps for backward in one packed pass, counted by saved-tensor hooks (unique storages), over an fp32
+    and a bf16 base. `long`: every segment through torch's attention kernel."""
+    dtype = getattr(torch, dtype)
     from ayar.config import LoraConfig
     from ayar.data.collate import collate
     from ayar.kernels import fused_decoder, varlen
@@ -362,7 +423,7 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
         hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2
     )
     model = apply_method(
-        make_model("llama", tok, **dims),
+        make_model("llama", tok, **dims).to(dtype),
         "lora",
         LoraConfig(r=8, alpha=16, dropout=dropout, target_modules="all-linear"),
     ).train()
@@ -378,9 +439,10 @@ def test_planned_activations_match_what_autograd_saves(fused, dropout, long, mon
     p = Pass(220, 220, 1, (90, 70, 60))
     shape = model_shape(model.get_base_model().config, "all-linear", 8)
     planned = 220 * activation_bytes_per_token(
-        shape, 4, True, dropout > 0, fused, p.attention_keys(blocked=fused), long_share=p.long_share()
+        shape, dtype.itemsize, True, dropout > 0, fused, p.attention_keys(blocked=fused), long_share=p.long_share()
     )
-    assert planned == pytest.approx(measured, rel=0.12)
+    # the fused decoder's long path keeps copies whose share is larger at these small dimensions (+9.5 % here)
+    assert planned == pytest.approx(measured, rel=0.12 if fused and long else 0.04)
 
 
 @pytest.mark.parametrize("fused,opening", [(True, 0), (False, 0), (True, 48)])
