@@ -23,8 +23,10 @@ def add_arguments(p) -> None:
     t.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device type (default: this machine's)")
     t.add_argument("--gpu-memory", metavar="SIZE", help="memory per device, e.g. 24GB, 80GB, 16000MB")
     t.add_argument("--nproc", type=int, default=1, help="data-parallel processes (GPUs) in all (default 1)")
-    t.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="how ranks share the model (default ddp)")
-    t.add_argument("--offload", action="store_true", help="ZeRO / FSDP offload to CPU RAM")
+    t.add_argument(
+        "--strategy", choices=STRATEGIES, help="how ranks share the model (default: the config's distributed section)"
+    )
+    t.add_argument("--offload", action="store_true", help="ZeRO / FSDP offload to CPU RAM (default: the config's)")
 
 
 def memory_size(text: str) -> int:
@@ -38,17 +40,18 @@ def memory_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def target_of(args):
-    """The Target of the flags, or None for this machine."""
+def target_of(args, cfg):
+    """The Target of the flags, or None for this machine. Processes share the model as the config's `distributed`
+    section says (`distributed.strategy`, `zero_stage`, `offload`) unless --strategy / --offload say otherwise."""
     from ayar.errors import AyarError
     from ayar.training.memory import Sharding
-    from ayar.training.plan import Target
+    from ayar.training.plan import Target, memory_strategy
 
     if (
         args.device is None
         and args.gpu_memory is None
         and args.nproc == 1
-        and args.strategy == "ddp"
+        and args.strategy in (None, "ddp")
         and not args.offload
     ):
         return None
@@ -63,7 +66,9 @@ def target_of(args):
             raise AyarError(
                 "--device cuda on a machine without a GPU: say how much memory it has, e.g. --gpu-memory 24GB"
             )
-    return Target(device, memory, Sharding(args.nproc, args.strategy, args.offload))
+    strategy = args.strategy or memory_strategy(cfg.distributed.strategy, cfg.distributed)
+    offload = args.offload or (args.strategy is None and strategy != "ddp" and cfg.distributed.offload)
+    return Target(device, memory, Sharding(args.nproc, strategy, offload))
 
 
 def run(args) -> int:
@@ -75,7 +80,7 @@ def run(args) -> int:
 
     config, overrides = config_and_overrides(args.config, args.overrides)
     cfg = load_config(config, overrides)
-    target = target_of(args)
+    target = target_of(args, cfg)
     notes = []
     plan, fixes, layout = plan_for_config(cfg, log=notes.append, target=target)
     if not args.json:

@@ -91,9 +91,7 @@ class RunPlan:
     @property
     def memory_strategy(self) -> str:
         """What the memory plan splits across the processes (training/memory.py `Sharding`)."""
-        if self.strategy == "deepspeed":
-            return f"zero{self.distributed.zero_stage}"
-        return "fsdp" if self.strategy == "fsdp" else "ddp"
+        return memory_strategy(self.strategy, self.distributed)
 
     @property
     def is_main(self) -> bool:
@@ -402,10 +400,13 @@ def not_fused_because(model, tcfg, device: str, packed: bool, strategy: str = "d
     return None if fused_decoder.usable(model, device) else fused_decoder.reason(model, device)
 
 
-def predicted_layout(shape: Shape, cfg, device: str, checkpointing: bool = False) -> Layout:
+def predicted_layout(
+    shape: Shape, cfg, device: str, checkpointing: bool = False, sharding: Sharding | None = None
+) -> Layout:
     """The layout `with_passes` will pick, predicted from the config and the model's shape alone (no
     weights): padding-free where attention can run per example or packing is asked for; the fused
-    decoder where it applies (`training.fused`, LoRA on a supported family, nothing else trainable)."""
+    decoder where it applies (`training.fused`, LoRA on a supported family, nothing else trainable, and not under
+    FSDP or DeepSpeed: `not_fused_because`)."""
     packed = cfg.training.packing or (device == "cpu" and shape.plain_attention)
     fused = (
         packed
@@ -414,6 +415,7 @@ def predicted_layout(shape: Shape, cfg, device: str, checkpointing: bool = False
         and cfg.method == "lora"
         and shape.fused_family
         and not cfg.lora.modules_to_save
+        and (sharding is None or sharding.strategy == "ddp")
     )
     return Layout(rows_per_pass(cfg.training, device, fused), packed, fused, checkpointing)
 
@@ -437,7 +439,9 @@ def plan_memory_for(
 
     dtype, device = placement.dtype_name, placement.device
     choice = cfg.training.gradient_checkpointing
-    layout = dataclasses.replace(layout or predicted_layout(shape, cfg, device), checkpointing=bool(choice))
+    layout = dataclasses.replace(
+        layout or predicted_layout(shape, cfg, device, sharding=sharding), checkpointing=bool(choice)
+    )
     plan = plan_layout(shape, cfg, examples, dtype, device, layout, available, sharding=sharding)
     if choice is None and not plan.fits:
         with_checkpointing = dataclasses.replace(layout, checkpointing=True)
@@ -447,6 +451,13 @@ def plan_memory_for(
             return plan_ckpt, [], with_checkpointing
     fixes = [] if plan.fits else suggestions(shape, cfg, examples, dtype, device, plan.available, layout, sharding)
     return plan, fixes, layout
+
+
+def memory_strategy(strategy: str, distributed) -> str:
+    """The memory plan's name (`Sharding.strategy`) for a run's `distributed.strategy` ("single": one process)."""
+    if strategy == "deepspeed":
+        return f"zero{distributed.zero_stage}"
+    return "fsdp" if strategy == "fsdp" else "ddp"
 
 
 @dataclass(frozen=True)

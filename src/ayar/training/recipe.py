@@ -29,6 +29,18 @@ from ayar.training.plots import plot_loss
 from ayar.training.tracking import Tracker
 
 
+def peaks_per_rank(world: World) -> dict:
+    """Every process's peak RSS for run.json (the process's and training's own, `training_peak_rss_mb`: what the
+    memory planner predicts per process); nothing in one process. Collective: every rank calls it."""
+    if not world.active:
+        return {}
+    peaks = distributed.gather(world, (peak_rss_mb(), training_peak_rss_mb()))
+    return {
+        "peak_rss_mb_per_rank": [round(whole) for whole, _ in peaks],
+        "training_peak_rss_mb_per_rank": [None if t is None else round(t) for _, t in peaks],
+    }
+
+
 @dataclass
 class Recipe:
     """One training run being set up, fitted and saved."""

@@ -20,11 +20,11 @@ from ayar.models.adapters import apply_method, parameter_counts, save_initial
 from ayar.rundir import RunDir
 from ayar.training import checkpoint as ckpt
 from ayar.training import distributed, sharding, zero
-from ayar.training.allocator import peak_rss_mb, tune_allocator
+from ayar.training.allocator import tune_allocator
 from ayar.training.loop import LoopState, enable_checkpointing, run_loop, total_steps_for
 from ayar.training.plan import decide
 from ayar.training.progress import TrainProgress
-from ayar.training.recipe import Recipe, loading_snippets
+from ayar.training.recipe import Recipe, loading_snippets, peaks_per_rank
 
 
 def train_sft(
@@ -140,7 +140,7 @@ def train_sft(
         sharding.save_by_parts(result.parallel.root, model, run.full_model, world)
     else:  # split models (FSDP, ZeRO-3): the trained weights gathered whole on rank 0 (the model stays split)
         whole = result.parallel.whole_state()
-    rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
+    peaks = peaks_per_rank(world)
     if not world.main:
         distributed.stop(world)
         return run
@@ -158,7 +158,7 @@ def train_sft(
         train_seconds=round(s.train_seconds, 2),
         wall_seconds=round(time.perf_counter() - wall, 2),
         tokens_per_s=round(s.real_tokens / max(s.train_seconds, 1e-9), 1),
-        **({"peak_rss_mb_per_rank": [round(x) for x in rss]} if rss else {}),
+        **peaks,
     )
     say(
         f"done   {s.step} steps in {meta['train_seconds']:.0f}s, {meta['tokens_per_s']:.0f} tokens/s, "

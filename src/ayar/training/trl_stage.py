@@ -22,10 +22,10 @@ from ayar.kernels import trl_head
 from ayar.models.adapters import parameter_counts, trainable_in_fp32
 from ayar.rundir import RunDir
 from ayar.training import distributed, sharding, zero
-from ayar.training.allocator import peak_rss_mb, tune_allocator
+from ayar.training.allocator import tune_allocator
 from ayar.training.optim import trainer_optimizer_args
 from ayar.training.plan import decide
-from ayar.training.recipe import Recipe, loading_snippets
+from ayar.training.recipe import Recipe, loading_snippets, peaks_per_rank
 
 
 @dataclass
@@ -127,7 +127,7 @@ def run_stage(
         whole = zero.trained_state(trainer.model)
     elif plan.strategy == "fsdp":
         whole = sharding.trained_state(trainer.model)
-    rss = distributed.gather(world, peak_rss_mb()) if world.active else None  # every rank's peak, for run.json
+    peaks = peaks_per_rank(world)
     if not world.main:
         distributed.stop(world)
         return run
@@ -139,7 +139,7 @@ def run_stage(
         train_seconds=round(seconds, 2),
         after=after,
         fallback_loss=output.training_loss,
-        **({"peak_rss_mb_per_rank": [round(x) for x in rss]} if rss else {}),
+        **peaks,
     )
     summary = ", ".join(f"{k} {_fmt(meta.get('before', {}).get(k))} -> {_fmt(v)}" for k, v in after.items())
     say(

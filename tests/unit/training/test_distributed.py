@@ -115,6 +115,8 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tiny_model
     meta = json.loads((tmp_path / "two" / "run.json").read_text())
     assert meta["status"] == "completed" and meta["plan"]["world_size"] == 2
     assert len(meta["peak_rss_mb_per_rank"]) == 2 and min(meta["peak_rss_mb_per_rank"]) > 0
+    training = meta["training_peak_rss_mb_per_rank"]  # training's own, which the memory plan per process predicts
+    assert min(training) > 0 and all(t <= p for t, p in zip(training, meta["peak_rss_mb_per_rank"]))
     # rank 0 alone writes: one metrics line per step and evaluation, as one process writes
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == len(
         (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()

@@ -649,6 +649,30 @@ def test_processes_planned_on_this_cpu_share_its_memory(config_only, capsys):
     assert out["available"] == pytest.approx(available_memory("cpu") / 2, rel=0.1)
 
 
+def test_processes_are_planned_as_the_strategy_runs_them(config_only, capsys):
+    """`ayar plan --nproc 2`: FSDP and DeepSpeed run the model's own modules (training/plan.py `not_fused_because`), so
+    their plans do not take the fused decoder, which DDP's does; without --strategy the config's `distributed`
+    section says how the processes share the model, as `ayar train --nproc 2` would run it."""
+    from ayar.cli import main
+
+    def planned(*args: str) -> dict:
+        overrides = [a for a in args if "=" in a]
+        flags = [a for a in args if "=" not in a]
+        common = [f"model.name={config_only}", "training.batch_size=1", "data.max_length=256", *overrides]
+        main(["plan", *common, "--nproc", "2", *flags, "--json"])
+        return json.loads(capsys.readouterr().out)
+
+    ddp = planned("--strategy", "ddp")
+    assert ddp["layout"]["fused"] and "fused weight stacks" in ddp["parts"]
+    for strategy in ("fsdp", "zero2", "zero3"):
+        sharded = planned("--strategy", strategy)
+        assert not sharded["layout"]["fused"] and "fused weight stacks" not in sharded["parts"], strategy
+        assert f"per rank of 2 ({strategy}" in sharded["per_rank"]
+    assert planned("distributed.strategy=fsdp") == planned("--strategy", "fsdp")
+    zero3 = planned("distributed.strategy=deepspeed", "distributed.zero_stage=3", "distributed.offload=true")
+    assert zero3 == planned("--strategy", "zero3", "--offload") and zero3["offloaded"] > 0
+
+
 def test_plan_target_refusals(config_only):
     from ayar.cli import main
     from ayar.cli.plan import memory_size

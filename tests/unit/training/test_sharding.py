@@ -720,6 +720,7 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
     meta, ref_meta = (json.loads((tmp_path / n / "run.json").read_text()) for n in ("fsdp", "ddp"))
     assert meta["plan"]["strategy"] == "fsdp" and meta["status"] == "completed"
     assert len(meta["peak_rss_mb_per_rank"]) == 2 and min(meta["peak_rss_mb_per_rank"]) > 0
+    assert len(meta["training_peak_rss_mb_per_rank"]) == 2 and min(meta["training_peak_rss_mb_per_rank"]) > 0
     assert meta["plan"]["loading"] == ("rank0" if rank0 else "every_rank")
     if stage != "dpo":
         assert meta["before"] and meta["before"].keys() == ref_meta["before"].keys()

@@ -1,0 +1,105 @@
+"""Predicted (ayar plan --nproc 2) vs measured peak memory per process of ayar's own loop under each strategy.
+
+    python benchmarks/memory_planner_ranks.py DATA.jsonl [--columns instruction=question,output=answer] [--only NAME]...
+        [--measured results-memory-planner-ranks.json] [--reuse] [--length 408]
+
+memory_planner.py's method for several processes: every row is cut to one length (`--length`, data.max_length; rows
+shorter than it are left out), so every pass of every process is the pass the plan is for, whichever rows a process
+draws. Each configuration is planned per process with `ayar plan ... --nproc 2 --json` (the strategy from the config's
+`distributed` section) and trained for 3 steps with `ayar train ... --nproc 2` in fresh processes (no validation, freed
+memory returned at once); the measured value is the larger of the two processes' training peaks (run.json
+`training_peak_rss_mb_per_rank`; setup's, loading the model and tokenizing, is kept apart). The default length, 408
+tokens, is 384 after the chat template's 24-token opening the fused decoder shares: the longest segment whose
+attention probabilities per-example attention keeps, the heaviest kind of pass in bf16.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from memory_planner import ayar, print_table
+
+CONFIGS = {
+    "DDP, fused decoder": ("check", ["distributed.strategy=ddp"]),
+    "DDP, modules (training.fused=false)": ("check", ["distributed.strategy=ddp", "training.fused=false"]),
+    "FSDP (full shard)": ("check", ["distributed.strategy=fsdp"]),
+    "DeepSpeed ZeRO-2": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]),
+    "DeepSpeed ZeRO-3": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
+}
+COMMON = [
+    "training.return_memory=true",
+    "data.val_ratio=0",
+    "training.max_steps=3",
+    "training.tracker=none",
+    "training.warmup_ratio=0",
+    "training.batch_size=4",
+    "data.lint=warn",
+]
+
+
+def rows_of_length(path: str, columns: dict, length: int, n: int, out: Path) -> Path:
+    """`n` rows of at least `length` tokens (data.max_length cuts each to exactly that)."""
+    from ayar.data.dataset import load_records, parse_sources
+    from ayar.data.render import Renderer
+    from ayar.data.writers import write_records
+    from ayar.models.load import load_tokenizer, resolve_model_path
+
+    records = [r for src in parse_sources(path, "auto", columns) for r in load_records(src)][:4000]
+    renderer = Renderer(load_tokenizer(resolve_model_path("default", log=lambda m: None)), max_length=100_000)
+    long = [r for r in records if len(renderer.render(r).input_ids) >= length]
+    if len(long) < n:
+        raise SystemExit(f"{len(long)} rows of {length} tokens or more in the first 4000 of {path}; {n} needed")
+    return write_records(long[:n], "messages", out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("data")
+    p.add_argument("--columns", default="", help="e.g. instruction=question,output=answer")
+    p.add_argument("--only", action="append", default=[], help="a configuration's name (repeatable; default: all)")
+    p.add_argument("--measured", default=str(Path(__file__).parent / "results-memory-planner-ranks.json"))
+    p.add_argument("--reuse", action="store_true", help="take measured peaks from --measured where present")
+    p.add_argument("--length", type=int, default=408, help="every row's tokens (data.max_length)")
+    args = p.parse_args()
+    store = Path(args.measured)
+    measured_runs = json.loads(store.read_text()) if store.exists() else {}
+    columns = dict(kv.split("=", 1) for kv in args.columns.split(",") if kv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = rows_of_length(args.data, columns, args.length, 32, Path(tmp) / "rows.jsonl")
+        for name, (kind, overrides) in CONFIGS.items():
+            if args.only and name not in args.only:
+                continue
+            common = [f"data.train={data}", f"data.max_length={args.length}", *COMMON, *overrides]
+            plan = json.loads(ayar("plan", *common, "--nproc", "2", "--json").stdout)
+            lengths = {"lengths": plan["heaviest_pass"]["lengths"], "prefix": plan["heaviest_pass"]["prefix"]}
+            if len(set(lengths["lengths"])) != 1:
+                raise SystemExit(f"{name}: the planned pass {lengths} is not rows of one length")
+            if not (args.reuse and measured_runs.get(name, {}).get("pass") == lengths):
+                out = Path(tmp) / f"run-{len(rows)}"
+                ayar("train", *common, f"output.path={out}", "training.memory_check=off", "--nproc", "2")
+                meta = json.loads((out / "run.json").read_text())
+                keys = ("peak_rss_mb_per_rank", "training_peak_rss_mb_per_rank", "tokens_per_s", "passes")
+                measured_runs[name] = {
+                    **{k: meta.get(k) for k in keys},
+                    "dtype": meta["plan"]["dtype"],
+                    "pass": lengths,
+                }
+                store.write_text(json.dumps(measured_runs, indent=1) + "\n")
+            run = measured_runs[name]
+            predicted, measured = plan["total"] / 2**20, max(run["training_peak_rss_mb_per_rank"])
+            rows.append((name, kind, plan["tokens"], predicted, measured))
+            print(
+                f"{name}: predicted {predicted:.0f} MB per process, measured {run['training_peak_rss_mb_per_rank']} "
+                f"({100 * (predicted / measured - 1):+.1f}%; whole processes {run['peak_rss_mb_per_rank']}), "
+                f"{run['tokens_per_s']} tokens/s, {run['dtype']}, passes {run['passes']}; plan {plan['parts']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
