@@ -30,6 +30,10 @@ ONEDNN_CACHE_BYTES = 133 * 2**20
 # the Trainer stages' imports beyond ayar's own loop (TRL, datasets): 88 MB RSS measured
 TRL_RUNTIME_BYTES = 90 * 2**20
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# DeepSpeed ZeRO-3's defaults (stage3_max_live_parameters, stage3_max_reuse_distance: 1e9 parameters each) keep a
+# gathered weight whole until it is used again within that many parameters: every weight of a smaller model stays
+# gathered from its forward to its backward (measured: benchmarks/README.md), of a larger one about this many
+ZERO3_LIVE_PARAMS = 10**9
 
 
 @dataclass
@@ -166,7 +170,8 @@ STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 @dataclass(frozen=True)
 class Sharding:
     """How N data-parallel processes split what training holds: ddp (every rank all of it), zero2 (gradients and
-    optimizer states split), zero3 / fsdp (weights split too, each layer gathered whole while it computes);
+    optimizer states split), zero3 / fsdp (weights split too; FSDP gathers each layer whole while it computes,
+    DeepSpeed keeps up to ZERO3_LIVE_PARAMS gathered from forward to backward);
     `offload`: optimizer states (zero2), and weights (zero3), or weights, gradients and states (fsdp) in CPU RAM."""
 
     nproc: int = 1
@@ -174,8 +179,9 @@ class Sharding:
     offload: bool = False
 
 
-def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
-    """The plan of one rank. Activations, logits and the runtime are each rank's own (its micro-batch)."""
+def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding, zero3_inputs: int = 0) -> MemoryPlan:
+    """The plan of one rank. Activations, logits and the runtime are each rank's own (its micro-batch);
+    `zero3_inputs`: what ZeRO-3's linears keep beyond them (`zero3_linear_inputs`)."""
     import math
 
     n, strategy, parts = sharding.nproc, sharding.strategy, dict(plan.parts)
@@ -197,6 +203,10 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding) -> MemoryPlan:
             parts["gathered layers + root unit"] = int(
                 whole / shape.params * (2 * shape.linear_params / shape.layers + root)
             )
+        elif n > 1 and strategy == "zero3":
+            parts["gathered weights (ZeRO-3)"] = int(whole * min(1.0, ZERO3_LIVE_PARAMS / shape.params))
+            if zero3_inputs:
+                parts["linear inputs (ZeRO-3)"] = zero3_inputs
         elif n > 1:  # the layer computing and the next one, prefetched
             parts["gathered layers"] = 2 * whole // shape.layers
         if sharding.offload:
@@ -471,6 +481,18 @@ def plan_trainer_memory(
     return plan
 
 
+def zero3_linear_inputs(shape: Shape, tokens: int, weight_dtype: str, dropout: bool, checkpointing: bool) -> int:
+    """What ZeRO-3 adds to a pass's activations: DeepSpeed runs every linear layer through its own autograd function,
+    which keeps the layer's input for backward even where the weight is frozen. Without LoRA dropout the adapters
+    keep those very inputs; with it they keep dropped-out copies, and the frozen layers' inputs are kept besides
+    (the attention's output aside, which the attention keeps anyway; traced: benchmarks/README.md). With gradient
+    checkpointing, one layer's at a time (as its activations)."""
+    if not dropout:
+        return 0
+    layers = 2 if checkpointing else shape.layers
+    return tokens * layers * (shape.lora_distinct_inputs - shape.lora_attention_out) * _BYTES[weight_dtype]
+
+
 def available_memory(device: str) -> int:
     """Free memory for a new run: $AYAR_MEMORY_LIMIT_MB when set; on CUDA the device's free memory; on CPU
     the system's available RAM, capped by the container's cgroup limit when there is one."""
@@ -599,7 +621,11 @@ def plan_layout(
     )
     plan, heaviest = max(((plan_of(p), p) for p in candidates), key=lambda planned: planned[0].total)
     plan.heaviest = heaviest
-    return per_rank(plan, shape, sharding) if sharding else plan
+    if not sharding:
+        return plan
+    lora_dropout = cfg.method != "full" and cfg.lora.dropout > 0
+    kept = zero3_linear_inputs(shape, heaviest.tokens, weight_dtype, lora_dropout, layout.checkpointing)
+    return per_rank(plan, shape, sharding, kept)
 
 
 def suggestions(

@@ -116,7 +116,7 @@ def plan_trainer(
 ) -> MemoryPlan:
     """The memory plan of a Trainer stage's pass `p` (`trainer_pass`), per rank under `sharding`; gradient
     checkpointing as configured unless `checkpointing` says."""
-    from ayar.training.memory import per_rank, plan_trainer_memory
+    from ayar.training.memory import per_rank, plan_trainer_memory, zero3_linear_inputs
 
     ckpt = bool(cfg.training.gradient_checkpointing) if checkpointing is None else checkpointing
     # what LoRA's dropout keeps for backward: nothing for TRL's preference and reward trainers, which ayar builds
@@ -129,7 +129,10 @@ def plan_trainer(
         trained=p.trained, head=p.head, method=cfg.method, available=available, dropout=dropout,
         checkpointing=ckpt,
     )  # fmt: skip
-    return per_rank(plan, shape, sharding) if sharding else plan
+    if not sharding:
+        return plan
+    kept = zero3_linear_inputs(shape, p.rows * p.row_len, placement.dtype_name, dropout, ckpt)
+    return per_rank(plan, shape, sharding, kept)
 
 
 def plan_trainer_for(

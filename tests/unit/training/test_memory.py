@@ -595,15 +595,20 @@ def test_per_rank_shards_what_each_strategy_shards():
     assert ddp["weights"] == 32_000 and ddp["gradient all-reduce buffer"] == 8_000 * 4
     z2 = per_rank(full, shape, Sharding(4, "zero2")).parts
     assert z2["weights"] == 32_000 and z2["grads + AdamW (full)"] == 8_000 * 12 // 4 and z2["activations"] == 500
-    z3 = per_rank(full, shape, Sharding(4, "zero3")).parts
-    assert z3["weights"] == 8_000 and z3["gathered layers"] == 2 * 32_000 // 4
+    z3 = per_rank(full, shape, Sharding(4, "zero3"), zero3_inputs=700).parts
+    # DeepSpeed's defaults keep every weight of a model under 1e9 parameters gathered from forward to backward, and
+    # its linears keep their inputs
+    assert z3["weights"] == 8_000 and z3["gathered weights (ZeRO-3)"] == 32_000
+    assert z3["linear inputs (ZeRO-3)"] == 700
+    large = Shape(params=4 * 10**9, layers=32, hidden=8, intermediate=16, kv=8, vocab=32, lora_params=100)
+    big = MemoryPlan({"weights": 8 * 10**9, "adapter + grads + AdamW": 1_600, "activations": 500}, 10**12)
+    assert per_rank(big, large, Sharding(8, "zero3")).parts["gathered weights (ZeRO-3)"] == 2 * 10**9  # 1e9 of 4e9
     # FSDP2 keeps its root unit (here 2,000 weights outside the layers' linears) gathered through the step
     with_linears = Shape(params=8_000, layers=4, hidden=8, intermediate=16, kv=8, vocab=32, lora_params=100,
                          linear_params=6_000)  # fmt: skip
     assert per_rank(full, with_linears, Sharding(4, "fsdp")).parts["gathered layers + root unit"] == 4 * (
         2 * 6_000 // 4 + 2_000
     )
-    assert per_rank(full, with_linears, Sharding(4, "zero3")).parts["gathered layers"] == 2 * 32_000 // 4
     off = per_rank(lora, shape, Sharding(2, "fsdp", offload=True))
     assert "weights" not in off.parts and off.offloaded == 16_000 // 2 + (100 * 8 + 100 * 4) // 2
     assert off.parts["adapter + grads + AdamW"] == 1_600 // 2 - (100 * 8 + 100 * 4) // 2
