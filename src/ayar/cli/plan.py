@@ -66,7 +66,9 @@ def target_of(args, cfg):
             raise AyarError(
                 "--device cuda on a machine without a GPU: say how much memory it has, e.g. --gpu-memory 24GB"
             )
-    strategy = args.strategy or memory_strategy(cfg.distributed.strategy, cfg.distributed)
+    # one process runs as one, whatever the config's distributed section says (training/plan.py `decide`)
+    configured = memory_strategy(cfg.distributed.strategy, cfg.distributed) if args.nproc > 1 else "ddp"
+    strategy = args.strategy or configured
     offload = args.offload or (args.strategy is None and strategy != "ddp" and cfg.distributed.offload)
     return Target(device, memory, Sharding(args.nproc, strategy, offload))
 

@@ -454,7 +454,8 @@ def plan_memory_for(
 
 
 def memory_strategy(strategy: str, distributed) -> str:
-    """The memory plan's name (`Sharding.strategy`) for a run's `distributed.strategy` ("single": one process)."""
+    """The memory plan's name (`Sharding.strategy`) for a run's strategy (`distributed.strategy`, or "single" for one
+    process, planned as data parallel's one rank)."""
     if strategy == "deepspeed":
         return f"zero{distributed.zero_stage}"
     return "fsdp" if strategy == "fsdp" else "ddp"

@@ -676,6 +676,10 @@ def test_processes_are_planned_as_the_strategy_runs_them(config_only, capsys):
     assert planned("distributed.strategy=fsdp") == planned("--strategy", "fsdp")
     zero3 = planned("distributed.strategy=deepspeed", "distributed.zero_stage=3", "distributed.offload=true")
     assert zero3 == planned("--strategy", "zero3", "--offload") and zero3["offloaded"] > 0
+    # one process runs as one (the fused decoder), whatever the config's distributed section says
+    main(["plan", f"model.name={config_only}", "training.batch_size=1", "distributed.strategy=fsdp", "--device",
+          "cpu", "--json"])  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["layout"]["fused"]
 
 
 def test_plan_target_refusals(config_only):
