@@ -57,16 +57,22 @@ def ayar(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ayar", *args], capture_output=True, text=True, check=True)
 
 
-def longest_rows(path: str, columns: dict, n: int, out: Path) -> Path:
+def with_lengths(path: str, columns: dict) -> list[tuple[dict, int]]:
+    """The first 4000 records of `path`, each with its length in tokens as the default model's template renders it."""
     from ayar.data.dataset import load_records, parse_sources
     from ayar.data.render import Renderer
-    from ayar.data.writers import write_records
     from ayar.models.load import load_tokenizer, resolve_model_path
 
     records = [r for src in parse_sources(path, "auto", columns) for r in load_records(src)][:4000]
     renderer = Renderer(load_tokenizer(resolve_model_path("default", log=lambda m: None)), max_length=100_000)
-    records.sort(key=lambda r: len(renderer.render(r).input_ids), reverse=True)
-    return write_records(records[:n], "messages", out)
+    return [(r, len(renderer.render(r).input_ids)) for r in records]
+
+
+def longest_rows(path: str, columns: dict, n: int, out: Path) -> Path:
+    from ayar.data.writers import write_records
+
+    ranked = sorted(with_lengths(path, columns), key=lambda pair: pair[1], reverse=True)
+    return write_records([r for r, _ in ranked[:n]], "messages", out)
 
 
 def heaviest_rows(data: Path, max_length: int, heaviest: dict, out: Path) -> Path:
@@ -90,18 +96,29 @@ def setting(overrides: list[str], key: str, default: str) -> str:
     return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(key + "=")), default)
 
 
-def main() -> None:
+def arguments(results: str) -> argparse.ArgumentParser:
+    """The options the planner benchmarks share; `results`: the measurements' file beside this one."""
     p = argparse.ArgumentParser()
     p.add_argument("data")
     p.add_argument("--columns", default="", help="e.g. instruction=question,output=answer")
     p.add_argument("--only", action="append", default=[], help="a configuration's name (repeatable; default: all)")
-    p.add_argument("--measured", default=str(Path(__file__).parent / "results-memory-planner.json"))
+    p.add_argument("--measured", default=str(Path(__file__).parent / results))
     p.add_argument("--reuse", action="store_true", help="take measured peaks from --measured where present")
-    p.add_argument("--dtype", default="", help="model.dtype for every run (default: the config's, auto)")
+    return p
+
+
+def parsed(p: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path, dict, dict]:
+    """(arguments, the measurements' file, the measurements stored there, --columns as a dict)."""
     args = p.parse_args()
     store = Path(args.measured)
     measured_runs = json.loads(store.read_text()) if store.exists() else {}
-    columns = dict(kv.split("=", 1) for kv in args.columns.split(",") if kv)
+    return args, store, measured_runs, dict(kv.split("=", 1) for kv in args.columns.split(",") if kv)
+
+
+def main() -> None:
+    p = arguments("results-memory-planner.json")
+    p.add_argument("--dtype", default="", help="model.dtype for every run (default: the config's, auto)")
+    args, store, measured_runs, columns = parsed(p)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = longest_rows(args.data, columns, 96, Path(tmp) / "longest.jsonl")

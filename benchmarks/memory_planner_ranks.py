@@ -13,13 +13,13 @@ tokens, is 384 after the chat template's 24-token opening the fused decoder shar
 attention probabilities per-example attention keeps, the heaviest kind of pass in bf16.
 """
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-from memory_planner import ayar, print_table
+import memory_planner as planner
+from memory_planner import arguments, ayar, parsed, print_table, with_lengths
 
 CONFIGS = {
     "DDP, fused decoder": ("check", ["distributed.strategy=ddp"]),
@@ -28,44 +28,25 @@ CONFIGS = {
     "DeepSpeed ZeRO-2": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]),
     "DeepSpeed ZeRO-3": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
 }
-COMMON = [
-    "training.return_memory=true",
-    "data.val_ratio=0",
-    "training.max_steps=3",
-    "training.tracker=none",
-    "training.warmup_ratio=0",
-    "training.batch_size=4",
-    "data.lint=warn",
-]
+# memory_planner.py's settings, with a batch of 4 per process (the length is --length)
+COMMON = [o for o in planner.COMMON if not o.startswith(("training.batch_size=", "data.max_length="))]
+COMMON.append("training.batch_size=4")
 
 
 def rows_of_length(path: str, columns: dict, length: int, n: int, out: Path) -> Path:
     """`n` rows of at least `length` tokens (data.max_length cuts each to exactly that)."""
-    from ayar.data.dataset import load_records, parse_sources
-    from ayar.data.render import Renderer
     from ayar.data.writers import write_records
-    from ayar.models.load import load_tokenizer, resolve_model_path
 
-    records = [r for src in parse_sources(path, "auto", columns) for r in load_records(src)][:4000]
-    renderer = Renderer(load_tokenizer(resolve_model_path("default", log=lambda m: None)), max_length=100_000)
-    long = [r for r in records if len(renderer.render(r).input_ids) >= length]
+    long = [r for r, tokens in with_lengths(path, columns) if tokens >= length]
     if len(long) < n:
         raise SystemExit(f"{len(long)} rows of {length} tokens or more in the first 4000 of {path}; {n} needed")
     return write_records(long[:n], "messages", out)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("data")
-    p.add_argument("--columns", default="", help="e.g. instruction=question,output=answer")
-    p.add_argument("--only", action="append", default=[], help="a configuration's name (repeatable; default: all)")
-    p.add_argument("--measured", default=str(Path(__file__).parent / "results-memory-planner-ranks.json"))
-    p.add_argument("--reuse", action="store_true", help="take measured peaks from --measured where present")
+    p = arguments("results-memory-planner-ranks.json")
     p.add_argument("--length", type=int, default=408, help="every row's tokens (data.max_length)")
-    args = p.parse_args()
-    store = Path(args.measured)
-    measured_runs = json.loads(store.read_text()) if store.exists() else {}
-    columns = dict(kv.split("=", 1) for kv in args.columns.split(",") if kv)
+    args, store, measured_runs, columns = parsed(p)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = rows_of_length(args.data, columns, args.length, 32, Path(tmp) / "rows.jsonl")
