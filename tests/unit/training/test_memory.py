@@ -665,7 +665,9 @@ def test_processes_are_planned_as_the_strategy_runs_them(config_only, capsys):
         flags = [a for a in args if "=" not in a]
         common = [f"model.name={config_only}", "training.batch_size=1", "data.max_length=256", *overrides]
         main(["plan", *common, "--nproc", "2", *flags, "--json"])
-        return json.loads(capsys.readouterr().out)
+        out = json.loads(capsys.readouterr().out)
+        del out["available"]  # this machine's free memory, which moves between two calls
+        return out
 
     ddp = planned("--strategy", "ddp")
     assert ddp["layout"]["fused"] and "fused weight stacks" in ddp["parts"]
