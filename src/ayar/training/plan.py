@@ -107,9 +107,7 @@ class RunPlan:
         why_not = not_fused_because(model, tcfg, self.device, packed, self.strategy)
         checkpointing, release, memory = bool(tcfg.gradient_checkpointing), bool(tcfg.return_memory), None
         if tcfg.memory_check != "off":
-            from ayar.training.memory import model_shape
-
-            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r, _stored(cfg))
+            shape = shape_of(model.config, cfg)
             memory, checkpointing, release = _check_memory(
                 cfg,
                 shape,
@@ -131,9 +129,7 @@ class RunPlan:
         tcfg = cfg.training
         checkpointing, release, memory = bool(tcfg.gradient_checkpointing), bool(tcfg.return_memory), None
         if tcfg.memory_check != "off":
-            from ayar.training.memory import model_shape
-
-            shape = model_shape(model.config, cfg.lora.target_modules, cfg.lora.r, _stored(cfg))
+            shape = shape_of(model.config, cfg)
             sharding = self._sharding() if self.world_size > 1 else None
             available = _available_per_process(self.device, sharding)
             found = plan_trainer_for(shape, cfg, tok, records, self.placement, available, sharding)
@@ -490,10 +486,9 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
 
     from ayar.data.dataset import prepare_data
     from ayar.models.load import load_tokenizer, resolve_model_path
-    from ayar.training.memory import model_shape
 
     path = resolve_model_path(cfg.model.name, log=log)
-    shape = model_shape(AutoConfig.from_pretrained(path), cfg.lora.target_modules, cfg.lora.r, _stored(cfg))
+    shape = shape_of(AutoConfig.from_pretrained(path), cfg)
     placement, memory, sharding = decide(cfg).placement, None, None
     if target is not None:
         placement, memory, sharding = target_placement(cfg, target.device), target.memory, target.sharding
@@ -604,11 +599,13 @@ def _judge_memory(cfg, plan, fixes, layout, say, sharding=None):
     return plan, layout.checkpointing, release
 
 
-def _stored(cfg) -> str | None:
-    """The dtype the run's model is stored in, by name (None: not known)."""
+def shape_of(hf_config, cfg) -> Shape:
+    """The memory planner's sizes of the run's model (`model_shape`): its config, the run's LoRA targets and rank, and
+    the dtype its weights are stored in (a loaded model's config names the dtype it was loaded in)."""
     from ayar.models.load import stored_dtype
+    from ayar.training.memory import model_shape
 
-    return _name(stored_dtype(cfg.model.name))
+    return model_shape(hf_config, cfg.lora.target_modules, cfg.lora.r, _name(stored_dtype(cfg.model.name)))
 
 
 def _name(dtype: torch.dtype | None) -> str | None:

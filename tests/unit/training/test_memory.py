@@ -793,8 +793,7 @@ def test_a_trainer_stage_stops_before_training_when_it_cannot_fit_and_recomputes
     from ayar.data.dataset import load_splits
     from ayar.errors import AyarError
     from ayar.models.load import load_tokenizer
-    from ayar.training.memory import model_shape
-    from ayar.training.plan import decide
+    from ayar.training.plan import decide, shape_of
     from ayar.training.preference import STAGE
     from ayar.training.trainer_plan import plan_trainer, trainer_pass
     from ayar.training.trl_stage import run_stage
@@ -809,7 +808,7 @@ def test_a_trainer_stage_stops_before_training_when_it_cannot_fit_and_recomputes
         run_stage(cfg, STAGE)
     from transformers import AutoConfig
 
-    shape = model_shape(AutoConfig.from_pretrained(model_dir), cfg.lora.target_modules, cfg.lora.r)
+    shape = shape_of(AutoConfig.from_pretrained(model_dir), cfg)  # as the run plans it
     records, tok, placement = load_splits(cfg.data).train, load_tokenizer(str(model_dir)), decide(cfg).placement
     p = trainer_pass(cfg, tok, records)
     plain = plan_trainer(shape, cfg, p, placement, 10**12).total
