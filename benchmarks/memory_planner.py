@@ -39,6 +39,16 @@ CONFIGS = {
         "check",
         ["training.batch_size=16", "data.max_length=256", "lora.dropout=0", "training.rows_per_pass=8"],
     ),
+    "batch 8, max_len 512, full fine-tune (method=full, modules, 2 rows per pass)": ("check", ["method=full"]),
+    "batch 8, max_len 512, full fine-tune, gradient checkpointing": (
+        "check",
+        ["method=full", "training.gradient_checkpointing=true"],
+    ),
+    # a step of two passes: the first pass's gradients are kept through the second
+    "batch 8, max_len 512, full fine-tune, 2 micro-batches per step (grad_accum=2)": (
+        "check",
+        ["method=full", "training.grad_accum=2"],
+    ),
 }
 # return_memory: the planner predicts what training holds; the default allocator's RSS can run above it
 COMMON = [

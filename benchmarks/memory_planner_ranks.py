@@ -27,6 +27,11 @@ CONFIGS = {
     "FSDP (full shard)": ("check", ["distributed.strategy=fsdp"]),
     "DeepSpeed ZeRO-2": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]),
     "DeepSpeed ZeRO-3": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
+    # DeepSpeed's linears keep the inputs of the layers without adapters too
+    "DeepSpeed ZeRO-3, LoRA on q/v only": (
+        "check",
+        ["distributed.strategy=deepspeed", "distributed.zero_stage=3", "lora.target_modules=[q_proj, v_proj]"],
+    ),
 }
 # memory_planner.py's settings, with a batch of 4 per process (the length is --length)
 COMMON = [o for o in planner.COMMON if not o.startswith(("training.batch_size=", "data.max_length="))]

@@ -58,6 +58,11 @@ class Shape:
     lora_attention_out: int = 0
     # the dtype the checkpoint's weights are stored in (None: not known); loading into another dtype converts them
     stored_dtype: str | None = None
+    # per layer, over all its linear layers wrapped or not (what a full fine-tune's weight gradients and ZeRO-3's
+    # linears keep): summed input features, and the distinct inputs (q/k/v share one, gate/up another)
+    linear_inputs: int = 0
+    linear_distinct_inputs: int = 0
+    tied_head: bool = False  # the output head is the input embedding's weight
 
 
 @dataclass(frozen=True)
@@ -185,11 +190,9 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding, zero3_inputs: i
     import math
 
     n, strategy, parts = sharding.nproc, sharding.strategy, dict(plan.parts)
-    states = next(k for k in parts if k.startswith(("adapter + grads", "grads + AdamW")))
-    adapter = states.startswith("adapter")
+    adapter = ADAPTER_STATES in parts
     trainable = shape.lora_params if adapter else shape.params
-    grads = trainable * 4 if adapter else parts[states] - trainable * 8  # full: states = grads + AdamW's 8 bytes
-    adam = trainable * 8
+    grads, adam = trainable * 4, trainable * 8
     offloaded = 0
     if strategy == "ddp" and n > 1:  # the gradients all-reduced in buckets (training/distributed.py)
         parts["gradient all-reduce buffer"] = min(grads, BUCKET_BYTES)
@@ -211,12 +214,17 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding, zero3_inputs: i
             parts["gathered layers"] = 2 * whole // shape.layers
         if sharding.offload:
             offloaded += parts.pop("weights")
-    if strategy in ("zero2", "zero3", "fsdp"):
-        parts[states] = math.ceil(parts[states] / n)
+    if strategy in ("zero2", "zero3", "fsdp") and adapter:
+        parts[ADAPTER_STATES] = math.ceil(parts[ADAPTER_STATES] / n)
         if sharding.offload:
             moved = math.ceil((adam + (grads if strategy == "fsdp" else 0)) / n)
-            parts[states] -= moved
+            parts[ADAPTER_STATES] -= moved
             offloaded += moved
+    elif strategy in ("zero2", "zero3", "fsdp"):
+        for key in (FULL_GRADIENTS, FULL_STATES):
+            parts[key] = math.ceil(parts[key] / n)
+        if sharding.offload:
+            offloaded += parts.pop(FULL_STATES) + (parts.pop(FULL_GRADIENTS) if strategy == "fsdp" else 0)
     how = {
         "ddp": "every rank holds the whole model and its optimizer",
         "zero2": "gradients and optimizer states split across ranks",
@@ -249,17 +257,13 @@ def model_shape(hf_config, target_modules, r: int, stored_dtype: str | None = No
         if isinstance(m, torch.nn.Linear) and m is not output and matches_target(name, target_modules)
     ]
     lora = sum(r * (m.in_features + m.out_features) for m in wrapped)
-    distinct = {}  # q/k/v (and gate/up) read the same tensor: one saved input between them
-    attention_out = 0
-    for name, m in model.named_modules():
-        if any(m is w for w in wrapped):
-            parent, _, leaf = name.rpartition(".")
-            distinct[(parent, _SHARED_INPUT.get(leaf, leaf))] = m.in_features
-            attention_out += m.in_features if leaf in _ATTENTION_OUT and "att" in parent.rpartition(".")[2] else 0
+    distinct, attention_out = _inputs(model, wrapped)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output]
+    all_distinct, _ = _inputs(model, linears)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * (getattr(c, "head_dim", None) or c.hidden_size // heads)
     layers = c.num_hidden_layers
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output)
+    linear = sum(m.weight.numel() for m in linears)
     from ayar.kernels import fused_decoder, varlen
 
     return Shape(
@@ -272,7 +276,7 @@ def model_shape(hf_config, target_modules, r: int, stored_dtype: str | None = No
         lora,
         heads,
         sum(m.in_features for m in wrapped) // layers,
-        sum(distinct.values()) // layers,
+        distinct // layers,
         r * len(wrapped) // layers,
         linear,
         varlen.supported(c, "cpu"),
@@ -280,7 +284,22 @@ def model_shape(hf_config, target_modules, r: int, stored_dtype: str | None = No
         not getattr(c, "final_logit_softcapping", None),
         attention_out // layers,
         stored_dtype,
+        sum(m.in_features for m in linears) // layers,
+        all_distinct // layers,
+        output is not None and output.weight is model.get_input_embeddings().weight,
     )
+
+
+def _inputs(model, linears) -> tuple[int, int]:
+    """The input features of `linears` (modules of `model`), counting once an input projections share (q/k/v read
+    the same tensor, as do gate/up), and those of attention output projections among them."""
+    distinct, attention_out, chosen = {}, 0, {id(m) for m in linears}
+    for name, m in model.named_modules():
+        if id(m) in chosen:
+            parent, _, leaf = name.rpartition(".")
+            distinct[(parent, _SHARED_INPUT.get(leaf, leaf))] = m.in_features
+            attention_out += m.in_features if leaf in _ATTENTION_OUT and "att" in parent.rpartition(".")[2] else 0
+    return sum(distinct.values()), attention_out
 
 
 _ATTENTION_OUT = ("o_proj", "out_proj", "dense", "c_proj")
@@ -316,7 +335,11 @@ def layer_bytes_per_token(
     (training/loss.py): the distinct inputs and the A outputs in the half dtype, and dropout makes each adapter's
     input its own copy where those without it share one, or share the attention's output (ayar's dropout on a CPU
     keeps no mask: kernels/dropout.py);
-    `masks`: torch's dropout (a GPU's), counted as a mask byte beside a copy for every adapter input."""
+    `masks`: torch's dropout (a GPU's), counted as a mask byte beside a copy for every adapter input.
+    Without adapters (a full fine-tune, always on modules; fp32 master weights, a half dtype's compute under
+    autocast), the same base, and what trained weights need for their gradients: each RMSNorm's normalized input
+    (fp32, as its weight) and every linear layer's input, in the compute dtype: under autocast each layer casts the
+    fp32 input for itself, so q/k/v (and gate/up) keep a copy each where in fp32 they share one."""
     lora_out = s.lora_outputs * 4 if lora else 0
     if fused:
         q = s.hidden  # heads * head_dim for the families ayar fuses
@@ -325,11 +348,13 @@ def layer_bytes_per_token(
     # modules: a segment through torch's attention kernel (longer than MATMUL_MAX_LEN on a CPU, every one on a GPU)
     # keeps its output and log-sum-exp; a shorter one its probabilities (`attention_keys`)
     kernel = long_share * (s.hidden * dtype_bytes + s.heads * 4)
+    inputs = s.linear_inputs if dtype_bytes < 4 else s.linear_distinct_inputs
+    weights = 0 if lora else 2 * s.hidden * 4 + inputs * dtype_bytes  # a full fine-tune's weight gradients
     if dtype_bytes == 4:
-        base = (2 * s.hidden + s.hidden + 2 * s.kv + 3 * s.intermediate) * 4 + kernel
+        base = (2 * s.hidden + s.hidden + 2 * s.kv + 3 * s.intermediate) * 4 + kernel + weights
         adapters = (s.lora_inputs if dropout else s.lora_distinct_inputs) * 4 if lora else 0
         return base + adapters + lora_out
-    base = 2 * s.hidden * 4 + (s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + kernel
+    base = 2 * s.hidden * 4 + (s.hidden + 2 * s.kv + 3 * s.intermediate) * dtype_bytes + kernel + weights
     if lora:
         base += (s.lora_distinct_inputs + s.lora_outputs) * dtype_bytes
     if not (lora and dropout):
@@ -357,13 +382,23 @@ def activation_bytes_per_token(
     keeps each layer's probabilities (heads x keys, fp32, plus a copy in a half dtype); `opening_copies`:
     `Pass.opening_copies`. With gradient
     checkpointing, each layer's input is kept, and one layer's activations live at a time, with as much
-    again for their gradients while that layer's backward runs (measured: benchmarks/README.md)."""
+    again for their gradients while that layer's backward runs (measured: benchmarks/README.md). A full fine-tune
+    also keeps the final norm's input and normalized input (fp32), and the trained head's input."""
     per_layer = layer_bytes_per_token(s, dtype_bytes, lora, dropout, fused, long_share, masks)
     per_layer += s.heads * attention_keys * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
     per_layer += (opening_copies[0] * 2 * s.kv + opening_copies[1] * s.hidden) * dtype_bytes
+    head = 0 if lora else s.hidden * (8 + dtype_bytes)
     if checkpointing:
-        return int(s.layers * s.hidden * dtype_bytes + 2 * per_layer)
-    return int(s.layers * per_layer)
+        return int(s.layers * s.hidden * dtype_bytes + 2 * per_layer + head)
+    return int(s.layers * per_layer + head)
+
+
+def autocast_weight_copies(shape: Shape, compute_bytes: int, checkpointing: bool = False) -> int:
+    """What autocast adds over fp32 master weights: each linear layer's weight (the output head's too) cast to the
+    compute dtype once per pass and kept for backward, where its input's gradient needs it: every layer's at once, or
+    with gradient checkpointing the recomputed layer's (a forward without gradients keeps none)."""
+    linears = shape.linear_params / shape.layers if checkpointing else shape.linear_params
+    return int((linears + shape.vocab * shape.hidden) * compute_bytes)
 
 
 def attention_scratch_bytes(s: Shape, rows: int, row_len: int) -> int:
@@ -389,12 +424,17 @@ def plan_memory(
     packed: bool = False,
     chunked_logits: bool = True,
     opening_copies: tuple[float, float] = (0.0, 0.0),
+    compute_dtype: str | None = None,
+    one_pass_steps: bool = False,
 ) -> MemoryPlan:
     """`tokens` in the largest pass, laid out as `rows` rows of equal length (1 row when packed);
+    `compute_dtype`: a full fine-tune's autocast dtype over its fp32 master weights (the run plan's `autocast`);
+    `one_pass_steps`: every optimizer step is one pass (`full_gradients`);
     `attention_keys`: keys per token of per-example attention (`Pass.attention_keys`, 0 otherwise);
     `long_share`: the share of tokens in segments longer than that (`Pass.long_share`), which go through torch's
     attention kernel: all of them (1) where attention is not per example (padded rows, a GPU)."""
     wb = _BYTES[weight_dtype]
+    cb = _BYTES[compute_dtype or weight_dtype]  # what activations are kept in
     parts = {"weights": shape.params * wb}
     if method in (
         "qlora",
@@ -403,9 +443,9 @@ def plan_memory(
         parts["weights"] = int(shape.linear_params * 0.516) + (shape.params - shape.linear_params) * 4
     adapter = method in ("lora", "dora", "qlora", "qdora")
     if adapter:
-        parts["adapter + grads + AdamW"] = shape.lora_params * 4 * 4
-    else:
-        parts["grads + AdamW (full)"] = shape.params * (wb + 8)
+        parts[ADAPTER_STATES] = shape.lora_params * 4 * 4
+    else:  # fp32 master weights (training/plan.py `decide`): fp32 gradients, set at the end (`full_gradients`)
+        parts[FULL_GRADIENTS], parts[FULL_STATES] = 0, shape.params * 8
     if fused and shape.stored_dtype in (None, weight_dtype):
         # q/k/v and gate/up weights restacked into one tensor each: a copy while the loaded weights stay file-mapped
         # (safetensors loaded in their own dtype); weights converted as they load are the process's own memory, which
@@ -413,8 +453,10 @@ def plan_memory(
         q = shape.hidden
         parts["fused weight stacks"] = shape.layers * shape.hidden * (q + 2 * shape.kv + 2 * shape.intermediate) * wb
     parts["activations"] = tokens * activation_bytes_per_token(
-        shape, wb, adapter, dropout, fused, attention_keys, checkpointing, long_share, device != "cpu", opening_copies
+        shape, cb, adapter, dropout, fused, attention_keys, checkpointing, long_share, device != "cpu", opening_copies
     )
+    if cb < wb:
+        parts["weights cast for compute (autocast)"] = autocast_weight_copies(shape, cb, checkpointing)
     if device == "cpu" and not packed:  # padded rows: one layer's [rows, heads, len, len] attention weights
         parts["attention scratch"] = attention_scratch_bytes(shape, rows, tokens // max(rows, 1))
     if chunked_logits:  # one chunk's fp32 logits (on CPU one vocabulary block of them) and softmax, and the
@@ -426,9 +468,37 @@ def plan_memory(
     else:  # fp32 logits, their softmax and its gradient
         parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
     parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
-    if device == "cpu" and wb < 4:
+    if device == "cpu" and cb < 4:
         parts["runtime"] += ONEDNN_CACHE_BYTES
+    if not adapter:
+        parts[FULL_GRADIENTS] = full_gradients(parts, shape, one_pass_steps, tokens * shape.hidden * cb, checkpointing)
     return MemoryPlan(parts, available if available is not None else available_memory(device), device, tokens, trained)
+
+
+ADAPTER_STATES = "adapter + grads + AdamW"
+FULL_GRADIENTS, FULL_STATES = "gradients (full)", "AdamW (full)"
+# what lives across passes; every other part is the pass's own, freed by the end of its backward
+_HELD = ("weights", ADAPTER_STATES, FULL_GRADIENTS, FULL_STATES, "fused weight stacks", "runtime")
+
+
+def full_gradients(parts: dict, shape: Shape, one_pass_steps: bool, layer_input: int, checkpointing: bool) -> int:
+    """A full fine-tune's fp32 gradients at the peak, beyond the pass. All of them, where a step takes several passes
+    (they add up across its passes). Where every step is one pass there are none while its forward runs (the last
+    step's were set to None); backward makes the output head's first, as the logits it had kept are freed, then a
+    layer's each time it frees that layer's activations. The peak holds the largest of: the pass; the pass with the
+    head's gradient in place of its logits; every gradient, with the first layer's activations and theirs (with
+    gradient checkpointing, the recomputed layer: the activations part but the layers' inputs, `layer_input` each)
+    and, where the head is the embedding's weight, the embedding's own gradient, made before it is added in
+    (measured: benchmarks/README.md)."""
+    grads = shape.params * 4
+    if not one_pass_steps:
+        return grads
+    freed = sum(v for k, v in parts.items() if k not in _HELD)
+    head = sum(parts.get(k, 0) for k in ("logits (trained tokens)", "fused head (TRL)"))
+    activations = parts.get("activations", 0)
+    last = activations - shape.layers * layer_input if checkpointing else 2 * activations // shape.layers
+    end = grads + last + (shape.vocab * shape.hidden * 4 if shape.tied_head else 0)
+    return max(0, shape.vocab * shape.hidden * 4 - head, end - freed)
 
 
 # What a Trainer stage's head computes from the last hidden states (training/trainer_plan.py `trainer_pass`): TRL's
@@ -451,6 +521,8 @@ def plan_trainer_memory(
     available: int | None = None,
     dropout: bool = True,
     checkpointing: bool = False,
+    compute_dtype: str | None = None,
+    one_pass_steps: bool = False,
 ) -> MemoryPlan:
     """A Trainer stage's peak (training/trl_stage.py): one forward and backward of the micro-batch's `rows` rows, each
     padded to `row_len`, through transformers + peft modules, then its `head`. The same terms as ayar's own loop for
@@ -462,7 +534,7 @@ def plan_trainer_memory(
     plan = plan_memory(
         shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, method=method,
         available=available, rows=rows, dropout=dropout, checkpointing=checkpointing, chunked_logits=False,
-        long_share=1.0,
+        long_share=1.0, compute_dtype=compute_dtype, one_pass_steps=one_pass_steps,
     )  # fmt: skip
     positions = rows * max(row_len - 1, 0)
     if head == "fused":  # every position scored (a GPU scores the trained ones: this over-counts there)
@@ -470,7 +542,7 @@ def plan_trainer_memory(
         fused = trl_head.scratch_bytes(positions, shape.vocab, device) + positions * shape.hidden * 4
         if checkpointing:  # its backward runs, and frees its scratch, before the first layer is recomputed: the
             # peak holds the larger of the two
-            inputs = tokens * shape.layers * shape.hidden * _BYTES[weight_dtype]
+            inputs = tokens * shape.layers * shape.hidden * _BYTES[compute_dtype or weight_dtype]
             fused = max(0, fused - (plan.parts["activations"] - inputs) - plan.parts.get("attention scratch", 0))
         plan.parts["fused head (TRL)"] = fused
     elif head == "logits":
@@ -478,19 +550,31 @@ def plan_trainer_memory(
     else:
         del plan.parts["logits (trained tokens)"]
     plan.parts["runtime"] += TRL_RUNTIME_BYTES
+    if FULL_GRADIENTS in plan.parts:  # the head's part changed
+        cb = _BYTES[compute_dtype or weight_dtype]
+        plan.parts[FULL_GRADIENTS] = full_gradients(
+            plan.parts, shape, one_pass_steps, tokens * shape.hidden * cb, checkpointing
+        )
     return plan
 
 
-def zero3_linear_inputs(shape: Shape, tokens: int, weight_dtype: str, dropout: bool, checkpointing: bool) -> int:
+def zero3_linear_inputs(
+    shape: Shape, tokens: int, weight_dtype: str, dropout: bool, checkpointing: bool, method: str = "lora"
+) -> int:
     """What ZeRO-3 adds to a pass's activations: DeepSpeed runs every linear layer through its own autograd function,
     which keeps the layer's input for backward even where the weight is frozen. Without LoRA dropout the adapters
-    keep those very inputs; with it they keep dropped-out copies, and the frozen layers' inputs are kept besides
-    (the attention's output aside, which the attention keeps anyway; traced: benchmarks/README.md). With gradient
-    checkpointing, one layer's at a time (as its activations)."""
-    if not dropout:
+    keep their layers' very inputs, and only unwrapped layers' inputs are added; with it they keep dropped-out copies,
+    and every frozen layer's input is kept besides (in a half dtype but a wrapped attention output projection's, which
+    its adapter keeps anyway: `layer_bytes_per_token`). A full fine-tune keeps them all anyway. With gradient
+    checkpointing, one layer's at a time (as its activations). Traced: tests/unit/training/test_memory.py."""
+    if method == "full":
         return 0
+    half = _BYTES[weight_dtype] < 4
+    kept = shape.linear_distinct_inputs - (
+        (shape.lora_attention_out if half else 0) if dropout else shape.lora_distinct_inputs
+    )
     layers = 2 if checkpointing else shape.layers
-    return tokens * layers * (shape.lora_distinct_inputs - shape.lora_attention_out) * _BYTES[weight_dtype]
+    return tokens * layers * kept * _BYTES[weight_dtype]
 
 
 def available_memory(device: str) -> int:
@@ -582,7 +666,10 @@ def plan_layout(
     batch_size: int | None = None,
     per_pass: int | None = None,
     sharding: Sharding | None = None,
+    compute_dtype: str | None = None,
 ) -> MemoryPlan:
+    """The plan of ayar's own loop for `layout` over `examples`: its heaviest pass (`candidate_passes`), per rank under
+    `sharding`; `compute_dtype`: a full fine-tune's autocast dtype (`plan_memory`)."""
     batch = batch_size or cfg.training.batch_size
     rows = layout.per_pass if per_pass is None else per_pass
     varlen = layout.packed and device == "cpu" and shape.plain_attention
@@ -612,6 +699,8 @@ def plan_layout(
             packed=layout.packed,
             chunked_logits=chunked,
             opening_copies=p.opening_copies() if varlen else (0.0, 0.0),
+            compute_dtype=compute_dtype,
+            one_pass_steps=(not rows or rows >= batch) and cfg.training.grad_accum == 1,
         )
 
     candidates = (
@@ -623,21 +712,29 @@ def plan_layout(
     plan.heaviest = heaviest
     if not sharding:
         return plan
-    lora_dropout = cfg.method != "full" and cfg.lora.dropout > 0
-    kept = zero3_linear_inputs(shape, heaviest.tokens, weight_dtype, lora_dropout, layout.checkpointing)
+    kept = zero3_linear_inputs(
+        shape, heaviest.tokens, weight_dtype, cfg.lora.dropout > 0, layout.checkpointing, cfg.method
+    )
     return per_rank(plan, shape, sharding, kept)
 
 
 def suggestions(
-    shape: Shape, cfg, examples, weight_dtype: str, device: str, available: int, layout: Layout, sharding=None
+    shape: Shape,
+    cfg,
+    examples,
+    weight_dtype: str,
+    device: str,
+    available: int,
+    layout: Layout,
+    sharding=None,
+    compute_dtype: str | None = None,
 ) -> list[str]:
     """Settings that would fit, each changing one thing (the effective batch is kept where possible)."""
     import dataclasses
 
+    shard = {"sharding": sharding, "compute_dtype": compute_dtype}
     fits = lambda **kw: (
-        plan_layout(
-            shape, cfg, examples, weight_dtype, device, kw.pop("layout", layout), available, sharding=sharding, **kw
-        ).fits
+        plan_layout(shape, cfg, examples, weight_dtype, device, kw.pop("layout", layout), available, **shard, **kw).fits
     )
     out = []
     if not layout.checkpointing and fits(layout=dataclasses.replace(layout, checkpointing=True)):
@@ -655,7 +752,6 @@ def suggestions(
         if fits(batch_size=b):
             out.append(f"training.batch_size={b} training.grad_accum={ga * bs // b} (same effective batch)")
             break
-    shard = {"sharding": sharding}
     for max_len in (cfg.data.max_length // 2, cfg.data.max_length // 4):
         if (
             max_len >= 64
@@ -665,7 +761,7 @@ def suggestions(
         ):
             out.append(f"data.max_length={max_len} (longer rows are truncated)")
             break
-    if weight_dtype == "float32":
+    if (compute_dtype or weight_dtype) == "float32":
         out.append("model.dtype=bfloat16 (halves weights and activations; on CPU only fast with AVX512-BF16/AMX)")
     return out
 

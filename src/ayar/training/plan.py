@@ -117,6 +117,7 @@ class RunPlan:
                 why_not,
                 say,
                 self._sharding() if self.world_size > 1 else None,
+                _name(self.autocast),
             )
         layout = Layout(rows_per_pass(tcfg, self.device, why_not is None), packed, why_not is None, checkpointing)
         return dataclasses.replace(self, layout=layout, not_fused_because=why_not, return_memory=release, memory=memory)
@@ -132,7 +133,9 @@ class RunPlan:
             shape = shape_of(model.config, cfg)
             sharding = self._sharding() if self.world_size > 1 else None
             available = _available_per_process(self.device, sharding)
-            found = plan_trainer_for(shape, cfg, tok, records, self.placement, available, sharding)
+            found = plan_trainer_for(
+                shape, cfg, tok, records, self.placement, available, sharding, _name(self.autocast)
+            )
             memory, checkpointing, release = _judge_memory(cfg, *found, say, sharding)
         layout = Layout(0, False, False, checkpointing)
         why = "a Trainer stage: transformers + peft modules on padded rows"
@@ -427,10 +430,12 @@ def plan_memory_for(
     layout: Layout | None = None,
     available: int | None = None,
     sharding: Sharding | None = None,
+    compute_dtype: str | None = None,
 ):
     """(memory plan, settings that would fit, layout): the plan for `layout` (default: the predicted one)
     with gradient checkpointing as configured, or, left to auto, on only when the run cannot fit without
-    it. `available` and `sharding`: another machine's memory per device and processes (`Target`)."""
+    it. `available` and `sharding`: another machine's memory per device and processes (`Target`);
+    `compute_dtype`: the run's autocast (a full fine-tune's compute over fp32 master weights)."""
     from ayar.training.memory import plan_layout, suggestions
 
     dtype, device = placement.dtype_name, placement.device
@@ -438,14 +443,15 @@ def plan_memory_for(
     layout = dataclasses.replace(
         layout or predicted_layout(shape, cfg, device, sharding=sharding), checkpointing=bool(choice)
     )
-    plan = plan_layout(shape, cfg, examples, dtype, device, layout, available, sharding=sharding)
+    across = {"sharding": sharding, "compute_dtype": compute_dtype}
+    plan = plan_layout(shape, cfg, examples, dtype, device, layout, available, **across)
     if choice is None and not plan.fits:
         with_checkpointing = dataclasses.replace(layout, checkpointing=True)
         ckpt = (shape, cfg, examples, dtype, device, with_checkpointing, plan.available)
-        plan_ckpt = plan_layout(*ckpt, sharding=sharding)
+        plan_ckpt = plan_layout(*ckpt, **across)
         if plan_ckpt.fits:
             return plan_ckpt, [], with_checkpointing
-    fixes = [] if plan.fits else suggestions(shape, cfg, examples, dtype, device, plan.available, layout, sharding)
+    fixes = [] if plan.fits else suggestions(shape, cfg, examples, dtype, device, plan.available, layout, **across)
     return plan, fixes, layout
 
 
@@ -466,16 +472,17 @@ class Target:
     sharding: Sharding = Sharding()
 
 
-def target_placement(cfg, device: str) -> Placement:
-    """The placement a run would get on the target: the configured dtype, else bf16 on a GPU (assumed one that has
-    it: Ampere or newer) and this machine's rule on a CPU; full fine-tuning keeps fp32 master weights (`decide`)."""
+def target_placement(cfg, device: str) -> tuple[Placement, str | None]:
+    """(placement, autocast dtype) a run would get on the target: the configured dtype, else bf16 on a GPU (assumed
+    one that has it: Ampere or newer) and this machine's rule on a CPU; full fine-tuning keeps fp32 master weights and
+    computes in that dtype (`decide`)."""
     if cfg.model.dtype != "auto" or device != "cuda":
         placement = dataclasses.replace(choose_placement("cpu", cfg.model.dtype), device=device)
     else:
         placement = Placement(device, torch.bfloat16, "assumed: a GPU with bf16 (set model.dtype=float16 for older)")
-    if cfg.method == "full":
-        placement = dataclasses.replace(placement, dtype=torch.float32)
-    return placement
+    if cfg.method == "full" and placement.dtype != torch.float32:
+        return dataclasses.replace(placement, dtype=torch.float32), placement.dtype_name
+    return placement, None
 
 
 def plan_for_config(cfg, log=print, target: Target | None = None):
@@ -489,15 +496,16 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
 
     path = resolve_model_path(cfg.model.name, log=log)
     shape = shape_of(AutoConfig.from_pretrained(path), cfg)
-    placement, memory, sharding = decide(cfg).placement, None, None
+    run = decide(cfg)
+    placement, compute, memory, sharding = run.placement, _name(run.autocast), None, None
     if target is not None:
-        placement, memory, sharding = target_placement(cfg, target.device), target.memory, target.sharding
+        (placement, compute), memory, sharding = target_placement(cfg, target.device), target.memory, target.sharding
         if memory is None and target.device == "cpu":  # this machine's RAM, shared by its processes (as training plans)
             from ayar.training.memory import cpu_memory_per_process
 
             memory = cpu_memory_per_process(target.sharding.nproc)
     if not own_loop(cfg):
-        return _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log)
+        return _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log, compute)
     if _has_tokenizer(path):
         tok = load_tokenizer(path)
         examples = prepare_data(dataclasses.replace(cfg.data, lint="off"), tok, seed=cfg.training.seed).train
@@ -505,10 +513,10 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
         n = cfg.data.max_length
         log(f"{path} has no tokenizer: planning {cfg.training.batch_size} rows of {n} tokens each (the worst case)")
         examples = [_Row(n) for _ in range(cfg.training.batch_size)]
-    return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding)
+    return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding, compute)
 
 
-def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log):
+def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log, compute):
     """`plan_for_config` for a Trainer stage: its records as the stage feeds them (`trainer_pass`)."""
     from ayar.data.dataset import load_splits
     from ayar.models.load import load_tokenizer
@@ -518,7 +526,7 @@ def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log)
         tok, records = load_tokenizer(path), load_splits(cfg.data, seed=cfg.training.seed).train
     else:
         log(f"{path} has no tokenizer: planning rows of data.max_length={cfg.data.max_length} tokens (the worst case)")
-    return plan_trainer_for(shape, cfg, tok, records, placement, memory, sharding)
+    return plan_trainer_for(shape, cfg, tok, records, placement, memory, sharding, compute)
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -550,15 +558,16 @@ def return_memory(asked: bool | None, plan, sharding=None) -> bool:
 
 
 def _check_memory(
-    cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say, sharding=None
-):
+    cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say, sharding=None,
+    compute=None,
+):  # fmt: skip
     """(memory plan, gradient checkpointing, return memory). Checkpointing: `training.gradient_checkpointing`,
     or auto: when needed to fit. Return memory: `return_memory` (as asked, or when the plan is tight: returning
     costs speed).
     `sharding`: several processes, planned per process (on a CPU they share this machine's RAM)."""
     layout = Layout(rows_per_pass(cfg.training, placement.device, why_not is None), packed, why_not is None)
     available = _available_per_process(placement.device, sharding)
-    found = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding)
+    found = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding, compute)
     return _judge_memory(cfg, *found, say, sharding)
 
 

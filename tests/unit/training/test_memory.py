@@ -69,6 +69,40 @@ def test_lora_parameter_count_for_named_and_regex_targets():
         )
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_full_fine_tunes_gradients_meet_the_pass_only_where_a_step_takes_several(checkpointing):
+    """The loop sets gradients to None at each step: where a step is one pass, its forward builds the activations with
+    no gradient alive, and backward frees them as it makes the gradients, so the peak is the larger of the two ends.
+    Where a step takes several passes (rows per pass or accumulation) the gradients of the first are kept through the
+    next one's forward, beside its activations. (Measured both ways: benchmarks/README.md.)"""
+    from transformers import AutoConfig
+
+    from ayar.config import load_config
+    from ayar.training.memory import FULL_GRADIENTS, Layout, plan_layout
+
+    config = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)  # fmt: skip
+    shape = model_shape(config, "all-linear", 16)
+    examples = [Example([1] * 500, [1] * 250, "x") for _ in range(8)]
+    layout = Layout(2, True, False, checkpointing)
+
+    def plan(*overrides):
+        cfg = load_config(None, ["method=full", *overrides])
+        return plan_layout(shape, cfg, examples, "float32", "cpu", layout, 2**40, compute_dtype="bfloat16")
+
+    grads = shape.params * 4
+    one = plan("training.batch_size=2")  # 2 rows per pass: a step is one pass
+    several = plan("training.batch_size=8")  # four passes a step
+    assert several.parts[FULL_GRADIENTS] == grads
+    assert plan("training.batch_size=2", "training.grad_accum=2").parts[FULL_GRADIENTS] == grads
+    held = sum(one.parts[k] for k in ("weights", "AdamW (full)", "runtime"))
+    pass_parts = one.total - held - one.parts[FULL_GRADIENTS]
+    # the peak holds the pass (the start of backward) and every gradient (its end), not both
+    assert one.total >= max(held + pass_parts, held + grads) and one.total < several.total
+    # without checkpointing the pass outweighs the gradients; with it, less is kept than the gradients weigh
+    assert (one.parts[FULL_GRADIENTS] > 0) == checkpointing
+
+
 def test_largest_pass_padded_vs_packed():
     exs = [Example([1] * n, [1] * (n // 2), "x") for n in (10, 50, 30, 20)]
     packed, padded = largest_pass(exs, 2, packed=True), largest_pass(exs, 2, packed=False)
@@ -376,9 +410,10 @@ def test_the_fused_decoders_weight_stacks_are_planned_only_where_they_add_memory
         assert "fused weight stacks" not in plan.parts and added < 0.15 * stacks, added
 
 
-def saved_bytes(model, batch: dict, fused: bool) -> int:
+def saved_bytes(model, batch: dict, fused: bool, head: bool = False, autocast=None) -> int:
     """Bytes autograd keeps for backward over one pass of `batch` (saved-tensor hooks; unique storages, weights
-    aside), run as training runs it (a half-precision base: adapters under autocast)."""
+    aside), run as training runs it (a half-precision base: adapters under autocast; `autocast`: a full fine-tune's
+    compute dtype over fp32 weights); `head`: through the output head too."""
     from ayar.training.loss import _hidden, compute_context
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -389,9 +424,40 @@ def saved_bytes(model, batch: dict, fused: bool) -> int:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with compute_context(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _hidden(model, batch, fused)
+    with compute_context(model, autocast), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = _hidden(model, batch, fused)
+        if head:
+            model.get_output_embeddings()(hidden)
     return sum(saved.values())
+
+
+def traced_pass(dtype, method: str, targets, dropout: float, long: bool, monkeypatch):
+    """A tiny llama under `method` (adapters on `targets`), a packed pass of three examples (220 tokens), and
+    the planner's `Pass` for it; `long`: every segment through torch's attention kernel (no saved probabilities)."""
+    from ayar.config import LoraConfig
+    from ayar.data.collate import collate
+    from ayar.kernels import fused_decoder, varlen
+    from ayar.models.adapters import apply_method
+    from ayar.training.memory import Pass
+
+    if long:
+        monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 8)
+    monkeypatch.setattr(fused_decoder, "QUERY_BLOCK", 32)  # the fused decoder's segments in 2-3 query blocks
+    tok = make_tokenizer("llama")
+    dims = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2
+    )
+    model = apply_method(
+        make_model("llama", tok, **dims).to(dtype),
+        method,
+        LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=targets),
+    ).train()
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        Example(ids, ids, str(i))
+        for i, ids in enumerate(torch.randint(5, len(tok), (n,), generator=g).tolist() for n in (90, 70, 60))
+    ]
+    return model, collate(rows, tok.pad_token_id, packing=True), Pass(220, 220, 1, (90, 70, 60))
 
 
 @pytest.mark.parametrize(
@@ -401,48 +467,67 @@ def saved_bytes(model, batch: dict, fused: bool) -> int:
         *[("float32", *case) for case in [(False, 0.0, False), (False, 0.0, True)]],
         *[("bfloat16", *case) for case in [(True, 0.1, False), (False, 0.1, False), (False, 0.0, False)]],
         ("bfloat16", False, 0.1, True),
+        *[(dtype, False, None, long) for dtype in ("float32", "bfloat16") for long in (False, True)],
     ],
 )
 def test_planned_activations_match_what_autograd_saves(dtype, fused, dropout, long, monkeypatch):
     """The planner's activation bytes (per-layer terms, attention probabilities) against the bytes autograd
     actually keeps for backward in one packed pass, counted by saved-tensor hooks (unique storages), over an fp32
-    and a bf16 base. `long`: every segment through torch's attention kernel."""
-    dtype = getattr(torch, dtype)
-    from ayar.config import LoraConfig
-    from ayar.data.collate import collate
-    from ayar.kernels import fused_decoder, varlen
-    from ayar.models.adapters import apply_method
+    and a bf16 base. `long`: every segment through torch's attention kernel; `dropout` None: a full fine-tune (every
+    weight trained, the output head's pass included) as training runs it, fp32 weights and in bf16 under autocast,
+    which keeps each weight's bf16 copy besides."""
+    from ayar.kernels import fused_decoder
     from ayar.training.loss import _hidden
-    from ayar.training.memory import Pass, activation_bytes_per_token
+    from ayar.training.memory import activation_bytes_per_token, autocast_weight_copies
 
-    if long:  # every segment takes torch's attention kernel (no saved probabilities)
-        monkeypatch.setattr(varlen, "MATMUL_MAX_LEN", 8)
-    monkeypatch.setattr(fused_decoder, "QUERY_BLOCK", 32)  # the fused decoder's segments in 2-3 query blocks
-    tok = make_tokenizer("llama")
-    dims = dict(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2
-    )
-    model = apply_method(
-        make_model("llama", tok, **dims).to(dtype),
-        "lora",
-        LoraConfig(r=8, alpha=16, dropout=dropout, target_modules="all-linear"),
-    ).train()
-    g = torch.Generator().manual_seed(0)
-    rows = [
-        Example(ids, ids, str(i))
-        for i, ids in enumerate(torch.randint(5, len(tok), (n,), generator=g).tolist() for n in (90, 70, 60))
-    ]
-    batch = collate(rows, tok.pad_token_id, packing=True)
-    assert fused_decoder.usable(model, "cpu")
+    dtype, full = getattr(torch, dtype), dropout is None
+    weights, autocast = (torch.float32, dtype if dtype != torch.float32 else None) if full else (dtype, None)
+    model, batch, p = traced_pass(weights, "full" if full else "lora", "all-linear", dropout or 0.0, long, monkeypatch)
+    assert fused_decoder.usable(model, "cpu") != full  # full fine-tuning trains on modules
     _hidden(model, batch, fused)  # a first pass builds the fused decoder's weight stacks: parameters from here on
-    measured = saved_bytes(model, batch, fused)
-    p = Pass(220, 220, 1, (90, 70, 60))
-    shape = model_shape(model.get_base_model().config, "all-linear", 8)
+    measured = saved_bytes(model, batch, fused, head=full, autocast=autocast)
+    shape = model_shape(model.config, "all-linear", 8)
+    keys = p.attention_keys(blocked=fused)
     planned = 220 * activation_bytes_per_token(
-        shape, dtype.itemsize, True, dropout > 0, fused, p.attention_keys(blocked=fused), long_share=p.long_share()
+        shape, dtype.itemsize, not full, bool(dropout), fused, keys, long_share=p.long_share()
     )
+    planned += autocast_weight_copies(shape, dtype.itemsize) if autocast else 0
     # the fused decoder's long path keeps copies whose share is larger at these small dimensions (+9.5 % here)
     assert planned == pytest.approx(measured, rel=0.12 if fused and long else 0.04)
+
+
+@pytest.mark.parametrize(
+    "dtype,targets,dropout,long",
+    [
+        ("float32", "all-linear", 0.1, False),
+        ("float32", "q_proj,v_proj", 0.0, True),
+        ("float32", "q_proj,v_proj", 0.1, False),
+        ("bfloat16", "all-linear", 0.1, True),
+        ("bfloat16", "all-linear", 0.0, False),
+        ("bfloat16", "q_proj,v_proj", 0.0, False),
+        ("bfloat16", "q_proj,v_proj", 0.1, True),
+    ],
+)
+def test_planned_zero3_linear_inputs_match_what_deepspeeds_linear_keeps(dtype, targets, dropout, long, monkeypatch):
+    """Under ZeRO-3 DeepSpeed replaces torch's linear (zero.Init, which ayar builds the model under, leaves its own in
+    place: deepspeed/runtime/zero/linear.py), and its autograd function keeps every linear layer's input, frozen or
+    not. The planner's activations plus its ZeRO-3 term against the bytes kept by one packed pass through it, with
+    adapters on every linear layer or on some, with and without dropout."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from ayar.training.memory import activation_bytes_per_token, zero3_linear_inputs
+
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    dtype, targets = getattr(torch, dtype), targets if targets == "all-linear" else targets.split(",")
+    model, batch, p = traced_pass(dtype, "lora", targets, dropout, long, monkeypatch)
+    measured = saved_bytes(model, batch, fused=False)
+    shape = model_shape(model.config, targets, 8)
+    planned = 220 * activation_bytes_per_token(
+        shape, dtype.itemsize, True, dropout > 0, attention_keys=p.attention_keys(), long_share=p.long_share()
+    )
+    weights = str(dtype).removeprefix("torch.")
+    planned += zero3_linear_inputs(shape, 220, weights, dropout > 0, checkpointing=False)
+    assert planned == pytest.approx(measured, rel=0.02)
 
 
 @pytest.mark.parametrize("fused,opening", [(True, 0), (False, 0), (True, 48)])
@@ -588,13 +673,20 @@ def test_per_rank_shards_what_each_strategy_shards():
     from ayar.training.memory import Shape, Sharding, per_rank
 
     shape = Shape(params=8_000, layers=4, hidden=8, intermediate=16, kv=8, vocab=32, lora_params=100)
-    full = MemoryPlan({"weights": 32_000, "grads + AdamW (full)": 8_000 * 12, "activations": 500}, 10**6)
+    full = MemoryPlan(
+        {"weights": 32_000, "gradients (full)": 32_000, "AdamW (full)": 64_000, "activations": 500}, 10**6
+    )
     lora = MemoryPlan({"weights": 16_000, "adapter + grads + AdamW": 1_600, "activations": 500}, 10**6)
     assert per_rank(full, shape, Sharding(1)).parts == full.parts  # one process: nothing changes
     ddp = per_rank(full, shape, Sharding(4, "ddp")).parts
     assert ddp["weights"] == 32_000 and ddp["gradient all-reduce buffer"] == 8_000 * 4
     z2 = per_rank(full, shape, Sharding(4, "zero2")).parts
-    assert z2["weights"] == 32_000 and z2["grads + AdamW (full)"] == 8_000 * 12 // 4 and z2["activations"] == 500
+    assert z2["weights"] == 32_000 and z2["gradients (full)"] == 8_000 and z2["AdamW (full)"] == 16_000
+    assert z2["activations"] == 500
+    offloaded = per_rank(full, shape, Sharding(4, "fsdp", offload=True))
+    assert offloaded.offloaded == (32_000 + 32_000 + 64_000) // 4 and not {"gradients (full)", "AdamW (full)"} & set(
+        offloaded.parts
+    )
     z3 = per_rank(full, shape, Sharding(4, "zero3"), zero3_inputs=700).parts
     # DeepSpeed's defaults keep every weight of a model under 1e9 parameters gathered from forward to backward, and
     # its linears keep their inputs
