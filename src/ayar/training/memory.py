@@ -494,7 +494,7 @@ def full_gradients(parts: dict, shape: Shape, one_pass_steps: bool, layer_input:
     if not one_pass_steps:
         return grads
     freed = sum(v for k, v in parts.items() if k not in _HELD)
-    head = sum(parts.get(k, 0) for k in ("logits (trained tokens)", "fused head (TRL)"))
+    head = parts.get("logits (trained tokens)", 0)
     activations = parts.get("activations", 0)
     last = activations - shape.layers * layer_input if checkpointing else 2 * activations // shape.layers
     end = grads + last + (shape.vocab * shape.hidden * 4 if shape.tied_head else 0)
@@ -521,8 +521,6 @@ def plan_trainer_memory(
     available: int | None = None,
     dropout: bool = True,
     checkpointing: bool = False,
-    compute_dtype: str | None = None,
-    one_pass_steps: bool = False,
 ) -> MemoryPlan:
     """A Trainer stage's peak (training/trl_stage.py): one forward and backward of the micro-batch's `rows` rows, each
     padded to `row_len`, through transformers + peft modules, then its `head`. The same terms as ayar's own loop for
@@ -534,7 +532,7 @@ def plan_trainer_memory(
     plan = plan_memory(
         shape, weight_dtype=weight_dtype, device=device, tokens=tokens, trained=trained, method=method,
         available=available, rows=rows, dropout=dropout, checkpointing=checkpointing, chunked_logits=False,
-        long_share=1.0, compute_dtype=compute_dtype, one_pass_steps=one_pass_steps,
+        long_share=1.0,
     )  # fmt: skip
     positions = rows * max(row_len - 1, 0)
     if head == "fused":  # every position scored (a GPU scores the trained ones: this over-counts there)
@@ -542,7 +540,7 @@ def plan_trainer_memory(
         fused = trl_head.scratch_bytes(positions, shape.vocab, device) + positions * shape.hidden * 4
         if checkpointing:  # its backward runs, and frees its scratch, before the first layer is recomputed: the
             # peak holds the larger of the two
-            inputs = tokens * shape.layers * shape.hidden * _BYTES[compute_dtype or weight_dtype]
+            inputs = tokens * shape.layers * shape.hidden * _BYTES[weight_dtype]
             fused = max(0, fused - (plan.parts["activations"] - inputs) - plan.parts.get("attention scratch", 0))
         plan.parts["fused head (TRL)"] = fused
     elif head == "logits":
@@ -550,11 +548,6 @@ def plan_trainer_memory(
     else:
         del plan.parts["logits (trained tokens)"]
     plan.parts["runtime"] += TRL_RUNTIME_BYTES
-    if FULL_GRADIENTS in plan.parts:  # the head's part changed
-        cb = _BYTES[compute_dtype or weight_dtype]
-        plan.parts[FULL_GRADIENTS] = full_gradients(
-            plan.parts, shape, one_pass_steps, tokens * shape.hidden * cb, checkpointing
-        )
     return plan
 
 

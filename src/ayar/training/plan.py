@@ -133,9 +133,7 @@ class RunPlan:
             shape = shape_of(model.config, cfg)
             sharding = self._sharding() if self.world_size > 1 else None
             available = _available_per_process(self.device, sharding)
-            found = plan_trainer_for(
-                shape, cfg, tok, records, self.placement, available, sharding, _name(self.autocast)
-            )
+            found = plan_trainer_for(shape, cfg, tok, records, self.placement, available, sharding)
             memory, checkpointing, release = _judge_memory(cfg, *found, say, sharding)
         layout = Layout(0, False, False, checkpointing)
         why = "a Trainer stage: transformers + peft modules on padded rows"
@@ -505,7 +503,7 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
 
             memory = cpu_memory_per_process(target.sharding.nproc)
     if not own_loop(cfg):
-        return _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log, compute)
+        return _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log)
     if _has_tokenizer(path):
         tok = load_tokenizer(path)
         examples = prepare_data(dataclasses.replace(cfg.data, lint="off"), tok, seed=cfg.training.seed).train
@@ -516,7 +514,7 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
     return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding, compute)
 
 
-def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log, compute):
+def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log):
     """`plan_for_config` for a Trainer stage: its records as the stage feeds them (`trainer_pass`)."""
     from ayar.data.dataset import load_splits
     from ayar.models.load import load_tokenizer
@@ -526,7 +524,7 @@ def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log,
         tok, records = load_tokenizer(path), load_splits(cfg.data, seed=cfg.training.seed).train
     else:
         log(f"{path} has no tokenizer: planning rows of data.max_length={cfg.data.max_length} tokens (the worst case)")
-    return plan_trainer_for(shape, cfg, tok, records, placement, memory, sharding, compute)
+    return plan_trainer_for(shape, cfg, tok, records, placement, memory, sharding)
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -558,13 +556,21 @@ def return_memory(asked: bool | None, plan, sharding=None) -> bool:
 
 
 def _check_memory(
-    cfg, shape: Shape, examples, placement: Placement, packed: bool, why_not: str | None, say, sharding=None,
+    cfg,
+    shape: Shape,
+    examples,
+    placement: Placement,
+    packed: bool,
+    why_not: str | None,
+    say,
+    sharding=None,
     compute=None,
-):  # fmt: skip
+):
     """(memory plan, gradient checkpointing, return memory). Checkpointing: `training.gradient_checkpointing`,
     or auto: when needed to fit. Return memory: `return_memory` (as asked, or when the plan is tight: returning
     costs speed).
-    `sharding`: several processes, planned per process (on a CPU they share this machine's RAM)."""
+    `sharding`: several processes, planned per process (on a CPU they share this machine's RAM); `compute`: the run's
+    autocast dtype (`plan_memory_for`)."""
     layout = Layout(rows_per_pass(cfg.training, placement.device, why_not is None), packed, why_not is None)
     available = _available_per_process(placement.device, sharding)
     found = plan_memory_for(shape, cfg, examples, placement, layout, available, sharding, compute)

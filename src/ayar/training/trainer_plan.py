@@ -113,10 +113,9 @@ def plan_trainer(
     available: int | None = None,
     sharding: Sharding | None = None,
     checkpointing: bool | None = None,
-    compute_dtype: str | None = None,
 ) -> MemoryPlan:
     """The memory plan of a Trainer stage's pass `p` (`trainer_pass`), per rank under `sharding`; gradient
-    checkpointing as configured unless `checkpointing` says; `compute_dtype`: a full fine-tune's autocast."""
+    checkpointing as configured unless `checkpointing` says."""
     from ayar.training.memory import per_rank, plan_trainer_memory, zero3_linear_inputs
 
     ckpt = bool(cfg.training.gradient_checkpointing) if checkpointing is None else checkpointing
@@ -128,16 +127,16 @@ def plan_trainer(
     plan = plan_trainer_memory(
         shape, weight_dtype=placement.dtype_name, device=placement.device, rows=p.rows, row_len=p.row_len,
         trained=p.trained, head=p.head, method=cfg.method, available=available, dropout=dropout,
-        checkpointing=ckpt, compute_dtype=compute_dtype, one_pass_steps=cfg.training.grad_accum == 1,
+        checkpointing=ckpt,
     )  # fmt: skip
     if not sharding:
         return plan
-    kept = zero3_linear_inputs(shape, p.rows * p.row_len, placement.dtype_name, dropout, ckpt, cfg.method)
+    kept = zero3_linear_inputs(shape, p.rows * p.row_len, placement.dtype_name, dropout, ckpt)
     return per_rank(plan, shape, sharding, kept)
 
 
 def plan_trainer_for(
-    shape: Shape, cfg, tok, records, placement: Placement, available: int | None = None, sharding=None, compute=None
+    shape: Shape, cfg, tok, records, placement: Placement, available: int | None = None, sharding=None
 ) -> tuple[MemoryPlan, list[str], Layout]:
     """(memory plan, settings that would fit, layout) of a Trainer stage, as `plan_memory_for` is for ayar's own loop:
     gradient checkpointing as configured, or left to auto, on only when the run cannot fit without it."""
@@ -147,7 +146,7 @@ def plan_trainer_for(
         key = (batch_size, max_length)
         if key not in passes:
             passes[key] = trainer_pass(cfg, tok, records, batch_size, max_length)
-        return plan_trainer(shape, cfg, passes[key], placement, available, sharding, checkpointing, compute)
+        return plan_trainer(shape, cfg, passes[key], placement, available, sharding, checkpointing)
 
     choice = cfg.training.gradient_checkpointing
     plan = ask()
@@ -170,6 +169,6 @@ def plan_trainer_for(
         if max_len >= 64 and ask(max_length=max_len).fits:
             fixes.append(f"data.max_length={max_len} (longer rows are truncated)")
             break
-    if (compute or placement.dtype_name) == "float32":
+    if placement.dtype_name == "float32":
         fixes.append("model.dtype=bfloat16 (halves weights and activations; on CPU only fast with AVX512-BF16/AMX)")
     return plan, fixes, layout

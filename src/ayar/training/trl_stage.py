@@ -239,9 +239,8 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         use_cpu=plan.device == "cpu",
-        # a full fine-tune's fp32 master weights compute in the plan's half dtype (the Trainer's autocast)
-        bf16=(plan.autocast or plan.placement.dtype) == torch.bfloat16,
-        fp16=(plan.autocast or plan.placement.dtype) == torch.float16,
+        bf16=plan.placement.dtype == torch.bfloat16,
+        fp16=plan.placement.dtype == torch.float16,
         # off unless the plan turns it on (TRL's configs would turn it on by default); non-reentrant, as ayar's own
         # loop (TRL's DPO switches to reentrant under ZeRO-3 with peft, which DeepSpeed needs)
         activation_checkpointing=checkpointing,
