@@ -198,12 +198,8 @@ def decide(cfg) -> RunPlan:
     """The decisions made before the model loads. Full fine-tuning keeps fp32 master weights and computes
     in the half dtype the placement picks (autocast); adapters train in fp32 over a half-precision base
     anyway; QLoRA loads the base in 4-bit and computes in the placement's dtype."""
-    placement = choose_placement(cfg.model.device, cfg.model.dtype)
+    placement, autocast = master_weights(cfg, choose_placement(cfg.model.device, cfg.model.dtype))
     name_deepspeed_accelerator(placement.device)
-    autocast = None
-    if cfg.method == "full" and placement.dtype != torch.float32:
-        autocast = placement.dtype
-        placement = dataclasses.replace(placement, dtype=torch.float32)
     world_size, rank = launcher_world()
     strategy = cfg.distributed.strategy if world_size > 1 else "single"
     check_strategy(cfg, strategy, placement.device)
@@ -470,17 +466,22 @@ class Target:
     sharding: Sharding = Sharding()
 
 
-def target_placement(cfg, device: str) -> tuple[Placement, str | None]:
+def master_weights(cfg, placement: Placement) -> tuple[Placement, torch.dtype | None]:
+    """(placement, autocast dtype): full fine-tuning keeps fp32 master weights and computes in the half dtype the
+    placement picked, under autocast; anything else loads and computes in the placement's dtype."""
+    if cfg.method == "full" and placement.dtype != torch.float32:
+        return dataclasses.replace(placement, dtype=torch.float32), placement.dtype
+    return placement, None
+
+
+def target_placement(cfg, device: str) -> tuple[Placement, torch.dtype | None]:
     """(placement, autocast dtype) a run would get on the target: the configured dtype, else bf16 on a GPU (assumed
-    one that has it: Ampere or newer) and this machine's rule on a CPU; full fine-tuning keeps fp32 master weights and
-    computes in that dtype (`decide`)."""
+    one that has it: Ampere or newer) and this machine's rule on a CPU; `master_weights` as `decide`."""
     if cfg.model.dtype != "auto" or device != "cuda":
         placement = dataclasses.replace(choose_placement("cpu", cfg.model.dtype), device=device)
     else:
         placement = Placement(device, torch.bfloat16, "assumed: a GPU with bf16 (set model.dtype=float16 for older)")
-    if cfg.method == "full" and placement.dtype != torch.float32:
-        return dataclasses.replace(placement, dtype=torch.float32), placement.dtype_name
-    return placement, None
+    return master_weights(cfg, placement)
 
 
 def plan_for_config(cfg, log=print, target: Target | None = None):
@@ -495,9 +496,9 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
     path = resolve_model_path(cfg.model.name, log=log)
     shape = shape_of(AutoConfig.from_pretrained(path), cfg)
     run = decide(cfg)
-    placement, compute, memory, sharding = run.placement, _name(run.autocast), None, None
+    placement, autocast, memory, sharding = run.placement, run.autocast, None, None
     if target is not None:
-        (placement, compute), memory, sharding = target_placement(cfg, target.device), target.memory, target.sharding
+        (placement, autocast), memory, sharding = target_placement(cfg, target.device), target.memory, target.sharding
         if memory is None and target.device == "cpu":  # this machine's RAM, shared by its processes (as training plans)
             from ayar.training.memory import cpu_memory_per_process
 
@@ -511,7 +512,7 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
         n = cfg.data.max_length
         log(f"{path} has no tokenizer: planning {cfg.training.batch_size} rows of {n} tokens each (the worst case)")
         examples = [_Row(n) for _ in range(cfg.training.batch_size)]
-    return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding, compute)
+    return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding, _name(autocast))
 
 
 def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log):
