@@ -196,9 +196,11 @@ def _require_4bit(method: str) -> None:
         ) from None
 
 
-def quantization_config(method: str, compute_dtype):
+def quantization_config(method: str, compute_dtype, storage=None):
     """from_pretrained's quantization_config for `method`: 4-bit NF4 with double quantization for QLoRA/QDoRA
-    (the matmuls run in `compute_dtype`), else None."""
+    (the matmuls run in `compute_dtype`), else None. `storage`: the dtype the packed 4-bit bytes are stored as
+    (bitsandbytes' `quant_storage`, uint8 by default): FSDP splits floating-point weights only, so under it the
+    bytes are stored as the model's other weights are (the FSDP-QLoRA recipe of bitsandbytes' docs)."""
     if method not in ("qlora", "qdora"):
         return None
     _require_4bit(method)
@@ -209,6 +211,7 @@ def quantization_config(method: str, compute_dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": storage} if storage is not None else {}),
     )
 
 

@@ -30,6 +30,10 @@ ONEDNN_CACHE_BYTES = 133 * 2**20
 # the Trainer stages' imports beyond ayar's own loop (TRL, datasets): 88 MB RSS measured
 TRL_RUNTIME_BYTES = 90 * 2**20
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANTIZED = ("qlora", "qdora")
+# QLoRA's NF4 base: half a byte per weight, and its quant state (bitsandbytes' double quantization: a uint8 scale per
+# 64 weights, an fp32 one per 256 of those), which is no parameter: FSDP splits the packed bytes, not the state
+NF4_BYTES, NF4_STATE_BYTES = 0.5, 1 / 64 + 4 / (64 * 256)
 # DeepSpeed ZeRO-3's defaults (stage3_max_live_parameters, stage3_max_reuse_distance: 1e9 parameters each) keep a
 # gathered weight whole until it is used again within that many parameters: every weight of a smaller model stays
 # gathered from its forward to its backward (measured: benchmarks/README.md), of a larger one about this many
@@ -184,9 +188,12 @@ class Sharding:
     offload: bool = False
 
 
-def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding, zero3_inputs: int = 0) -> MemoryPlan:
+def per_rank(
+    plan: MemoryPlan, shape: Shape, sharding: Sharding, zero3_inputs: int = 0, quantized: bool = False
+) -> MemoryPlan:
     """The plan of one rank. Activations, logits and the runtime are each rank's own (its micro-batch);
-    `zero3_inputs`: what ZeRO-3's linears keep beyond them (`zero3_linear_inputs`)."""
+    `zero3_inputs`: what ZeRO-3's linears keep beyond them (`zero3_linear_inputs`); `quantized`: the linears'
+    weights in NF4 (QLoRA/QDoRA), the rest in fp32 (`plan_memory`)."""
     import math
 
     n, strategy, parts = sharding.nproc, sharding.strategy, dict(plan.parts)
@@ -198,13 +205,15 @@ def per_rank(plan: MemoryPlan, shape: Shape, sharding: Sharding, zero3_inputs: i
         parts["gradient all-reduce buffer"] = min(grads, BUCKET_BYTES)
     if strategy in ("zero3", "fsdp"):
         whole = parts["weights"]
-        parts["weights"] = math.ceil(whole / n)
+        state = int(shape.linear_params * NF4_STATE_BYTES) if quantized else 0  # every rank's whole
+        parts["weights"] = math.ceil((whole - state) / n) + state
         if n > 1 and strategy == "fsdp" and shape.linear_params:
             # two decoder layers (the one computing, the next prefetched) and FSDP2's root unit (embeddings, head,
             # final norm), which stays gathered from forward to backward
             root = shape.params - shape.linear_params  # outside the decoder layers' linears (norms: a few KB)
+            linear_b, root_b = (NF4_BYTES, 4) if quantized else (whole / shape.params,) * 2
             parts["gathered layers + root unit"] = int(
-                whole / shape.params * (2 * shape.linear_params / shape.layers + root)
+                2 * shape.linear_params / shape.layers * linear_b + root * root_b
             )
         elif n > 1 and strategy == "zero3":
             parts["gathered weights (ZeRO-3)"] = int(whole * min(1.0, ZERO3_LIVE_PARAMS / shape.params))
@@ -436,11 +445,9 @@ def plan_memory(
     wb = _BYTES[weight_dtype]
     cb = _BYTES[compute_dtype or weight_dtype]  # what activations are kept in
     parts = {"weights": shape.params * wb}
-    if method in (
-        "qlora",
-        "qdora",
-    ):  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
-        parts["weights"] = int(shape.linear_params * 0.516) + (shape.params - shape.linear_params) * 4
+    if method in QUANTIZED:  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
+        rest = shape.params - shape.linear_params
+        parts["weights"] = int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)) + rest * 4
     adapter = method in ("lora", "dora", "qlora", "qdora")
     if adapter:
         parts[ADAPTER_STATES] = shape.lora_params * 4 * 4
@@ -708,7 +715,7 @@ def plan_layout(
     kept = zero3_linear_inputs(
         shape, heaviest.tokens, weight_dtype, cfg.lora.dropout > 0, layout.checkpointing, cfg.method
     )
-    return per_rank(plan, shape, sharding, kept)
+    return per_rank(plan, shape, sharding, kept, cfg.method in QUANTIZED)
 
 
 def suggestions(

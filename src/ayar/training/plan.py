@@ -22,7 +22,7 @@ from ayar.errors import AyarError
 from ayar.kernels import liger
 from ayar.models.device import Placement, choose_placement
 from ayar.quiet import name_deepspeed_accelerator
-from ayar.training.memory import Layout, MemoryPlan, Shape, Sharding
+from ayar.training.memory import QUANTIZED, Layout, MemoryPlan, Shape, Sharding
 from ayar.training.trainer_plan import plan_trainer_for
 
 
@@ -203,7 +203,7 @@ def decide(cfg) -> RunPlan:
     world_size, rank = launcher_world()
     strategy = cfg.distributed.strategy if world_size > 1 else "single"
     check_strategy(cfg, strategy, placement.device)
-    quantized = cfg.method in ("qlora", "qdora")
+    quantized = cfg.method in QUANTIZED
     use_liger = liger.applies(placement.device)
     plan = RunPlan(placement, autocast, quantized, world_size, rank, strategy, cfg.distributed, use_liger)
     if strategy == "deepspeed" and own_loop(cfg) and plan.loss_scaling:
@@ -244,6 +244,14 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
         return {"loading": "rank0" if plan.device.startswith("cuda") else "every_rank"}
     if plan.strategy != "fsdp":
         return {"loading": "rank0" if asked == "auto" else asked}
+    if plan.quantized:
+        if asked not in ("auto", "every_rank"):
+            raise AyarError(
+                f"distributed.loading {asked} with method {cfg.method} under FSDP: each process quantizes the base "
+                "to 4 bits as it loads it (a quarter of its bf16 size), then keeps its part; use distributed.loading:"
+                " every_rank (auto picks it)"
+            )
+        return {"loading": "every_rank"}
     if own_loop(cfg) and asked in ("auto", "parts"):
         folder, why_not = _parts_folder(cfg, plan)
         if folder:
@@ -335,10 +343,11 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
             )
     if split is None:
         return
-    if cfg.method in ("qlora", "qdora"):  # ayar's own loop and the Trainer stages alike
+    if cfg.method in QUANTIZED and strategy == "deepspeed":  # ayar's own loop and the Trainer stages alike
         raise AyarError(
             f"{split} cannot split the 4-bit weights of method {cfg.method}: use method "
-            f"{'dora' if cfg.method == 'qdora' else 'lora'} (bf16 base, split across the processes), or strategy ddp"
+            f"{'dora' if cfg.method == 'qdora' else 'lora'} (bf16 base, split across the processes), or strategy "
+            "fsdp (splits the 4-bit weights) or ddp"
         )
     if strategy == "deepspeed" and not own_loop(cfg):  # the Trainer's ZeRO-3: transformers' checks
         return

@@ -90,7 +90,8 @@ class Recipe:
         from ayar.training import zero
 
         if plan.quantized:
-            kwargs["quantization_config"] = quantization_config(self.cfg.method, plan.placement.dtype)
+            storage = plan.load_placement.dtype if plan.strategy == "fsdp" else None
+            kwargs["quantization_config"] = quantization_config(self.cfg.method, plan.placement.dtype, storage)
 
         def load():
             empty = not plan.reads_weights

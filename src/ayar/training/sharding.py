@@ -79,7 +79,10 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     units = [m for m in model.modules() if isinstance(m, classes)]
     # what rank 0 sends, kept until the parts are handed out: its whole weights, or all but those in the files
     # (named as in the root unit below)
+    four_bit = _four_bit(model)
     whole = {f"model.{k}": v for k, v in model.state_dict().items() if not v.is_meta} if rank == 0 else {}
+    # 4-bit weights are quantized by every process as it loads (plan.weights_loading), the same bytes everywhere
+    whole = {k: v for k, v in whole.items() if not {k, *(k.rsplit(".", n)[0] for n in (1, 2))} & four_bit}
     in_files = [f"model.{name}" for name, p in model.named_parameters() if p.is_meta] if parts_from else []
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=offload)
@@ -87,7 +90,7 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
-    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not parts_from)
+    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not (parts_from or four_bit))
     if parts_from:
         from ayar.models.adapters import init_dora_magnitudes
 
@@ -142,6 +145,18 @@ class _AgreedScaler(torch.amp.GradScaler):
         super().unscale_(optimizer)
         for found in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
             dist.all_reduce(found)
+
+
+def _four_bit(model) -> set[str]:
+    """The 4-bit weights (bitsandbytes' Linear4bit: QLoRA's base) by name as the root unit names them, with their
+    quant states under the same prefix. (A layer of a model being trained never repacks its weight for bitsandbytes'
+    CPU inference kernel, models/adapters.py `_keep_4bit_layout`: under FSDP the repacked copy would be the gathered
+    one, freed after the forward.)"""
+    return {
+        f"model.{name}.weight"
+        for name, module in model.named_modules()
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+    }
 
 
 def _from_rank0(root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ayar.models.device import Placement
-from ayar.training.memory import Layout, MemoryPlan, Shape, Sharding
+from ayar.training.memory import QUANTIZED, Layout, MemoryPlan, Shape, Sharding
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def plan_trainer(
     if not sharding:
         return plan
     kept = zero3_linear_inputs(shape, p.rows * p.row_len, placement.dtype_name, dropout, ckpt)
-    return per_rank(plan, shape, sharding, kept)
+    return per_rank(plan, shape, sharding, kept, cfg.method in QUANTIZED)
 
 
 def plan_trainer_for(

@@ -80,6 +80,52 @@ def test_fsdp_dora_trains_what_one_process_does(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_fsdp_qlora_trains_what_one_process_does(tiny_model_dir, tmp_path, method):
+    """QLoRA / QDoRA under FSDP (bitsandbytes' FSDP-QLoRA: the packed 4-bit bytes stored as floats, so FSDP splits
+    them like any weight; each process quantizes the base as it loads it): batch 4 x 2 processes against 8 x 1, the
+    same per-step losses and adapter after 10 steps, with an evaluation between steps (the 4-bit weights are read
+    as they were after it), and a sharded checkpoint resumed to the uninterrupted run."""
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
+    common = [
+        f"model.name={tiny_model_dir}",
+        f"data.train={data}",
+        *COMMON,
+        f"method={method}",
+        "training.fused=false",
+        "data.val_ratio=0.2",
+        "training.eval_steps=3",
+    ]
+    fsdp = ["training.batch_size=4", "training.save_steps=5", "distributed.strategy=fsdp", "--nproc", "2"]
+    for name, extra in {"one": ["training.batch_size=8"], "fsdp": fsdp}.items():
+        done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "fsdp", split=True)
+    evals = [
+        [
+            r["eval_loss"]
+            for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in r
+        ]
+        for n in ("one", "fsdp")
+    ]
+    assert len(evals[0]) >= 3 and evals[0] == pytest.approx(evals[1], rel=1e-5)
+    meta = json.loads((tmp_path / "fsdp" / "run.json").read_text())
+    assert meta["plan"]["loading"] == "every_rank" and meta["plan"]["quantized"]
+    shards = tmp_path / "fsdp" / "checkpoints" / "checkpoint-0000005" / "sharded"
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    run = tmp_path / "fsdp"
+    ref_losses, ref = losses(run), load_file(run / "adapter" / "adapter_model.safetensors")
+    as_if_killed(run, 10)  # after step 5
+    done = _train(["--resume", str(run), "--nproc", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resume checkpoint-0000005" in done.stderr and losses(run) == ref_losses
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.distributed
 def test_fsdp_full_fine_tune_trains_what_one_process_does(tiny_model_dir, tmp_path):
     """method full: every weight split across the ranks (the embeddings and head in the root unit, each decoder
     layer its own); the model saved whole equals the one-process run's."""
@@ -139,8 +185,11 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny_model_dir, t
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method=qlora"], "cannot split the 4-bit weights of method qlora: use method lora"),
-        (["stage=dpo", "method=qdora"], "cannot split the 4-bit weights of method qdora: use method dora"),
+        (
+            ["method=qlora", "distributed.loading=rank0"],
+            "distributed.loading rank0 with method qlora under FSDP: each process quantizes the base to 4 bits as it "
+            "loads it .* use distributed.loading: every_rank",
+        ),
         (["lora.init=pissa"], "lora.init pissa under distributed.strategy fsdp"),
         (
             ["stage=dpo", "distributed.shard=hybrid"],
@@ -727,6 +776,25 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
         assert meta["before"] == pytest.approx(ref_meta["before"], rel=1e-4)
     parts = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "checkpoint-3").glob("*/*.distcp"))
     assert parts == ["__0_0.distcp", "__0_0.distcp", "__1_0.distcp", "__1_0.distcp"]  # model and optimizer
+
+
+@pytest.mark.distributed
+def test_dpo_with_qlora_under_fsdp_trains_the_data_parallel_adapter(tiny_model_dir, tmp_path):
+    """DPO over a 4-bit base on accelerate's FSDP plugin, the packed 4-bit bytes split with the rest (stored as
+    floats: bitsandbytes' FSDP-QLoRA), in 2 processes: the data-parallel run's adapter."""
+    pytest.importorskip("bitsandbytes")
+    common = [*_stage_args("dpo", tmp_path, tiny_model_dir), "training.max_steps=3", "method=qlora"]
+    for name, extra in {"ddp": [], "fsdp": ["distributed.strategy=fsdp"]}.items():
+        done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ref = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 0  # it trained
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+    plan = json.loads((tmp_path / "fsdp" / "run.json").read_text())["plan"]
+    assert (plan["strategy"], plan["quantized"], plan["loading"]) == ("fsdp", True, "every_rank")
 
 
 @pytest.mark.distributed
