@@ -15,6 +15,7 @@ from tests.unit.training.test_distributed import (
     COMMON,
     _train,
     as_if_killed,
+    assert_same_adapters,
     assert_same_training,
     losses,
     stage_inputs,
@@ -779,20 +780,20 @@ def test_a_trainer_stage_under_fsdp_trains_the_data_parallel_adapter(tiny_model_
 
 
 @pytest.mark.distributed
-def test_dpo_with_qlora_under_fsdp_trains_the_data_parallel_adapter(tiny_model_dir, tmp_path):
-    """DPO over a 4-bit base on accelerate's FSDP plugin, the packed 4-bit bytes split with the rest (stored as
-    floats: bitsandbytes' FSDP-QLoRA), in 2 processes: the data-parallel run's adapter."""
+@pytest.mark.parametrize("stage", ["dpo", "reward", "grpo", "classification"])
+def test_a_trainer_stage_with_qlora_under_fsdp_trains_the_data_parallel_adapter(tiny_model_dir, tmp_path, stage):
+    """DPO, a reward model, GRPO (sampling from the split 4-bit base) and a classifier over a 4-bit base on
+    accelerate's FSDP plugin, the packed 4-bit bytes split with the rest (stored as floats: bitsandbytes'
+    FSDP-QLoRA), in 2 processes: the data-parallel run's adapter."""
     pytest.importorskip("bitsandbytes")
-    common = [*_stage_args("dpo", tmp_path, tiny_model_dir), "training.max_steps=3", "method=qlora"]
+    common = [*_stage_args(stage, tmp_path, tiny_model_dir), "training.max_steps=3", "method=qlora"]
     for name, extra in {"ddp": [], "fsdp": ["distributed.strategy=fsdp"]}.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
     ref = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
-    got = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
     assert max(float(v.abs().max()) for k, v in ref.items() if "lora_B" in k) > 0  # it trained
-    assert got.keys() == ref.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-3)
+    # gradients reduce-scattered: an element whose gradient is ~0 may move by AdamW's step either way (GRPO's)
+    assert_same_adapters(tmp_path / "ddp", tmp_path / "fsdp", split=True)
     plan = json.loads((tmp_path / "fsdp" / "run.json").read_text())["plan"]
     assert (plan["strategy"], plan["quantized"], plan["loading"]) == ("fsdp", True, "every_rank")
 
