@@ -25,6 +25,9 @@ CONFIGS = {
     "DDP, fused decoder": ("check", ["distributed.strategy=ddp"]),
     "DDP, modules (training.fused=false)": ("check", ["distributed.strategy=ddp", "training.fused=false"]),
     "FSDP (full shard)": ("check", ["distributed.strategy=fsdp"]),
+    # the packed 4-bit bytes split, the quant states whole in each process
+    "FSDP, QLoRA": ("check", ["distributed.strategy=fsdp", "method=qlora"]),
+    "DDP, QLoRA": ("check", ["distributed.strategy=ddp", "method=qlora"]),
     "DeepSpeed ZeRO-2": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]),
     "DeepSpeed ZeRO-3": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
     # DeepSpeed's linears keep the inputs of the layers without adapters too

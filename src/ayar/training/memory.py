@@ -443,7 +443,7 @@ def plan_memory(
     `long_share`: the share of tokens in segments longer than that (`Pass.long_share`), which go through torch's
     attention kernel: all of them (1) where attention is not per example (padded rows, a GPU)."""
     wb = _BYTES[weight_dtype]
-    cb = _BYTES[compute_dtype or weight_dtype]  # what activations are kept in
+    cb = activation_bytes(method, weight_dtype, compute_dtype)  # what activations are kept in
     parts = {"weights": shape.params * wb}
     if method in QUANTIZED:  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
         rest = shape.params - shape.linear_params
@@ -475,7 +475,7 @@ def plan_memory(
     else:  # fp32 logits, their softmax and its gradient
         parts["logits (trained tokens)"] = trained * shape.vocab * 4 * 3
     parts["runtime"] = RUNTIME_BYTES_CPU if device == "cpu" else RUNTIME_BYTES_CUDA
-    if device == "cpu" and cb < 4:
+    if device == "cpu" and _BYTES[compute_dtype or weight_dtype] < 4:  # the matmuls' dtype (a 4-bit base's too)
         parts["runtime"] += ONEDNN_CACHE_BYTES
     if not adapter:
         parts[FULL_GRADIENTS] = full_gradients(parts, shape, one_pass_steps, tokens * shape.hidden * cb, checkpointing)
@@ -515,6 +515,14 @@ TRAINER_HEADS = ("fused", "logits", "score")
 FULL_LOGITS_COPIES = 4  # ORPO / SimPO: the logits and fp32 copies taken by log-softmax and its backward (an estimate)
 
 
+def activation_bytes(method: str, weight_dtype: str, compute_dtype: str | None = None) -> int:
+    """Bytes per element of what a pass keeps for backward: the compute dtype (a full fine-tune's autocast dtype, else
+    the weights'); over a 4-bit base (QLoRA/QDoRA) fp32 whatever the weights' dtype, as the norms and embeddings are
+    fp32 (models/adapters.py): the residual stream and every layer's input are fp32, the 4-bit matmuls compute in the
+    weights' dtype and hand back fp32 (traced: tests/unit/training/test_memory.py)."""
+    return 4 if method in QUANTIZED else _BYTES[compute_dtype or weight_dtype]
+
+
 def plan_trainer_memory(
     shape: Shape,
     *,
@@ -547,7 +555,7 @@ def plan_trainer_memory(
         fused = trl_head.scratch_bytes(positions, shape.vocab, device) + positions * shape.hidden * 4
         if checkpointing:  # its backward runs, and frees its scratch, before the first layer is recomputed: the
             # peak holds the larger of the two
-            inputs = tokens * shape.layers * shape.hidden * _BYTES[weight_dtype]
+            inputs = tokens * shape.layers * shape.hidden * activation_bytes(method, weight_dtype)
             fused = max(0, fused - (plan.parts["activations"] - inputs) - plan.parts.get("attention scratch", 0))
         plan.parts["fused head (TRL)"] = fused
     elif head == "logits":

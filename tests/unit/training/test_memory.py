@@ -496,6 +496,34 @@ def test_planned_activations_match_what_autograd_saves(dtype, fused, dropout, lo
     assert planned == pytest.approx(measured, rel=0.12 if fused and long else 0.04)
 
 
+@pytest.mark.parametrize("dropout,long", [(0.0, False), (0.1, False), (0.1, True)])
+def test_planned_qlora_activations_match_what_autograd_saves(dropout, long, monkeypatch, tmp_path):
+    """QLoRA over a bf16 base keeps fp32 activations (its norms and embeddings are fp32, so is the residual stream;
+    the 4-bit matmuls keep nothing but their packed weight): the planner's activation bytes for method qlora over
+    bf16 weights against the bytes autograd keeps in one packed pass of the 4-bit model."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from ayar.config import LoraConfig
+    from ayar.models.adapters import apply_method, quantization_config
+    from ayar.training.memory import activation_bytes, activation_bytes_per_token
+
+    model, batch, p = traced_pass(torch.bfloat16, "lora", "all-linear", dropout, long, monkeypatch)
+    model.merge_and_unload().save_pretrained(tmp_path / "base")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quantization_config("qlora", torch.bfloat16), dtype=torch.bfloat16
+    )
+    lora = LoraConfig(r=8, alpha=16, dropout=dropout, target_modules="all-linear")
+    quantized = apply_method(quantized, "qlora", lora).train()
+    measured = saved_bytes(quantized, batch, fused=False)
+    shape = model_shape(quantized.config, "all-linear", 8)
+    assert activation_bytes("qlora", "bfloat16") == 4
+    planned = 220 * activation_bytes_per_token(
+        shape, 4, True, dropout > 0, attention_keys=p.attention_keys(), long_share=p.long_share()
+    )
+    assert planned == pytest.approx(measured, rel=0.04)
+
+
 @pytest.mark.parametrize(
     "dtype,targets,dropout,long",
     [
