@@ -56,6 +56,20 @@ def _top_help() -> str:
     )
 
 
+def parse(name: str, argv: list[str]):
+    """`ayar NAME ARGV...`: the command's module and its parsed arguments (`argv`: as typed, which a launcher re-runs
+    in each process). A command whose module sets INTERMIXED takes its options between its overrides
+    (`ayar plan cfg.yaml --nproc 2 lora.r=8`), which argparse otherwise reads as the overrides' end."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(
+        prog=f"ayar {name}", description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    module.add_arguments(parser)
+    args = (parser.parse_intermixed_args if getattr(module, "INTERMIXED", False) else parser.parse_args)(argv)
+    args.argv = argv
+    return module, args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -72,15 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ayar: unknown command {name!r}" + (f"; did you mean {guess[0]!r}?" if guess else ""), file=sys.stderr)
         print(_top_help(), file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(
-        prog=f"ayar {name}", description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    module.add_arguments(parser)
-    # a command whose options may come between its overrides (`ayar train cfg.yaml --nproc 2 lora.r=8`)
-    parse = parser.parse_intermixed_args if getattr(module, "INTERMIXED", False) else parser.parse_args
-    args = parse(argv[1:])
-    args.argv = argv[1:]  # as typed (a launcher re-runs the command in each process)
+    module, args = parse(name, argv[1:])
     from ayar.errors import AyarError, SaidElsewhere
     from ayar.quiet import quiet_libraries
 

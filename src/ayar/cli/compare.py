@@ -22,6 +22,9 @@ METHODS = {
 }
 
 
+INTERMIXED = True  # options may come between the overrides
+
+
 def add_arguments(p) -> None:
     p.add_argument("config", nargs="?", help="training YAML (see examples/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")

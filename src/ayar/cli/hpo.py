@@ -15,6 +15,8 @@ Writes OUT/study.db (resumable), OUT/trials/ (one run directory per trial), OUT/
 OUT/best.yaml (ready for `ayar train`) and OUT/plots/ (PNG and HTML).
 """
 
+INTERMIXED = True  # options may come between the overrides
+
 
 def add_arguments(p) -> None:
     p.add_argument("config", help="training YAML with an `hpo:` section")

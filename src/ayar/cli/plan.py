@@ -13,6 +13,9 @@ every row is data.max_length tokens long. With --nproc the numbers are per proce
 _UNITS = {"": 2**30, "gb": 2**30, "gib": 2**30, "mb": 2**20, "mib": 2**20, "tb": 2**40}
 
 
+INTERMIXED = True  # options may come between the overrides
+
+
 def add_arguments(p) -> None:
     from ayar.training.memory import STRATEGIES
 

@@ -12,6 +12,8 @@ finishes a half-done one. `agreement` asks the judge to label pairs people alrea
 and reports agreement, position consistency and the tie rate: whether the judge is good enough to use.
 """
 
+INTERMIXED = True  # options may come between the overrides
+
 
 def add_arguments(p) -> None:
     p.add_argument("config", nargs="?", help="rlaif YAML (see examples/rlaif.yaml), or `agreement`")

@@ -30,6 +30,21 @@ def test_command_help(cmd):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip().endswith("False")
 
 
+@pytest.mark.parametrize(
+    "cmd, option",
+    [("train", ["--nproc", "2"]), ("plan", ["--device", "cuda"]), ("compare", ["--methods", "lora"]),
+     ("hpo", ["--trials", "2"]), ("rlaif", ["--max-pairs", "3"])],
+)  # fmt: skip
+def test_options_may_come_between_the_overrides(cmd, option):
+    """`ayar plan cfg.yaml --device cuda training.batch_size=2` as typed: argparse alone ends the overrides at the
+    first option and refuses the rest ("unrecognized arguments")."""
+    from ayar.cli import parse
+
+    _, args = parse(cmd, ["cfg.yaml", "lora.r=8", *option, "training.batch_size=2"])
+    assert args.config == "cfg.yaml" and args.overrides == ["lora.r=8", "training.batch_size=2"]
+    assert args.argv == ["cfg.yaml", "lora.r=8", *option, "training.batch_size=2"]
+
+
 def test_unknown_command_suggests(capsys):
     assert main(["trian"]) == 2
     assert "did you mean 'train'" in capsys.readouterr().err
