@@ -28,6 +28,10 @@ CONFIGS = {
     # the packed 4-bit bytes split, the quant states whole in each process
     "FSDP, QLoRA": ("check", ["distributed.strategy=fsdp", "method=qlora"]),
     "DDP, QLoRA": ("check", ["distributed.strategy=ddp", "method=qlora"]),
+    "DeepSpeed ZeRO-3, QLoRA": (
+        "check",
+        ["distributed.strategy=deepspeed", "distributed.zero_stage=3", "method=qlora"],
+    ),
     "DeepSpeed ZeRO-2": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]),
     "DeepSpeed ZeRO-3": ("check", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
     # DeepSpeed's linears keep the inputs of the layers without adapters too

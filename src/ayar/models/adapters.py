@@ -199,8 +199,8 @@ def _require_4bit(method: str) -> None:
 def quantization_config(method: str, compute_dtype, storage=None):
     """from_pretrained's quantization_config for `method`: 4-bit NF4 with double quantization for QLoRA/QDoRA
     (the matmuls run in `compute_dtype`), else None. `storage`: the dtype the packed 4-bit bytes are stored as
-    (bitsandbytes' `quant_storage`, uint8 by default): FSDP splits floating-point weights only, so under it the
-    bytes are stored as the model's other weights are (the FSDP-QLoRA recipe of bitsandbytes' docs)."""
+    (bitsandbytes' `quant_storage`, uint8 by default): FSDP and ZeRO-3 split floating-point weights, so under them
+    the bytes are stored as the model's other weights are (the FSDP-QLoRA recipe of bitsandbytes' docs)."""
     if method not in ("qlora", "qdora"):
         return None
     _require_4bit(method)

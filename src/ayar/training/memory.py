@@ -575,7 +575,7 @@ def zero3_linear_inputs(
     and every frozen layer's input is kept besides (in a half dtype but a wrapped attention output projection's, which
     its adapter keeps anyway: `layer_bytes_per_token`). A full fine-tune keeps them all anyway. With gradient
     checkpointing, one layer's at a time (as its activations). Traced: tests/unit/training/test_memory.py."""
-    if method == "full":
+    if method == "full" or method in QUANTIZED:  # a 4-bit layer computes in bitsandbytes' own function, not F.linear
         return 0
     half = _BYTES[weight_dtype] < 4
     kept = shape.linear_distinct_inputs - (

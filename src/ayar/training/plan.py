@@ -240,18 +240,20 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
             "distributed.loading parts is FSDP's; under DeepSpeed ZeRO-3 the model is split as it loads, rank 0 "
             "reading the files (distributed.loading: rank0; auto picks it on GPUs)"
         )
-    if plan.strategy == "deepspeed" and cfg.distributed.zero_stage == 3 and asked == "auto":
+    zero3 = plan.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
+    if plan.quantized and (zero3 or plan.strategy == "fsdp"):
+        if asked not in ("auto", "every_rank"):
+            engine = "FSDP" if plan.strategy == "fsdp" else "DeepSpeed ZeRO-3"
+            raise AyarError(
+                f"distributed.loading {asked} with method {cfg.method} under {engine}: each process quantizes the "
+                "base to 4 bits as it loads it (a quarter of its bf16 size), then keeps its part; use "
+                "distributed.loading: every_rank (auto picks it)"
+            )
+        return {"loading": "every_rank"}
+    if zero3 and asked == "auto":
         return {"loading": "rank0" if plan.device.startswith("cuda") else "every_rank"}
     if plan.strategy != "fsdp":
         return {"loading": "rank0" if asked == "auto" else asked}
-    if plan.quantized:
-        if asked not in ("auto", "every_rank"):
-            raise AyarError(
-                f"distributed.loading {asked} with method {cfg.method} under FSDP: each process quantizes the base "
-                "to 4 bits as it loads it (a quarter of its bf16 size), then keeps its part; use distributed.loading:"
-                " every_rank (auto picks it)"
-            )
-        return {"loading": "every_rank"}
     if own_loop(cfg) and asked in ("auto", "parts"):
         folder, why_not = _parts_folder(cfg, plan)
         if folder:
@@ -343,12 +345,6 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
             )
     if split is None:
         return
-    if cfg.method in QUANTIZED and strategy == "deepspeed":  # ayar's own loop and the Trainer stages alike
-        raise AyarError(
-            f"{split} cannot split the 4-bit weights of method {cfg.method}: use method "
-            f"{'dora' if cfg.method == 'qdora' else 'lora'} (bf16 base, split across the processes), or strategy "
-            "fsdp (splits the 4-bit weights) or ddp"
-        )
     if strategy == "deepspeed" and not own_loop(cfg):  # the Trainer's ZeRO-3: transformers' checks
         return
     if cfg.lora.init in CONVERTED_INITS and cfg.method != "full":

@@ -90,7 +90,7 @@ class Recipe:
         from ayar.training import zero
 
         if plan.quantized:
-            storage = plan.load_placement.dtype if plan.strategy == "fsdp" else None
+            storage = plan.load_placement.dtype if plan.memory_strategy in ("fsdp", "zero3") else None
             kwargs["quantization_config"] = quantization_config(self.cfg.method, plan.placement.dtype, storage)
 
         def load():

@@ -81,10 +81,12 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
         assert plan.summary()["zero_stage"] == stage
     # ZeRO-3 splits the weights: what needs them whole in one process is refused before loading, as under FSDP
     zero3 = ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]
-    with pytest.raises(AyarError, match="deepspeed ZeRO-3 cannot split the 4-bit weights of method qlora"):
-        decide(load_config(None, [*zero3, "method=qlora"]))
-    with pytest.raises(AyarError, match="deepspeed ZeRO-3 cannot split the 4-bit weights of method qlora"):
-        decide(load_config(None, [*zero3, "method=qlora", "stage=reward"]))  # the Trainer stages too
+    # a 4-bit base is quantized by every process as it loads (then split), on the Trainer stages too
+    for stage in ("sft", "reward"):
+        plan = decide(load_config(None, [*zero3, "method=qlora", f"stage={stage}", "distributed.loading=auto"]))
+        assert plan.quantized and plan.summary()["loading"] == "every_rank"
+    with pytest.raises(AyarError, match="distributed.loading rank0 with method qlora under DeepSpeed ZeRO-3: each"):
+        decide(load_config(None, [*zero3, "method=qlora", "distributed.loading=rank0"]))
     with pytest.raises(AyarError, match="lora.init pissa under deepspeed ZeRO-3: converting the adapter"):
         decide(load_config(None, [*zero3, "lora.init=pissa"]))
     assert decide(load_config(None, ["distributed.strategy=deepspeed", "lora.init=pissa"])).strategy == "deepspeed"
@@ -166,6 +168,33 @@ def test_a_killed_zero_3_run_resumes_to_the_uninterrupted_one(tiny_model_dir, tm
     assert_same_training(one, zero3, split=True)
 
 
+@pytest.mark.distributed
+def test_qlora_under_zero_3_trains_what_one_process_does_and_resumes(tiny_model_dir, tmp_path):
+    """ayar's own loop over a 4-bit base under ZeRO-3 (the packed 4-bit bytes stored as floats and split, each process
+    quantizing the base as it loads it), batch 4 x 2 processes against 8 x 1: the same losses and adapter after 10
+    steps; killed after its step-5 checkpoint and resumed, it ends as the uninterrupted run."""
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
+    common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "method=qlora", "training.fused=false"]
+    one, zero3 = tmp_path / "one", tmp_path / "zero3"
+    done = _train([*common, f"output.path={one}", "training.batch_size=8"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero = [f"output.path={zero3}", "training.batch_size=4", "training.save_steps=5", *ZERO3, "--nproc", "2"]
+    done = _train([*common, *zero], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(one, zero3, split=True)
+    plan = json.loads((zero3 / "run.json").read_text())["plan"]
+    assert (plan["quantized"], plan["zero_stage"], plan["loading"]) == (True, 3, "every_rank")
+    uninterrupted, ref = losses(zero3), load_file(zero3 / "adapter" / "adapter_model.safetensors")
+    as_if_killed(zero3, 10)
+    done = _train(["--resume", str(zero3), "--nproc", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(zero3) == pytest.approx(uninterrupted, rel=1e-6)
+    got = load_file(zero3 / "adapter" / "adapter_model.safetensors")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5)
+
+
 def _dpo_runs(model_dir, tmp_path, runs: dict) -> dict:
     """DPO in 2 processes, 3 steps, one run per entry of `runs` (name: extra overrides), the first the reference;
     each other run's adapter is checked against the reference's. Returns the runs' folders by name."""
@@ -210,15 +239,19 @@ def test_dpo_under_zero_2_and_3_trains_the_data_parallel_adapter(tiny_model_dir,
 
 
 @pytest.mark.distributed
-def test_dpo_with_qlora_under_zero_2_trains_the_data_parallel_adapter(tmp_path):
-    """QLoRA on a Trainer stage in 2 processes: DeepSpeed ZeRO-2 (the adapter's optimizer states split) gives the
-    adapter DDP gives over the same 4-bit base; both saved in fp32 (adapters.py `trainable_in_fp32`)."""
+def test_dpo_with_qlora_under_zero_2_and_3_trains_the_data_parallel_adapter(tmp_path):
+    """QLoRA on a Trainer stage in 2 processes: DeepSpeed ZeRO-2 (the adapter's optimizer states split) and ZeRO-3
+    (the packed 4-bit bytes split too, stored as floats) give the adapter DDP gives over the same 4-bit base; all
+    saved in fp32 (adapters.py `trainable_in_fp32`)."""
     from tests.helpers import save_tiny
 
     model_dir = save_tiny(tmp_path / "m", "qwen2", hidden_size=64, intermediate_size=128)  # bnb packs 64-wide blocks
-    runs = _dpo_runs(
-        model_dir, tmp_path, {"ddp": ["method=qlora"], "zero2": ["method=qlora", "distributed.strategy=deepspeed"]}
-    )
+    runs = {
+        "ddp": ["method=qlora"],
+        "zero2": ["method=qlora", "distributed.strategy=deepspeed"],
+        "zero3": ["method=qlora", *ZERO3],
+    }
+    runs = _dpo_runs(model_dir, tmp_path, runs)
     for run in runs.values():
         assert json.loads((run / "run.json").read_text())["plan"]["quantized"]
         assert {v.dtype for v in load_file(run / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
