@@ -298,7 +298,8 @@ class DistributedConfig:
         "reads the files (into CPU RAM), each process keeping its part a layer at a time: no GPU holds the whole "
         "model; `every_rank` (`auto` on a CPU, where the processes share the file's pages and split-built runs "
         "peaked no lower: benchmarks/README.md): each process loads the whole model, DeepSpeed splits it as its "
-        "engine starts.",
+        "engine starts. QLoRA/QDoRA under either: `every_rank` (`auto`'s choice; the others are refused), each "
+        "process quantizing the base to 4 bits as it loads it.",
         choices=("auto", "rank0", "every_rank", "parts"),
     )
 
@@ -325,7 +326,7 @@ class TrainConfig:
         "lora",
         "Fine-tuning method: `lora`, `dora` (weight-decomposed LoRA), `full` (every weight; fp32 master weights), "
         "`qlora` / `qdora` (LoRA / DoRA over a 4-bit NF4 base from bitsandbytes, the `qlora` extra: CUDA, or CPU "
-        "with its slower kernels; every stage, not under FSDP or ZeRO-3).",
+        "with its slower kernels; every stage, every distributed strategy).",
         choices=("lora", "dora", "full", "qlora", "qdora"),
     )
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})

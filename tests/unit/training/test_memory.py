@@ -500,7 +500,8 @@ def test_planned_activations_match_what_autograd_saves(dtype, fused, dropout, lo
 def test_planned_qlora_activations_match_what_autograd_saves(dropout, long, monkeypatch, tmp_path):
     """QLoRA over a bf16 base keeps fp32 activations (its norms and embeddings are fp32, so is the residual stream;
     the 4-bit matmuls keep nothing but their packed weight): the planner's activation bytes for method qlora over
-    bf16 weights against the bytes autograd keeps in one packed pass of the 4-bit model."""
+    bf16 weights against the bytes autograd keeps in one packed pass of the 4-bit model; DeepSpeed ZeRO-3's linear
+    adds nothing to it (`zero3_linear_inputs` 0)."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
@@ -522,6 +523,14 @@ def test_planned_qlora_activations_match_what_autograd_saves(dropout, long, monk
         shape, 4, True, dropout > 0, attention_keys=p.attention_keys(), long_share=p.long_share()
     )
     assert planned == pytest.approx(measured, rel=0.04)
+    # under ZeRO-3 DeepSpeed's linear keeps every input it sees, but a 4-bit layer never calls F.linear: nothing added
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from ayar.training.memory import zero3_linear_inputs
+
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    assert zero3_linear_inputs(shape, 220, "bfloat16", dropout > 0, False, "qlora") == 0
+    assert saved_bytes(quantized, batch, fused=False) == pytest.approx(measured, rel=0.01)
 
 
 @pytest.mark.parametrize(
