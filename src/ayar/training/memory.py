@@ -445,9 +445,8 @@ def plan_memory(
     wb = _BYTES[weight_dtype]
     cb = activation_bytes(method, weight_dtype, compute_dtype)  # what activations are kept in
     parts = {"weights": shape.params * wb}
-    if method in QUANTIZED:  # NF4 + double-quantized scales (~4.13 bits); the rest upcast to fp32 for stability
-        rest = shape.params - shape.linear_params
-        parts["weights"] = int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)) + rest * 4
+    if method in QUANTIZED:
+        parts["weights"] = quantized_weight_bytes(shape)
     adapter = method in ("lora", "dora", "qlora", "qdora")
     if adapter:
         parts[ADAPTER_STATES] = shape.lora_params * 4 * 4
@@ -513,6 +512,12 @@ def full_gradients(parts: dict, shape: Shape, one_pass_steps: bool, layer_input:
 # logits (TRL's ORPO and SimPO), or a classifier's few scores (reward model, classification)
 TRAINER_HEADS = ("fused", "logits", "score")
 FULL_LOGITS_COPIES = 4  # ORPO / SimPO: the logits and fp32 copies taken by log-softmax and its backward (an estimate)
+
+
+def quantized_weight_bytes(shape: Shape) -> int:
+    """A QLoRA/QDoRA model's weights: NF4 + double-quantized scales (~4.13 bits) for the linear layers, the rest
+    upcast to fp32 for stability (models/adapters.py)."""
+    return int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)) + (shape.params - shape.linear_params) * 4
 
 
 def activation_bytes(method: str, weight_dtype: str, compute_dtype: str | None = None) -> int:

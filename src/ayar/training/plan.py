@@ -508,6 +508,7 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
             from ayar.training.memory import cpu_memory_per_process
 
             memory = cpu_memory_per_process(target.sharding.nproc)
+    _say_quantized_loading(cfg, shape, sharding or (run._sharding() if run.world_size > 1 else None), log)
     if not own_loop(cfg):
         return _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log)
     if _has_tokenizer(path):
@@ -518,6 +519,19 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
         log(f"{path} has no tokenizer: planning {cfg.training.batch_size} rows of {n} tokens each (the worst case)")
         examples = [_Row(n) for _ in range(cfg.training.batch_size)]
     return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding, _name(autocast))
+
+
+def _say_quantized_loading(cfg, shape, sharding, log) -> None:
+    """Where QLoRA's weights are split (FSDP, ZeRO-3), each process first loads the whole 4-bit base
+    (`weights_loading`), which setup holds before training starts and the plan (training's peak) does not count."""
+    from ayar.training.memory import QUANTIZED, quantized_weight_bytes
+
+    if cfg.method in QUANTIZED and sharding is not None and sharding.strategy in ("fsdp", "zero3"):
+        where = "into CPU RAM" if sharding.strategy == "fsdp" else "onto its device"
+        log(
+            f"each of the {sharding.nproc} processes first loads the whole 4-bit base {where} "
+            f"({quantized_weight_bytes(shape) / 2**30:.2f} GB) and then keeps its part; setup, not in the plan below"
+        )
 
 
 def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log):
