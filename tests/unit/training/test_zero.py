@@ -172,17 +172,21 @@ def test_a_killed_zero_3_run_resumes_to_the_uninterrupted_one(tiny_model_dir, tm
 def test_qlora_under_zero_3_trains_what_one_process_does_and_resumes(tiny_model_dir, tmp_path):
     """ayar's own loop over a 4-bit base under ZeRO-3 (the packed 4-bit bytes stored as floats and split, each process
     quantizing the base as it loads it), batch 4 x 2 processes against 8 x 1: the same losses and adapter after 10
-    steps; killed after its step-5 checkpoint and resumed, it ends as the uninterrupted run."""
+    steps, with offload too; killed after its step-5 checkpoint and resumed, it ends as the uninterrupted run."""
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "method=qlora", "training.fused=false"]
     one, zero3 = tmp_path / "one", tmp_path / "zero3"
     done = _train([*common, f"output.path={one}", "training.batch_size=8"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    zero = [f"output.path={zero3}", "training.batch_size=4", "training.save_steps=5", *ZERO3, "--nproc", "2"]
-    done = _train([*common, *zero], tmp_path)
+    zero = ["training.batch_size=4", "training.save_steps=5", *ZERO3, "--nproc", "2"]
+    done = _train([*common, f"output.path={zero3}", *zero], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_training(one, zero3, split=True)
+    # offload asked on a CPU: DeepSpeed's CPU Adam steps the adapter
+    done = _train([*common, f"output.path={tmp_path / 'offload'}", *zero, "distributed.offload=true"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(one, tmp_path / "offload", split=True)
     plan = json.loads((zero3 / "run.json").read_text())["plan"]
     assert (plan["quantized"], plan["zero_stage"], plan["loading"]) == (True, 3, "every_rank")
     uninterrupted, ref = losses(zero3), load_file(zero3 / "adapter" / "adapter_model.safetensors")
