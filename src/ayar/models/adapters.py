@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 from ayar.errors import ConfigError
 
@@ -60,9 +61,15 @@ def _keep_4bit_layout(model) -> None:
     Variable that requires grad is being used in an in-place operation"). A model being trained keeps the layout
     its backward reads: evaluations in the run take bitsandbytes' dequantizing path (tested in
     tests/unit/training/test_training.py on such a CPU)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    for _, module in four_bit_layers(model):
+        module.support_avx512bf16_for_cpu = False
+
+
+def four_bit_layers(model) -> list:
+    """bitsandbytes' 4-bit linear layers of `model` (QLoRA's base), (name, module) pairs; none where bitsandbytes was
+    never imported, as no model of this process can hold one then."""
+    bnb = sys.modules.get("bitsandbytes.nn")
+    return [] if bnb is None else [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.Linear4bit)]
 
 
 def _get_peft_model(model, config):

@@ -524,7 +524,7 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
 def _say_quantized_loading(cfg, shape, sharding, log) -> None:
     """Where QLoRA's weights are split (FSDP, ZeRO-3), each process first loads the whole 4-bit base
     (`weights_loading`), which setup holds before training starts and the plan (training's peak) does not count."""
-    from ayar.training.memory import QUANTIZED, quantized_weight_bytes
+    from ayar.training.memory import quantized_weight_bytes
 
     if cfg.method in QUANTIZED and sharding is not None and sharding.strategy in ("fsdp", "zero3"):
         where = "into CPU RAM" if sharding.strategy == "fsdp" else "onto its device"

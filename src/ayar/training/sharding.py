@@ -148,15 +148,13 @@ class _AgreedScaler(torch.amp.GradScaler):
 
 
 def _four_bit(model) -> set[str]:
-    """The 4-bit weights (bitsandbytes' Linear4bit: QLoRA's base) by name as the root unit names them, with their
-    quant states under the same prefix. (A layer of a model being trained never repacks its weight for bitsandbytes'
-    CPU inference kernel, models/adapters.py `_keep_4bit_layout`: under FSDP the repacked copy would be the gathered
-    one, freed after the forward.)"""
-    return {
-        f"model.{name}.weight"
-        for name, module in model.named_modules()
-        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
-    }
+    """The 4-bit weights (QLoRA's base) by name as the root unit names them, with their quant states under the same
+    prefix. (A layer of a model being trained never repacks its weight for bitsandbytes' CPU inference kernel,
+    models/adapters.py `_keep_4bit_layout`: under FSDP the repacked copy would be the gathered one, freed after the
+    forward.)"""
+    from ayar.models.adapters import four_bit_layers
+
+    return {f"model.{name}.weight" for name, _ in four_bit_layers(model)}
 
 
 def _from_rank0(root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:
