@@ -72,6 +72,7 @@ FSDP_QLORA = [
 
 
 def predicted_gib(folder: Path, config: dict, overrides: list[str], target) -> float:
+    """`ayar plan`'s peak for the model of `config` (its config.json alone, written into `folder`), in GiB."""
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     cfg = load_config(None, [f"model.name={folder}", *overrides])
@@ -79,24 +80,23 @@ def predicted_gib(folder: Path, config: dict, overrides: list[str], target) -> f
     return plan.total / 2**30
 
 
+def row(what: str, published: float, predicted: float) -> str:
+    return f"| {what} | {published:.2f} | {predicted:.2f} | {100 * (predicted - published) / published:+.0f}% |"
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "llama-2-7b"
-        model.mkdir()
-        (model / "config.json").write_text(json.dumps(LLAMA2_7B))
         print("| setting | published (GiB) | ayar plan (GiB) | error |\n|---|---|---|---|")
         for what, overrides, gpus, strategy, published in CASES:
-            cfg = load_config(None, [f"model.name={model}", *COMMON, *overrides])
             target = Target("cuda", 24 * 2**30, Sharding(gpus, strategy))
-            plan, _, _ = plan_for_config(cfg, log=lambda *_: None, target=target)
-            predicted = plan.total / 2**30
-            print(f"| {what} | {published:.2f} | {predicted:.2f} | {100 * (predicted - published) / published:+.0f}% |")
+            print(
+                row(what, published, predicted_gib(Path(tmp) / "llama-2-7b", LLAMA2_7B, [*COMMON, *overrides], target))
+            )
         print("\n| fsdp_qlora, 2 GPUs | published (GiB) | ayar plan (GiB) | error |\n|---|---|---|---|")
         for what, config, batch, length, strategy, offload, published in FSDP_QLORA:
             overrides = [*QLORA_COMMON, f"training.batch_size={batch}", f"data.max_length={length}"]
             target = Target("cuda", 24 * 2**30, Sharding(2, strategy, offload))
-            predicted = predicted_gib(Path(tmp) / f"model-{id(config)}", config, overrides, target)
-            print(f"| {what} | {published:.2f} | {predicted:.2f} | {100 * (predicted - published) / published:+.0f}% |")
+            print(row(what, published, predicted_gib(Path(tmp) / f"model-{id(config)}", config, overrides, target)))
 
 
 if __name__ == "__main__":
