@@ -86,8 +86,8 @@ def test_fsdp_qlora_trains_what_one_process_does(tiny_model_dir, tmp_path, metho
     """QLoRA / QDoRA under FSDP (bitsandbytes' FSDP-QLoRA: the packed 4-bit bytes stored as floats, so FSDP splits
     them like any weight; each process quantizes the base as it loads it): batch 4 x 2 processes against 8 x 1, the
     same per-step losses and adapter after 10 steps, with an evaluation between steps (the 4-bit weights are read
-    as they were after it), with `offload` asked too (QLoRA), and a sharded checkpoint resumed to the uninterrupted
-    run."""
+    as they were after it), with gradient checkpointing, with `offload` asked too (QLoRA), and a sharded checkpoint
+    resumed to the uninterrupted run."""
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     common = [
@@ -100,7 +100,8 @@ def test_fsdp_qlora_trains_what_one_process_does(tiny_model_dir, tmp_path, metho
         "training.eval_steps=3",
     ]
     fsdp = ["training.batch_size=4", "training.save_steps=5", "distributed.strategy=fsdp", "--nproc", "2"]
-    runs = {"one": ["training.batch_size=8"], "fsdp": fsdp}
+    # with gradient checkpointing (each layer's recompute gathers its 4-bit weights again), as QLoRA usually runs
+    runs = {"one": ["training.batch_size=8"], "fsdp": [*fsdp, "training.gradient_checkpointing=true"]}
     if method == "qlora":  # offload asked on a CPU: torch's CPU offload policy over the split 4-bit weights
         runs["offload"] = [*fsdp, "distributed.offload=true"]
     for name, extra in runs.items():

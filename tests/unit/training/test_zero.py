@@ -172,7 +172,8 @@ def test_a_killed_zero_3_run_resumes_to_the_uninterrupted_one(tiny_model_dir, tm
 def test_qlora_under_zero_3_trains_what_one_process_does_and_resumes(tiny_model_dir, tmp_path):
     """ayar's own loop over a 4-bit base under ZeRO-3 (the packed 4-bit bytes stored as floats and split, each process
     quantizing the base as it loads it), batch 4 x 2 processes against 8 x 1: the same losses and adapter after 10
-    steps, with offload too; killed after its step-5 checkpoint and resumed, it ends as the uninterrupted run."""
+    steps (with gradient checkpointing; and without, with offload); killed after its step-5 checkpoint and resumed,
+    it ends as the uninterrupted run."""
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     common = [f"model.name={tiny_model_dir}", f"data.train={data}", *COMMON, "method=qlora", "training.fused=false"]
@@ -180,7 +181,7 @@ def test_qlora_under_zero_3_trains_what_one_process_does_and_resumes(tiny_model_
     done = _train([*common, f"output.path={one}", "training.batch_size=8"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     zero = ["training.batch_size=4", "training.save_steps=5", *ZERO3, "--nproc", "2"]
-    done = _train([*common, f"output.path={zero3}", *zero], tmp_path)
+    done = _train([*common, f"output.path={zero3}", *zero, "training.gradient_checkpointing=true"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_training(one, zero3, split=True)
     # offload asked on a CPU: DeepSpeed's CPU Adam steps the adapter
