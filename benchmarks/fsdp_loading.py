@@ -7,7 +7,9 @@ outweighs what each of 2 processes holds while training, stored twice: in fp32 (
 process, FSDP, 2 processes x 1 thread, memory returned at once) with each loading in turn; run.json records each
 rank's peak RSS. `--stage dpo` (a Trainer stage, `examples/dpo.yaml`): rank0 against every_rank. `--stage sft`
 (ayar's own loop, `examples/quickstart.yaml`, LoRA; `--method full` too): rank0 against parts (a full fine-tune
-loaded by parts is saved by parts too; loaded by rank 0, it is gathered on rank 0 and saved whole). `--nproc 4`:
+loaded by parts is saved by parts too; loaded by rank 0, it is gathered on rank 0 and saved whole); `--method
+qlora`: every_rank (each process quantizes the base as it loads it) against rank0 (rank 0 quantizes it and sends the
+others their parts of the 4-bit weights and the quant states). `--nproc 4`:
 4 processes x 1 thread (on 2 cores: the seconds are not comparable then, the peaks are). `--strategy deepspeed`:
 ZeRO-3 instead of FSDP, every_rank (each process loads the whole model, the engine splits it) against rank0 (the
 model built split as it loads, rank 0 reading the files), for either stage.
@@ -18,6 +20,8 @@ model built split as it loads, rank 0 reading the files), for either stage.
         --out benchmarks/results-fsdp-save.json
     .venv/bin/python benchmarks/fsdp_loading.py --strategy deepspeed --stage sft --methods lora,full \
         --out benchmarks/results-zero3-loading.json
+    .venv/bin/python benchmarks/fsdp_loading.py --stage sft --methods qlora \
+        --out benchmarks/results-fsdp-qlora-loading.json
 
 Needs the default model converted once (any `ayar train` with `model.name: default` does it).
 """
@@ -65,6 +69,7 @@ def make_models(folder: Path, shape: dict = SHAPE_048B, dtypes=("float32", "bflo
 
 
 LOADINGS = {"dpo": ("every_rank", "rank0"), "sft": ("rank0", "parts")}
+QUANTIZED_LOADINGS = ("every_rank", "rank0")
 ZERO3_LOADINGS = ("every_rank", "rank0")
 CONFIGS = {"dpo": "dpo.yaml", "sft": "quickstart.yaml"}
 STRATEGIES = {"fsdp": ["distributed.strategy=fsdp"], "deepspeed": ["distributed.strategy=deepspeed",
@@ -120,7 +125,10 @@ def main() -> None:
             for method in args.methods.split(","):
                 for stored in args.stored.split(","):
                     path = models[stored]
-                    for loading in ZERO3_LOADINGS if args.strategy == "deepspeed" else LOADINGS[args.stage]:
+                    loadings = LOADINGS[args.stage]
+                    if args.strategy == "deepspeed" or method == "qlora":
+                        loadings = ZERO3_LOADINGS if args.strategy == "deepspeed" else QUANTIZED_LOADINGS
+                    for loading in loadings:
                         out = Path(tmp) / f"run-{method}-{stored}-{loading}-{r}"
                         got = train(path, loading, out, args.stage, method, args.nproc, args.strategy)
                         row = {"strategy": args.strategy, "stage": args.stage, "method": method, "stored": stored,

@@ -137,13 +137,27 @@ def _stand_in(model) -> dict:
     processes that read no weights, training/sharding.py) the adapter would be empty too and its initial values
     lost. Each empty weight is replaced by a stand-in in CPU RAM, one element expanded to the weight's shape (no
     memory), so peft makes and initialises the adapter exactly as on the loaded model (the same random numbers in
-    the same order). Returns {id(stand-in): the empty weight} for `_empty_again`; tied weights share one."""
+    the same order); a 4-bit weight's stand-in is a 4-bit weight with its quant state (peft reads its quantization
+    settings as it wraps the layer). Returns {id(stand-in): the empty weight} for `_empty_again`; tied weights share
+    one."""
     import torch
 
     from ayar.models.load import replace_empty
 
     def stand_in(p):
-        return torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=p.requires_grad)
+        zeros = torch.zeros((), dtype=p.dtype).expand(p.shape)
+        if getattr(p, "bnb_quantized", False):
+            return type(p)(
+                zeros,
+                quant_state=p.quant_state,
+                blocksize=p.blocksize,
+                compress_statistics=p.compress_statistics,
+                quant_type=p.quant_type,
+                quant_storage=p.quant_storage,
+                module=p.module,
+                bnb_quantized=True,
+            )
+        return torch.nn.Parameter(zeros, requires_grad=p.requires_grad)
 
     return replace_empty(model, stand_in)
 

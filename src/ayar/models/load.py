@@ -88,6 +88,7 @@ def empty_model(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     auto_class=None,
+    quantization_config=None,
     **kwargs,
 ):
     """The model's modules without its weights, for the FSDP processes other than rank 0: they receive their parts
@@ -95,7 +96,8 @@ def empty_model(
     the Trainer stages) instead of each reading the whole model first. Parameters on the meta device (no memory);
     buffers real (accelerate's `init_empty_weights(include_buffers=False)`): the rotary frequencies, which no state
     dict holds and FSDP does not send, are computed from the config as in a loaded model. `kwargs` set config
-    fields (num_labels, id2label) as `from_pretrained` would."""
+    fields (num_labels, id2label) as `from_pretrained` would; with `quantization_config` (QLoRA's) the layers
+    from_pretrained would quantize are made bitsandbytes' 4-bit ones, still empty (`_as_quantized`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -108,7 +110,22 @@ def empty_model(
             config, dtype=placement.dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
     model.tie_weights()  # the context makes each parameter anew as it is set: tied embeddings came apart
+    if quantization_config is not None:
+        _as_quantized(model, quantization_config, placement)
     return model
+
+
+def _as_quantized(model, quantization_config, placement: Placement) -> None:
+    """An empty model's layers made what from_pretrained makes them with `quantization_config` before it loads any
+    weight (transformers' own quantizer: bitsandbytes' 4-bit layers, the same layers left unquantized, the model
+    marked as loaded in 4-bit), still empty: the packed weights' shapes and their quant states come from rank 0
+    (training/sharding.py `four_bit_from_rank0`)."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config)
+    quantizer.preprocess_model(model=model, dtype=placement.dtype, device_map={"": "cpu"}, checkpoint_files=None)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
 
 
 def replace_empty(model, make, where=lambda p: True) -> dict:

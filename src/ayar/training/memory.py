@@ -187,6 +187,11 @@ class Sharding:
     strategy: str = "ddp"
     offload: bool = False
 
+    @property
+    def splits_weights(self) -> bool:
+        """Whether each process holds a part of every weight (FSDP, ZeRO-3), not the whole model."""
+        return self.strategy in ("zero3", "fsdp")
+
 
 def per_rank(
     plan: MemoryPlan, shape: Shape, sharding: Sharding, zero3_inputs: int = 0, quantized: bool = False
@@ -203,7 +208,7 @@ def per_rank(
     offloaded = 0
     if strategy == "ddp" and n > 1:  # the gradients all-reduced in buckets (training/distributed.py)
         parts["gradient all-reduce buffer"] = min(grads, BUCKET_BYTES)
-    if strategy in ("zero3", "fsdp"):
+    if sharding.splits_weights:
         whole = parts["weights"]
         state = int(shape.linear_params * NF4_STATE_BYTES) if quantized else 0  # every rank's whole
         parts["weights"] = math.ceil((whole - state) / n) + state

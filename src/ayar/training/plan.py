@@ -94,6 +94,11 @@ class RunPlan:
         return memory_strategy(self.strategy, self.distributed)
 
     @property
+    def splits_weights(self) -> bool:
+        """Whether each process holds a part of every weight (FSDP, DeepSpeed ZeRO-3)."""
+        return Sharding(self.world_size, self.memory_strategy).splits_weights
+
+    @property
     def is_main(self) -> bool:
         """The process that writes the run directory, logs and trackers."""
         return self.rank == 0
@@ -231,7 +236,7 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
     (`splits_while_loading`), `every_rank` loads it whole in every process for the engine to split; `auto`: `rank0`
     on GPUs (each GPU would otherwise hold the whole model first), `every_rank` on a CPU, where the processes share
     the mapped file's pages and split-built runs peaked no lower (higher where freed memory was not returned from
-    the start; measured: benchmarks/README.md)."""
+    the start; measured: benchmarks/README.md). A 4-bit base split by either: `_quantized_loading`."""
     from ayar.models.load import stored_dtype
 
     asked = cfg.distributed.loading
@@ -241,15 +246,8 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
             "reading the files (distributed.loading: rank0; auto picks it on GPUs)"
         )
     zero3 = plan.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
-    if plan.quantized and (zero3 or plan.strategy == "fsdp"):
-        if asked not in ("auto", "every_rank"):
-            engine = "FSDP" if plan.strategy == "fsdp" else "DeepSpeed ZeRO-3"
-            raise AyarError(
-                f"distributed.loading {asked} with method {cfg.method} under {engine}: each process quantizes the "
-                "base to 4 bits as it loads it (a quarter of its bf16 size), then keeps its part; use "
-                "distributed.loading: every_rank (auto picks it)"
-            )
-        return {"loading": "every_rank"}
+    if plan.quantized and plan.splits_weights:
+        return {"loading": _quantized_loading(cfg, plan.strategy == "fsdp", asked)}
     if zero3 and asked == "auto":
         return {"loading": "rank0" if plan.device.startswith("cuda") else "every_rank"}
     if plan.strategy != "fsdp":
@@ -269,6 +267,28 @@ def weights_loading(cfg, plan: RunPlan) -> dict:
     if asked != "auto":
         return {"loading": asked}
     return {"loading": "rank0" if stored_dtype(cfg.model.name) != plan.load_placement.dtype else "every_rank"}
+
+
+def _quantized_loading(cfg, fsdp: bool, asked: str) -> str:
+    """`weights_loading` for a 4-bit base (QLoRA/QDoRA) whose weights are split. Under FSDP in ayar's own loop
+    `rank0` (auto's choice): rank 0 loads and quantizes the base, the others build it empty and receive the packed
+    weights' parts and the quant states (training/sharding.py `four_bit_from_rank0`), so only rank 0 ever holds
+    the whole 4-bit base. Elsewhere `every_rank`: each process quantizes the base as it loads it, then keeps its
+    part (accelerate's rank-0 loading and DeepSpeed's split-building send parameters only, not quant states; QDoRA's
+    magnitudes are computed from the dequantized whole weights as peft makes the adapter)."""
+    rank0 = fsdp and own_loop(cfg) and cfg.method == "qlora"
+    if asked in ("auto", "rank0") and rank0:
+        return "rank0"
+    if asked in ("auto", "every_rank"):
+        return "every_rank"
+    engine = "FSDP" if fsdp else "DeepSpeed ZeRO-3"
+    if rank0:
+        way = "rank 0 quantizes the base to 4 bits as it loads it and sends the others their parts; use "
+        way += "distributed.loading: rank0 (auto picks it)"
+    else:
+        way = "each process quantizes the base to 4 bits as it loads it, then keeps its part; use "
+        way += "distributed.loading: every_rank (auto picks it)"
+    raise AyarError(f"distributed.loading {asked} with method {cfg.method} under {engine}, stage {cfg.stage}: {way}")
 
 
 def _parts_folder(cfg, plan: RunPlan) -> tuple[str | None, str]:
@@ -522,16 +542,21 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
 
 
 def _say_quantized_loading(cfg, shape, sharding, log) -> None:
-    """Where QLoRA's weights are split (FSDP, ZeRO-3), each process first loads the whole 4-bit base
+    """Where QLoRA's weights are split (FSDP, ZeRO-3), rank 0 or each process first loads the whole 4-bit base
     (`weights_loading`), which setup holds before training starts and the plan (training's peak) does not count."""
     from ayar.training.memory import quantized_weight_bytes
 
-    if cfg.method in QUANTIZED and sharding is not None and sharding.strategy in ("fsdp", "zero3"):
-        where = "into CPU RAM" if sharding.strategy == "fsdp" else "onto its device"
-        log(
-            f"each of the {sharding.nproc} processes first loads the whole 4-bit base {where} "
-            f"({quantized_weight_bytes(shape) / 2**30:.2f} GB) and then keeps its part; setup, not in the plan below"
-        )
+    if cfg.method not in QUANTIZED or sharding is None or not sharding.splits_weights:
+        return
+    fsdp = sharding.strategy == "fsdp"
+    size = f"({quantized_weight_bytes(shape) / 2**30:.2f} GB)"
+    if _quantized_loading(cfg, fsdp, cfg.distributed.loading) == "rank0":
+        who = f"rank 0 first loads the whole 4-bit base into CPU RAM {size} and sends the other processes their parts"
+    else:
+        where = "into CPU RAM" if fsdp else "onto its device"
+        who = f"each of the {sharding.nproc} processes first loads the whole 4-bit base {where} {size} and then "
+        who += "keeps its part"
+    log(f"{who}; setup, not in the plan below")
 
 
 def _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log):

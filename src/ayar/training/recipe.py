@@ -83,14 +83,15 @@ class Recipe:
     def load_model(self, plan, **kwargs):
         """The run's model and tokenizer as the plan says (models/load.py `load_model_and_tokenizer`; `kwargs` go to
         it): the base in 4-bit NF4 for QLoRA/QDoRA; rank 0 first (it converts the default model once, the others then
-        read it); where ZeRO-3 builds the model split as it loads (collective: every process takes part in each
-        layer), all together, once rank 0 has converted it."""
+        read it; a 4-bit base only rank 0 reads is then described to the others); where ZeRO-3 builds the model split
+        as it loads (collective: every process takes part in each layer), all together, once rank 0 has converted
+        it."""
         from ayar.models.adapters import quantization_config
         from ayar.models.load import load_model_and_tokenizer, resolve_model_path, starting_point
         from ayar.training import zero
 
         if plan.quantized:
-            storage = plan.load_placement.dtype if plan.memory_strategy in ("fsdp", "zero3") else None
+            storage = plan.load_placement.dtype if plan.splits_weights else None
             kwargs["quantization_config"] = quantization_config(self.cfg.method, plan.placement.dtype, storage)
 
         def load():
@@ -99,7 +100,12 @@ class Recipe:
 
         if not plan.splits_while_loading:
             with distributed.main_first(self.world):
-                return load()
+                loaded = load()
+            if plan.quantized and plan.rank0_loading:
+                from ayar.training.sharding import four_bit_from_rank0
+
+                four_bit_from_rank0(loaded[0], plan.rank)
+            return loaded
         with distributed.main_first(self.world):
             resolve_model_path(starting_point(self.cfg.model.name)[0], log=self.say)
         with zero.split_while_loading(plan, self.cfg.training):

@@ -31,6 +31,7 @@ import torch
 
 from ayar.errors import ConfigError
 from ayar.kernels import base_model
+from ayar.models.adapters import four_bit_layers
 from ayar.training.checkpoint import SHARDS
 from ayar.training.distributed import Replicas, World, written_together
 from ayar.training.loss import WithLoss
@@ -63,13 +64,16 @@ def mesh_for(dcfg, device: str, world_size: int):
     return init_device_mesh(kind, (world_size // per_node, per_node), mesh_dim_names=("replicate", "shard"))
 
 
-def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str | None = None) -> WithLoss:
+def shard(
+    model, dcfg, device: str, world_size: int, rank: int, parts_from: str | None = None, every_rank: bool = False
+) -> WithLoss:
     """`model` split across the ranks in place; the returned root unit computes the loss. The weights come from
     rank 0 (the other ranks may hold the model empty: meta device, models/load.py `empty_model`, and receive their
     parts as it is split, so no rank but 0 holds the whole model) or, with `parts_from` (a model folder:
     `distributed.loading: parts`, every rank holding the model empty), each rank reads its own parts of the weights
     from the folder's files and no rank ever holds the whole model; the adapter, made as on a loaded model
-    (models/adapters.py), is rank 0's."""
+    (models/adapters.py), is rank 0's. `every_rank`: every process loaded the weights (4-bit weights, quantized by
+    each process alike, are then kept where they are rather than sent)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = mesh_for(dcfg, device, world_size)
@@ -81,8 +85,10 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     # (named as in the root unit below)
     four_bit = _four_bit(model)
     whole = {f"model.{k}": v for k, v in model.state_dict().items() if not v.is_meta} if rank == 0 else {}
-    # 4-bit weights are quantized by every process as it loads (plan.weights_loading), the same bytes everywhere
-    whole = {k: v for k, v in whole.items() if not {k, *(k.rsplit(".", n)[0] for n in (1, 2))} & four_bit}
+    # a 4-bit weight's quant state (its entries in the state dict) is in every process already
+    # (`four_bit_from_rank0`, or quantized by each as it loaded); so is the weight where every process loaded it
+    kept = four_bit if every_rank else set()
+    whole = {k: v for k, v in whole.items() if k not in kept and not {k.rsplit(".", n)[0] for n in (1, 2)} & four_bit}
     in_files = [f"model.{name}" for name, p in model.named_parameters() if p.is_meta] if parts_from else []
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=offload)
@@ -90,7 +96,9 @@ def shard(model, dcfg, device: str, world_size: int, rank: int, parts_from: str 
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
-    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not (parts_from or four_bit))
+    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not (parts_from or kept))
+    for _, layer in four_bit_layers(model):  # the block scales compute where the gathered weights do
+        layer.quant_state.to(mesh.device_type)
     if parts_from:
         from ayar.models.adapters import init_dora_magnitudes
 
@@ -109,7 +117,8 @@ class Fsdp(Replicas):
 
     def __init__(self, model, plan, world: World):
         self.model, self.world = model, world
-        self.root = shard(model, plan.distributed, plan.device, world.size, world.rank, plan.parts_from)
+        every_rank = plan.loading == "every_rank"
+        self.root = shard(model, plan.distributed, plan.device, world.size, world.rank, plan.parts_from, every_rank)
         self.trained = [p for p in model.parameters() if p.requires_grad]
         self.scaler = self.make_scaler(plan.device) if plan.loss_scaling else None
 
@@ -152,9 +161,39 @@ def _four_bit(model) -> set[str]:
     prefix. (A layer of a model being trained never repacks its weight for bitsandbytes' CPU inference kernel,
     models/adapters.py `_keep_4bit_layout`: under FSDP the repacked copy would be the gathered one, freed after the
     forward.)"""
-    from ayar.models.adapters import four_bit_layers
-
     return {f"model.{name}.weight" for name, _ in four_bit_layers(model)}
+
+
+def four_bit_from_rank0(model, rank: int) -> None:
+    """Rank 0's 4-bit layers (QLoRA's base, loaded and quantized by rank 0 alone) made known to the others, which
+    hold the model empty with empty 4-bit layers (models/load.py `empty_model`) (collective, a layer at a time):
+    each packed weight's shape and storage dtype, left empty (its parts come as the model is split, `shard`), and
+    its quant state (the NF4 block scales, a thirty-second of the packed weight; no parameters, so FSDP would not
+    send them), kept whole by every process as it would be had each quantized the base itself."""
+    import torch.distributed as dist
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.nn import Params4bit
+
+    for _, layer in four_bit_layers(model):
+        w = layer.weight
+        sent = [(tuple(w.shape), w.dtype, w.quant_state.as_dict(packed=True)) if rank == 0 else None]
+        dist.broadcast_object_list(sent, src=0)
+        if rank == 0:
+            continue
+        shape, dtype, state = sent[0]
+        qs = QuantState.from_dict(state, device=torch.device("cpu"))
+        empty = torch.empty(shape, dtype=dtype, device="meta")
+        layer.weight = Params4bit(
+            empty,
+            quant_state=qs,
+            blocksize=qs.blocksize,
+            compress_statistics=qs.nested,
+            quant_type=qs.quant_type,
+            quant_storage=dtype,
+            module=layer,
+            bnb_quantized=True,
+        )
+        layer.quant_state = qs
 
 
 def _from_rank0(root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:

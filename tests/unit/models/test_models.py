@@ -119,3 +119,30 @@ def test_an_empty_model_has_no_weights_but_the_loaded_models_buffers_and_ties(tm
     classifier = empty_model(path, placement, auto_class=AutoModelForSequenceClassification, **labels)
     assert classifier.score.weight.shape[0] == 3 and classifier.config.id2label[2] == "c"
     assert classifier.score.weight.is_meta
+
+
+def test_an_empty_4_bit_model_has_the_layers_from_pretrained_quantizes(tmp_path):
+    """QLoRA under FSDP, the processes but rank 0 (models/load.py `empty_model` with a quantization config): the same
+    bitsandbytes 4-bit layers as the loaded 4-bit model (same names, sizes, storage and compute dtypes; the head
+    left unquantized), every weight on the meta device, marked as loaded in 4-bit as peft's QLoRA preparation reads
+    it."""
+    pytest.importorskip("bitsandbytes")
+    from ayar.models.adapters import four_bit_layers, quantization_config
+    from ayar.models.load import empty_model, load_model
+    from tests.helpers import save_tiny
+
+    path = str(save_tiny(tmp_path / "m", "qwen2"))
+    placement = device.choose_placement("cpu", "bfloat16")
+    qconfig = quantization_config("qlora", torch.bfloat16, torch.bfloat16)
+    loaded = load_model(path, placement, quantization_config=qconfig)
+    empty = empty_model(path, placement, quantization_config=qconfig)
+
+    def layers(model):
+        return [
+            (n, m.in_features, m.out_features, m.bias is not None, m.compute_dtype, m.quant_storage)
+            for n, m in four_bit_layers(model)
+        ]
+
+    assert layers(empty) == layers(loaded) and len(layers(loaded)) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    assert all(p.is_meta for p in empty.parameters())
+    assert empty.is_loaded_in_4bit and empty.lm_head.weight.dtype == loaded.lm_head.weight.dtype

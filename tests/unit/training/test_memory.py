@@ -756,12 +756,17 @@ def test_plan_a_gpu_this_machine_does_not_have_from_a_config_alone(config_only, 
     assert qlora["tokens"] == 2048 and "worst case" in qlora["notes"][-1]  # no tokenizer: rows of max_length
     assert 4 * 2**30 < qlora["parts"]["weights"] < 9 * 2**30  # 4-bit linears + fp32 embeddings and head
     assert not any("4-bit base" in note for note in qlora["notes"])
-    # QLoRA split by FSDP: each process loads the whole 4-bit base first (setup, beside the plan), then keeps half
+    # QLoRA split by FSDP: rank 0 loads the whole 4-bit base first (setup, beside the plan), each process keeps half
     code, split = plan("method=qlora", "lora.r=32", "--device", "cuda", "--gpu-memory", "24GB", "--nproc", "2",
                        "--strategy", "fsdp", "--json")  # fmt: skip
     whole = f"({qlora['parts']['weights'] / 2**30:.2f} GB)"
-    assert f"each of the 2 processes first loads the whole 4-bit base into CPU RAM {whole}" in split["notes"][0]
+    assert f"rank 0 first loads the whole 4-bit base into CPU RAM {whole} and sends the other" in split["notes"][0]
     assert split["parts"]["weights"] < 0.6 * qlora["parts"]["weights"]  # the quant states stay whole in each
+    # QDoRA under FSDP, QLoRA under ZeRO-3: each process loads it
+    for method, strategy, where in (("qdora", "fsdp", "into CPU RAM"), ("qlora", "zero3", "onto its device")):
+        code, split = plan(f"method={method}", "--device", "cuda", "--gpu-memory", "24GB", "--nproc", "2", "--strategy",
+                           strategy, "--json")  # fmt: skip
+        assert f"each of the 2 processes first loads the whole 4-bit base {where}" in split["notes"][0]
     code, full = plan("method=full", "--device", "cuda", "--gpu-memory", "80GB", "--json")
     assert code == 1 and not full["fits"] and full["parts"]["weights"] > 29 * 2**30  # fp32 master weights
     code, sharded = plan("method=full", "--device", "cuda", "--gpu-memory", "80GB", "--nproc", "8", "--strategy",

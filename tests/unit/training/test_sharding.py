@@ -84,10 +84,11 @@ def test_fsdp_dora_trains_what_one_process_does(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
 def test_fsdp_qlora_trains_what_one_process_does(tiny_model_dir, tmp_path, method):
     """QLoRA / QDoRA under FSDP (bitsandbytes' FSDP-QLoRA: the packed 4-bit bytes stored as floats, so FSDP splits
-    them like any weight; each process quantizes the base as it loads it): batch 4 x 2 processes against 8 x 1, the
-    same per-step losses and adapter after 10 steps, with an evaluation between steps (the 4-bit weights are read
-    as they were after it), with gradient checkpointing, with `offload` asked too (QLoRA), and a sharded checkpoint
-    resumed to the uninterrupted run."""
+    them like any weight): batch 4 x 2 processes against 8 x 1, the same per-step losses and adapter after 10
+    steps, with an evaluation between steps (the 4-bit weights are read as they were after it), with gradient
+    checkpointing, with `offload` asked too (QLoRA), and a sharded checkpoint resumed to the uninterrupted run.
+    QLoRA's base is loaded and quantized by rank 0 alone, which sends the other process its parts and the quant
+    states (its run with offload: by each process); QDoRA's by each process."""
     pytest.importorskip("bitsandbytes")
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS * 4)
     common = [
@@ -103,7 +104,7 @@ def test_fsdp_qlora_trains_what_one_process_does(tiny_model_dir, tmp_path, metho
     # with gradient checkpointing (each layer's recompute gathers its 4-bit weights again), as QLoRA usually runs
     runs = {"one": ["training.batch_size=8"], "fsdp": [*fsdp, "training.gradient_checkpointing=true"]}
     if method == "qlora":  # offload asked on a CPU: torch's CPU offload policy over the split 4-bit weights
-        runs["offload"] = [*fsdp, "distributed.offload=true"]
+        runs["offload"] = [*fsdp, "distributed.offload=true", "distributed.loading=every_rank"]
     for name, extra in runs.items():
         done = _train([*common, f"output.path={tmp_path / name}", *extra], tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -119,7 +120,7 @@ def test_fsdp_qlora_trains_what_one_process_does(tiny_model_dir, tmp_path, metho
     ]
     assert len(evals[0]) >= 3 and evals[0] == pytest.approx(evals[1], rel=1e-5)
     meta = json.loads((tmp_path / "fsdp" / "run.json").read_text())
-    assert meta["plan"]["loading"] == "every_rank" and meta["plan"]["quantized"]
+    assert meta["plan"]["loading"] == ("rank0" if method == "qlora" else "every_rank") and meta["plan"]["quantized"]
     shards = tmp_path / "fsdp" / "checkpoints" / "checkpoint-0000005" / "sharded"
     assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     run = tmp_path / "fsdp"
@@ -193,9 +194,18 @@ def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_run(tiny_model_dir, t
     "overrides, message",
     [
         (
-            ["method=qlora", "distributed.loading=rank0"],
-            "distributed.loading rank0 with method qlora under FSDP: each process quantizes the base to 4 bits as it "
-            "loads it .* use distributed.loading: every_rank",
+            ["method=qlora", "distributed.loading=parts"],
+            "distributed.loading parts with method qlora under FSDP, stage sft: rank 0 quantizes the base to 4 bits "
+            "as it loads it and sends the others their parts; use distributed.loading: rank0",
+        ),
+        (
+            ["method=qdora", "distributed.loading=rank0"],
+            "distributed.loading rank0 with method qdora under FSDP, stage sft: each process quantizes the base to 4 "
+            "bits as it loads it, then keeps its part; use distributed.loading: every_rank",
+        ),
+        (
+            ["method=qlora", "stage=dpo", "distributed.loading=rank0"],
+            "distributed.loading rank0 with method qlora under FSDP, stage dpo: each process quantizes",
         ),
         (["lora.init=pissa"], "lora.init pissa under distributed.strategy fsdp"),
         (
@@ -349,12 +359,13 @@ def _split(
     rank: int, model_dir: str, port: int, out: str, parts: bool = False, split: str = "full", method: str = "lora"
 ) -> None:
     """One of two gloo processes: rank 0 loads the model, rank 1 builds it empty (`parts`: both build it empty and
-    an adapter (`method`) is made on it, then each reads its parts of the weights from the files); both split it
-    and compute the loss of one batch through the split model."""
+    an adapter (`method`) is made on it, then each reads its parts of the weights from the files; `method` qlora
+    without `parts`: rank 0 loads it in 4-bit, rank 1 builds it empty in 4-bit and learns the quant states); both
+    split it and compute the loss of one batch through the split model."""
     import torch.distributed as dist
 
     from ayar.config.schema import DistributedConfig, LoraConfig
-    from ayar.models.adapters import apply_method
+    from ayar.models.adapters import apply_method, quantization_config
     from ayar.models.device import choose_placement
     from ayar.models.load import empty_model, load_model
     from ayar.training import sharding
@@ -362,7 +373,14 @@ def _split(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     placement = choose_placement("cpu", "float32")
-    model = load_model(model_dir, placement) if rank == 0 and not parts else empty_model(model_dir, placement)
+    quantized = method == "qlora" and not parts
+    kw = {"quantization_config": quantization_config(method, torch.float32, torch.float32)} if quantized else {}
+    model = (
+        load_model(model_dir, placement, **kw) if rank == 0 and not parts else empty_model(model_dir, placement, **kw)
+    )
+    if quantized:
+        sharding.four_bit_from_rank0(model, rank)
+        _dequantizing(model)
     base = model
     if parts:
         torch.manual_seed(7)
@@ -377,6 +395,15 @@ def _split(
     got = {"loss": float(loss) / n, "tied": tied, "rotary": rotary, "adapter": adapter}
     torch.save(got, f"{out}/{split}{method}{rank}.pt")
     dist.destroy_process_group()
+
+
+def _dequantizing(model) -> None:
+    """4-bit layers computing as a model being trained does (models/adapters.py `_keep_4bit_layout`): without
+    bitsandbytes' CPU repacking, which under FSDP would repack the gathered copy only."""
+    from ayar.models.adapters import four_bit_layers
+
+    for _, layer in four_bit_layers(model):
+        layer.support_avx512bf16_for_cpu = False
 
 
 def _batch() -> dict:
@@ -406,6 +433,28 @@ def test_the_ranks_but_0_receive_their_parts_of_the_weights(tmp_path):
         for a, b in zip(got["rotary"], ranks[0]["rotary"], strict=True):
             assert torch.equal(a, b)
     assert torch.equal(ranks[0]["rotary"][0], whole.model.rotary_emb.inv_freq)
+
+
+def test_the_ranks_but_0_receive_their_parts_of_a_4_bit_base(tmp_path):
+    """QLoRA under FSDP with rank-0 loading: rank 0 loads and quantizes the base, rank 1 builds it empty in 4-bit
+    and receives each layer's packed-weight shape and quant state (`four_bit_from_rank0`), then its parts of the
+    packed weights as the model is split; both compute the loss the whole 4-bit model gives."""
+    pytest.importorskip("bitsandbytes")
+    from ayar.models.adapters import quantization_config
+    from ayar.models.device import choose_placement
+    from ayar.models.load import load_model
+    from ayar.training.loss import loss_sum
+
+    model_dir = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    args = (str(model_dir), free_port(), str(tmp_path), False, "full", "qlora")
+    torch.multiprocessing.spawn(_split, args=args, nprocs=2)
+    qconfig = quantization_config("qlora", torch.float32, torch.float32)
+    whole = load_model(str(model_dir), choose_placement("cpu", "float32"), quantization_config=qconfig)
+    _dequantizing(whole)
+    with torch.no_grad():
+        loss, n = loss_sum(whole, _batch())
+    for r in (0, 1):
+        assert torch.load(tmp_path / f"fullqlora{r}.pt")["loss"] == pytest.approx(float(loss) / n, rel=1e-6)
 
 
 @pytest.mark.distributed

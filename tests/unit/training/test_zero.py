@@ -85,7 +85,9 @@ def test_the_own_loop_plans_zero_and_a_missing_deepspeed_is_named(monkeypatch):
     for stage in ("sft", "reward"):
         plan = decide(load_config(None, [*zero3, "method=qlora", f"stage={stage}", "distributed.loading=auto"]))
         assert plan.quantized and plan.summary()["loading"] == "every_rank"
-    with pytest.raises(AyarError, match="distributed.loading rank0 with method qlora under DeepSpeed ZeRO-3: each"):
+    with pytest.raises(
+        AyarError, match="distributed.loading rank0 with method qlora under DeepSpeed ZeRO-3, stage sft: each"
+    ):
         decide(load_config(None, [*zero3, "method=qlora", "distributed.loading=rank0"]))
     with pytest.raises(AyarError, match="lora.init pissa under deepspeed ZeRO-3: converting the adapter"):
         decide(load_config(None, [*zero3, "lora.init=pissa"]))
