@@ -298,10 +298,10 @@ class DistributedConfig:
         "reads the files (into CPU RAM), each process keeping its part a layer at a time: no GPU holds the whole "
         "model; `every_rank` (`auto` on a CPU, where the processes share the file's pages and split-built runs "
         "peaked no lower: benchmarks/README.md): each process loads the whole model, DeepSpeed splits it as its "
-        "engine starts. QLoRA under FSDP in ayar's own loop: `rank0` (`auto`'s choice): rank 0 quantizes the base to "
-        "4 bits as it loads it and sends the others their parts and the quant states, or `every_rank`. QLoRA/QDoRA "
-        "elsewhere (ZeRO-3, the Trainer stages, QDoRA): `every_rank` (`auto`'s choice; the others are refused), each "
-        "process quantizing the base as it loads it.",
+        "engine starts. QLoRA/QDoRA under FSDP in ayar's own loop: `rank0` (`auto`'s choice): rank 0 quantizes the "
+        "base to 4 bits as it loads it and sends the others their parts and the quant states, or `every_rank`. "
+        "QLoRA/QDoRA under ZeRO-3 and on the Trainer stages: `every_rank` (`auto`'s choice; the others are refused), "
+        "each process quantizing the base as it loads it.",
         choices=("auto", "rank0", "every_rank", "parts"),
     )
 

@@ -137,27 +137,21 @@ def _stand_in(model) -> dict:
     processes that read no weights, training/sharding.py) the adapter would be empty too and its initial values
     lost. Each empty weight is replaced by a stand-in in CPU RAM, one element expanded to the weight's shape (no
     memory), so peft makes and initialises the adapter exactly as on the loaded model (the same random numbers in
-    the same order); a 4-bit weight's stand-in is a 4-bit weight with its quant state (peft reads its quantization
-    settings as it wraps the layer). Returns {id(stand-in): the empty weight} for `_empty_again`; tied weights share
-    one."""
+    the same order). A packed 4-bit weight's stand-in has the shape it dequantizes to, which peft takes as already
+    dequantized where it reads it (QDoRA's magnitudes, whose values then come with the rest from rank 0), and the
+    quantization settings peft reads as it wraps the layer. Returns {id(stand-in): the empty weight} for
+    `_empty_again`; tied weights share one."""
     import torch
 
     from ayar.models.load import replace_empty
 
     def stand_in(p):
-        zeros = torch.zeros((), dtype=p.dtype).expand(p.shape)
-        if getattr(p, "bnb_quantized", False):
-            return type(p)(
-                zeros,
-                quant_state=p.quant_state,
-                blocksize=p.blocksize,
-                compress_statistics=p.compress_statistics,
-                quant_type=p.quant_type,
-                quant_storage=p.quant_storage,
-                module=p.module,
-                bnb_quantized=True,
-            )
-        return torch.nn.Parameter(zeros, requires_grad=p.requires_grad)
+        packed = getattr(p, "bnb_quantized", False)
+        shape = p.quant_state.shape if packed else p.shape
+        made = torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(shape), requires_grad=p.requires_grad)
+        if packed:
+            made.compress_statistics, made.quant_type = p.compress_statistics, p.quant_type
+        return made
 
     return replace_empty(model, stand_in)
 

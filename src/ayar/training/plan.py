@@ -274,10 +274,9 @@ def _quantized_loading(cfg, fsdp: bool, asked: str) -> str:
     `rank0` (auto's choice): rank 0 loads and quantizes the base, the others build it empty and receive the packed
     weights' parts and the quant states (training/sharding.py `four_bit_from_rank0`), so only rank 0 ever holds
     the whole 4-bit base. Elsewhere `every_rank`: each process quantizes the base as it loads it, then keeps its
-    part (accelerate 1.15 turns its rank-0 loading off for a model holding 4-bit weights, DeepSpeed's split-building
-    sends parameters only, not quant states, and peft computes QDoRA's magnitudes from the dequantized whole weights
-    as it makes the adapter)."""
-    rank0 = fsdp and own_loop(cfg) and cfg.method == "qlora"
+    part (accelerate 1.15 turns its rank-0 loading off for a model holding 4-bit weights; DeepSpeed's split-building
+    sends parameters only, not quant states)."""
+    rank0 = fsdp and own_loop(cfg)
     if asked in ("auto", "rank0") and rank0:
         return "rank0"
     if asked in ("auto", "every_rank"):

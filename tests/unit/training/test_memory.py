@@ -764,10 +764,10 @@ def test_plan_a_gpu_this_machine_does_not_have_from_a_config_alone(config_only, 
     whole = f"({qlora['parts']['weights'] / 2**30:.2f} GB)"
     assert f"rank 0 first loads the whole 4-bit base into CPU RAM {whole} and sends the other" in split["notes"][0]
     assert split["parts"]["weights"] < 0.6 * qlora["parts"]["weights"]  # the quant states stay whole in each
-    # QDoRA under FSDP, QLoRA under ZeRO-3: each process loads it
-    for method, strategy, where in (("qdora", "fsdp", "into CPU RAM"), ("qlora", "zero3", "onto its device")):
-        code, split = plan(f"method={method}", "--device", "cuda", "--gpu-memory", "24GB", "--nproc", "2", "--strategy",
-                           strategy, "--json")  # fmt: skip
+    # loading on every rank asked under FSDP, or under ZeRO-3: each process loads it
+    for loading, strategy, where in (("every_rank", "fsdp", "into CPU RAM"), ("auto", "zero3", "onto its device")):
+        code, split = plan("method=qlora", f"distributed.loading={loading}", "--device", "cuda", "--gpu-memory",
+                           "24GB", "--nproc", "2", "--strategy", strategy, "--json")  # fmt: skip
         assert f"each of the 2 processes first loads the whole 4-bit base {where}" in split["notes"][0]
     code, full = plan("method=full", "--device", "cuda", "--gpu-memory", "80GB", "--json")
     assert code == 1 and not full["fits"] and full["parts"]["weights"] > 29 * 2**30  # fp32 master weights
