@@ -9,7 +9,9 @@ as the planner counts what training holds), on the planner's worst micro-batch a
 micro-batch holds, those whose shorter half is longest (of those whose prompt is at most 200 tokens, which TRL's DPO
 keeps at 384 tokens), so that every step trains on that batch; the classification rows are the longest of those pairs'
 chosen and rejected conversations, labelled so. The default model (SmolLM2-135M-Instruct),
-LoRA r=16 on all linear layers.
+LoRA r=16 on all linear layers. The rows marked "x 2" run in 2 processes (`--nproc 2`, planned per process): each
+process's micro-batches are the longest row repeated (whichever rows a process draws, its batch is the worst one),
+and the measured value is the larger process's training peak (run.json `training_peak_rss_mb_per_rank`).
 """
 
 import argparse
@@ -33,6 +35,13 @@ CONFIGS = {
     "GRPO, 2 prompts x 4 answers, 160 new tokens": ("check", ["stage=grpo", "training.batch_size=8",
                                                              "grpo.num_generations=4", "grpo.max_completion_length=160",
                                                              "PROMPTS"]),
+    # per process, 2 processes (accelerate's FSDP plugin, DeepSpeed through the Trainer)
+    "DPO, batch 4, max_len 384, FSDP x 2": ("check", ["stage=dpo", "distributed.strategy=fsdp", "NPROC2"]),
+    "DPO, batch 4, max_len 384, ZeRO-3 x 2": ("check", ["stage=dpo", "distributed.strategy=deepspeed",
+                                                        "distributed.zero_stage=3", "NPROC2"]),
+    "GRPO, 2 prompts x 4 answers, 160 new tokens, FSDP x 2": ("check", [
+        "stage=grpo", "training.batch_size=8", "grpo.num_generations=4", "grpo.max_completion_length=160", "PROMPTS",
+        "distributed.strategy=fsdp", "NPROC2"]),
 }  # fmt: skip
 COMMON = ["training.return_memory=true", "data.val_ratio=0", "training.max_steps=3", "training.tracker=none",
           "training.warmup_ratio=0", "training.batch_size=4", "data.max_length=384", "data.lint=warn",
@@ -80,6 +89,14 @@ def longest_prompts(n: int, tmp: Path) -> Path:
     return write_records(sorted(records, key=length, reverse=True)[:n], "messages", tmp / "prompts.jsonl")
 
 
+def repeat_first(path: str, n: int) -> Path:
+    """A file of `path`'s first row `n` times (beside it)."""
+    first = Path(path).read_text().splitlines()[0]
+    out = Path(path).with_name(f"first-x{n}.jsonl")
+    out.write_text((first + "\n") * n)
+    return out
+
+
 def completion_lengths(run: Path) -> dict:
     """The longest and mean sampled completion of a GRPO run's logged steps (TRL's `completions/*` metrics)."""
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -113,15 +130,23 @@ def main() -> None:
             else:
                 pairs, texts = longest_pairs(args.pairs, batch, where)
                 data = f"data.train={texts}" if "CLASSIFY" in overrides else f"data.train={pairs}"
-            overrides = [o for o in overrides if o not in ("CLASSIFY", "PROMPTS")]
+            nproc = ["--nproc", "2"] if "NPROC2" in overrides else []
+            if nproc:  # each process's every micro-batch the worst one: the longest row alone, repeated
+                data = f"data.train={repeat_first(data.removeprefix('data.train='), 2 * batch)}"
+            overrides = [o for o in overrides if o not in ("CLASSIFY", "PROMPTS", "NPROC2")]
             common = ["model.name=default", data, *COMMON, *overrides]
-            plan = json.loads(ayar("plan", *common, "--json").stdout)
+            plan = json.loads(ayar("plan", *common, *nproc, "--json").stdout)
             if not (args.reuse and name in measured_runs):
                 out = Path(tmp) / f"run-{len(rows)}"
-                ayar("train", *common, f"output.path={out}", "training.memory_check=off")
+                ayar("train", *common, f"output.path={out}", "training.memory_check=off", *nproc)
                 meta = json.loads((out / "run.json").read_text())
-                measured_runs[name] = {"peak_rss_mb": meta["peak_rss_mb"], "dtype": meta["plan"]["dtype"],
+                # several processes: the larger process's training peak (setup's kept apart, as
+                # memory_planner_ranks.py measures), each process training on the same rows
+                peak = max(meta["training_peak_rss_mb_per_rank"]) if nproc else meta["peak_rss_mb"]
+                measured_runs[name] = {"peak_rss_mb": peak, "dtype": meta["plan"]["dtype"],
                                        "train_seconds": meta["train_seconds"]}  # fmt: skip
+                if nproc:
+                    measured_runs[name]["training_peak_rss_mb_per_rank"] = meta["training_peak_rss_mb_per_rank"]
                 if "stage=grpo" in overrides:
                     measured_runs[name] |= completion_lengths(out)
                 store.write_text(json.dumps(measured_runs, indent=1) + "\n")

@@ -121,8 +121,8 @@ def plan_trainer(
     ckpt = bool(cfg.training.gradient_checkpointing) if checkpointing is None else checkpointing
     # what LoRA's dropout keeps for backward: nothing for TRL's preference and reward trainers, which ayar builds
     # with `disable_dropout` (every dropout at p=0, which torch skips); for GRPO and classification each adapter's
-    # dropped-out input, as in ayar's own loop, whose way of computing adapters these stages take (single process
-    # and DDP: trl_stage.compute_as_own_loop; under ZeRO and FSDP peft's own, which keeps more: not counted)
+    # dropped-out input, as in ayar's own loop, whose way of computing adapters these stages take under every
+    # strategy (trl_stage.compute_as_own_loop)
     dropout = cfg.lora.dropout > 0 and (cfg.stage == "grpo" or cfg.task == "classification")
     plan = plan_trainer_memory(
         shape, weight_dtype=placement.dtype_name, device=placement.device, rows=p.rows, row_len=p.row_len,

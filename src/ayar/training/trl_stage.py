@@ -91,8 +91,7 @@ def run_stage(
         sharding.trainable_in_memory(trainer.model)
     if plan.quantized:
         trainable_in_fp32(trainer.model)
-    if plan.strategy in ("single", "ddp"):  # the sharding engines hold weights their own way (flat, split)
-        compute_as_own_loop(trainer, plan.device)
+    compute_as_own_loop(trainer, plan.device)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # our progress line replaces the raw log dicts
@@ -199,7 +198,8 @@ def compute_as_own_loop(trainer, device: str) -> None:
     input as it is (training/loss.py `compute_context`), where peft would copy each adapter's input to fp32 (and
     autocast back to bf16 for the matmul: a copy kept per adapter for backward, the same numbers); on a CPU, peft's
     dropouts swapped for ayar's, which keeps no mask (torch's CPU dropout keeps a noise tensor as large as its
-    input). Measured in benchmarks/README.md."""
+    input). The same under every strategy (under FSDP and ZeRO-3 DPO measured the same either way: no input copies
+    there; GRPO's dropout noise was kept). Measured in benchmarks/README.md."""
     from ayar.kernels.dropout import use_fast_dropout
     from ayar.training.loss import compute_context
 
