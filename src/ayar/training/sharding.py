@@ -96,7 +96,7 @@ def shard(
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
-    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not (parts_from or kept))
+    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not parts_from and not kept)
     for _, layer in four_bit_layers(model):  # the block scales compute where the gathered weights do
         layer.quant_state.to(mesh.device_type)
     if parts_from:
@@ -166,7 +166,7 @@ def _four_bit(model) -> set[str]:
 
 def four_bit_from_rank0(model, rank: int) -> None:
     """Rank 0's 4-bit layers (QLoRA's base, loaded and quantized by rank 0 alone) made known to the others, which
-    hold the model empty with empty 4-bit layers (models/load.py `empty_model`) (collective, a layer at a time):
+    hold the model empty, its 4-bit layers too (models/load.py `empty_model`); collective, a layer at a time:
     each packed weight's shape and storage dtype, left empty (its parts come as the model is split, `shard`), and
     its quant state (the NF4 block scales, a thirty-second of the packed weight; no parameters, so FSDP would not
     send them), kept whole by every process as it would be had each quantized the base itself."""
