@@ -384,7 +384,7 @@ def test_the_fused_decoders_weight_stacks_are_planned_only_where_they_add_memory
     Weights loaded in the dtype they are stored in are the file's mapped pages, which stay: the stacks are new memory.
     Weights converted as they load (an fp32 checkpoint trained in bf16) are the process's own, freed as the stacks
     replace them: nothing added. Measured in a fresh process (anonymous RSS, glibc's kept heap trimmed), against the
-    plan's "fused weight stacks"; a model big enough that its stacks (35 MB in bf16) dwarf the process's own
+    plan's "fused weight stacks"; a model big enough that its stacks (33 MB in bf16) dwarf the process's own
     allocations around the restack (with 9 MB stacks, the bf16 case once measured over its 1.3 MB bound in a
     parallel test run)."""
     import platform
