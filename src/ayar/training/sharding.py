@@ -182,6 +182,8 @@ def four_bit_from_rank0(model, rank: int) -> None:
             continue
         shape, dtype, state = sent[0]
         qs = QuantState.from_dict(state, device=torch.device("cpu"))
+        # built here, not by bitsandbytes' `Params4bit.from_prequantized`: it puts the weight and its quant state
+        # on one device, and the weight stays empty (meta) while the state is real
         empty = torch.empty(shape, dtype=dtype, device="meta")
         layer.weight = Params4bit(
             empty,
