@@ -46,7 +46,10 @@ def trainable_in_fp32(model) -> None:
     """Every trainable weight of `model` in fp32. ayar trains adapters in fp32 whatever the base's dtype (peft's
     default, as in its own loop); TRL's trainers cast a 4-bit base's adapter to bf16 as they build (the QLoRA paper's
     choice), where AdamW's small updates round away and, on CPUs without bf16 instructions, every adapter matmul
-    is slow. Called on a Trainer stage's model after it is built, before its optimizer is."""
+    is slow; peft leaves a module it trains in full beside the adapters (a reward model's or classifier's score
+    head, `lora.modules_to_save`) in the base's dtype, which accelerate's FSDP turns fp32 (its units take one dtype
+    of trained weights): fp32 under every strategy, the same run. Called on a Trainer stage's model after it is
+    built, before its optimizer is."""
     import torch
 
     for p in model.parameters():

@@ -377,26 +377,32 @@ def trainable_in_memory(model) -> None:
 
 
 @contextmanager
-def accelerate_fsdp_on_cpu(on: bool):
-    """accelerate starts its FSDP plugin only on accelerators: several CPU processes stay `MULTI_CPU`, plain data
-    parallel, and the plugin is dropped without a word (accelerate/state.py). torch's FSDP2 runs on CPU over gloo
-    (our own loop uses it), so while a Trainer makes its Accelerator (`on`: a CPU run under strategy fsdp), a
-    CPU run is given FSDP as a GPU run is, its offload (`distributed.offload`) without pinned memory, which torch
-    refuses without an accelerator. The caller checks that the Trainer did get it (`trainer.is_fsdp_enabled`)."""
+def accelerate_fsdp(on: bool):
+    """While a Trainer makes its Accelerator (`on`: a run under strategy fsdp), accelerate's FSDP plugin as ayar's
+    own loop splits the model:
+    - mixed precision leaves each weight in the dtype ayar gave it (the base in the plan's dtype, adapters in fp32)
+      and computes under accelerate's autocast, as data parallel does: accelerate's own bf16 policy would compute
+      the adapters in bf16, sum their gradients across processes in bf16 and hand the loss bf16 logits (DPO's first
+      loss was bf16's ln 2, 0.6914, where data parallel logs 0.6931);
+    - on a CPU, accelerate starts its FSDP plugin only on accelerators: several CPU processes stay
+      `MULTI_CPU`, plain data parallel, and the plugin is dropped without a word (accelerate/state.py). torch's
+      FSDP2 runs on CPU over gloo (our own loop uses it), so a CPU run is given FSDP as a GPU run is, its offload
+      (`distributed.offload`) without pinned memory, which torch refuses without an accelerator. The caller checks
+      that the Trainer did get it (`trainer.is_fsdp_enabled`)."""
     if not on:
         yield
         return
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
-    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     make = AcceleratorState.__init__
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
+        if fsdp_plugin is not None:  # set before accelerate's own: it keeps a policy it is given
+            fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy()
         make(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            if self._mixed_precision != "no":  # what accelerate does for its own FSDP runs
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             if isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy):
                 fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
             self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -407,6 +413,20 @@ def accelerate_fsdp_on_cpu(on: bool):
         yield
     finally:
         AcceleratorState.__init__ = make
+
+
+def outputs_in_fp32(model) -> None:
+    """`model`'s outputs (logits, scores, a loss computed inside) converted to fp32, as accelerate converts a data
+    parallel model's under mixed precision (`Accelerator.prepare_model`); its FSDP2 path leaves that to the mixed
+    precision policy, which would cast every split layer's output (`accelerate_fsdp` gives it none). Without it a
+    reward model's loss was bf16 under FSDP, its adapter another than data parallel's. accelerate's own wrapper,
+    which `unwrap_model` takes off as it takes off its own."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model._original_forward = model.forward
+    model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
 
 
 def _state(root: WithLoss, optimizer=None) -> dict:

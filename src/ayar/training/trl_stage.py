@@ -80,7 +80,7 @@ def run_stage(
     run = r.create()
     logger = _MetricsLog(r, stage.renames)
     r.begin_fit()
-    with sharding.accelerate_fsdp_on_cpu(plan.strategy == "fsdp" and plan.device == "cpu"):
+    with sharding.accelerate_fsdp(plan.strategy == "fsdp"):
         trainer = stage.build(cfg, model, tok, splits, training_kwargs(cfg, run, plan), [logger.callback()])
     if plan.strategy == "fsdp" and not trainer.is_fsdp_enabled:  # never train another strategy than the one asked
         raise AyarError(
@@ -89,8 +89,10 @@ def run_stage(
         )
     if not plan.reads_weights:
         sharding.trainable_in_memory(trainer.model)
-    if plan.quantized:
+    if cfg.method != "full":
         trainable_in_fp32(trainer.model)
+    if plan.strategy == "fsdp" and plan.placement.dtype != torch.float32:
+        sharding.outputs_in_fp32(trainer.model)
     compute_as_own_loop(trainer, plan.device)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
