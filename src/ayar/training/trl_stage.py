@@ -89,8 +89,7 @@ def run_stage(
         )
     if not plan.reads_weights:
         sharding.trainable_in_memory(trainer.model)
-    if cfg.method != "full":
-        trainable_in_fp32(trainer.model)
+    trainable_in_fp32(trainer.model)  # these stages train adapters (method full is sft's alone)
     if plan.strategy == "fsdp" and plan.placement.dtype != torch.float32:
         sharding.outputs_in_fp32(trainer.model)
     compute_as_own_loop(trainer, plan.device)
