@@ -23,7 +23,9 @@ def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
             p.requires_grad_(True)
         return model
     model, config = for_trainer(model, method, lora_cfg, task_type)
-    return _get_peft_model(model, config)
+    model = _get_peft_model(model, config)
+    trainable_in_fp32(model)
+    return model
 
 
 def for_trainer(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
@@ -48,12 +50,13 @@ def trainable_in_fp32(model) -> None:
     choice), where AdamW's small updates round away and, on CPUs without bf16 instructions, every adapter matmul
     is slow; peft leaves a module it trains in full beside the adapters (a reward model's or classifier's score
     head, `lora.modules_to_save`) in the base's dtype, which accelerate's FSDP turns fp32 (its units take one dtype
-    of trained weights): fp32 under every strategy, the same run. Called on a Trainer stage's model after it is
-    built, before its optimizer is."""
+    of trained weights, as DeepSpeed's ZeRO-3 does): fp32 under every strategy, the same run. Called as the
+    adapter is made (`apply_method`) and on a Trainer stage's model after it is built, before its optimizer is. A
+    weight DeepSpeed split as it was built (ZeRO-3 loading on rank 0) is left as it is: its parts are DeepSpeed's."""
     import torch
 
     for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
+        if p.requires_grad and p.dtype != torch.float32 and not hasattr(p, "ds_id"):
             p.data = p.data.float()
 
 

@@ -346,6 +346,20 @@ def test_peft_variants_train_and_round_trip(tiny_model_dir, tmp_path, overrides)
         assert torch.equal(engine.model(input_ids=ids).logits, again)
 
 
+def test_modules_trained_in_full_over_a_bf16_base_train_in_fp32(tiny_model_dir):
+    """peft's copies of `lora.modules_to_save` start in the base's dtype; ayar trains them in fp32 as the adapters
+    (models/adapters.py `trainable_in_fp32`): in bf16 AdamW's small updates round away, and FSDP and ZeRO-3 take one
+    dtype of trained weights per unit (test_sharding.py runs them). The frozen base stays bf16."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = apply_method(base, "lora", LoraConfig(modules_to_save=["input_layernorm"]))
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("input_layernorm.modules_to_save" in n for n in trained)
+    assert set(trained.values()) == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
 def test_loraplus_puts_b_matrices_in_a_faster_group(tiny_model_dir):
     from types import SimpleNamespace
 
