@@ -251,10 +251,14 @@ def per_rank(
     return MemoryPlan(parts, plan.available, plan.device, plan.tokens, plan.trained, offloaded, note, plan.heaviest)
 
 
-def model_shape(hf_config, target_modules, r: int, stored_dtype: str | None = None) -> Shape:
+def model_shape(
+    hf_config, target_modules, r: int, stored_dtype: str | None = None, modules_to_save: list | None = None
+) -> Shape:
     """Sizes from the model's config: the model is built on the meta device (no memory), so parameter and
     LoRA counts are exact for any architecture, fused projections included. `stored_dtype`: the checkpoint's
-    (`models.load.stored_dtype`; a loaded model's config names the dtype it was loaded in)."""
+    (`models.load.stored_dtype`; a loaded model's config names the dtype it was loaded in). `modules_to_save`
+    (`lora.modules_to_save`): modules trained in full beside the adapters, counted with them (`lora_params`): peft
+    trains an fp32 copy of each (models/adapters.py `trainable_in_fp32`), with its gradient and AdamW states."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -271,6 +275,9 @@ def model_shape(hf_config, target_modules, r: int, stored_dtype: str | None = No
         if isinstance(m, torch.nn.Linear) and m is not output and matches_target(name, target_modules)
     ]
     lora = sum(r * (m.in_features + m.out_features) for m in wrapped)
+    # peft's rule (peft/utils/other.py `_set_trainable`): every module whose name ends with an entry
+    full = [m for name, m in model.named_modules() if name and any(name.endswith(t) for t in modules_to_save or ())]
+    lora += sum(p.numel() for m in full for p in m.parameters())
     distinct, attention_out = _inputs(model, wrapped)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output]
     all_distinct, _ = _inputs(model, linears)

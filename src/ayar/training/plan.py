@@ -660,12 +660,14 @@ def _judge_memory(cfg, plan, fixes, layout, say, sharding=None):
 
 
 def shape_of(hf_config, cfg) -> Shape:
-    """The memory planner's sizes of the run's model (`model_shape`): its config, the run's LoRA targets and rank, and
-    the dtype its weights are stored in (a loaded model's config names the dtype it was loaded in)."""
+    """The memory planner's sizes of the run's model (`model_shape`): its config, the run's LoRA targets, rank and
+    modules trained in full beside them, and the dtype its weights are stored in (a loaded model's config names the
+    dtype it was loaded in)."""
     from ayar.models.load import stored_dtype
     from ayar.training.memory import model_shape
 
-    return model_shape(hf_config, cfg.lora.target_modules, cfg.lora.r, _name(stored_dtype(cfg.model.name)))
+    stored = _name(stored_dtype(cfg.model.name))
+    return model_shape(hf_config, cfg.lora.target_modules, cfg.lora.r, stored, cfg.lora.modules_to_save)
 
 
 def _name(dtype: torch.dtype | None) -> str | None:

@@ -69,6 +69,34 @@ def test_lora_parameter_count_for_named_and_regex_targets():
         )
 
 
+@pytest.mark.parametrize("modules", [["lm_head"], ["input_layernorm", "embed_tokens"]])
+def test_modules_trained_in_full_are_planned_with_the_adapters(modules):
+    """`lora.modules_to_save` over a bf16 base: the planner counts peft's trained copies with the adapters (they
+    were left out: 16 bytes a weight unplanned, 453 MB for SmolLM2's output head), as many weights as peft trains,
+    and after an AdamW step the trained weights, their gradients and AdamW states take what the plan holds for them
+    (fp32, models/adapters.py `trainable_in_fp32`)."""
+    from ayar.config.schema import LoraConfig
+    from ayar.models.adapters import apply_method, parameter_counts
+
+    model = make_model("llama", make_tokenizer("llama")).to(torch.bfloat16)
+    shape = model_shape(model.config, "all-linear", 8, modules_to_save=modules)
+    lora = LoraConfig(r=8, alpha=16, target_modules="all-linear", modules_to_save=modules)
+    peft_model = apply_method(model, "lora", lora)
+    assert shape.lora_params == parameter_counts(peft_model)[0] > model_shape(model.config, "all-linear", 8).lora_params
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained)
+    for p in trained:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    held = sum(
+        t.numel() * t.element_size() for p in trained for t in (p, p.grad, *optimizer.state[p].values()) if t.dim()
+    )
+    planned = plan_memory(
+        shape, weight_dtype="bfloat16", device="cpu", tokens=64, trained=32, method="lora", available=2**40
+    ).parts["adapter + grads + AdamW"]
+    assert planned == held
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_full_fine_tunes_gradients_meet_the_pass_only_where_a_step_takes_several(checkpointing):
     """The loop sets gradients to None at each step: where a step is one pass, its forward builds the activations with
