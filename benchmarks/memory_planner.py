@@ -39,6 +39,10 @@ CONFIGS = {
         "check",
         ["training.batch_size=16", "data.max_length=256", "lora.dropout=0", "training.rows_per_pass=8"],
     ),
+    "batch 8, max_len 512, modules, output head trained in full (lora.modules_to_save=[lm_head])": (
+        "check",
+        ["training.fused=false", "lora.modules_to_save=[lm_head]"],
+    ),
     "batch 8, max_len 512, full fine-tune (method=full, modules, 2 rows per pass)": ("check", ["method=full"]),
     "batch 8, max_len 512, full fine-tune, gradient checkpointing": (
         "check",
