@@ -323,6 +323,9 @@ def own_loop(cfg) -> bool:
     return cfg.stage == "sft" and cfg.task == "causal_lm"
 
 
+_SPLIT_BY = {"fsdp": "distributed.strategy fsdp", "zero3": "deepspeed ZeRO-3"}
+
+
 def check_strategy(cfg, strategy: str, device: str) -> None:
     """Refuse, before anything loads, what a distributed strategy cannot run (each with the way out)."""
     from ayar.models.adapters import CONVERTED_INITS
@@ -347,13 +350,9 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
                 "distributed.strategy deepspeed needs DeepSpeed, which is not installed: pip install -e "
                 "'.[deepspeed]' (or use distributed.strategy: ddp)"
             ) from None
-    split = (
-        "distributed.strategy fsdp"
-        if strategy == "fsdp"
-        else "deepspeed ZeRO-3"
-        if strategy == "deepspeed" and d.zero_stage == 3
-        else None
-    )
+    # what splits the weights, named as the messages below name it
+    planned = memory_strategy(strategy, d)
+    split = _SPLIT_BY[planned] if Sharding(strategy=planned).splits_weights else None
     if split and cfg.method != "full":
         from ayar.models.load import starting_point
 
