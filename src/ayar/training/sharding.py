@@ -90,13 +90,16 @@ def shard(
     kept = four_bit if every_rank else set()
     whole = {k: v for k, v in whole.items() if k not in kept and not {k.rsplit(".", n)[0] for n in (1, 2)} & four_bit}
     in_files = [f"model.{name}" for name, p in model.named_parameters() if p.is_meta] if parts_from else []
+    if rank == 0 and not parts_from and not every_rank and not four_bit:
+        _weights_out(model)  # in `whole` alone from here, each freed once sent: never beside rank 0's part
     for unit in units:
         fully_shard(unit, mesh=mesh, offload_policy=offload)
     root = fully_shard(WithLoss(model), mesh=mesh, offload_policy=offload)
     for unit in [*units, root]:
         unit.set_gradient_divide_factor(1.0)  # sums: each rank's loss is its share of the global mean already
         unit.set_force_sum_reduction_for_comms(True)
-    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight=not parts_from and not kept)
+    every_weight = not parts_from and not kept
+    _from_rank0(root, whole, mesh.device_type, bool(dcfg.offload), every_weight, units)
     for _, layer in four_bit_layers(model):  # the block scales compute where the gathered weights do
         layer.quant_state.to(mesh.device_type)
     if parts_from:
@@ -198,10 +201,26 @@ def four_bit_from_rank0(model, rank: int) -> None:
         layer.quant_state = qs
 
 
-def _from_rank0(root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True) -> None:
+def _weights_out(model) -> None:
+    """Rank 0's weights taken out of its model, which is left empty as the others' (meta device; a weight two
+    modules share stays shared): the state dict taken before holds them alone, and `_from_rank0` frees each unit's
+    once it is sent. Split first, rank 0 would hold its part of every weight beside its whole model."""
+    made = {}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and not p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                module._parameters[key] = made[id(p)]
+
+
+def _from_rank0(
+    root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True, units: list = ()
+) -> None:
     """Every rank's part of rank 0's weights (`whole`, {} elsewhere; `every_weight`: all of the model's), sent by
-    rank 0 (collective). A rank holding the model empty gets memory for its parts first; buffers outside the state
-    dict (rotary frequencies) are copied from rank 0 as they are."""
+    rank 0 (collective), a unit at a time (each of `units`, then the root's own), each unit's whole weights dropped
+    from `whole` once sent. A rank holding the model empty gets memory for its parts first; buffers outside the
+    state dict (rotary frequencies) are copied from rank 0 as they are."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -211,8 +230,21 @@ def _from_rank0(root: WithLoss, whole: dict, device_type: str, offload: bool, ev
         with torch.no_grad():
             for buffer, value in zip(root.buffers(), kept, strict=True):
                 buffer.copy_(value)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload, strict=every_weight)
+    names = list(root.state_dict())
+    if every_weight:  # checked before anything is sent, said by every rank
+        missing = [n for n, _ in root.named_parameters() if n not in whole] if dist.get_rank() == 0 else []
+        said = [missing]
+        dist.broadcast_object_list(said, src=0)
+        if said[0]:
+            raise RuntimeError(f"rank 0 has no weights for {', '.join(said[0][:5])} to send")
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload, strict=False)
+    for name, unit in root.named_modules():  # each unit loads its own (the root's load copies every part in)
+        if any(unit is u for u in units):
+            prefix = f"{name}."
+            set_model_state_dict(unit, {n.removeprefix(prefix): whole.pop(n) for n in names if n.startswith(prefix)
+                                        and n in whole}, options=opts)  # fmt: skip
     set_model_state_dict(root, whole, options=opts)
+    whole.clear()
     for buffer in root.buffers():
         dist.broadcast(buffer, src=0)
 
