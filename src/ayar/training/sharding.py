@@ -218,31 +218,33 @@ def _from_rank0(
     root: WithLoss, whole: dict, device_type: str, offload: bool, every_weight: bool = True, units: list = ()
 ) -> None:
     """Every rank's part of rank 0's weights (`whole`, {} elsewhere; `every_weight`: all of the model's), sent by
-    rank 0 (collective), a unit at a time (each of `units`, then the root's own), each unit's whole weights dropped
-    from `whole` once sent. A rank holding the model empty gets memory for its parts first; buffers outside the
-    state dict (rotary frequencies) are copied from rank 0 as they are."""
+    rank 0 (collective) a unit at a time (each of `units`, then the root's own). A rank holding the model empty
+    (meta device; rank 0 too, its weights in `whole` alone: `_weights_out`) gets memory for a unit's parts just
+    before they come, and rank 0 drops that unit's whole weights once sent: it never holds its part of every weight
+    beside its whole model. Buffers (rotary frequencies, real in an empty model) are copied from rank 0 as they are."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if any(t.is_meta for t in root.parameters()):
-        kept = [b.detach().clone() for b in root.buffers()]  # real in an empty model; to_empty drops them
-        root.to_empty(device="cpu" if offload else device_type)
-        with torch.no_grad():
-            for buffer, value in zip(root.buffers(), kept, strict=True):
-                buffer.copy_(value)
-    names = list(root.state_dict())
+    device = "cpu" if offload else device_type
+
+    def materialize(module) -> None:  # memory for the parts still empty; received parts and buffers as they are
+        module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+
     if every_weight:  # checked before anything is sent, said by every rank
         missing = [n for n, _ in root.named_parameters() if n not in whole] if dist.get_rank() == 0 else []
         said = [missing]
         dist.broadcast_object_list(said, src=0)
         if said[0]:
             raise RuntimeError(f"rank 0 has no weights for {', '.join(said[0][:5])} to send")
+    names = list(root.state_dict())
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload, strict=False)
     for name, unit in root.named_modules():  # each unit loads its own (the root's load copies every part in)
         if any(unit is u for u in units):
+            materialize(unit)
             prefix = f"{name}."
             set_model_state_dict(unit, {n.removeprefix(prefix): whole.pop(n) for n in names if n.startswith(prefix)
                                         and n in whole}, options=opts)  # fmt: skip
+    materialize(root)
     set_model_state_dict(root, whole, options=opts)
     whole.clear()
     for buffer in root.buffers():
