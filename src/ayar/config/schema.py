@@ -287,11 +287,12 @@ class DistributedConfig:
     loading: str = _f(
         "auto",
         "FSDP and DeepSpeed ZeRO-3: which processes read the model's weights. FSDP: `rank0`: rank 0 alone, the others"
-        " receive their parts as the model is split (none but rank 0 holds the whole model; rank 0 holds it beside "
-        "its part while it sends). `every_rank`: each process reads the file and keeps its part (the processes of a "
-        "machine share the file's pages where it is stored in the loaded dtype). `parts` (ayar's own loop, LoRA, DoRA"
-        " or full): each process reads only its own parts of the weights from the model folder's safetensors files; "
-        "none holds the whole model (a full fine-tune is then saved by parts too). `auto`: for ayar's own loop "
+        " receive their parts as the model is split (none but rank 0 holds the whole model; in ayar's own loop rank 0"
+        " frees each layer's whole weights as it sends them, on the Trainer stages accelerate keeps them beside rank"
+        " 0's part until all are sent). `every_rank`: each process reads the file and keeps its part (the processes"
+        " of a machine share the file's pages where it is stored in the loaded dtype). `parts` (ayar's own loop, LoRA,"
+        " DoRA or full): each process reads only its own parts of the weights from the model folder's safetensors"
+        " files; none holds the whole model (a full fine-tune is then saved by parts too). `auto`: for ayar's own loop "
         "`parts` where the files hold every weight by name, else `rank0`; for the Trainer stages `rank0` where "
         "loading converts the weights' dtype, `every_rank` otherwise (benchmarks/README.md). DeepSpeed ZeRO-3: "
         "`rank0` (`auto` on GPUs): the model is built split (DeepSpeed's zero.Init, through transformers) and rank 0 "
