@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +44,35 @@ def require_llama_cpp() -> None:
         ) from None
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel's AMX matrix units (Sapphire Rapids and newer), which llama.cpp uses by itself."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@contextmanager
+def model_params(**fields):
+    """llama.cpp's model parameters, `fields` set, for a `Llama` made inside (llama-cpp-python's `Llama` takes no
+    argument for some of them and reads llama.cpp's defaults)."""
+    import llama_cpp.llama_cpp as native
+
+    default = native.llama_model_default_params
+
+    def params():
+        made = default()
+        for name, value in fields.items():
+            setattr(made, name, value)
+        return made
+
+    native.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = default
+
+
 class quiet_native_stderr:
     """Silence what C code writes to file descriptor 2 (Python's sys.stderr is left alone)."""
 
@@ -67,14 +97,18 @@ class GgufEngine(ExportedEngine):
 
         super().__init__(path, generation)
         self.adapter = gguf_adapter(path)  # applied by llama.cpp over the base, unmerged
-        self.llm = Llama(
-            model_path=str(gguf_file(path) or path),
-            lora_path=str(self.adapter) if self.adapter else None,
-            n_ctx=2048,
-            logits_all=True,
-            verbose=False,
-            n_threads=os.cpu_count(),
-        )
+        # On a CPU with AMX llama.cpp repacks quantized weights for it, and decoding a q8_0 or Q4_K_M model then
+        # crashed (segfault in its AMX matmul; llama.cpp issue #20824, fix proposed in PR #26954): there the weights
+        # keep the file's layout (no repacking into other buffers)
+        with model_params(**({"use_extra_bufts": False} if cpu_has_amx() else {})):
+            self.llm = Llama(
+                model_path=str(gguf_file(path) or path),
+                lora_path=str(self.adapter) if self.adapter else None,
+                n_ctx=2048,
+                logits_all=True,
+                verbose=False,
+                n_threads=os.cpu_count(),
+            )
         if hasattr(self.llm, "close"):  # free it before interpreter teardown, or llama-cpp-python's __del__ complains
             import atexit
 

@@ -286,6 +286,40 @@ def test_gguf_quantized_exports(gguf_run, tmp_path):
         assert all(0 <= p["top1_agreement"] <= 1 for p in report.prompts)
 
 
+def test_on_a_cpu_with_amx_llama_cpp_keeps_the_files_weight_layout(gguf_run, tmp_path, monkeypatch):
+    """On a CPU with AMX llama.cpp's repacking for it crashed decoding q8_0 and Q4_K_M models (a segfault in
+    test_gguf_quantized_exports on such a machine): there the engine loads them without extra buffer types, and
+    answers as elsewhere; llama.cpp's defaults are back once the model is loaded."""
+    import llama_cpp.llama_cpp as native
+
+    from ayar.exports.gguf import export_gguf
+    from ayar.infer import gguf_engine
+
+    seen = []
+    make = gguf_engine.model_params
+
+    def spied(**fields):
+        seen.append(fields)
+        return make(**fields)
+
+    monkeypatch.setattr(gguf_engine, "model_params", spied)
+    out = export_gguf(gguf_run, tmp_path / "q8_0", "q8_0", **quiet)
+    # the repacked path only where it does not crash: on a CPU without AMX
+    cases = (True,) if gguf_engine.cpu_has_amx() else (True, False)
+    answers = {}
+    for amx in cases:
+        monkeypatch.setattr(gguf_engine, "cpu_has_amx", lambda amx=amx: amx)
+        engine = gguf_engine.GgufEngine(out)
+        answers[amx] = engine.logprobs(engine.llm.tokenize(b"What is 7 plus 5?"))
+    assert seen == [{"use_extra_bufts": False}, {}][: len(cases)]
+    assert native.llama_model_default_params().use_extra_bufts  # llama.cpp's own default again
+    with make(use_extra_bufts=False):
+        assert not native.llama_model_default_params().use_extra_bufts
+    assert bool(torch.isfinite(answers[True]).all())
+    if False in answers:
+        torch.testing.assert_close(answers[True], answers[False], atol=1e-2, rtol=0)
+
+
 def test_gguf_export_chats_and_serves(gguf_run, tmp_path):
     import llama_cpp  # noqa: F401
 

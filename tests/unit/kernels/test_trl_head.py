@@ -57,7 +57,8 @@ def test_on_a_cpu_the_head_runs_narrower_tiles_to_the_same_log_probs(trl_width, 
     assert narrowed and calls == seen == [trl_width, trl_head.CPU_VOCAB_CHUNK] and trl_width > 5000
     assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == trl_width  # TRL's again after the block
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad_after, grad_before, atol=1e-5, rtol=1e-4)  # sums in another order
+    # sums over the tiles in another order: terms larger than the sum cancel (1.2e-5 apart on a Sapphire Rapids CPU)
+    torch.testing.assert_close(grad_after, grad_before, atol=5e-5, rtol=1e-4)
     assert float(grad_before.abs().max()) > 1e-3  # a gradient that could differ
 
 
