@@ -660,7 +660,7 @@ def test_rows_a_trainer_would_leave_out_are_said_before_training(tiny_model_dir,
 
 def test_a_task_head_over_a_bf16_base_trains_in_fp32(tiny_model_dir, tmp_path):
     """A reward model's score head, trained in full beside the adapters, keeps fp32 weights over a bf16 base as the
-    adapters do: in bf16 AdamW's updates under half a bf16 step round away (at 0.03 half a step is 1.2e-4, more than
+    adapters do: in bf16 AdamW's updates under half a bf16 step round away (at 0.04 half a step is 1.2e-4, more than
     a learning rate of 1e-4 moves a weight), and accelerate's FSDP turns it fp32 anyway (the same run either way)."""
     data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     kw = ["stage=reward", "training.max_steps=1", "data.val_ratio=0", "model.dtype=bfloat16"]
