@@ -129,13 +129,18 @@ def _as_quantized(model, quantization_config, placement: Placement) -> None:
 
 
 def replace_empty(model, make, where=lambda p: True) -> dict:
-    """Each parameter of `model` on the meta device (that `where` picks) replaced in its module by `make(p)`; a weight
-    two modules share (tied embeddings) gets one replacement, still shared. Returns {id(replacement): the empty
-    parameter it replaced}."""
+    """Each parameter of `model` on the meta device (that `where` picks) replaced in its module by `make(p)`
+    (`replace_parameters`). Returns {id(replacement): the empty parameter it replaced}."""
+    return replace_parameters(model, make, lambda p: p.is_meta and where(p))
+
+
+def replace_parameters(model, make, where=lambda p: True) -> dict:
+    """Each parameter of `model` that `where` picks replaced in its module by `make(p)`; a weight two modules share
+    (tied embeddings) gets one replacement, still shared. Returns {id(replacement): the parameter it replaced}."""
     made, replaced = {}, {}
     for module in model.modules():
         for key, p in list(module._parameters.items()):
-            if p is not None and p.is_meta and where(p):
+            if p is not None and where(p):
                 if id(p) not in made:
                     made[id(p)] = make(p)
                     replaced[id(made[id(p)])] = p

@@ -205,13 +205,12 @@ def _weights_out(model) -> None:
     """Rank 0's weights taken out of its model, which is left empty as the others' (meta device; a weight two
     modules share stays shared): the state dict taken before holds them alone, and `_from_rank0` frees each unit's
     once it is sent. Split first, rank 0 would hold its part of every weight beside its whole model."""
-    made = {}
-    for module in model.modules():
-        for key, p in list(module._parameters.items()):
-            if p is not None and not p.is_meta:
-                if id(p) not in made:
-                    made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-                module._parameters[key] = made[id(p)]
+    from ayar.models.load import replace_parameters
+
+    def empty(p):
+        return torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+
+    replace_parameters(model, empty, lambda p: not p.is_meta)
 
 
 def _from_rank0(
