@@ -92,3 +92,200 @@ def train_in_processes(cfg, nproc: int, resume: str | Path | None = None) -> Pat
     if code:
         raise AyarError(f"training in {nproc} processes failed (exit code {code}); the first error is above")
     return path
+
+
+# --- the other side: a process `accelerate launch` started ---------------------------------------------------------
+# accelerate launch hands its flags (and those of its own config file, `accelerate config`) to the processes it
+# starts as environment variables (accelerate/utils/launch.py). ayar reads them once, into the run's config, and takes
+# them out of the environment: below it transformers and accelerate would read them again, each its own way (a
+# Trainer stage ran accelerate's FSDP or bf16 policy where ayar planned data parallel in fp32, ayar's own loop
+# silently ran data parallel).
+_TAKEN = (
+    "ACCELERATE_USE_FSDP",
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_MIXED_PRECISION",
+    "ACCELERATE_USE_CPU",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "ACCELERATE_GRADIENT_CLIPPING",
+    "ACCELERATE_CONFIG_DS_FIELDS",
+)
+_TAKEN_PREFIXES = ("FSDP_", "ACCELERATE_DEEPSPEED_")
+_FSDP_SHARD = {"FULL_SHARD": "full", "1": "full", "HYBRID_SHARD": "hybrid", "4": "hybrid"}
+_MIXED = {"bf16": "bfloat16", "fp16": "float16"}
+_SAY_FLAGS = "accelerate launch (its flags or its config file, `accelerate config`)"
+
+
+def _flag(env, name: str) -> bool:
+    return env.get(name, "false").strip().lower() in ("true", "1", "yes")
+
+
+def _from_deepspeed_file(path: str, said: list, notes: list) -> None:
+    """What ayar takes from a DeepSpeed config file given to accelerate launch (`--deepspeed_config_file`): the ZeRO
+    stage, offload and accumulation; ayar writes the rest of DeepSpeed's config from the run's own."""
+    import json
+
+    where = f"--deepspeed_config_file {path}"
+    try:
+        ds = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror or e}); give accelerate launch a readable file") from e
+    except ValueError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e}); fix the file or drop the flag") from e
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{where}: a DeepSpeed config is a JSON object; fix the file or drop the flag")
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be an object; fix the file or drop the flag")
+    stage = zero.get("stage", "auto")
+    if stage != "auto":
+        said.append(("distributed.zero_stage", _zero_stage(stage, f"{where} (zero_optimization.stage)"), where))
+    devices = [(zero.get(k) or {}).get("device", "none") for k in ("offload_optimizer", "offload_param")]
+    if any(d != "none" and d != "auto" for d in devices):
+        said.append(("distributed.offload", _offload(devices, where), where))
+    accum = ds.get("gradient_accumulation_steps", "auto")
+    if accum != "auto":
+        said.append(("training.grad_accum", _positive_int(accum, f"{where} (gradient_accumulation_steps)"), where))
+    clip = ds.get("gradient_clipping", "auto")
+    if clip != "auto":
+        said.append(("training.max_grad_norm", _number(clip, f"{where} (gradient_clipping)"), where))
+    taken = {"zero_optimization", "gradient_accumulation_steps", "gradient_clipping"}
+    unused = sorted(k for k, v in ds.items() if k not in taken and v != "auto")
+    unused += sorted(f"zero_optimization.{k}" for k, v in zero.items() if k not in
+                     ("stage", "offload_optimizer", "offload_param") and v != "auto")  # fmt: skip
+    if unused:
+        notes.append(
+            f"not used from {path}: {', '.join(unused)} (ayar writes DeepSpeed's config from the run's config: "
+            "the training section's batch, optimizer and schedule, distributed.zero_stage and offload)"
+        )
+
+
+def _zero_stage(value, where: str) -> int:
+    if str(value) in ("2", "3"):
+        return int(value)
+    raise ConfigError(
+        f"{where} asks for ZeRO stage {value}: ayar runs DeepSpeed ZeRO-2 or ZeRO-3; ask for 2 (gradients and "
+        "optimizer states split) or 3 (weights too), or launch without DeepSpeed for plain data parallel"
+    )
+
+
+def _offload(devices: list, where: str) -> bool:
+    if "nvme" in devices:
+        raise ConfigError(f"{where}: offload to NVMe is not supported by ayar; offload to cpu, or not at all")
+    return "cpu" in devices
+
+
+def _positive_int(value, where: str) -> int:
+    text = str(value).strip()
+    if not isinstance(value, bool) and text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ConfigError(f"{where} is {value!r}: give a whole number of micro-batches, 1 or more")
+
+
+def _number(value, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if number < 0:
+        raise ConfigError(f"{where} is {value!r}: give a gradient norm, 0 or more")
+    return number
+
+
+def _launcher_said(env) -> tuple[list, list]:
+    """(config field, value, the flag that said it) for everything accelerate launch said that is not its default,
+    and notes to print. Refuses what ayar cannot run, each with the way out."""
+    said, notes = [], []
+    if _flag(env, "ACCELERATE_USE_MEGATRON_LM") or _flag(env, "ACCELERATE_USE_PARALLELISM_CONFIG"):
+        raise ConfigError(
+            f"{_SAY_FLAGS} asks for Megatron-LM or tensor/context parallelism: ayar trains with data parallel, FSDP "
+            "or DeepSpeed ZeRO; launch with --multi_gpu, --use_fsdp or --use_deepspeed (or set distributed.strategy)"
+        )
+    if _flag(env, "ACCELERATE_USE_FSDP"):
+        said.append(("distributed.strategy", "fsdp", "--use_fsdp"))
+        shard = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+        if shard not in _FSDP_SHARD:
+            raise ConfigError(
+                f"{_SAY_FLAGS} says --fsdp_sharding_strategy {shard}: ayar's FSDP splits weights, gradients and "
+                "optimizer states (FULL_SHARD) or does so within each machine (HYBRID_SHARD); for gradients and "
+                "optimizer states alone launch with --use_deepspeed --zero_stage 2, for no splitting --multi_gpu"
+            )
+        if _FSDP_SHARD[shard] != "full":
+            said.append(("distributed.shard", _FSDP_SHARD[shard], f"--fsdp_sharding_strategy {shard}"))
+        if env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() in ("false", "0", "no"):
+            raise ConfigError(
+                f"{_SAY_FLAGS} says --fsdp_reshard_after_forward false: ayar's FSDP frees each layer's gathered "
+                "weights after its forward; drop the flag, or launch with --use_deepspeed --zero_stage 2 to keep "
+                "the weights whole"
+            )
+        if _flag(env, "FSDP_OFFLOAD_PARAMS"):
+            said.append(("distributed.offload", True, "--fsdp_offload_params true"))
+        if _flag(env, "FSDP_ACTIVATION_CHECKPOINTING"):
+            said.append(("training.gradient_checkpointing", True, "--fsdp_activation_checkpointing true"))
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        if said and said[0][1] == "fsdp":
+            raise ConfigError(f"{_SAY_FLAGS} asks for both FSDP and DeepSpeed; launch with one of them")
+        said.append(("distributed.strategy", "deepspeed", "--use_deepspeed"))
+        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            _from_deepspeed_file(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"], said, notes)
+        if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+            stage = env["ACCELERATE_DEEPSPEED_ZERO_STAGE"].strip()
+            said.append(
+                ("distributed.zero_stage", _zero_stage(stage, f"{_SAY_FLAGS}'s --zero_stage"), f"--zero_stage {stage}")
+            )
+        devices = [
+            env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none").strip().lower() for k in ("OPTIMIZER", "PARAM")
+        ]
+        if any(d != "none" for d in devices):
+            flag = "--offload_optimizer_device / --offload_param_device " + "/".join(devices)
+            said.append(("distributed.offload", _offload(devices, _SAY_FLAGS), flag))
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if mixed not in ("no", *_MIXED):
+        raise ConfigError(
+            f"{_SAY_FLAGS} says --mixed_precision {mixed}: ayar computes in bf16 or fp16 (model.dtype); launch "
+            "with --mixed_precision bf16, fp16 or no"
+        )
+    if mixed in _MIXED:
+        said.append(("model.dtype", _MIXED[mixed], f"--mixed_precision {mixed}"))
+    if _flag(env, "ACCELERATE_USE_CPU"):
+        said.append(("model.device", "cpu", "--cpu"))
+    if "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in env:
+        steps = _positive_int(env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"].strip(), "--gradient_accumulation_steps")
+        said.append(("training.grad_accum", steps, "--gradient_accumulation_steps"))
+    if "ACCELERATE_GRADIENT_CLIPPING" in env:
+        clip = _number(env["ACCELERATE_GRADIENT_CLIPPING"].strip(), "--gradient_clipping")
+        said.append(("training.max_grad_norm", clip, "--gradient_clipping"))
+    return said, notes
+
+
+def from_accelerate_launch(cfg, resuming: bool = False, env=None):
+    """`cfg` (a TrainConfig) with what accelerate launch said (`env`: this process's environment): its strategy
+    (`--use_fsdp`, `--use_deepspeed`), their options, `--mixed_precision`, `--cpu`, accumulation and clipping. A value
+    the launcher set applies where the config leaves that field at its default, as if the config had said it; where
+    both said different things the run stops (which was meant cannot be told), and a resumed run keeps what it was
+    trained with. The variables read are then taken out of `env`. Returns (config, lines to print)."""
+    import copy
+
+    env = os.environ if env is None else env
+    said, notes = _launcher_said(env)
+    cfg = copy.deepcopy(cfg)
+    adopted = []
+    for path, value, flag in said:
+        section, name = path.split(".")
+        holder = getattr(cfg, section)
+        current, default = getattr(holder, name), type(holder).__dataclass_fields__[name].default
+        if current == value:
+            continue
+        if resuming or current != default:
+            why = "the run being resumed was trained with" if resuming else "the config says"
+            raise ConfigError(
+                f"{_SAY_FLAGS} says {flag} ({path}: {value}), but {why} {path}: {current}. Make them agree: drop "
+                "the flag from accelerate launch (or from its config file: `accelerate env` names it)"
+                + ("" if resuming else f", or set {path}: {value} in the config")
+            )
+        setattr(holder, name, value)
+        adopted.append(f"{path} {value} ({flag})")
+    if adopted:
+        notes.insert(0, "launch from accelerate launch: " + ", ".join(adopted))
+    for name in [k for k in env if k in _TAKEN or k.startswith(_TAKEN_PREFIXES)]:
+        del env[name]
+    return cfg, notes

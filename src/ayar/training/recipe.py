@@ -25,6 +25,8 @@ from ayar.training.allocator import (
     training_peak_rss_mb,
 )
 from ayar.training.distributed import World
+from ayar.training.launch import from_accelerate_launch
+from ayar.training.plan import launcher_world
 from ayar.training.plots import plot_loss
 from ayar.training.tracking import Tracker
 
@@ -61,13 +63,17 @@ class Recipe:
         """A new run of `cfg`, or the run at `resume` with its own saved config (`cfg`, when given, is that
         config as the caller already read it)."""
         console = console or Console(stderr=True)
-        if resume is None:
+        run = None if resume is None else RunDir.open(resume)
+        cfg, notes = from_accelerate_launch(cfg or run.read_config(), resuming=run is not None)
+        if launcher_world()[1] == 0:
+            for line in notes:
+                console.print(line, soft_wrap=True, highlight=False)
+        if run is None:
             if cfg.output.path:
                 RunDir.check_new(cfg.output.path)  # before minutes of loading, not after
             return cls(cfg, console)
-        run = RunDir.open(resume)
         run.stop_request.unlink(missing_ok=True)  # resuming a stopped run is asking it to go on
-        return cls(cfg or run.read_config(), console, run, resuming=True)
+        return cls(cfg, console, run, resuming=True)
 
     def say(self, text: str) -> None:
         if self.world.main:

@@ -212,6 +212,19 @@ def test_a_trl_stage_runs_under_the_same_launcher(tiny_model_dir, tmp_path, stag
     assert json.loads((tmp_path / stage / "run.json").read_text())["status"] == "completed"
 
 
+def _accelerate_launch(flags: list[str], ayar_args: list[str], cwd):
+    """`accelerate launch FLAGS --num_processes 2 -m ayar train AYAR_ARGS`, accelerate's own config file (if this
+    machine has one) left out."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(cwd / "home"),
+           "HF_HOME": str(cwd / "hf")}  # fmt: skip
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2",
+              "--num_machines", "1", "--main_process_port", str(free_port())]  # fmt: skip
+    return subprocess.run(
+        [*launch, "-m", "ayar", "train", *ayar_args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_accelerate_launch_runs_ayar_train_as_users_type_it(tiny_model_dir, tmp_path, stage):
@@ -223,14 +236,7 @@ def test_accelerate_launch_runs_ayar_train_as_users_type_it(tiny_model_dir, tmp_
     rows = MATH_ROWS * 2 if stage == "sft" else PAIRS[:8]
     common = [f"model.name={tiny_model_dir}", f"data.train={write_jsonl(tmp_path / 'd.jsonl', rows)}", *COMMON,
               f"stage={stage}", "training.max_steps=3", "training.batch_size=2"]  # fmt: skip
-    # accelerate's own config file, if a user has one, must not decide how this runs
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home"),
-           "HF_HOME": str(tmp_path / "hf")}  # fmt: skip
-    env.pop("WORLD_SIZE", None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--main_process_port", str(free_port())]  # fmt: skip
-    done = subprocess.run([*launch, "-m", "ayar", "train", *common, f"output.path={tmp_path / 'acc'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    done = _accelerate_launch(["--multi_gpu"], [*common, f"output.path={tmp_path / 'acc'}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((tmp_path / "acc" / "run.json").read_text())
     assert meta["status"] == "completed" and meta["plan"]["world_size"] == 2
@@ -239,6 +245,43 @@ def test_accelerate_launch_runs_ayar_train_as_users_type_it(tiny_model_dir, tmp_
         ours = _train([*common, f"output.path={tmp_path / 'nproc'}", "--nproc", "2"], tmp_path)
         assert ours.returncode == 0, ours.stderr[-3000:]
         assert losses(tmp_path / "acc") == losses(tmp_path / "nproc") and len(losses(tmp_path / "acc")) == 3
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "stage, flags, ours",
+    [
+        ("sft", ["--use_fsdp"], ["distributed.strategy=fsdp"]),
+        (
+            "sft",
+            ["--use_deepspeed", "--zero_stage", "3"],
+            ["distributed.strategy=deepspeed", "distributed.zero_stage=3"],
+        ),
+        ("dpo", ["--use_fsdp"], ["distributed.strategy=fsdp"]),
+    ],
+)
+def test_accelerate_launchs_strategy_flags_run_that_strategy(tiny_model_dir, tmp_path, stage, flags, ours):
+    """`accelerate launch --use_fsdp` / `--use_deepspeed --zero_stage 3` run ayar's FSDP / ZeRO-3, as
+    `distributed.strategy` would (before, ayar's own loop ran data parallel without a word, and a Trainer stage under
+    --use_fsdp on a CPU stopped with accelerate's traceback): the same losses as `--nproc 2` with the config's
+    section, the strategy recorded in the run's config.yaml and run.json."""
+    from tests.unit.training.test_stages import PAIRS
+
+    rows = MATH_ROWS * 2 if stage == "sft" else PAIRS[:8]
+    common = [f"model.name={tiny_model_dir}", f"data.train={write_jsonl(tmp_path / 'd.jsonl', rows)}", *COMMON,
+              f"stage={stage}", "training.max_steps=3", "training.batch_size=2"]  # fmt: skip
+    done = _accelerate_launch(flags, [*common, f"output.path={tmp_path / 'acc'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("launch from accelerate launch: distributed.strategy") == 1  # said once, by rank 0
+    meta = json.loads((tmp_path / "acc" / "run.json").read_text())
+    strategy = ours[0].split("=")[1]
+    assert (
+        meta["plan"]["strategy"] == strategy
+        and f"strategy: {strategy}" in (tmp_path / "acc" / "config.yaml").read_text()
+    )
+    ours_run = _train([*common, *ours, f"output.path={tmp_path / 'nproc'}", "--nproc", "2"], tmp_path)
+    assert ours_run.returncode == 0, ours_run.stderr[-3000:]
+    assert losses(tmp_path / "acc") == losses(tmp_path / "nproc") and len(losses(tmp_path / "acc")) == 3
 
 
 @pytest.mark.distributed

@@ -1,0 +1,174 @@
+"""training/launch.py: what `accelerate launch` tells the processes it starts (its flags and its own config file,
+as accelerate's own launcher writes them into their environment) becomes the run's config, once; what cannot be
+run, or contradicts the config, stops the run with the flag named."""
+
+import json
+import os
+
+import pytest
+
+from ayar.config import TrainConfig
+from ayar.errors import ConfigError
+from ayar.training.launch import from_accelerate_launch
+
+
+def launched_env(argv: list[str], monkeypatch, tmp_path) -> dict:
+    """The environment accelerate launch's own code gives the processes `accelerate launch ARGV -m ayar train c.yaml`
+    starts (its start of torchrun replaced by a look at the environment). This machine's accelerate config file, if
+    any, is not read: a test gives its own with --config_file."""
+    import accelerate.commands.launch as acc
+    import torch.distributed.run as distrib_run
+
+    seen = {}
+
+    class Started:  # one process started without torchrun (accelerate's simple launcher)
+        returncode = 0
+
+        def __init__(self, cmd, env):
+            seen.update(env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(acc, "default_config_file", str(tmp_path / "no-accelerate-config.yaml"))
+    monkeypatch.setattr(distrib_run, "run", lambda args: seen.update(os.environ))
+    monkeypatch.setattr(acc.subprocess, "Popen", Started)
+    acc.launch_command(acc.launch_command_parser().parse_args([*argv, "-m", "ayar", "train", "c.yaml"]))
+    assert seen, "accelerate launch started no processes"
+    return seen
+
+
+TWO = ["--num_processes", "2", "--num_machines", "1"]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--multi_gpu"], {}),
+        (["--use_fsdp"], {"distributed.strategy": "fsdp"}),
+        (
+            ["--use_fsdp", "--fsdp_sharding_strategy", "HYBRID_SHARD", "--fsdp_offload_params", "true",
+             "--fsdp_activation_checkpointing", "true"],
+            {"distributed.strategy": "fsdp", "distributed.shard": "hybrid", "distributed.offload": True,
+             "training.gradient_checkpointing": True},
+        ),
+        (
+            ["--use_deepspeed", "--zero_stage", "3", "--offload_optimizer_device", "cpu",
+             "--gradient_accumulation_steps", "4", "--gradient_clipping", "0.5"],
+            {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3, "distributed.offload": True,
+             "training.grad_accum": 4, "training.max_grad_norm": 0.5},
+        ),
+        (["--multi_gpu", "--mixed_precision", "bf16"], {"model.dtype": "bfloat16"}),
+        (["--cpu", "--mixed_precision", "fp16"], {"model.dtype": "float16", "model.device": "cpu"}),
+    ],
+)  # fmt: skip
+def test_accelerate_launch_flags_become_the_runs_config(argv, expected, monkeypatch, tmp_path):
+    env = launched_env([*argv, *TWO], monkeypatch, tmp_path)
+    cfg, notes = from_accelerate_launch(TrainConfig(), env=env)
+    want = TrainConfig()
+    for path, value in expected.items():
+        section, name = path.split(".")
+        setattr(getattr(want, section), name, value)
+    assert cfg == want
+    assert bool(notes) == bool(expected) and all(path in notes[0] for path in expected)
+    # read once: nothing below (transformers' TrainingArguments, accelerate's state) reads them again its own way
+    assert not [k for k in env if k.startswith(("ACCELERATE_USE_", "ACCELERATE_DEEPSPEED_", "FSDP_"))]
+    assert "ACCELERATE_MIXED_PRECISION" not in env
+
+
+def test_accelerates_own_config_file_is_read_as_its_flags(monkeypatch, tmp_path):
+    """What `accelerate config` wrote (accelerate launch --config_file, or its default file) says the same as flags."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: bf16\nnum_machines: 1\n"
+        "num_processes: 2\nmachine_rank: 0\nuse_cpu: false\n"
+        "fsdp_config:\n  fsdp_version: 2\n  fsdp_offload_params: true\n  fsdp_reshard_after_forward: true\n"
+    )
+    cfg, _ = from_accelerate_launch(
+        TrainConfig(), env=launched_env(["--config_file", str(config)], monkeypatch, tmp_path)
+    )
+    assert (cfg.distributed.strategy, cfg.distributed.offload, cfg.model.dtype) == ("fsdp", True, "bfloat16")
+
+
+def test_a_config_that_says_otherwise_stops_the_run(monkeypatch, tmp_path):
+    """Where the config and the launcher name different values neither is taken: the error names the flag, the
+    field and both values. The launcher's own defaults (FULL_SHARD, written for every --use_fsdp) leave the config's
+    choice alone."""
+    cfg = TrainConfig()
+    cfg.distributed.strategy = "deepspeed"
+    with pytest.raises(ConfigError, match=r"--use_fsdp \(distributed.strategy: fsdp\), but the config says "
+                       r"distributed.strategy: deepspeed"):  # fmt: skip
+        from_accelerate_launch(cfg, env=launched_env(["--use_fsdp", *TWO], monkeypatch, tmp_path))
+    cfg.distributed.strategy, cfg.distributed.zero_stage = "deepspeed", 3
+    with pytest.raises(ConfigError, match="--zero_stage 2"):
+        from_accelerate_launch(
+            cfg, env=launched_env(["--use_deepspeed", "--zero_stage", "2", *TWO], monkeypatch, tmp_path)
+        )
+    cfg = TrainConfig()
+    cfg.model.dtype = "float32"
+    with pytest.raises(ConfigError, match="--mixed_precision bf16.*model.dtype: float32"):
+        from_accelerate_launch(
+            cfg, env=launched_env(["--multi_gpu", "--mixed_precision", "bf16", *TWO], monkeypatch, tmp_path)
+        )
+    cfg = TrainConfig()
+    cfg.distributed.strategy, cfg.distributed.shard = "fsdp", "hybrid"
+    same, _ = from_accelerate_launch(cfg, env=launched_env(["--use_fsdp", *TWO], monkeypatch, tmp_path))
+    assert same == cfg
+
+
+def test_a_resumed_run_keeps_what_it_was_trained_with(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="the run being resumed was trained with distributed.strategy: ddp"):
+        from_accelerate_launch(
+            TrainConfig(), resuming=True, env=launched_env(["--use_fsdp", *TWO], monkeypatch, tmp_path)
+        )
+    saved = TrainConfig()
+    saved.distributed.strategy = "fsdp"
+    assert (
+        from_accelerate_launch(saved, resuming=True, env=launched_env(["--use_fsdp", *TWO], monkeypatch, tmp_path))[0]
+        == saved
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--use_fsdp", "--fsdp_sharding_strategy", "SHARD_GRAD_OP"], "--fsdp_sharding_strategy SHARD_GRAD_OP"),
+        (["--use_fsdp", "--fsdp_sharding_strategy", "NO_SHARD"], "--fsdp_sharding_strategy NO_SHARD"),
+        (["--use_fsdp", "--fsdp_reshard_after_forward", "false"], "--fsdp_reshard_after_forward false"),
+        (["--use_deepspeed", "--zero_stage", "1"], "ZeRO stage 1"),
+        (["--use_deepspeed", "--zero_stage", "3", "--offload_param_device", "nvme"], "NVMe"),
+        (["--use_megatron_lm"], "Megatron-LM"),
+    ],
+)
+def test_what_ayar_cannot_run_is_refused_with_the_flag_named(argv, says, monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match=says):
+        from_accelerate_launch(TrainConfig(), env=launched_env([*argv, *TWO], monkeypatch, tmp_path))
+    # fp8 (accelerate refuses it itself on a machine without Transformer Engine, MS-AMP or torchao, as this one)
+    with pytest.raises(ConfigError, match="--mixed_precision fp8"):
+        from_accelerate_launch(TrainConfig(), env={"ACCELERATE_MIXED_PRECISION": "fp8"})
+
+
+def test_a_deepspeed_config_file_gives_its_stage_and_offload(monkeypatch, tmp_path):
+    """`--deepspeed_config_file`: its ZeRO stage, offload, accumulation and clipping are taken ("auto" leaves the
+    config's); what ayar writes itself from the run's config is named as not used."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True},
+        "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.3,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+    }))  # fmt: skip
+    env = launched_env(["--use_deepspeed", "--deepspeed_config_file", str(ds), *TWO], monkeypatch, tmp_path)
+    cfg, notes = from_accelerate_launch(TrainConfig(), env=env)
+    d = cfg.distributed
+    assert (d.strategy, d.zero_stage, d.offload, cfg.training.grad_accum, cfg.training.max_grad_norm) == (
+        "deepspeed", 3, True, 1, 0.3)  # fmt: skip
+    assert f"not used from {ds}: optimizer, zero_optimization.overlap_comm" in notes[1]
+    ds.write_text("{not json")
+    env = launched_env(["--use_deepspeed", "--deepspeed_config_file", str(ds), *TWO], monkeypatch, tmp_path)
+    with pytest.raises(ConfigError, match=f"--deepspeed_config_file {ds}: not valid JSON"):
+        from_accelerate_launch(TrainConfig(), env=env)
+
+
+def test_a_process_no_launcher_started_is_left_as_it_is():
+    cfg, notes = from_accelerate_launch(TrainConfig(), env={"PATH": "/bin"})
+    assert (cfg, notes) == (TrainConfig(), [])
