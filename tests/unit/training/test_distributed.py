@@ -285,46 +285,34 @@ def test_accelerate_launchs_strategy_flags_run_that_strategy(tiny_model_dir, tmp
 
 
 @pytest.mark.distributed
-def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
-    """`--nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT` on each of two "machines" (two commands on
-    127.0.0.1, one process each): they train as one run of world size 2, with the losses of 2 local processes."""
+@pytest.mark.parametrize("launcher", ["ayar", "accelerate"])
+def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path, launcher):
+    """Two "machines" (two commands on 127.0.0.1, one process each) meeting at one endpoint: `ayar train --nnodes 2
+    --node-rank R --rdzv-endpoint HOST:PORT`, or `accelerate launch --num_machines 2 --machine_rank R
+    --main_process_ip HOST --main_process_port PORT -m ayar train`: they train as one run of world size 2, with the
+    losses of 2 local processes."""
     port = free_port()
     data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home"),
+           "HF_HOME": str(tmp_path / "hf")}  # fmt: skip
     env.pop("WORLD_SIZE", None)
-    common = [
-        f"model.name={tiny_model_dir}",
-        "model.dtype=float32",
-        f"data.train={data}",
-        "data.val_ratio=0",
-        "data.lint=warn",
-        "training.max_steps=2",
-        "training.batch_size=2",
-        "training.tracker=none",
-        "training.threads=1",
-        "--nnodes",
-        "2",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
-    ]
+    common = [f"model.name={tiny_model_dir}", "model.dtype=float32", f"data.train={data}", "data.val_ratio=0",
+              "data.lint=warn", "training.max_steps=2", "training.batch_size=2", "training.tracker=none",
+              "training.threads=1"]  # fmt: skip
+
+    def machine(rank: int) -> list[str]:
+        out = f"output.path={tmp_path / f'node{rank}'}"
+        if launcher == "ayar":
+            where = ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--node-rank", str(rank)]
+            return [sys.executable, "-m", "ayar", "train", *common, out, *where]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(port), "-m", "ayar", "train", *common, out]  # fmt: skip
+
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ayar",
-                "train",
-                *common,
-                f"output.path={tmp_path / f'node{rank}'}",
-                "--node-rank",
-                str(rank),
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+            machine(rank), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         for rank in (0, 1)
     ]
     errors = [p.communicate(timeout=600)[1] for p in nodes]
@@ -334,7 +322,7 @@ def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path):
     assert sorted(written) == [False, True]
     meta = json.loads((tmp_path / f"node{written.index(True)}" / "run.json").read_text())
     assert meta["plan"]["world_size"] == 2 and meta["status"] == "completed"
-    local = _train([*common[: common.index("--nnodes")], f"output.path={tmp_path / 'local'}", "--nproc", "2"], tmp_path)
+    local = _train([*common, f"output.path={tmp_path / 'local'}", "--nproc", "2"], tmp_path)
     assert local.returncode == 0, local.stderr[-2000:]
     a, b = losses(tmp_path / f"node{written.index(True)}"), losses(tmp_path / "local")
     assert len(a) == 2 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5, (a, b)
