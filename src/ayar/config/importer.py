@@ -42,9 +42,6 @@ NOT_NEEDED = {
     "train_on_inputs_default",
     "pad_to_sequence_len",
     "eval_sample_packing",
-    "deepspeed",
-    "fsdp",
-    "fsdp_config",
 }
 LF_STAGES = {"sft": "sft", "dpo": "dpo", "kto": "dpo", "rm": "reward"}
 LF_PREF_LOSS = {"sigmoid": "dpo", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
@@ -116,6 +113,7 @@ def import_config(raw: dict, source_dir: Path) -> Imported:
         else:
             rest[key] = value
     (_llama_factory if tool == "llama-factory" else _axolotl)(rest, out, source_dir)
+    _distributed(rest, out, source_dir)
     ours = _our_names()
     passthrough = {}
     for key, value in rest.items():
@@ -132,6 +130,158 @@ def import_config(raw: dict, source_dir: Path) -> Imported:
 
     out.config = normalize({**out.config, **passthrough}, TrainConfig)  # aliases and flat keys to their sections
     return out
+
+
+# FSDP's sharding strategies as accelerate, transformers and Axolotl spell them -> distributed.shard
+FSDP_SHARDS = {"FULL_SHARD": "full", "1": "full", "HYBRID_SHARD": "hybrid", "4": "hybrid"}
+# transformers' `fsdp` words (TrainingArguments.fsdp, Axolotl's `fsdp` list) naming a sharding strategy
+_FSDP_WORDS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2"}
+# FSDP settings of the other tools that ayar decides itself (one FSDP2 unit per decoder layer, sharded checkpoints,
+# its own loading: distributed.loading)
+FSDP_OURS = {
+    "version",
+    "auto_wrap_policy",
+    "transformer_layer_cls_to_wrap",
+    "min_num_params",
+    "state_dict_type",
+    "cpu_ram_efficient_loading",
+    "sync_module_states",
+    "use_orig_params",
+    "limit_all_gathers",
+    "backward_prefetch",
+    "forward_prefetch",
+}
+
+
+@dataclass
+class DeepSpeedFile:
+    """What ayar takes from a DeepSpeed JSON config (a tool's `deepspeed: FILE`, accelerate launch's
+    `--deepspeed_config_file`): None where the file says "auto" or nothing; ayar writes the rest of DeepSpeed's
+    config from the run's own."""
+
+    stage: object = None
+    offload: list[str] = field(default_factory=list)  # offload_optimizer / offload_param devices named
+    grad_accum: object = None
+    clipping: object = None
+    unused: list[str] = field(default_factory=list)  # the file's other settings
+
+
+def read_deepspeed_file(path: Path, where: str) -> DeepSpeedFile:
+    try:
+        ds = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror or e}); give a readable DeepSpeed JSON file") from e
+    except ValueError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e}); fix the file") from e
+    return deepspeed_settings(ds, where)
+
+
+def deepspeed_settings(ds, where: str) -> DeepSpeedFile:
+    """A DeepSpeed config (parsed) as what ayar takes from it."""
+    zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: not a DeepSpeed config (a JSON object, its zero_optimization an object)")
+
+    def given(d: dict, key: str):
+        return None if d.get(key, "auto") == "auto" else d[key]
+
+    offload = [
+        o.get("device", "none") if isinstance(o := zero.get(k), dict) else "none"
+        for k in ("offload_optimizer", "offload_param")
+    ]
+    unused = sorted(
+        k
+        for k, v in ds.items()
+        if v != "auto" and k not in ("zero_optimization", "gradient_accumulation_steps", "gradient_clipping")
+    )
+    unused += sorted(
+        f"zero_optimization.{k}"
+        for k, v in zero.items()
+        if v != "auto" and k not in ("stage", "offload_optimizer", "offload_param")
+    )
+    return DeepSpeedFile(
+        given(zero, "stage"),
+        [str(d).lower() for d in offload if str(d).lower() not in ("none", "auto")],
+        given(ds, "gradient_accumulation_steps"),
+        given(ds, "gradient_clipping"),
+        unused,
+    )
+
+
+def _distributed(rest: dict, out: Imported, source_dir: Path) -> None:
+    """`deepspeed: FILE` (both tools) and Axolotl's / transformers' `fsdp` + `fsdp_config` as the distributed
+    section."""
+    ds_file, fsdp, fsdp_config = rest.pop("deepspeed", None), rest.pop("fsdp", None), rest.pop("fsdp_config", None)
+    rest.pop("fsdp_version", None)  # ayar runs FSDP2
+    if ds_file and (fsdp or fsdp_config):
+        out.unmapped.append("deepspeed and fsdp: both given (ayar runs one: set distributed.strategy)")
+        return
+    if isinstance(ds_file, dict):  # transformers' TrainingArguments take the config itself too
+        ds = deepspeed_settings(ds_file, "deepspeed")
+    elif isinstance(ds_file, str) and ds_file:
+        path = Path(ds_file).expanduser()
+        path = path if path.is_absolute() else source_dir / path
+        if not path.is_file():
+            out.unmapped.append(
+                f"deepspeed: {ds_file!r} (not found here: set distributed.strategy: deepspeed and "
+                "distributed.zero_stage: 2 or 3, distributed.offload)"
+            )
+            return
+        ds = read_deepspeed_file(path, f"deepspeed: {ds_file}")
+    elif ds_file:
+        out.unmapped.append(f"deepspeed: {ds_file!r} (a DeepSpeed JSON file's path)")
+        return
+    if ds_file:
+        ds_file = ds_file if isinstance(ds_file, str) else "(the config inline)"
+        if str(ds.stage) not in ("2", "3"):
+            said = "no ZeRO stage" if ds.stage is None else f"ZeRO stage {ds.stage}"
+            out.unmapped.append(f"deepspeed: {ds_file!r} ({said}: ayar runs ZeRO-2 or 3, or distributed.strategy ddp)")
+            return
+        _put(out.config, "distributed.strategy", "deepspeed")
+        _put(out.config, "distributed.zero_stage", int(ds.stage))
+        if "nvme" in ds.offload:
+            out.unmapped.append(
+                f"deepspeed: {ds_file!r} offload to NVMe (ayar offloads to CPU RAM: distributed.offload)"
+            )
+        elif ds.offload:
+            _put(out.config, "distributed.offload", True)
+        if ds.unused:
+            out.ignored.append(f"deepspeed: {ds_file} ({', '.join(ds.unused)}: ayar's, from the run's config)")
+    if not fsdp and not fsdp_config:
+        return
+    if not isinstance(fsdp, (str, list, bool, type(None))):
+        out.unmapped.append(f"fsdp: {fsdp!r} (transformers' fsdp words, e.g. full_shard auto_wrap)")
+        return
+    words = [
+        str(w).lower() for w in (fsdp.split() if isinstance(fsdp, str) else fsdp if isinstance(fsdp, list) else [])
+    ]
+    if not isinstance(fsdp_config, (dict, type(None))):
+        out.unmapped.append(f"fsdp_config: {fsdp_config!r} (a mapping of FSDP settings)")
+    options = {str(k).removeprefix("fsdp_"): v for k, v in fsdp_config.items()} if isinstance(fsdp_config, dict) else {}
+    named = [w.upper() for w in words if w in _FSDP_WORDS]
+    shard = str(options.pop("sharding_strategy", "")).upper() or (named[0] if named else "FULL_SHARD")
+    out.unmapped += [f"fsdp: {w}" for w in words if w not in _FSDP_WORDS and w not in ("auto_wrap", "offload")]
+    if shard not in FSDP_SHARDS:
+        out.unmapped.append(
+            f"fsdp: {shard} (ayar's FSDP: FULL_SHARD or HYBRID_SHARD; for gradients and optimizer "
+            "states alone distributed.strategy deepspeed, zero_stage 2)"
+        )
+        return
+    _put(out.config, "distributed.strategy", "fsdp")
+    if FSDP_SHARDS[shard] != "full":
+        _put(out.config, "distributed.shard", FSDP_SHARDS[shard])
+    if "offload" in words or options.pop("offload_params", False) in (True, "true"):
+        _put(out.config, "distributed.offload", True)
+    if options.pop("activation_checkpointing", False) in (True, "true"):
+        _put(out.config, "training.gradient_checkpointing", True)
+    if str(options.pop("reshard_after_forward", True)).lower() == "false":
+        out.unmapped.append(
+            "fsdp_config.reshard_after_forward: false (ayar's FSDP frees a layer's gathered weights after its forward)"
+        )
+    ours = sorted(k for k in options if k in FSDP_OURS)
+    if ours:
+        out.ignored.append(f"fsdp_config ({', '.join(ours)}: ayar's)")
+    out.unmapped += [f"fsdp_config.{k}: {v!r}" for k, v in options.items() if k not in FSDP_OURS]
 
 
 def _tuple(t) -> tuple:

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ayar.config.importer import FSDP_SHARDS, read_deepspeed_file
 from ayar.errors import AyarError, ConfigError
 
 
@@ -110,7 +111,6 @@ _TAKEN = (
     "ACCELERATE_CONFIG_DS_FIELDS",
 )
 _TAKEN_PREFIXES = ("FSDP_", "ACCELERATE_DEEPSPEED_")
-_FSDP_SHARD = {"FULL_SHARD": "full", "1": "full", "HYBRID_SHARD": "hybrid", "4": "hybrid"}
 _MIXED = {"bf16": "bfloat16", "fp16": "float16"}
 _SAY_FLAGS = "accelerate launch (its flags or its config file, `accelerate config`)"
 
@@ -121,40 +121,22 @@ def _flag(env, name: str) -> bool:
 
 def _from_deepspeed_file(path: str, said: list, notes: list) -> None:
     """What ayar takes from a DeepSpeed config file given to accelerate launch (`--deepspeed_config_file`): the ZeRO
-    stage, offload and accumulation; ayar writes the rest of DeepSpeed's config from the run's own."""
-    import json
-
+    stage, offload, accumulation and clipping; ayar writes the rest of DeepSpeed's config from the run's own."""
     where = f"--deepspeed_config_file {path}"
-    try:
-        ds = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read it ({e.strerror or e}); give accelerate launch a readable file") from e
-    except ValueError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e}); fix the file or drop the flag") from e
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{where}: a DeepSpeed config is a JSON object; fix the file or drop the flag")
-    zero = ds.get("zero_optimization") or {}
-    if not isinstance(zero, dict):
-        raise ConfigError(f"{where}: zero_optimization must be an object; fix the file or drop the flag")
-    stage = zero.get("stage", "auto")
-    if stage != "auto":
-        said.append(("distributed.zero_stage", _zero_stage(stage, f"{where} (zero_optimization.stage)"), where))
-    devices = [(zero.get(k) or {}).get("device", "none") for k in ("offload_optimizer", "offload_param")]
-    if any(d != "none" and d != "auto" for d in devices):
-        said.append(("distributed.offload", _offload(devices, where), where))
-    accum = ds.get("gradient_accumulation_steps", "auto")
-    if accum != "auto":
-        said.append(("training.grad_accum", _positive_int(accum, f"{where} (gradient_accumulation_steps)"), where))
-    clip = ds.get("gradient_clipping", "auto")
-    if clip != "auto":
-        said.append(("training.max_grad_norm", _number(clip, f"{where} (gradient_clipping)"), where))
-    taken = {"zero_optimization", "gradient_accumulation_steps", "gradient_clipping"}
-    unused = sorted(k for k, v in ds.items() if k not in taken and v != "auto")
-    unused += sorted(f"zero_optimization.{k}" for k, v in zero.items() if k not in
-                     ("stage", "offload_optimizer", "offload_param") and v != "auto")  # fmt: skip
-    if unused:
+    ds = read_deepspeed_file(Path(path), where)
+    if ds.stage is not None:
+        said.append(("distributed.zero_stage", _zero_stage(ds.stage, f"{where} (zero_optimization.stage)"), where))
+    if ds.offload:
+        said.append(("distributed.offload", _offload(ds.offload, where), where))
+    if ds.grad_accum is not None:
+        said.append(
+            ("training.grad_accum", _positive_int(ds.grad_accum, f"{where} (gradient_accumulation_steps)"), where)
+        )
+    if ds.clipping is not None:
+        said.append(("training.max_grad_norm", _number(ds.clipping, f"{where} (gradient_clipping)"), where))
+    if ds.unused:
         notes.append(
-            f"not used from {path}: {', '.join(unused)} (ayar writes DeepSpeed's config from the run's config: "
+            f"not used from {path}: {', '.join(ds.unused)} (ayar writes DeepSpeed's config from the run's config: "
             "the training section's batch, optimizer and schedule, distributed.zero_stage and offload)"
         )
 
@@ -203,14 +185,14 @@ def _launcher_said(env) -> tuple[list, list]:
     if _flag(env, "ACCELERATE_USE_FSDP"):
         said.append(("distributed.strategy", "fsdp", "--use_fsdp"))
         shard = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
-        if shard not in _FSDP_SHARD:
+        if shard not in FSDP_SHARDS:
             raise ConfigError(
                 f"{_SAY_FLAGS} says --fsdp_sharding_strategy {shard}: ayar's FSDP splits weights, gradients and "
                 "optimizer states (FULL_SHARD) or does so within each machine (HYBRID_SHARD); for gradients and "
                 "optimizer states alone launch with --use_deepspeed --zero_stage 2, for no splitting --multi_gpu"
             )
-        if _FSDP_SHARD[shard] != "full":
-            said.append(("distributed.shard", _FSDP_SHARD[shard], f"--fsdp_sharding_strategy {shard}"))
+        if FSDP_SHARDS[shard] != "full":
+            said.append(("distributed.shard", FSDP_SHARDS[shard], f"--fsdp_sharding_strategy {shard}"))
         if env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() in ("false", "0", "no"):
             raise ConfigError(
                 f"{_SAY_FLAGS} says --fsdp_reshard_after_forward false: ayar's FSDP frees each layer's gathered "

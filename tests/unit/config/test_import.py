@@ -62,6 +62,73 @@ def test_an_axolotl_config_converts(tmp_path):
     assert any(u.startswith("warmup_steps") for u in result.unmapped) and "flash_attention" in result.ignored
 
 
+# LLaMA-Factory's examples/deepspeed/ds_z3_offload_config.json (its training YAMLs name it as `deepspeed: FILE`)
+LF_Z3_OFFLOAD = {
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+    "fp16": {"enabled": "auto", "loss_scale": 0}, "bf16": {"enabled": "auto"},
+    "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": False, "contiguous_gradients": True,
+        "reduce_bucket_size": "auto", "stage3_max_live_parameters": 1e9,
+    },
+}  # fmt: skip
+
+
+def _lf(tmp_path, **extra) -> dict:
+    return {"model_name_or_path": "m", "stage": "sft", "finetuning_type": "lora", **extra}
+
+
+def test_a_deepspeed_file_named_by_the_config_becomes_the_distributed_section(tmp_path):
+    """`deepspeed: FILE` (LLaMA-Factory, Axolotl, transformers): its ZeRO stage and offload; the file's other
+    settings listed as ayar's own; a missing file or a stage ayar does not run listed as not mapped."""
+    import json
+
+    from ayar.config import TrainConfig
+    from ayar.config.loader import from_dict
+
+    ds = tmp_path / "examples" / "deepspeed" / "ds_z3_offload_config.json"
+    ds.parent.mkdir(parents=True)
+    ds.write_text(json.dumps(LF_Z3_OFFLOAD))
+    result = import_config(_lf(tmp_path, deepspeed="examples/deepspeed/ds_z3_offload_config.json"), tmp_path)
+    assert result.config["distributed"] == {"strategy": "deepspeed", "zero_stage": 3, "offload": True}
+    assert not result.unmapped
+    assert any("bf16, fp16, zero_allow_untested_optimizer, zero_optimization.contiguous_gradients" in i
+               for i in result.ignored)  # fmt: skip
+    cfg = from_dict(TrainConfig, result.config)
+    assert (cfg.distributed.strategy, cfg.distributed.zero_stage, cfg.distributed.offload) == ("deepspeed", 3, True)
+    inline = import_config(_lf(tmp_path, deepspeed={"zero_optimization": {"stage": 2}}), tmp_path)
+    assert inline.config["distributed"] == {"strategy": "deepspeed", "zero_stage": 2}
+    missing = import_config(_lf(tmp_path, deepspeed="ds_z2_config.json"), tmp_path)
+    assert "distributed" not in missing.config and missing.unmapped[0].startswith("deepspeed: 'ds_z2_config.json'")
+    (tmp_path / "z0.json").write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    zero0 = import_config(_lf(tmp_path, deepspeed="z0.json"), tmp_path)
+    assert "distributed" not in zero0.config and "ZeRO stage 0" in zero0.unmapped[0]
+
+
+def test_axolotls_fsdp_settings_become_the_distributed_section(tmp_path):
+    """Axolotl's two spellings (its examples/llama-3 qlora-fsdp-70b.yaml: `fsdp: [full_shard, auto_wrap]` and
+    prefixed `fsdp_config`; 3b-qat-fsdp2.yaml: `fsdp_version: 2` and plain keys) and transformers' `fsdp` words."""
+    base = {"base_model": "m", "adapter": "lora", "datasets": []}
+    old = import_config({**base, "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {
+        "fsdp_limit_all_gathers": True, "fsdp_sync_module_states": True, "fsdp_offload_params": True,
+        "fsdp_use_orig_params": False, "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_sharding_strategy": "FULL_SHARD"}}, tmp_path)  # fmt: skip
+    assert old.config["distributed"] == {"strategy": "fsdp", "offload": True} and not old.unmapped
+    v2 = import_config({**base, "fsdp_version": 2, "fsdp_config": {
+        "offload_params": False, "cpu_ram_efficient_loading": False, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": True, "activation_checkpointing": True}}, tmp_path)  # fmt: skip
+    assert v2.config["distributed"] == {"strategy": "fsdp"} and not v2.unmapped
+    assert v2.config["training"]["gradient_checkpointing"] is True
+    hybrid = import_config({**base, "fsdp": "hybrid_shard auto_wrap offload"}, tmp_path)
+    assert hybrid.config["distributed"] == {"strategy": "fsdp", "shard": "hybrid", "offload": True}
+    for words in ("shard_grad_op auto_wrap", ["no_shard"]):
+        refused = import_config({**base, "fsdp": words}, tmp_path)
+        assert "distributed" not in refused.config and refused.unmapped[0].startswith("fsdp: ")
+
+
 def test_arbitrary_foreign_configs_convert_or_say_why(tmp_path):
     """Fuzz: LLaMA-Factory / Axolotl keys with arbitrary values: an ayar config or a ConfigError, never a
     traceback."""
@@ -98,6 +165,10 @@ def test_arbitrary_foreign_configs_convert_or_say_why(tmp_path):
         "output_dir",
         "use_dora",
         "max_samples",
+        "deepspeed",
+        "fsdp",
+        "fsdp_config",
+        "fsdp_version",
     ]
     scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
     value = st.recursive(
