@@ -134,6 +134,22 @@ def import_config(raw: dict, source_dir: Path) -> Imported:
 
 # FSDP's sharding strategies as accelerate, transformers and Axolotl spell them -> distributed.shard
 FSDP_SHARDS = {"FULL_SHARD": "full", "1": "full", "HYBRID_SHARD": "hybrid", "4": "hybrid"}
+
+
+def fsdp_shard(*values) -> tuple[str | None, str | None]:
+    """ayar's `distributed.shard` from FSDP's sharding settings as accelerate, transformers and Axolotl give them
+    (`sharding_strategy`, and `reshard_after_forward`, which FSDP2 takes as true/false and accelerate's FSDP1 takes as
+    a strategy's name or number): (shard, None), or (None, why ayar cannot run it)."""
+    names = {str(v).strip().upper() for v in values if v is not None and str(v).strip().lower() not in ("true", "yes")}
+    if names & {"FALSE", "NO", "0"}:
+        return None, "reshard_after_forward false (ayar's FSDP frees a layer's gathered weights after its forward)"
+    unknown = sorted(n for n in names if n not in FSDP_SHARDS)
+    if unknown:
+        return None, f"{', '.join(unknown)} (ayar's FSDP: FULL_SHARD, or HYBRID_SHARD within each machine)"
+    shards = {FSDP_SHARDS[n] for n in names} - {"full"}
+    return (shards.pop() if shards else "full"), None
+
+
 # transformers' `fsdp` words (TrainingArguments.fsdp, Axolotl's `fsdp` list) naming a sharding strategy
 _FSDP_WORDS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2"}
 # FSDP settings of the other tools that ayar decides itself (one FSDP2 unit per decoder layer, sharded checkpoints,
@@ -258,26 +274,21 @@ def _distributed(rest: dict, out: Imported, source_dir: Path) -> None:
     if not isinstance(fsdp_config, (dict, type(None))):
         out.unmapped.append(f"fsdp_config: {fsdp_config!r} (a mapping of FSDP settings)")
     options = {str(k).removeprefix("fsdp_"): v for k, v in fsdp_config.items()} if isinstance(fsdp_config, dict) else {}
-    named = [w.upper() for w in words if w in _FSDP_WORDS]
-    shard = str(options.pop("sharding_strategy", "")).upper() or (named[0] if named else "FULL_SHARD")
+    named = [w for w in words if w in _FSDP_WORDS]
     out.unmapped += [f"fsdp: {w}" for w in words if w not in _FSDP_WORDS and w not in ("auto_wrap", "offload")]
-    if shard not in FSDP_SHARDS:
+    shard, why = fsdp_shard(*named, options.pop("sharding_strategy", None), options.pop("reshard_after_forward", None))
+    if why:
         out.unmapped.append(
-            f"fsdp: {shard} (ayar's FSDP: FULL_SHARD or HYBRID_SHARD; for gradients and optimizer "
-            "states alone distributed.strategy deepspeed, zero_stage 2)"
+            f"fsdp: {why}; for gradients and optimizer states split alone distributed.strategy deepspeed, zero_stage 2"
         )
         return
     _put(out.config, "distributed.strategy", "fsdp")
-    if FSDP_SHARDS[shard] != "full":
-        _put(out.config, "distributed.shard", FSDP_SHARDS[shard])
+    if shard != "full":
+        _put(out.config, "distributed.shard", shard)
     if "offload" in words or options.pop("offload_params", False) in (True, "true"):
         _put(out.config, "distributed.offload", True)
     if options.pop("activation_checkpointing", False) in (True, "true"):
         _put(out.config, "training.gradient_checkpointing", True)
-    if str(options.pop("reshard_after_forward", True)).lower() == "false":
-        out.unmapped.append(
-            "fsdp_config.reshard_after_forward: false (ayar's FSDP frees a layer's gathered weights after its forward)"
-        )
     ours = sorted(k for k in options if k in FSDP_OURS)
     if ours:
         out.ignored.append(f"fsdp_config ({', '.join(ours)}: ayar's)")

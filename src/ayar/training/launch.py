@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ayar.config.importer import FSDP_SHARDS, read_deepspeed_file
+from ayar.config.importer import fsdp_shard, read_deepspeed_file
 from ayar.errors import AyarError, ConfigError
 
 
@@ -184,20 +184,21 @@ def _launcher_said(env) -> tuple[list, list]:
         )
     if _flag(env, "ACCELERATE_USE_FSDP"):
         said.append(("distributed.strategy", "fsdp", "--use_fsdp"))
-        shard = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
-        if shard not in FSDP_SHARDS:
+        given = env.get("FSDP_SHARDING_STRATEGY"), env.get("FSDP_RESHARD_AFTER_FORWARD")
+        shard, why = fsdp_shard(*given)
+        if why:
             raise ConfigError(
-                f"{_SAY_FLAGS} says --fsdp_sharding_strategy {shard}: ayar's FSDP splits weights, gradients and "
-                "optimizer states (FULL_SHARD) or does so within each machine (HYBRID_SHARD); for gradients and "
-                "optimizer states alone launch with --use_deepspeed --zero_stage 2, for no splitting --multi_gpu"
+                f"{_SAY_FLAGS} says --fsdp_sharding_strategy / --fsdp_reshard_after_forward {why}; for gradients "
+                "and optimizer states split alone launch with --use_deepspeed --zero_stage 2, for no splitting "
+                "--multi_gpu"
             )
-        if FSDP_SHARDS[shard] != "full":
-            said.append(("distributed.shard", FSDP_SHARDS[shard], f"--fsdp_sharding_strategy {shard}"))
-        if env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() in ("false", "0", "no"):
-            raise ConfigError(
-                f"{_SAY_FLAGS} says --fsdp_reshard_after_forward false: ayar's FSDP frees each layer's gathered "
-                "weights after its forward; drop the flag, or launch with --use_deepspeed --zero_stage 2 to keep "
-                "the weights whole"
+        if shard != "full":
+            said.append(
+                (
+                    "distributed.shard",
+                    shard,
+                    "--fsdp_sharding_strategy / --fsdp_reshard_after_forward " + shard.upper() + "_SHARD",
+                )
             )
         if _flag(env, "FSDP_OFFLOAD_PARAMS"):
             said.append(("distributed.offload", True, "--fsdp_offload_params true"))
