@@ -21,6 +21,7 @@ ALIASES: dict[str, tuple[str, object]] = {
     "lr_scheduler": ("training.lr_scheduler", None),
     "lr": ("training.learning_rate", None),
     "max_grad_norm": ("training.max_grad_norm", None),
+    "ddp_timeout": ("distributed.timeout", None),
     "warmup_ratio": ("training.warmup_ratio", None),
     "logging_steps": ("training.logging_steps", None),
     "save_steps": ("training.save_steps", None),

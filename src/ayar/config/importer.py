@@ -23,7 +23,6 @@ NOT_NEEDED = {
     "dataloader_num_workers",
     "plot_loss",
     "save_only_model",
-    "ddp_timeout",
     "resume_from_checkpoint",
     "template",
     "tokenizer_type",

@@ -284,6 +284,14 @@ class DistributedConfig:
     zero_stage: int = _f(
         2, "DeepSpeed ZeRO stage: 2 (gradients + optimizer states split) or 3 (weights too).", ge=2, le=3
     )
+    timeout: int = _f(
+        1800,
+        "Seconds a process waits in a collective of training (gradients, the Trainer stages' own waits such as TRL "
+        "tokenizing on rank 0 first) before the run stops: transformers' `ddp_timeout` (NCCL's own default is 600). "
+        "Where ayar's own steps have rank 0 work alone (converting and loading the model, tokenizing into the "
+        "shared cache, writing checkpoints and the final model) the others wait up to 24 hours whatever this says.",
+        ge=1,
+    )
     loading: str = _f(
         "auto",
         "FSDP and DeepSpeed ZeRO-3: which processes read the model's weights. FSDP: `rank0`: rank 0 alone, the others"

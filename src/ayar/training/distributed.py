@@ -23,8 +23,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Protocol
+
+# How long a process waits for rank 0 working alone (converting and loading the model, tokenizing the data into the
+# shared cache, writing a checkpoint or the final model): hours on a large model or dataset, where a collective's
+# timeout (distributed.timeout; NCCL's own default is 10 minutes) would end the run
+RANK0_WAIT = timedelta(hours=24)
 
 
 @dataclass
@@ -32,6 +38,11 @@ class World:
     size: int = 1
     rank: int = 0
     local_rank: int = 0
+    # gloo groups over the same processes (None: the default group), made by `start`: `cpu` for the CPU-side
+    # collectives of training (summed loss counts, shared objects; under NCCL the default group takes CUDA tensors
+    # alone), with the run's timeout; `patient` for waiting on rank 0 working alone (RANK0_WAIT)
+    cpu: object = None
+    patient: object = None
 
     @property
     def main(self) -> bool:
@@ -162,18 +173,23 @@ class Replicas:
 
 
 def start(plan) -> World:
-    """The process group for a plan made under a launcher (plan.world_size > 1); nothing in a plain process."""
+    """The process group for a plan made under a launcher (plan.world_size > 1), with the collectives' timeout of
+    `distributed.timeout`, and ayar's two gloo groups (World); nothing in a plain process. A group made already (a
+    script of the user's under a launcher) is kept as it is."""
     world = World(plan.world_size, plan.rank, int(os.environ.get("LOCAL_RANK", "0")))
     if not world.active:
         return world
     import torch
     import torch.distributed as dist
 
+    timeout = timedelta(seconds=plan.distributed.timeout)
     if not dist.is_initialized():
         backend = "nccl" if plan.device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    world.cpu = dist.new_group(backend="gloo", timeout=timeout)
+    world.patient = dist.new_group(backend="gloo", timeout=RANK0_WAIT)
     return world
 
 
@@ -182,7 +198,7 @@ def stop(world: World) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()
+            dist.barrier(group=world.patient)  # rank 0 may still be writing the final model
             dist.destroy_process_group()
 
 
@@ -194,7 +210,7 @@ def total(world: World, value: float) -> float:
     import torch.distributed as dist
 
     t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=world.cpu)
     return float(t.item())
 
 
@@ -259,7 +275,7 @@ def share(world: World, value):
     import torch.distributed as dist
 
     box = [value if world.main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=world.cpu)
     return box[0]
 
 
@@ -270,7 +286,7 @@ def gather(world: World, value) -> list:
     import torch.distributed as dist
 
     out = [None] * world.size
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=world.cpu)
     return out
 
 
@@ -280,7 +296,7 @@ def written_together(world: World, complete: Callable, write: Callable[[Path], N
     others write into that folder; all return once rank 0 has completed it."""
 
     def each(tmp) -> None:
-        write(Path(share(world, str(tmp) if tmp is not None else None)))
+        write(Path(_rank0_says(world, str(tmp) if tmp is not None else None)))
 
     if world.main:
         complete(each)
@@ -290,10 +306,20 @@ def written_together(world: World, complete: Callable, write: Callable[[Path], N
 
 
 def barrier(world: World) -> None:
+    """Every process here, after rank 0's work alone (a checkpoint written): waits up to RANK0_WAIT."""
     if world.active:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=world.patient)
+
+
+def _rank0_says(world: World, value):
+    """Rank 0's `value` (picklable) on every rank, the others waiting up to RANK0_WAIT for it."""
+    import torch.distributed as dist
+
+    box = [value if world.main else None]
+    dist.broadcast_object_list(box, src=0, group=world.patient)
+    return box[0]
 
 
 @contextlib.contextmanager
@@ -305,7 +331,7 @@ def main_first(world: World):
         yield
         return
     if not world.main:
-        if not share(world, None):
+        if not _rank0_says(world, None):
             from ayar.errors import SaidElsewhere
 
             raise SaidElsewhere("rank 0 stopped the run")
@@ -314,6 +340,6 @@ def main_first(world: World):
     try:
         yield
     except BaseException:
-        share(world, False)
+        _rank0_says(world, False)
         raise
-    share(world, True)
+    _rank0_says(world, True)

@@ -249,6 +249,7 @@ def training_kwargs(cfg: TrainConfig, run: RunDir, plan) -> dict:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # several processes: every adapter weight takes part in each step
+        ddp_timeout=cfg.distributed.timeout,  # the group is ayar's (distributed.start), made with it already
         **trainer_optimizer_args(t),
         **({"deepspeed": zero.deepspeed_config(t, cfg.distributed, plan)} if plan.strategy == "deepspeed" else {}),
         **(sharding.trainer_args(cfg.distributed, plan.rank0_loading) if plan.strategy == "fsdp" else {}),

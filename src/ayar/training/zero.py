@@ -176,7 +176,7 @@ class Zero(Replicas):
             tag = "universal"
             if self.world.main:
                 _to_universal(folder / ZERO / "state", folder / ZERO / tag)
-            dist.barrier()
+            dist.barrier(group=self.world.patient)  # rank 0 converting: minutes on a large model
         # DeepSpeed reads the layout from its config's `checkpoint.load_universal`, fixed when the engine started;
         # a run learns only now that its checkpoint needs it
         self.engine._config.load_universal_checkpoint = universal

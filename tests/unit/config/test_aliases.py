@@ -29,6 +29,7 @@ VALUES = {
     "training.project": ("my-project", "my-project"),
     "training.gradient_checkpointing": (True, True),
     "training.packing": (True, True),
+    "distributed.timeout": (7200, 7200),
     "lora.r": (8, 8),
     "lora.alpha": (4, 4),
     "lora.dropout": (0.1, 0.1),

@@ -453,6 +453,76 @@ def test_gradients_are_summed_across_ranks_in_buckets(tmp_path):
             torch.testing.assert_close(g, e, rtol=1e-3 if e.dtype == torch.float16 else 1e-6, atol=1e-6)
 
 
+def _waits_for_rank0(rank: int, port: int, out: str) -> None:
+    """One of 2 processes whose default group serves CUDA tensors alone, as NCCL's does (here gloo for "cuda" only),
+    with a collective timeout of 2 seconds: ayar's groups (`start`), then rank 0 working alone for 4 seconds twice
+    (tokenizing first; writing the final model before the end), as on a large model or dataset."""
+    import time
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ayar.training import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    dist.init_process_group("cuda:gloo", timeout=timedelta(seconds=2))
+    plan = SimpleNamespace(world_size=2, rank=rank, device="cpu", distributed=SimpleNamespace(timeout=2))
+    world = distributed.start(plan)
+    with distributed.main_first(world):
+        if world.main:
+            time.sleep(4)
+    said = [distributed.share(world, "rank 0's" if world.main else None), distributed.total(world, rank + 1.0)]
+    said.append(distributed.gather(world, rank))
+    if world.main:
+        time.sleep(4)
+    distributed.stop(world)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(said, f)
+
+
+def test_the_processes_wait_for_rank_0_beyond_the_collective_timeout(tmp_path):
+    """Where rank 0 works alone (converting the model, tokenizing into the cache, writing checkpoints and the final
+    model) the others wait beyond `distributed.timeout` (NCCL's default is 10 minutes: a large dataset's
+    tokenizing took a run down there), and the CPU-side collectives of training (loss counts, shared objects) run
+    on a gloo group where the default group takes CUDA tensors alone (under NCCL `total` could not sum a CPU
+    tensor: torch maps nccl to CUDA alone). Before: over a gloo default group rank 1 timed out in the first wait; over
+    this one the first shared object went to CUDA ("Torch not compiled with CUDA enabled")."""
+    torch.multiprocessing.spawn(_waits_for_rank0, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ["rank 0's", 3.0, [0, 1]]
+
+
+def test_the_process_group_takes_the_configured_timeout(monkeypatch):
+    """`distributed.timeout` (transformers' ddp_timeout) is the default group's and the CPU group's; rank 0's lone
+    work is waited for up to RANK0_WAIT; nccl on CUDA with each process on its own GPU, gloo on CPU."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ayar.training import distributed
+
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: made.append(("default", kw)))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(("group", kw)) or f"gloo, {kw['timeout']}")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: made.append(("device", i)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    hours2 = timedelta(hours=2)
+    for device in ("cpu", "cuda"):
+        made.clear()
+        world = distributed.start(SimpleNamespace(world_size=2, rank=1, device=device,
+                                                  distributed=SimpleNamespace(timeout=7200)))  # fmt: skip
+        assert made == [("device", 1)] * (device == "cuda") + [
+            ("default", {"backend": "nccl" if device == "cuda" else "gloo", "timeout": hours2}),
+            ("group", {"backend": "gloo", "timeout": hours2}),
+            ("group", {"backend": "gloo", "timeout": distributed.RANK0_WAIT}),
+        ]
+        assert (world.cpu, world.patient) == (f"gloo, {hours2}", f"gloo, {distributed.RANK0_WAIT}")
+
+
 def _train_rank(rank: int, port: int, model_dir: str, data: str, out: str, perturb: bool) -> None:
     """Rank `rank` of a 2-process `train_sft` (the environment torchrun gives); with `perturb`, rank 1 draws a
     random number just before the adapter is initialized, as a rank that converted the default model did."""
