@@ -192,14 +192,8 @@ def _launcher_said(env) -> tuple[list, list]:
                 "and optimizer states split alone launch with --use_deepspeed --zero_stage 2, for no splitting "
                 "--multi_gpu"
             )
-        if shard != "full":
-            said.append(
-                (
-                    "distributed.shard",
-                    shard,
-                    "--fsdp_sharding_strategy / --fsdp_reshard_after_forward " + shard.upper() + "_SHARD",
-                )
-            )
+        if shard != "full":  # hybrid, as either flag may say it
+            said.append(("distributed.shard", shard, "--fsdp_sharding_strategy HYBRID_SHARD"))
         if _flag(env, "FSDP_OFFLOAD_PARAMS"):
             said.append(("distributed.offload", True, "--fsdp_offload_params true"))
         if _flag(env, "FSDP_ACTIVATION_CHECKPOINTING"):
