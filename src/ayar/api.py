@@ -98,11 +98,11 @@ def configure(source=None, /, *, kind=None, **overrides):
     raise TypeError(f"config: expected a {kind.__name__}, a YAML path or a dict, got {type(source).__name__}")
 
 
-def train(source=None, /, *, resume: str | Path | None = None, nproc: int = 1, **overrides) -> Run:
+def train(source=None, /, *, resume: str | Path | None = None, nproc: int | str = 1, **overrides) -> Run:
     """Fine-tune as `ayar train` does (any stage: SFT, DPO family, reward, GRPO, classification) and return the
     Run. `resume`: continue that run directory from its last checkpoint (no config then). `nproc`: train in that
-    many processes on this machine (one per GPU; `ayar train --nproc`, through torchrun), as `distributed.strategy`
-    says; this process waits for them."""
+    many processes on this machine (one per GPU; `ayar train --nproc`, through torchrun; "auto": one per GPU), as
+    `distributed.strategy` says; this process waits for them."""
     from ayar.training import launch
     from ayar.training.dispatch import train as run_training
 
@@ -111,6 +111,7 @@ def train(source=None, /, *, resume: str | Path | None = None, nproc: int = 1, *
 
         raise ConfigError("resume continues a run with its saved config: give no config or overrides with it")
     cfg = configure(source, **overrides) if resume is None else None
+    nproc = launch.processes(nproc)
     if nproc > 1 and not launch.under_launcher():
         return Run(launch.train_in_processes(cfg, nproc, resume))
     return Run(run_training(cfg, resume=resume).path)

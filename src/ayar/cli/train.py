@@ -23,7 +23,9 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     g = p.add_argument_group("several processes (data parallel, through torchrun)")
-    g.add_argument("--nproc", type=int, default=1, help="processes on this machine (one per GPU; gloo on CPU)")
+    g.add_argument(
+        "--nproc", default="1", help="processes on this machine (one per GPU; gloo on CPU), or auto: one per GPU"
+    )
     g.add_argument("--nnodes", type=int, default=1, help="machines taking part (run the same command on each)")
     g.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 .. nnodes-1")
     g.add_argument("--rdzv-endpoint", help="HOST:PORT where the machines meet (several machines)")
@@ -46,8 +48,9 @@ def launch_command(args, argv: list[str]) -> list[str]:
 def run(args) -> int:
     import sys
 
-    from ayar.training.launch import run_torchrun, under_launcher
+    from ayar.training.launch import processes, run_torchrun, under_launcher
 
+    args.nproc = processes(args.nproc)
     if (args.nproc > 1 or args.nnodes > 1) and not under_launcher() and not args.print_config:
         cmd = launch_command(args, args.argv)
         print("launch " + " ".join(cmd), file=sys.stderr)

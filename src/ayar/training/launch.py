@@ -14,6 +14,19 @@ from ayar.config.importer import fsdp_shard, read_deepspeed_file
 from ayar.errors import AyarError, ConfigError
 
 
+def processes(nproc) -> int:
+    """`--nproc` / `nproc=` as a number of processes: a whole number, or `auto`: one per GPU this machine shows
+    (torchrun's `--nproc-per-node gpu`), one process where it has none."""
+    if str(nproc).strip().lower() == "auto":
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    text = str(nproc).strip()
+    if isinstance(nproc, bool) or not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--nproc {nproc!r}: give a number of processes (1 or more), or auto (one per GPU)")
+    return int(text)
+
+
 def torchrun_command(
     ayar_args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None
 ) -> list[str]:

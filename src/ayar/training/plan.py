@@ -206,6 +206,7 @@ def decide(cfg) -> RunPlan:
     placement, autocast = master_weights(cfg, choose_placement(cfg.model.device, cfg.model.dtype))
     name_deepspeed_accelerator(placement.device)
     world_size, rank = launcher_world()
+    check_gpus(placement.device, world_size)
     strategy = cfg.distributed.strategy if world_size > 1 else "single"
     check_strategy(cfg, strategy, placement.device)
     quantized = cfg.method in QUANTIZED
@@ -370,6 +371,22 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
         raise AyarError(
             f"lora.init {cfg.lora.init} under {split}: converting the adapter for the original base "
             "needs the whole model in one process; use lora.init: default, or strategy ddp"
+        )
+
+
+def check_gpus(device: str, world_size: int) -> None:
+    """Each process on CUDA takes its machine's GPU number LOCAL_RANK: more processes on a machine than GPUs it
+    shows would stop in torch ("invalid device ordinal") after the launch, so it is said before anything loads."""
+    if not device.startswith("cuda") or world_size <= 1:
+        return
+    here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count()
+    if here > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise AyarError(
+            f"{here} training processes on this machine, but it shows {gpus} GPU(s)"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + f": start one per GPU (ayar train --nproc {gpus} or --nproc auto; torchrun --nproc_per_node {gpus}), "
+            "or make more GPUs visible"
         )
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from ayar.config import TrainConfig
 from ayar.errors import ConfigError
@@ -213,3 +214,15 @@ def test_a_deepspeed_config_file_gives_its_stage_and_offload(monkeypatch, tmp_pa
 def test_a_process_no_launcher_started_is_left_as_it_is():
     cfg, notes = from_accelerate_launch(TrainConfig(), env={"PATH": "/bin"})
     assert (cfg, notes) == (TrainConfig(), [])
+
+
+def test_nproc_auto_is_one_process_per_gpu(monkeypatch):
+    from ayar.training.launch import processes
+
+    for gpus, expected in ((4, 4), (0, 1)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=gpus: n)
+        assert processes("auto") == expected
+    assert processes("3") == processes(3) == 3
+    for bad in ("0", "two", -1, True):
+        with pytest.raises(ConfigError, match="give a number of processes"):
+            processes(bad)

@@ -134,3 +134,21 @@ def test_freed_memory_is_returned_as_asked_or_when_the_kept_heap_could_outgrow_t
     assert return_memory(None, plan, Sharding(2, "fsdp"))  # FSDP's gathered-and-freed layers keep more heap
     assert return_memory(None, MemoryPlan({"weights": 55}, available=100))
     assert return_memory(True, plan) and not return_memory(False, MemoryPlan({"weights": 90}, available=100))
+
+
+def test_more_processes_on_a_machine_than_its_gpus_are_refused_before_loading(tiny_model_dir, monkeypatch):
+    """Each CUDA process takes the GPU numbered by its LOCAL_RANK (CUDA faked; not yet run on a GPU): 4 processes
+    on a machine showing 2 GPUs would stop in torch after the launch ("invalid device ordinal")."""
+    from ayar.errors import AyarError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "0", "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.device=cuda", "training.memory_check=off"])
+    with pytest.raises(AyarError, match=r"4 training processes on this machine, but it shows 2 GPU\(s\) "
+                       r"\(CUDA_VISIBLE_DEVICES=0,1\): start one per GPU \(ayar train --nproc 2"):  # fmt: skip
+        decide(cfg)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 4 machines of 2
+    assert decide(cfg).world_size == 8
