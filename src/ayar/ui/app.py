@@ -76,6 +76,12 @@ def build(ws: Workspace, jobs: Jobs | None = None):
                     processes = gr.Number(
                         defaults.processes, label="Processes (one per GPU)", precision=0, minimum=1, elem_id="processes"
                     )
+                    strategy = gr.Dropdown(
+                        list(train_form.STRATEGIES),
+                        value=defaults.strategy,
+                        label="Processes share the model (ddp: each holds it; fsdp, zero2, zero3: split)",
+                        elem_id="strategy",
+                    )
                     name = gr.Textbox(label="Run name", placeholder="sft-lora", elem_id="run-name")
                 with gr.Accordion("Advanced: any config key, as YAML", open=False):
                     advanced = gr.Code(
@@ -94,6 +100,7 @@ def build(ws: Workspace, jobs: Jobs | None = None):
                     lora_r,
                     max_length,
                     processes,
+                    strategy,
                     name,
                     advanced,
                 ]

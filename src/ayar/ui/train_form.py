@@ -20,6 +20,13 @@ METHODS = ("lora", "qlora", "dora", "pissa", "olora", "full")
 STAGES = ("sft", "dpo", "reward", "grpo")
 PREFERENCE_LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")  # the DPO family (stage dpo)
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "completion", "preference", "hh", "text")
+# how several processes share the model -> the config's distributed section (docs/training.md)
+STRATEGIES = {
+    "ddp": {},
+    "fsdp": {"strategy": "fsdp"},
+    "zero2": {"strategy": "deepspeed", "zero_stage": 2},
+    "zero3": {"strategy": "deepspeed", "zero_stage": 3},
+}
 
 
 @dataclass
@@ -38,6 +45,7 @@ class TrainForm:
     lora_r: int = 16
     max_length: int = 512
     processes: int = 1  # training processes on this machine (one per GPU; on a CPU they share its cores)
+    strategy: str = "ddp"  # several processes: STRATEGIES (each holds the whole model, or FSDP / ZeRO split it)
     name: str = ""
     advanced: str = ""  # YAML merged over the rest: any config key (`training: {batch_size: 4}`)
 
@@ -81,6 +89,10 @@ def config_dict(form: TrainForm, ws: Workspace) -> dict:
         cfg["lora"] = {"r": int(form.lora_r)}
     if form.stage == "dpo":
         cfg["preference"] = {"loss": form.preference_loss or "dpo"}
+    if int(form.processes) > 1 and STRATEGIES.get(form.strategy or "ddp") is None:
+        raise AyarError(f"strategy {form.strategy!r}: one of {', '.join(STRATEGIES)}")
+    if int(form.processes) > 1 and STRATEGIES[form.strategy or "ddp"]:
+        cfg["distributed"] = dict(STRATEGIES[form.strategy])
     if form.format and form.format != "auto":
         cfg["data"]["format"] = form.format
     if form.columns.strip():
@@ -132,7 +144,7 @@ def check(form: TrainForm, ws: Workspace) -> Check:
         except AyarError as e:
             out.preview_html = f"<p>{html.escape(str(e))}</p>"
     try:
-        plan = api.plan(cfg)
+        plan = api.plan(cfg, target=_processes_here(cfg, int(form.processes)))
         gb = lambda b: f"{b / 2**30:.1f}"
         verdict = "fits" if plan.fits else "does not fit"
         out.plan = f"{verdict}: {gb(plan.memory.total)} of {gb(plan.memory.available)} GB\n\n{plan.memory.table()}"
@@ -142,6 +154,20 @@ def check(form: TrainForm, ws: Workspace) -> Check:
         out.plan = f"no plan: {e}"
     out.ok = not out.errors
     return out
+
+
+def _processes_here(cfg, nproc: int):
+    """Several processes on this machine: the plan is per process, the model shared as the config's distributed
+    section says (as `ayar plan --nproc N`); None for one."""
+    if nproc <= 1:
+        return None
+    from ayar.models.device import choose_device
+    from ayar.training.memory import Sharding
+    from ayar.training.plan import Target, memory_strategy
+
+    strategy = memory_strategy(cfg.distributed.strategy, cfg.distributed)
+    offload = strategy != "ddp" and bool(cfg.distributed.offload)
+    return Target(choose_device(cfg.model.device), None, Sharding(nproc, strategy, offload))
 
 
 def start(form: TrainForm, ws: Workspace, jobs: Jobs) -> Job:

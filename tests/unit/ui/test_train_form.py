@@ -50,6 +50,20 @@ def test_the_form_is_a_config_with_its_paths_confined(ws):
         train_form.config_dict(form(advanced="- a list"), ws)
 
 
+def test_processes_share_the_model_as_the_strategy_picked(ws):
+    """Several processes: the strategy picked is the config's distributed section and the memory plan is per
+    process, split as it says (`ayar plan --nproc N`); one process runs as one, whatever is picked."""
+    zero3 = train_form.config_dict(form(processes=2, strategy="zero3"), ws)
+    assert zero3["distributed"] == {"strategy": "deepspeed", "zero_stage": 3}
+    assert train_form.config_dict(form(processes=2, strategy="fsdp"), ws)["distributed"] == {"strategy": "fsdp"}
+    assert "distributed" not in train_form.config_dict(form(processes=2, strategy="ddp"), ws)
+    assert "distributed" not in train_form.config_dict(form(processes=1, strategy="fsdp"), ws)
+    with pytest.raises(AyarError, match="strategy 'zero1': one of ddp, fsdp, zero2, zero3"):
+        train_form.config_dict(form(processes=2, strategy="zero1"), ws)
+    plans = {n: train_form.check(form(processes=n, strategy="fsdp"), ws).plan for n in (1, 2)}
+    assert "per rank of 2 (fsdp" in plans[2] and "per rank" not in plans[1]
+
+
 def test_check_reports_config_errors_with_the_did_you_mean(ws):
     c = train_form.check(form(advanced="training: {max_step: 3}"), ws)
     assert not c.ok and "did you mean 'max_steps'" in c.errors[0] and "Cannot train yet" in c.summary()
