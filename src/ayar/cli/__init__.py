@@ -70,8 +70,22 @@ def parse(name: str, argv: list[str]):
     return module, args
 
 
+def _launchers_local_rank(argv: list[str]) -> list[str]:
+    """`argv` without the `--local_rank=N` the DeepSpeed launcher (`deepspeed --module ayar train ...`) and torch's
+    old `torch.distributed.launch` put before the command: the process's rank on its machine, LOCAL_RANK in the
+    environment (which they set too) for ayar."""
+    out, it = [], iter(argv)
+    for a in it:
+        if a.split("=", 1)[0] in ("--local_rank", "--local-rank"):
+            value = a.split("=", 1)[1] if "=" in a else next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _launchers_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0

@@ -1,5 +1,6 @@
 """The CLI: fast help with no torch import, lazy commands, clear errors instead of tracebacks."""
 
+import os
 import subprocess
 import sys
 
@@ -99,3 +100,16 @@ def test_train_then_chat_end_to_end(tiny_model_dir, tmp_path):
         timeout=300,
     )
     assert p.returncode == 0 and "system message set" in p.stderr and "history cleared" in p.stderr
+
+
+def test_a_launchers_local_rank_before_the_command_is_taken_out(monkeypatch):
+    """DeepSpeed's launcher runs `python -m ayar --local_rank=N train ...` (torch's old torch.distributed.launch
+    `--local-rank N`): the rank goes to LOCAL_RANK where the launcher has not set it, the command runs as typed."""
+    from ayar.cli import _launchers_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _launchers_local_rank(["--local_rank=1", "train", "c.yaml", "lora.r=8"]) == ["train", "c.yaml", "lora.r=8"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _launchers_local_rank(["train", "--local-rank", "0", "c.yaml"]) == ["train", "c.yaml"]
+    assert os.environ["LOCAL_RANK"] == "3"  # the launcher's environment wins

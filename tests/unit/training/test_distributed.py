@@ -285,6 +285,24 @@ def test_accelerate_launchs_strategy_flags_run_that_strategy(tiny_model_dir, tmp
 
 
 @pytest.mark.distributed
+def test_deepspeeds_launcher_runs_ayar_train(tiny_model_dir, tmp_path):
+    """`deepspeed --num_gpus 2 --module ayar train ...` (DeepSpeed's own launcher; on a CPU its processes meet on
+    gloo): it puts `--local_rank=N` before the command (ayar said "unknown command '--local_rank=0'"); the same
+    losses as `--nproc 2`."""
+    common = [f"model.name={tiny_model_dir}", f"data.train={write_jsonl(tmp_path / 'd.jsonl', MATH_ROWS * 2)}",
+              *COMMON, "training.max_steps=3", "training.batch_size=2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home")}
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+    done = subprocess.run([*launch, "--module", "ayar", "train", *common, f"output.path={tmp_path / 'ds'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ours = _train([*common, f"output.path={tmp_path / 'nproc'}", "--nproc", "2"], tmp_path)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert losses(tmp_path / "ds") == losses(tmp_path / "nproc") and len(losses(tmp_path / "ds")) == 3
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("launcher", ["ayar", "accelerate"])
 def test_two_machines_meet_at_a_rendezvous_endpoint(tiny_model_dir, tmp_path, launcher):
     """Two "machines" (two commands on 127.0.0.1, one process each) meeting at one endpoint: `ayar train --nnodes 2
