@@ -185,8 +185,8 @@ def start(plan) -> World:
     timeout = timedelta(seconds=plan.distributed.timeout)
     if not dist.is_initialized():
         backend = "nccl" if plan.device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(world.local_rank)
+        if backend == "nccl":  # its GPU on this machine, or the one it shows (a launcher gave each its own)
+            torch.cuda.set_device(world.local_rank if torch.cuda.device_count() > 1 else 0)
         dist.init_process_group(backend=backend, timeout=timeout)
     world.cpu = dist.new_group(backend="gloo", timeout=timeout)
     world.patient = dist.new_group(backend="gloo", timeout=RANK0_WAIT)

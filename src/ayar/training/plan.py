@@ -375,12 +375,14 @@ def check_strategy(cfg, strategy: str, device: str) -> None:
 
 
 def check_gpus(device: str, world_size: int) -> None:
-    """Each process on CUDA takes its machine's GPU number LOCAL_RANK: more processes on a machine than GPUs it
-    shows would stop in torch ("invalid device ordinal") after the launch, so it is said before anything loads."""
+    """Each process on CUDA takes the GPU its LOCAL_RANK numbers (or the one GPU it shows, where the launcher gives
+    each process its own, as Slurm's `--gpus-per-task 1` does: training/distributed.py `start`): more processes on a
+    machine than the several GPUs it shows would stop in torch ("invalid device ordinal") after the launch, so it is
+    said before anything loads."""
     if not device.startswith("cuda") or world_size <= 1:
         return
     here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count()
-    if here > gpus:
+    if gpus == 0 or 1 < gpus < here:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise AyarError(
             f"{here} training processes on this machine, but it shows {gpus} GPU(s)"

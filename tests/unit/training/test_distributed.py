@@ -527,6 +527,7 @@ def test_the_process_group_takes_the_configured_timeout(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: made.append(("default", kw)))
     monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(("group", kw)) or f"gloo, {kw['timeout']}")
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: made.append(("device", i)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     hours2 = timedelta(hours=2)
     for device in ("cpu", "cuda"):
@@ -539,6 +540,10 @@ def test_the_process_group_takes_the_configured_timeout(monkeypatch):
             ("group", {"backend": "gloo", "timeout": distributed.RANK0_WAIT}),
         ]
         assert (world.cpu, world.patient) == (f"gloo, {hours2}", f"gloo, {distributed.RANK0_WAIT}")
+    made.clear()  # a launcher that shows each process its own GPU (Slurm's --gpus-per-task 1): that one
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    distributed.start(SimpleNamespace(world_size=2, rank=1, device="cuda", distributed=SimpleNamespace(timeout=7200)))
+    assert made[0] == ("device", 0)
 
 
 def _train_rank(rank: int, port: int, model_dir: str, data: str, out: str, perturb: bool) -> None:

@@ -152,3 +152,6 @@ def test_more_processes_on_a_machine_than_its_gpus_are_refused_before_loading(ti
         decide(cfg)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 4 machines of 2
     assert decide(cfg).world_size == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # each process shown its own GPU (Slurm's --gpus-per-task 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert decide(cfg).world_size == 8
