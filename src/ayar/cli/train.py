@@ -29,20 +29,23 @@ def add_arguments(p) -> None:
     g.add_argument("--nnodes", type=int, default=1, help="machines taking part (run the same command on each)")
     g.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 .. nnodes-1")
     g.add_argument("--rdzv-endpoint", help="HOST:PORT where the machines meet (several machines)")
+    g.add_argument(
+        "--rdzv-timeout", type=int, help="seconds the machines wait for each other to join (torchrun's default: 600)"
+    )
 
 
 def launch_command(args, argv: list[str]) -> list[str]:
     """The torchrun command that runs this `ayar train` in `--nproc` processes (and `--nnodes` machines)."""
     from ayar.training.launch import torchrun_command
 
-    skip = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"}
+    skip = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-timeout"}
     rest, it = [], iter(argv)
     for a in it:
         if a in skip:
             next(it, None)
         elif a.split("=", 1)[0] not in skip:
             rest.append(a)
-    return torchrun_command(rest, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    return torchrun_command(rest, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
 
 
 def run(args) -> int:
@@ -54,6 +57,12 @@ def run(args) -> int:
     if (args.nproc > 1 or args.nnodes > 1) and not under_launcher() and not args.print_config:
         cmd = launch_command(args, args.argv)
         print("launch " + " ".join(cmd), file=sys.stderr)
+        if args.nnodes > 1:
+            print(
+                f"launch waiting for {args.nnodes} machines at {args.rdzv_endpoint} (the same command on each; up to "
+                f"{args.rdzv_timeout or 600} s)",
+                file=sys.stderr,
+            )
         return run_torchrun(cmd)
 
     import yaml

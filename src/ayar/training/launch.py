@@ -28,10 +28,16 @@ def processes(nproc) -> int:
 
 
 def torchrun_command(
-    ayar_args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None
+    ayar_args: list[str],
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_timeout: int | None = None,
 ) -> list[str]:
     """The torchrun command that runs `ayar train AYAR_ARGS` in `nproc` processes here (on each of `nnodes`
-    machines meeting at `rdzv_endpoint`)."""
+    machines meeting at `rdzv_endpoint`, waiting up to `rdzv_timeout` seconds for each other: torchrun's
+    `join_timeout`, 600 unless given)."""
     if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ConfigError("--nproc and --nnodes must be >= 1, and --node-rank between 0 and --nnodes - 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
@@ -42,6 +48,8 @@ def torchrun_command(
             raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
         cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank)]
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", "ayar-train"]
+        if rdzv_timeout is not None:
+            cmd += ["--rdzv-conf", f"join_timeout={int(rdzv_timeout)}"]
     return cmd + ["-m", "ayar", "train", *ayar_args]
 
 
@@ -50,11 +58,22 @@ def run_torchrun(cmd: list[str]) -> int:
     fails, its own error (printed once, by rank 0) ends the output, with one line here instead of torchrun's
     traceback. Returns the exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
+    args = parse_args(cmd[3:])
     try:
-        torchrun(parse_args(cmd[3:]))
+        torchrun(args)
+    except RendezvousError as e:  # the machines did not meet: torchrun's own traceback says no more than this
+        print(
+            f"error: the {args.nnodes} machines did not meet at {args.rdzv_endpoint} ({type(e).__name__}"
+            + (f": {e}" if str(e) else "")
+            + "). Run the same `ayar train ... --nnodes N --rdzv-endpoint HOST:PORT` on each machine, HOST:PORT one "
+            "of them that the others can reach; --rdzv-timeout sets how long they wait for each other",
+            file=sys.stderr,
+        )
+        return 1
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         print(

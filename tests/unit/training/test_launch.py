@@ -226,3 +226,26 @@ def test_nproc_auto_is_one_process_per_gpu(monkeypatch):
     for bad in ("0", "two", -1, True):
         with pytest.raises(ConfigError, match="give a number of processes"):
             processes(bad)
+
+
+def test_machines_that_do_not_meet_end_with_a_message_not_a_traceback(tiny_model_dir, tmp_path):
+    """`--nnodes 2` where the other machine never comes: after `--rdzv-timeout` seconds (torchrun's join_timeout;
+    before, 600 s of silence then torchrun's RendezvousTimeoutError traceback) one line says what to run where."""
+    import subprocess
+    import sys
+
+    from ayar.netutil import free_port
+    from ayar.training.launch import torchrun_command
+
+    cmd = torchrun_command(["c.yaml"], 1, 2, 0, "head:29500", rdzv_timeout=30)
+    assert cmd[cmd.index("--rdzv-conf") + 1] == "join_timeout=30"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "AYAR_HOME": str(tmp_path / "home")}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "ayar", "train", f"model.name={tiny_model_dir}", "data.train=sample:gsm8k",
+         "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-timeout", "3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "launch waiting for 2 machines at 127.0.0.1:" in done.stderr and "up to 3 s" in done.stderr
+    assert "error: the 2 machines did not meet at 127.0.0.1:" in done.stderr
