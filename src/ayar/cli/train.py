@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 
 def launch_command(args, argv: list[str]) -> list[str]:
     """The torchrun command that runs this `ayar train` in `--nproc` processes (and `--nnodes` machines)."""
-    from ayar.training.launch import torchrun_command
+    from ayar.training.launch import processes, torchrun_command
 
     skip = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-timeout"}
     rest, it = [], iter(argv)
@@ -45,7 +45,8 @@ def launch_command(args, argv: list[str]) -> list[str]:
             next(it, None)
         elif a.split("=", 1)[0] not in skip:
             rest.append(a)
-    return torchrun_command(rest, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
+    nproc = processes(args.nproc)
+    return torchrun_command(rest, nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
 
 
 def run(args) -> int:

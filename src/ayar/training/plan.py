@@ -382,7 +382,7 @@ def check_gpus(device: str, world_size: int) -> None:
     if not device.startswith("cuda") or world_size <= 1:
         return
     here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), torch.cuda.device_count()
-    if gpus == 0 or 1 < gpus < here:
+    if 1 < gpus < here:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise AyarError(
             f"{here} training processes on this machine, but it shows {gpus} GPU(s)"

@@ -107,7 +107,8 @@ def test_a_launchers_local_rank_before_the_command_is_taken_out(monkeypatch):
     `--local-rank N`): the rank goes to LOCAL_RANK where the launcher has not set it, the command runs as typed."""
     from ayar.cli import _launchers_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "")  # recorded as it was, so that what this test sets is undone after it
+    monkeypatch.delenv("LOCAL_RANK")
     assert _launchers_local_rank(["--local_rank=1", "train", "c.yaml", "lora.r=8"]) == ["train", "c.yaml", "lora.r=8"]
     assert os.environ["LOCAL_RANK"] == "1"
     monkeypatch.setenv("LOCAL_RANK", "3")
