@@ -1,6 +1,8 @@
 """Training in several processes on this machine (and others), through torchrun (torch.distributed.run): the
 command `ayar train --nproc N` runs, and the same for the Python API and the web UI (`ayar.train(cfg, nproc=N)`),
-which cannot hand their config to torchrun's processes other than as a file.
+which cannot hand their config to torchrun's processes other than as a file. And the other side: what `accelerate
+launch` tells a process it started (its strategy flags, config file), read once into the run's config
+(`from_accelerate_launch`).
 """
 
 from __future__ import annotations
