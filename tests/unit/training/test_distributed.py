@@ -155,18 +155,19 @@ def test_the_launch_command_is_torchruns():
 
     from ayar.cli.train import launch_command
 
-    args = Namespace(nproc=8, nnodes=4, node_rank=1, rdzv_endpoint="head:29500")
+    args = Namespace(nproc=8, nnodes=4, node_rank=1, rdzv_endpoint="head:29500", rdzv_timeout=30)
     cmd = launch_command(args, ["cfg.yaml", "--nproc", "8", "--nnodes=4", "--node-rank", "1", "lora.r=8",
-                                "--rdzv-endpoint", "head:29500"])  # fmt: skip
+                                "--rdzv-endpoint", "head:29500", "--rdzv-timeout", "30"])  # fmt: skip
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"] and "--standalone" not in cmd
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "head:29500" and cmd[cmd.index("--node-rank") + 1] == "1"
+    assert cmd[cmd.index("--rdzv-conf") + 1] == "join_timeout=30"
     assert cmd[-5:] == ["-m", "ayar", "train", "cfg.yaml", "lora.r=8"]
     import pytest
 
     from ayar.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs --rdzv-endpoint"):
-        launch_command(Namespace(nproc=2, nnodes=2, node_rank=0, rdzv_endpoint=None), [])
+        launch_command(Namespace(nproc=2, nnodes=2, node_rank=0, rdzv_endpoint=None, rdzv_timeout=None), [])
 
 
 def stage_inputs(stage: str, tmp_path) -> list[str]:
