@@ -268,14 +268,15 @@ def _sum_bucket(params: list) -> None:
         offset += n
 
 
-def share(world: World, value):
-    """Rank 0's `value` (any picklable object) on every rank."""
+def share(world: World, value, after_rank0_alone: bool = False):
+    """Rank 0's `value` (any picklable object) on every rank; `after_rank0_alone`: the others wait for rank 0's
+    work alone first, up to RANK0_WAIT."""
     if not world.active:
         return value
     import torch.distributed as dist
 
     box = [value if world.main else None]
-    dist.broadcast_object_list(box, src=0, group=world.cpu)
+    dist.broadcast_object_list(box, src=0, group=world.patient if after_rank0_alone else world.cpu)
     return box[0]
 
 
@@ -296,7 +297,7 @@ def written_together(world: World, complete: Callable, write: Callable[[Path], N
     others write into that folder; all return once rank 0 has completed it."""
 
     def each(tmp) -> None:
-        write(Path(_rank0_says(world, str(tmp) if tmp is not None else None)))
+        write(Path(share(world, str(tmp) if tmp is not None else None, after_rank0_alone=True)))
 
     if world.main:
         complete(each)
@@ -313,15 +314,6 @@ def barrier(world: World) -> None:
         dist.barrier(group=world.patient)
 
 
-def _rank0_says(world: World, value):
-    """Rank 0's `value` (picklable) on every rank, the others waiting up to RANK0_WAIT for it."""
-    import torch.distributed as dist
-
-    box = [value if world.main else None]
-    dist.broadcast_object_list(box, src=0, group=world.patient)
-    return box[0]
-
-
 @contextlib.contextmanager
 def main_first(world: World):
     """Rank 0 runs the block first (e.g. converting the default model, tokenizing into the shared cache), then the
@@ -331,7 +323,7 @@ def main_first(world: World):
         yield
         return
     if not world.main:
-        if not _rank0_says(world, None):
+        if not share(world, None, after_rank0_alone=True):
             from ayar.errors import SaidElsewhere
 
             raise SaidElsewhere("rank 0 stopped the run")
@@ -340,6 +332,6 @@ def main_first(world: World):
     try:
         yield
     except BaseException:
-        _rank0_says(world, False)
+        share(world, False, after_rank0_alone=True)
         raise
-    _rank0_says(world, True)
+    share(world, True, after_rank0_alone=True)
