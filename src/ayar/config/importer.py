@@ -149,6 +149,23 @@ def fsdp_shard(*values) -> tuple[str | None, str | None]:
     return (shards.pop() if shards else "full"), None
 
 
+def zero_stage(value) -> tuple[int | None, str | None]:
+    """ayar's `distributed.zero_stage` from a DeepSpeed ZeRO stage as a file or accelerate's flag gives it:
+    (stage, None), or (None, why ayar cannot run it)."""
+    if str(value).strip() in ("2", "3"):
+        return int(str(value).strip()), None
+    said = "no ZeRO stage" if value is None else f"ZeRO stage {value}"
+    return None, f"{said}: ayar runs DeepSpeed ZeRO-2 (gradients and optimizer states split) or ZeRO-3 (weights too)"
+
+
+def deepspeed_offload(devices: list[str]) -> tuple[bool | None, str | None]:
+    """ayar's `distributed.offload` from DeepSpeed's offload devices (optimizer's, parameters'): (offload, None), or
+    (None, why ayar cannot run it)."""
+    if "nvme" in devices:
+        return None, "offload to NVMe: ayar offloads to CPU RAM (distributed.offload), or not at all"
+    return "cpu" in devices, None
+
+
 # transformers' `fsdp` words (TrainingArguments.fsdp, Axolotl's `fsdp` list) naming a sharding strategy
 _FSDP_WORDS = {"full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2"}
 # FSDP settings of the other tools that ayar decides itself (one FSDP2 unit per decoder layer, sharded checkpoints,
@@ -248,17 +265,16 @@ def _distributed(rest: dict, out: Imported, source_dir: Path) -> None:
         return
     if ds_file:
         ds_file = ds_file if isinstance(ds_file, str) else "(the config inline)"
-        if str(ds.stage) not in ("2", "3"):
-            said = "no ZeRO stage" if ds.stage is None else f"ZeRO stage {ds.stage}"
-            out.unmapped.append(f"deepspeed: {ds_file!r} ({said}: ayar runs ZeRO-2 or 3, or distributed.strategy ddp)")
+        stage, why = zero_stage(ds.stage)
+        if why:
+            out.unmapped.append(f"deepspeed: {ds_file!r} ({why}; or distributed.strategy ddp)")
             return
         _put(out.config, "distributed.strategy", "deepspeed")
-        _put(out.config, "distributed.zero_stage", int(ds.stage))
-        if "nvme" in ds.offload:
-            out.unmapped.append(
-                f"deepspeed: {ds_file!r} offload to NVMe (ayar offloads to CPU RAM: distributed.offload)"
-            )
-        elif ds.offload:
+        _put(out.config, "distributed.zero_stage", stage)
+        offload, why = deepspeed_offload(ds.offload)
+        if why:
+            out.unmapped.append(f"deepspeed: {ds_file!r} ({why})")
+        elif offload:
             _put(out.config, "distributed.offload", True)
         if ds.unused:
             out.ignored.append(f"deepspeed: {ds_file} ({', '.join(ds.unused)}: ayar's, from the run's config)")

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ayar.config.importer import fsdp_shard, read_deepspeed_file
+from ayar.config.importer import deepspeed_offload, fsdp_shard, read_deepspeed_file, zero_stage
 from ayar.errors import AyarError, ConfigError
 
 
@@ -176,18 +176,19 @@ def _from_deepspeed_file(path: str, said: list, notes: list) -> None:
 
 
 def _zero_stage(value, where: str) -> int:
-    if str(value) in ("2", "3"):
-        return int(value)
-    raise ConfigError(
-        f"{where} asks for ZeRO stage {value}: ayar runs DeepSpeed ZeRO-2 or ZeRO-3; ask for 2 (gradients and "
-        "optimizer states split) or 3 (weights too), or launch without DeepSpeed for plain data parallel"
-    )
+    stage, why = zero_stage(value)
+    if why:
+        raise ConfigError(
+            f"{where} asks for {why}; ask for 2 or 3, or launch without DeepSpeed for plain data parallel"
+        )
+    return stage
 
 
 def _offload(devices: list, where: str) -> bool:
-    if "nvme" in devices:
-        raise ConfigError(f"{where}: offload to NVMe is not supported by ayar; offload to cpu, or not at all")
-    return "cpu" in devices
+    offload, why = deepspeed_offload(devices)
+    if why:
+        raise ConfigError(f"{where} asks for {why}")
+    return offload
 
 
 def _positive_int(value, where: str) -> int:

@@ -104,6 +104,12 @@ def test_a_deepspeed_file_named_by_the_config_becomes_the_distributed_section(tm
     (tmp_path / "z0.json").write_text(json.dumps({"zero_optimization": {"stage": 0}}))
     zero0 = import_config(_lf(tmp_path, deepspeed="z0.json"), tmp_path)
     assert "distributed" not in zero0.config and "ZeRO stage 0" in zero0.unmapped[0]
+    (tmp_path / "nvme.json").write_text(
+        json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})
+    )
+    nvme = import_config(_lf(tmp_path, deepspeed="nvme.json"), tmp_path)
+    assert nvme.config["distributed"] == {"strategy": "deepspeed", "zero_stage": 3}
+    assert "offload to NVMe" in nvme.unmapped[0]
 
 
 def test_axolotls_fsdp_settings_become_the_distributed_section(tmp_path):
