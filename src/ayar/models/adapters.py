@@ -30,16 +30,23 @@ def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
 
 def for_trainer(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
     """(model, peft LoraConfig) for `method`: the base made ready for the adapter and the adapter's config, for
-    trainers that wrap the model themselves (TRL's) and for `apply_method`. Over a 4-bit base (QLoRA/QDoRA) the
-    norms, embeddings and any head go to fp32, stable beside 4-bit weights (peft's `prepare_model_for_kbit_training`;
-    TRL's trainers leave it to the caller); checkpointing stays the run's own choice."""
+    trainers that wrap the model themselves (TRL's) and for `apply_method`. Over a 4-bit base (QLoRA/QDoRA) the rest
+    of the base keeps its dtype in bf16, as a bf16 LoRA run's does (and TRL 1's, Unsloth's, Answer.AI's fsdp_qlora):
+    its norms compute in fp32 inside, and fp32 norms, embeddings and head would double every activation kept for
+    backward; in fp16 they go to fp32 (peft's `prepare_model_for_kbit_training`), as fp16 overflows without.
+    Checkpointing stays the run's own choice."""
     if method not in METHODS or method == "full":
         raise ConfigError(f"method {method!r} has no adapter; adapter methods: lora, dora, qlora, qdora")
     if method in ("qlora", "qdora"):
-        _require_4bit(method)
-        from peft import prepare_model_for_kbit_training
+        import torch
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _require_4bit(method)
+        if model.get_input_embeddings().weight.dtype == torch.float16:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:
+            model.requires_grad_(False)  # the base frozen, as peft's preparation does
         _keep_4bit_layout(model)
     return model, _lora_config(model, lora_cfg, dora=method in ("dora", "qdora"), task_type=task_type)
 

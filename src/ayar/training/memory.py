@@ -198,7 +198,7 @@ def per_rank(
 ) -> MemoryPlan:
     """The plan of one rank. Activations, logits and the runtime are each rank's own (its micro-batch);
     `zero3_inputs`: what ZeRO-3's linears keep beyond them (`zero3_linear_inputs`); `quantized`: the linears'
-    weights in NF4 (QLoRA/QDoRA), the rest in fp32 (`plan_memory`)."""
+    weights in NF4 (QLoRA/QDoRA), the rest as `quantized_weight_bytes` counts it."""
     import math
 
     n, strategy, parts = sharding.nproc, sharding.strategy, dict(plan.parts)
@@ -216,7 +216,8 @@ def per_rank(
             # two decoder layers (the one computing, the next prefetched) and FSDP2's root unit (embeddings, head,
             # final norm), which stays gathered from forward to backward
             root = shape.params - shape.linear_params  # outside the decoder layers' linears (norms: a few KB)
-            linear_b, root_b = (NF4_BYTES, 4) if quantized else (whole / shape.params,) * 2
+            nf4 = shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)
+            linear_b, root_b = (NF4_BYTES, (whole - nf4) / root) if quantized else (whole / shape.params,) * 2
             parts["gathered layers + root unit"] = int(
                 2 * shape.linear_params / shape.layers * linear_b + root * root_b
             )
@@ -458,7 +459,7 @@ def plan_memory(
     cb = activation_bytes(method, weight_dtype, compute_dtype)  # what activations are kept in
     parts = {"weights": shape.params * wb}
     if method in QUANTIZED:
-        parts["weights"] = quantized_weight_bytes(shape)
+        parts["weights"] = quantized_weight_bytes(shape, weight_dtype)
     adapter = method in ("lora", "dora", "qlora", "qdora")
     if adapter:
         parts[ADAPTER_STATES] = shape.lora_params * 4 * 4
@@ -526,18 +527,27 @@ TRAINER_HEADS = ("fused", "logits", "score")
 FULL_LOGITS_COPIES = 4  # ORPO / SimPO: the logits and fp32 copies taken by log-softmax and its backward (an estimate)
 
 
-def quantized_weight_bytes(shape: Shape) -> int:
+def quantized_weight_bytes(shape: Shape, weight_dtype: str) -> int:
     """A QLoRA/QDoRA model's weights: NF4 + double-quantized scales (~4.13 bits) for the linear layers, the rest
-    upcast to fp32 for stability (models/adapters.py)."""
-    return int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)) + (shape.params - shape.linear_params) * 4
+    (norms, embeddings, head) in `quantized_rest_dtype`."""
+    rest = _BYTES[quantized_rest_dtype(weight_dtype)]
+    return int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)) + (shape.params - shape.linear_params) * rest
+
+
+def quantized_rest_dtype(weight_dtype: str) -> str:
+    """The dtype of a 4-bit base's unquantized rest: the weights' own, but fp32 over fp16 weights
+    (models/adapters.py `for_trainer`)."""
+    return "float32" if weight_dtype == "float16" else weight_dtype
 
 
 def activation_bytes(method: str, weight_dtype: str, compute_dtype: str | None = None) -> int:
     """Bytes per element of what a pass keeps for backward: the compute dtype (a full fine-tune's autocast dtype, else
-    the weights'); over a 4-bit base (QLoRA/QDoRA) fp32 whatever the weights' dtype, as the norms and embeddings are
-    fp32 (models/adapters.py): the residual stream and every layer's input are fp32, the 4-bit matmuls compute in the
-    weights' dtype and hand back fp32 (traced: tests/unit/training/test_memory.py)."""
-    return 4 if method in QUANTIZED else _BYTES[compute_dtype or weight_dtype]
+    the weights'); over a 4-bit base (QLoRA/QDoRA) the dtype of its unquantized rest (`quantized_rest_dtype`): fp32
+    norms and embeddings make the residual stream and every layer's input fp32, whatever the 4-bit matmuls compute
+    in (traced: tests/unit/training/test_memory.py)."""
+    if method in QUANTIZED:
+        return _BYTES[quantized_rest_dtype(weight_dtype)]
+    return _BYTES[compute_dtype or weight_dtype]
 
 
 def plan_trainer_memory(

@@ -546,7 +546,8 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
             from ayar.training.memory import cpu_memory_per_process
 
             memory = cpu_memory_per_process(target.sharding.nproc)
-    _say_quantized_loading(cfg, shape, sharding or (run._sharding() if run.world_size > 1 else None), log)
+    sharding_here = sharding or (run._sharding() if run.world_size > 1 else None)
+    _say_quantized_loading(cfg, shape, sharding_here, placement.dtype_name, log)
     if not own_loop(cfg):
         return _plan_trainer_for_config(cfg, path, shape, placement, memory, sharding, log)
     if _has_tokenizer(path):
@@ -559,7 +560,7 @@ def plan_for_config(cfg, log=print, target: Target | None = None):
     return plan_memory_for(shape, cfg, examples, placement, None, memory, sharding, _name(autocast))
 
 
-def _say_quantized_loading(cfg, shape, sharding, log) -> None:
+def _say_quantized_loading(cfg, shape, sharding, weight_dtype: str, log) -> None:
     """Where QLoRA's weights are split (FSDP, ZeRO-3), rank 0 or each process first loads the whole 4-bit base
     (`weights_loading`), which setup holds before training starts and the plan (training's peak) does not count."""
     from ayar.training.memory import quantized_weight_bytes
@@ -567,7 +568,7 @@ def _say_quantized_loading(cfg, shape, sharding, log) -> None:
     if cfg.method not in QUANTIZED or sharding is None or not sharding.splits_weights:
         return
     fsdp = sharding.strategy == "fsdp"
-    size = f"({quantized_weight_bytes(shape) / 2**30:.2f} GB)"
+    size = f"({quantized_weight_bytes(shape, weight_dtype) / 2**30:.2f} GB)"
     if _quantized_loading(cfg, fsdp, cfg.distributed.loading) == "rank0":
         who = f"rank 0 first loads the whole 4-bit base into CPU RAM {size} and sends the other processes their parts"
     else:
