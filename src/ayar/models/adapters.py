@@ -38,17 +38,33 @@ def for_trainer(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
     if method not in METHODS or method == "full":
         raise ConfigError(f"method {method!r} has no adapter; adapter methods: lora, dora, qlora, qdora")
     if method in ("qlora", "qdora"):
-        import torch
-
         _require_4bit(method)
-        if model.get_input_embeddings().weight.dtype == torch.float16:
+        weights = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        if quantized_rest_dtype(weights) != weights:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         else:
             model.requires_grad_(False)  # the base frozen, as peft's preparation does
+            _own_rest(model)
         _keep_4bit_layout(model)
     return model, _lora_config(model, lora_cfg, dora=method in ("dora", "qdora"), task_type=task_type)
+
+
+def _own_rest(model) -> None:
+    """A 4-bit base's unquantized rest in memory of its own. Loaded from safetensors it is views into the file's
+    mapping, which then stays mapped whole: every page the quantizing read (the whole file, as big as the model in
+    bf16) stays counted in the process's memory through training (measured: benchmarks/README.md, QLoRA's rest). A
+    copy lets the mapping go; the fp32 cast of an fp16 base does the same."""
+    for p in model.parameters():
+        if p.__class__.__name__ != "Params4bit" and not hasattr(p, "ds_id") and p.device.type == "cpu":
+            p.data = p.data.clone()
+
+
+def quantized_rest_dtype(weight_dtype: str) -> str:
+    """The dtype of a 4-bit base's unquantized rest (norms, embeddings, head) as ayar trains QLoRA/QDoRA (`for_trainer`;
+    the memory plan counts it): the base's own, but fp32 over fp16 weights."""
+    return "float32" if weight_dtype == "float16" else weight_dtype
 
 
 def trainable_in_fp32(model) -> None:

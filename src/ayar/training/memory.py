@@ -529,15 +529,11 @@ FULL_LOGITS_COPIES = 4  # ORPO / SimPO: the logits and fp32 copies taken by log-
 
 def quantized_weight_bytes(shape: Shape, weight_dtype: str) -> int:
     """A QLoRA/QDoRA model's weights: NF4 + double-quantized scales (~4.13 bits) for the linear layers, the rest
-    (norms, embeddings, head) in `quantized_rest_dtype`."""
+    (norms, embeddings, head) in `quantized_rest_dtype` (models/adapters.py)."""
+    from ayar.models.adapters import quantized_rest_dtype
+
     rest = _BYTES[quantized_rest_dtype(weight_dtype)]
     return int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)) + (shape.params - shape.linear_params) * rest
-
-
-def quantized_rest_dtype(weight_dtype: str) -> str:
-    """The dtype of a 4-bit base's unquantized rest: the weights' own, but fp32 over fp16 weights
-    (models/adapters.py `for_trainer`)."""
-    return "float32" if weight_dtype == "float16" else weight_dtype
 
 
 def activation_bytes(method: str, weight_dtype: str, compute_dtype: str | None = None) -> int:
@@ -545,6 +541,8 @@ def activation_bytes(method: str, weight_dtype: str, compute_dtype: str | None =
     the weights'); over a 4-bit base (QLoRA/QDoRA) the dtype of its unquantized rest (`quantized_rest_dtype`): fp32
     norms and embeddings make the residual stream and every layer's input fp32, whatever the 4-bit matmuls compute
     in (traced: tests/unit/training/test_memory.py)."""
+    from ayar.models.adapters import quantized_rest_dtype
+
     if method in QUANTIZED:
         return _BYTES[quantized_rest_dtype(weight_dtype)]
     return _BYTES[compute_dtype or weight_dtype]

@@ -39,10 +39,19 @@ def test_qlora_weights_are_counted_at_4_bits_with_the_rest_in_its_dtype(tmp_path
     from transformers import AutoModelForCausalLM
 
     weights = getattr(torch, dtype)
+    AutoModelForCausalLM.from_pretrained(path, dtype=weights).save_pretrained(path)  # stored as loaded: mapped
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=quantization_config("qlora", weights), dtype=weights
     )
+    import gc
+
+    def mapped() -> bool:  # the loaded file still mapped into this process (its read pages counted in its RSS)
+        gc.collect()
+        return str(path.resolve()) in open("/proc/self/maps").read()
+
+    assert mapped()  # transformers' loading leaves the rest as views into the file
     model, _ = for_trainer(model, "qlora", LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    assert not mapped()  # the rest copied (bf16) or cast (fp16 -> fp32): the file let go
     rest = {p.dtype for p in model.parameters() if p.__class__.__name__ != "Params4bit"}
     assert rest == {torch.float32 if dtype == "float16" else torch.bfloat16}
     allocated = sum(p.numel() * p.element_size() for p in model.parameters())  # 4-bit weights: 2 per uint8
