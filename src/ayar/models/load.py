@@ -120,12 +120,19 @@ def _as_quantized(model, quantization_config, placement: Placement) -> None:
     weight (transformers' own quantizer: bitsandbytes' 4-bit layers, the same layers left unquantized, the model
     marked as loaded in 4-bit), still empty: the packed weights' shapes and their quant states come from rank 0
     (training/sharding.py `four_bit_from_rank0`)."""
+    import torch
     from transformers.quantizers import AutoHfQuantizer
 
     quantizer = AutoHfQuantizer.from_config(quantization_config)
     quantizer.preprocess_model(model=model, dtype=placement.dtype, device_map={"": "cpu"}, checkpoint_files=None)
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
+    # bitsandbytes makes a 4-bit layer's bias in torch's default dtype (fp32); loaded, it is in the model's, and FSDP
+    # gathers what every rank holds alike (a mismatch fails gloo's all-gather with a size error)
+    for module in model.modules():
+        bias = getattr(module, "bias", None)
+        if "4bit" in type(module).__name__ and isinstance(bias, torch.nn.Parameter) and bias.dtype != placement.dtype:
+            module.bias = torch.nn.Parameter(bias.to(placement.dtype), requires_grad=bias.requires_grad)
 
 
 def replace_empty(model, make, where=lambda p: True) -> dict:
