@@ -30,11 +30,12 @@ def apply_method(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
 
 def for_trainer(model, method: str, lora_cfg, task_type: str = "CAUSAL_LM"):
     """(model, peft LoraConfig) for `method`: the base made ready for the adapter and the adapter's config, for
-    trainers that wrap the model themselves (TRL's) and for `apply_method`. Over a 4-bit base (QLoRA/QDoRA) the rest
-    of the base keeps its dtype in bf16, as a bf16 LoRA run's does (and TRL 1's, Unsloth's, Answer.AI's fsdp_qlora):
-    its norms compute in fp32 inside, and fp32 norms, embeddings and head would double every activation kept for
-    backward; in fp16 they go to fp32 (peft's `prepare_model_for_kbit_training`), as fp16 overflows without.
-    Checkpointing stays the run's own choice."""
+    trainers that wrap the model themselves (TRL's) and for `apply_method`. Over a 4-bit base (QLoRA/QDoRA) the base's
+    unquantized rest (norms, embeddings, head) stays in the base's dtype where that is bf16 or fp32, as a LoRA run's
+    does (and TRL 1's, Unsloth's, Answer.AI's fsdp_qlora): the norms compute in fp32 inside, and fp32 norms and
+    embeddings over bf16 would double every activation kept for backward (measured: benchmarks/README.md); over fp16
+    it goes to fp32 (peft's `prepare_model_for_kbit_training`), as fp16 overflows without. Checkpointing stays the
+    run's own choice."""
     if method not in METHODS or method == "full":
         raise ConfigError(f"method {method!r} has no adapter; adapter methods: lora, dora, qlora, qdora")
     if method in ("qlora", "qdora"):
