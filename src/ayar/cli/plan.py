@@ -48,7 +48,7 @@ def target_of(args, cfg):
     section says (`distributed.strategy`, `zero_stage`, `offload`) unless --strategy / --offload say otherwise."""
     from ayar.errors import AyarError
     from ayar.training.memory import Sharding
-    from ayar.training.plan import Target, memory_strategy
+    from ayar.training.plan import Target, configured_sharding
 
     if (
         args.device is None
@@ -69,10 +69,9 @@ def target_of(args, cfg):
             raise AyarError(
                 "--device cuda on a machine without a GPU: say how much memory it has, e.g. --gpu-memory 24GB"
             )
-    # one process runs as one, whatever the config's distributed section says (training/plan.py `decide`)
-    configured = memory_strategy(cfg.distributed.strategy, cfg.distributed) if args.nproc > 1 else "ddp"
-    strategy = args.strategy or configured
-    offload = args.offload or (args.strategy is None and strategy != "ddp" and cfg.distributed.offload)
+    configured = configured_sharding(cfg, args.nproc)
+    strategy = args.strategy or configured.strategy
+    offload = args.offload or (args.strategy is None and configured.offload)
     return Target(device, memory, Sharding(args.nproc, strategy, offload))
 
 

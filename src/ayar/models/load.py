@@ -129,10 +129,11 @@ def _as_quantized(model, quantization_config, placement: Placement) -> None:
     quantizer.postprocess_model(model)
     # bitsandbytes makes a 4-bit layer's bias in torch's default dtype (fp32); loaded, it is in the model's, and FSDP
     # gathers what every rank holds alike (a mismatch fails gloo's all-gather with a size error)
-    for module in model.modules():
-        bias = getattr(module, "bias", None)
-        if "4bit" in type(module).__name__ and isinstance(bias, torch.nn.Parameter) and bias.dtype != placement.dtype:
-            module.bias = torch.nn.Parameter(bias.to(placement.dtype), requires_grad=bias.requires_grad)
+    from bitsandbytes.nn import Linear4bit  # imported by the quantizer above
+
+    for layer in model.modules():
+        if isinstance(layer, Linear4bit) and layer.bias is not None and layer.bias.dtype != placement.dtype:
+            layer.bias = torch.nn.Parameter(layer.bias.to(placement.dtype), requires_grad=layer.bias.requires_grad)
 
 
 def replace_empty(model, make, where=lambda p: True) -> dict:

@@ -216,8 +216,9 @@ def per_rank(
             # two decoder layers (the one computing, the next prefetched) and FSDP2's root unit (embeddings, head,
             # final norm), which stays gathered from forward to backward
             root = shape.params - shape.linear_params  # outside the decoder layers' linears (norms: a few KB)
-            nf4 = shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)
-            linear_b, root_b = (NF4_BYTES, (whole - nf4) / root) if quantized else (whole / shape.params,) * 2
+            linear_b, root_b = (
+                (NF4_BYTES, (whole - nf4_bytes(shape)) / root) if quantized else (whole / shape.params,) * 2
+            )
             parts["gathered layers + root unit"] = int(
                 2 * shape.linear_params / shape.layers * linear_b + root * root_b
             )
@@ -533,7 +534,12 @@ def quantized_weight_bytes(shape: Shape, weight_dtype: str) -> int:
     from ayar.models.adapters import quantized_rest_dtype
 
     rest = _BYTES[quantized_rest_dtype(weight_dtype)]
-    return int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES)) + (shape.params - shape.linear_params) * rest
+    return nf4_bytes(shape) + (shape.params - shape.linear_params) * rest
+
+
+def nf4_bytes(shape: Shape) -> int:
+    """The linear layers' weights in NF4 with their double-quantized block scales (~4.13 bits a weight)."""
+    return int(shape.linear_params * (NF4_BYTES + NF4_STATE_BYTES))
 
 
 def activation_bytes(method: str, weight_dtype: str, compute_dtype: str | None = None) -> int:

@@ -500,6 +500,13 @@ def memory_strategy(strategy: str, distributed) -> str:
     return "fsdp" if strategy == "fsdp" else "ddp"
 
 
+def configured_sharding(cfg, nproc: int) -> Sharding:
+    """How `nproc` processes share the model as the config's `distributed` section says (strategy, ZeRO stage,
+    offload), named as the memory plan names it; one process runs as one, whatever the section says (`decide`)."""
+    strategy = memory_strategy(cfg.distributed.strategy, cfg.distributed) if nproc > 1 else "ddp"
+    return Sharding(nproc, strategy, strategy != "ddp" and bool(cfg.distributed.offload))
+
+
 @dataclass(frozen=True)
 class Target:
     """A machine to plan for that is not this one (`ayar plan --device cuda --gpu-memory 24GB --nproc 8`)."""

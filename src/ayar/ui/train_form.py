@@ -89,10 +89,12 @@ def config_dict(form: TrainForm, ws: Workspace) -> dict:
         cfg["lora"] = {"r": int(form.lora_r)}
     if form.stage == "dpo":
         cfg["preference"] = {"loss": form.preference_loss or "dpo"}
-    if int(form.processes) > 1 and STRATEGIES.get(form.strategy or "ddp") is None:
-        raise AyarError(f"strategy {form.strategy!r}: one of {', '.join(STRATEGIES)}")
-    if int(form.processes) > 1 and STRATEGIES[form.strategy or "ddp"]:
-        cfg["distributed"] = dict(STRATEGIES[form.strategy])
+    if int(form.processes) > 1:
+        distributed = STRATEGIES.get(form.strategy or "ddp")
+        if distributed is None:
+            raise AyarError(f"strategy {form.strategy!r}: one of {', '.join(STRATEGIES)}")
+        if distributed:
+            cfg["distributed"] = dict(distributed)
     if form.format and form.format != "auto":
         cfg["data"]["format"] = form.format
     if form.columns.strip():
@@ -162,12 +164,9 @@ def _processes_here(cfg, nproc: int):
     if nproc <= 1:
         return None
     from ayar.models.device import choose_device
-    from ayar.training.memory import Sharding
-    from ayar.training.plan import Target, memory_strategy
+    from ayar.training.plan import Target, configured_sharding
 
-    strategy = memory_strategy(cfg.distributed.strategy, cfg.distributed)
-    offload = strategy != "ddp" and bool(cfg.distributed.offload)
-    return Target(choose_device(cfg.model.device), None, Sharding(nproc, strategy, offload))
+    return Target(choose_device(cfg.model.device), None, configured_sharding(cfg, nproc))
 
 
 def start(form: TrainForm, ws: Workspace, jobs: Jobs) -> Job:
